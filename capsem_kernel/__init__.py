@@ -1,0 +1,1 @@
+"""capsem_kernel: the Jupyter side of capsem (provisioner, kernelspec, server extension)."""

@@ -1,0 +1,1 @@
+"""The capsem guest agent: runs as PID 1 in the VM (Python stdlib only)."""

@@ -1,0 +1,227 @@
+"""The capsem control protocol: sans-IO framing and message validation (stdlib only).
+
+Shared verbatim by the guest agent and the host. Both sides treat the other's bytes as hostile:
+every frame is bounded, every message is validated before use.
+
+Wire format (all vsock streams of capsem that carry control data):
+
+    frame   = length (4 bytes, big-endian, unsigned) || body (length bytes)
+    body    = UTF-8 JSON object with a string field "t" (the message type)
+    0 < length <= MAX_FRAME (1 MiB)
+
+Binary payloads (process output, stdin) travel base64-encoded in the "data" field.
+
+Port map (vsock, all within 5000-5005):
+
+    5000  control   guest -> host   the agent connects to the host (CID 2) at boot, sends "hello";
+                                    the host accepts exactly one control connection per VM
+    5001  channels  host -> guest   one stream per ZMQ TCP connection; first frame is
+                                    {"t": "channel", "name": <shell|iopub|stdin|control|hb>},
+                                    raw ZMTP bytes follow in both directions
+    5002  egress    guest -> host   captured TCP connections to the policy proxy (first frame names
+                                    the intended destination)
+    5003  dns       guest -> host   DNS queries (one frame per query, one per answer)
+    5004  reserved
+    5005  reserved
+
+Control messages (host requests carry an integer "id"; replies and events repeat it):
+
+    guest -> host
+      hello       {v, agent, boot: {kernel_s, init_s, agent_s}}       once, first frame
+      ok          {id, ...}                                             request succeeded
+      error       {id?, code, message}                                  request failed / bad frame
+      pong        {id}
+      started     {id, pid}                                             exec started
+      out         {id, fd: 1|2, data: b64}                              exec output
+      exit        {id, code, signal}                                    exec finished
+      kernel_exit {code}                                                the Jupyter kernel died
+
+    host -> guest
+      ping        {id}
+      exec        {id, argv: [str], cwd?, env?: {str: str}, stdin?: bool, pty?: bool,
+                   rows?, cols?, uid?, gid?}
+      stdin       {id, data?: b64, eof?: bool}
+      resize      {id, rows, cols}                                      pty exec only
+      signal      {id, target: int (exec id) | "kernel", signum}
+      mount       {id, tag, path, readonly?: bool}                      mount a VirtioFS share
+      kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    start ipykernel
+      shutdown    {id}                                                  power off the VM
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20  # 1 MiB: bounds what either side buffers for one message
+HEADER = struct.Struct(">I")
+
+PORT_CONTROL = 5000
+PORT_CHANNELS = 5001
+PORT_EGRESS = 5002
+PORT_DNS = 5003
+DOCUMENTED_PORTS = frozenset(range(5000, 5006))
+
+KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+HOST_CID = 2
+
+MAX_STRING = 64 * 1024  # no single string field (path, argv element, ...) is longer
+MAX_ARGV = 4096
+MAX_ENV = 4096
+
+
+class FrameError(ValueError):
+    """The byte stream cannot be framed (oversized, zero length). The stream must be closed."""
+
+
+class MessageError(ValueError):
+    """A well-framed message is invalid. The stream can go on; answer with an error."""
+
+    def __init__(self, message: str, msg_id: int | None = None):
+        super().__init__(message)
+        self.msg_id = msg_id
+
+
+def encode(msg: dict) -> bytes:
+    """Encode one message as a frame."""
+    body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    if not body or len(body) > MAX_FRAME:
+        raise FrameError(f"message of {len(body)} bytes exceeds the {MAX_FRAME} byte frame limit")
+    return HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental decoder: feed() bytes, get complete frame bodies back.
+
+    Never buffers more than one header plus MAX_FRAME bytes of a pending frame.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: int | None = None  # body length of the frame being read
+        self.broken = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.broken:
+            raise FrameError("decoder already failed; close the stream")
+        self._buf += data
+        bodies = []
+        while True:
+            if self._need is None:
+                if len(self._buf) < HEADER.size:
+                    break
+                (length,) = HEADER.unpack_from(self._buf)
+                if length == 0 or length > self.max_frame:
+                    self.broken = True
+                    raise FrameError(f"frame length {length} outside 1..{self.max_frame}")
+                del self._buf[: HEADER.size]
+                self._need = length
+            if len(self._buf) < self._need:
+                break
+            bodies.append(bytes(self._buf[: self._need]))
+            del self._buf[: self._need]
+            self._need = None
+        return bodies
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered but not yet returned."""
+        return len(self._buf)
+
+
+def decode_body(body: bytes) -> dict:
+    """Parse one frame body into a message dict with a valid "t" field."""
+    try:
+        msg = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MessageError(f"frame is not UTF-8 JSON: {exc.__class__.__name__}") from None
+    if not isinstance(msg, dict):
+        raise MessageError("frame is not a JSON object")
+    msg_id = msg.get("id")
+    if msg_id is not None and (not isinstance(msg_id, int) or isinstance(msg_id, bool)):
+        raise MessageError("'id' must be an integer")
+    t = msg.get("t")
+    if not isinstance(t, str) or not t:
+        raise MessageError("message has no type 't'", msg_id)
+    return msg
+
+
+# --- field validation -------------------------------------------------------------------------
+
+def _fail(msg: dict, text: str):
+    raise MessageError(f"{msg.get('t')}: {text}", msg.get("id") if isinstance(msg.get("id"), int) else None)
+
+
+def req_str(msg: dict, key: str, *, optional: bool = False, max_len: int = MAX_STRING) -> str | None:
+    v = msg.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or len(v) > max_len or "\x00" in v:
+        _fail(msg, f"field {key!r} must be a string without NUL of at most {max_len} chars")
+    return v
+
+
+def req_int(msg: dict, key: str, *, optional: bool = False, lo: int = -(2**63), hi: int = 2**63 - 1) -> int | None:
+    v = msg.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        _fail(msg, f"field {key!r} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def req_bool(msg: dict, key: str, default: bool = False) -> bool:
+    v = msg.get(key, default)
+    if not isinstance(v, bool):
+        _fail(msg, f"field {key!r} must be a boolean")
+    return v
+
+
+def req_str_list(msg: dict, key: str, *, max_items: int = MAX_ARGV, nonempty: bool = True) -> list[str]:
+    v = msg.get(key)
+    if not isinstance(v, list) or len(v) > max_items or (nonempty and not v):
+        _fail(msg, f"field {key!r} must be a list of 1..{max_items} strings")
+    for item in v:
+        if not isinstance(item, str) or len(item) > MAX_STRING or "\x00" in item:
+            _fail(msg, f"field {key!r} must contain only strings without NUL")
+    return v
+
+
+def req_env(msg: dict, key: str = "env") -> dict[str, str]:
+    v = msg.get(key, {})
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(v) > MAX_ENV:
+        _fail(msg, f"field {key!r} must be an object of at most {MAX_ENV} string pairs")
+    for k, val in v.items():
+        if (not isinstance(val, str) or not k or "=" in k or "\x00" in k or "\x00" in val
+                or len(k) > MAX_STRING or len(val) > MAX_STRING):
+            _fail(msg, f"field {key!r} has an invalid entry")
+    return v
+
+
+def req_data(msg: dict, key: str = "data", *, optional: bool = False) -> bytes | None:
+    v = msg.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        _fail(msg, f"field {key!r} must be base64 text")
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        _fail(msg, f"field {key!r} is not valid base64")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def error(code: str, message: str, msg_id: int | None = None) -> dict:
+    msg = {"t": "error", "code": code, "message": message[:4096]}
+    if msg_id is not None:
+        msg["id"] = msg_id
+    return msg
