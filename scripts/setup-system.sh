@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static debootstrap mmdebstrap erofs-utils cpio zstd
-          debian-archive-keyring ca-certificates socat)
+          debian-archive-keyring ca-certificates socat kmod uidmap util-linux)
 PREFIX=/opt/capsem
 VSOCK_BIN="$PREFIX/bin/vhost-device-vsock"
 

@@ -1,0 +1,60 @@
+"""The one place that builds the QEMU command line, from a typed config. Pure: no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import RuntimePaths, VMConfig
+
+BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "reboot=t")
+
+
+@dataclass(frozen=True)
+class BootAssets:
+    """Paths QEMU opens for the verified assets (usually /dev/fd/N of fds we hashed)."""
+
+    kernel: str
+    initrd: str
+    rootfs: str
+
+
+def kernel_cmdline(config: VMConfig) -> str:
+    return " ".join(BASE_KERNEL_ARGS + tuple(config.kernel_args))
+
+
+def build_command(qemu_binary: str, config: VMConfig, accel: str, paths: RuntimePaths,
+                  assets: BootAssets, vsock_args: list[str]) -> list[str]:
+    mem = f"{config.memory_mb}M"
+    cpu = "host" if accel == "kvm" else "max"
+    cmd = [
+        qemu_binary,
+        "-name", "capsem,debug-threads=on",
+        "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+        "-no-reboot",  # guest power-off, reboot or panic ends QEMU
+        # No NIC: no -netdev/-nic at all. The only ways out are vsock and VirtioFS.
+        "-machine", f"q35,accel={accel},memory-backend=mem",
+        "-cpu", cpu,
+        "-smp", str(config.cpus),
+        "-m", mem,
+        # vhost-user backends need guest RAM they can map: a shared memfd.
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-kernel", assets.kernel,
+        "-initrd", assets.initrd,
+        "-append", kernel_cmdline(config),
+        "-drive", f"file={assets.rootfs},if=none,id=rootfs,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=rootfs",
+        "-serial", f"file:{paths.console_log}",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        # seccomp: no spawning, no privilege changes, no obsolete syscalls.
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        # A spare PCIe root port so a VirtioFS share can be hot-plugged into a booted VM.
+        "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
+    ]
+    cmd += vsock_args
+    for share in config.shares:
+        chardev = f"fs-{share.tag}"
+        cmd += [
+            "-chardev", f"socket,id={chardev},path={paths.fs_socket(share.tag)}",
+            "-device", f"vhost-user-fs-pci,chardev={chardev},tag={share.tag}",
+        ]
+    return cmd

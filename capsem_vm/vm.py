@@ -1,0 +1,202 @@
+"""One VM: the one place that owns a VM's processes (QEMU and its helpers) and their teardown.
+
+    async with VM(VMConfig(shares=(...))) as vm:
+        proc = await vm.control.exec(["python3", "-c", "print(1)"])
+        await proc.wait()
+
+start(): verify the image (through the fds QEMU will use), start vsock + virtiofsd helpers, listen
+for the agent, start QEMU, wait for the agent's hello, mount the shares.
+stop(): ask the agent to power off, then QMP quit, then SIGTERM/SIGKILL; stop the helpers; remove
+the runtime dir. Helpers die with the capsem process anyway (process.py), and a dir left behind by a
+killed owner is swept on the next start (runtime.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from capsem_agent import protocol
+
+from . import helpers, runtime
+from .accel import choose as choose_accel
+from .config import RuntimePaths, VMConfig
+from .control import ControlConnection
+from .errors import VMError
+from .image.store import resolve_image
+from .image.verify import open_verified
+from .process import ManagedProcess, spawn
+from .qemu import BootAssets, build_command
+from .virtiofs import start_virtiofsd
+from .vsock import VsockTransport, select_transport
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+class VM:
+    def __init__(self, config: VMConfig, *, vsock: str = "auto", progress: Progress | None = None):
+        self.config = config
+        self.vsock_kind = vsock
+        self.progress = progress or (lambda msg: None)
+        self.paths: RuntimePaths | None = None
+        self.accel = None
+        self.transport: VsockTransport | None = None
+        self.qemu: ManagedProcess | None = None
+        self.helpers: list[ManagedProcess] = []
+        self.control: ControlConnection | None = None
+        self.qmp = None
+        self.image_digest: str | None = None
+        self.timings: dict[str, float] = {}
+        self.on_event: Callable[[dict], None] | None = None
+        self._control_ready: asyncio.Future | None = None
+        self._stopping = False
+        self._stopped = False
+
+    # --- start -------------------------------------------------------------------------------
+
+    async def start(self) -> "VM":
+        t0 = time.monotonic()
+        try:
+            await self._start(t0)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _start(self, t0: float) -> None:
+        loop = asyncio.get_running_loop()
+        runtime.sweep_stale()
+        self.accel = choose_accel(self.config.accel)
+        qemu_program = helpers.qemu()
+        image_dir = resolve_image(self.config.image)
+        self.paths = runtime.create_vm_dir()
+        self.transport = select_transport(self.vsock_kind, self.paths)
+        self.progress(f"booting VM ({self.accel.accel}, {self.config.memory_mb} MB, {self.config.cpus} CPUs)")
+
+        with open_verified(image_dir) as image:
+            self.image_digest = image.digest
+            self.timings["verify_s"] = time.monotonic() - t0
+            await self.transport.start()
+            self.helpers += self.transport.helper_processes()
+            for share in self.config.shares:
+                self.helpers.append(await start_virtiofsd(share, self.paths))
+            self._control_ready = loop.create_future()
+            await self.transport.listen(protocol.PORT_CONTROL, self._on_control_connection)
+            fds = {name: f.fileno() for name, f in (("kernel", image.kernel), ("initrd", image.initrd),
+                                                   ("rootfs", image.rootfs))}
+            assets = BootAssets(**{name: f"/dev/fd/{fd}" for name, fd in fds.items()})
+            argv = build_command(str(qemu_program.path), self.config, self.accel.accel, self.paths,
+                                 assets, self.transport.qemu_args())
+            qemu_log = open(self.paths.root / "qemu.log", "wb")
+            try:
+                t_qemu = time.monotonic()
+                self.qemu = await spawn("qemu", argv, pass_fds=tuple(fds.values()),
+                                        stdout=qemu_log, stderr=qemu_log)
+            finally:
+                qemu_log.close()
+        runtime.record_pids(self.paths, [self.qemu] + self.helpers)
+
+        await self._wait_for_hello(t_qemu)
+        self.timings["hello_s"] = time.monotonic() - t_qemu
+        for share in self.config.shares:
+            await self.control.mount(share.tag, share.guest_path, share.readonly)
+        self.timings["ready_s"] = time.monotonic() - t0
+        self.progress(f"guest ready in {self.timings['ready_s']:.1f} s")
+
+    async def _on_control_connection(self, reader, writer) -> None:
+        # Exactly one control connection per VM: anything after the first is the guest misbehaving.
+        if self._control_ready is None or self._control_ready.done():
+            writer.close()
+            return
+        self._control_ready.set_result((reader, writer))
+
+    async def _wait_for_hello(self, t_qemu: float) -> None:
+        qemu_exit = asyncio.ensure_future(self.qemu.wait())
+        try:
+            done, _ = await asyncio.wait({self._control_ready, qemu_exit},
+                                         timeout=self.config.boot_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self._control_ready not in done:
+                if qemu_exit in done:
+                    raise VMError(f"QEMU exited with code {self.qemu.returncode} during boot\n"
+                                  + self.diagnostics())
+                raise VMError(f"the guest agent did not connect within {self.config.boot_timeout:.0f} s\n"
+                              + self.diagnostics(), "see the console log; a slow host may need a longer timeout")
+            reader, writer = self._control_ready.result()
+            self.control = ControlConnection(reader, writer)
+            self.control.on_event = self._on_event
+            hello_task = asyncio.ensure_future(self.control.read_hello(timeout=30))
+            done, _ = await asyncio.wait({hello_task, qemu_exit}, return_when=asyncio.FIRST_COMPLETED)
+            if hello_task not in done:
+                hello_task.cancel()
+                raise VMError("QEMU exited before the agent said hello\n" + self.diagnostics())
+            self.hello = hello_task.result()
+        finally:
+            qemu_exit.cancel()
+
+    def _on_event(self, msg: dict) -> None:
+        if self.on_event:
+            self.on_event(msg)
+
+    # --- state -------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return bool(self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set())
+
+    def diagnostics(self, limit: int = 3000) -> str:
+        parts = []
+        if self.paths:
+            for name in ("qemu.log", "console.log"):
+                try:
+                    text = (self.paths.root / name).read_text(errors="replace").strip()
+                except OSError:
+                    continue
+                if text:
+                    parts.append(f"--- {name} (last lines) ---\n{text[-limit:]}")
+        return "\n".join(parts)
+
+    # --- stop --------------------------------------------------------------------------------
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Idempotent teardown: graceful first, then forced. Never raises for an already-dead VM."""
+        if self._stopped or self._stopping:
+            return
+        self._stopping = True
+        try:
+            if self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set():
+                try:
+                    await asyncio.wait_for(self.control.shutdown(), 5)
+                    await asyncio.wait_for(self.qemu.wait(), grace)
+                except (asyncio.TimeoutError, VMError, OSError):
+                    log.info("graceful guest shutdown did not finish; forcing")
+            if self.qemu:
+                await self.qemu.stop(grace=3)
+            if self.control:
+                await self.control.close()
+            for proc in self.helpers:
+                await proc.stop(grace=3)
+            if self.transport:
+                await self.transport.close()
+        finally:
+            if self.paths:
+                runtime.remove_vm_dir(self.paths)
+            self._stopped = True
+
+    def kill_now(self) -> None:
+        """Synchronous forced teardown (for atexit or a dying event loop)."""
+        for proc in ([self.qemu] if self.qemu else []) + self.helpers:
+            proc.kill_now()
+        if self.paths:
+            runtime.remove_vm_dir(self.paths)
+        self._stopped = True
+
+    async def __aenter__(self) -> "VM":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

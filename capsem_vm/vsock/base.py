@@ -1,0 +1,73 @@
+"""The transport interface every vsock backend implements."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+from ..config import RuntimePaths
+from ..errors import VMError
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+CONNECT_TIMEOUT = 30.0
+
+
+class VsockTransport(abc.ABC):
+    """Host end of one VM's vsock device."""
+
+    name: str = ""
+
+    def __init__(self, paths: RuntimePaths):
+        self.paths = paths
+        self._servers: list[asyncio.AbstractServer] = []
+
+    @abc.abstractmethod
+    def qemu_args(self) -> list[str]:
+        """The QEMU -device/-chardev arguments for this backend."""
+
+    async def start(self) -> None:
+        """Start whatever runs beside QEMU (must be ready before QEMU starts)."""
+
+    @abc.abstractmethod
+    async def listen(self, port: int, handler: StreamHandler) -> None:
+        """Accept guest-initiated connections to host `port`."""
+
+    @abc.abstractmethod
+    async def connect(self, port: int, timeout: float = CONNECT_TIMEOUT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a stream to guest `port`."""
+
+    def helper_processes(self) -> list:
+        return []
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2)
+            except asyncio.TimeoutError:
+                pass
+        self._servers.clear()
+
+
+def vhost_vsock_usable() -> bool:
+    return os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)
+
+
+def select_transport(kind: str, paths: RuntimePaths) -> VsockTransport:
+    """kind: auto | vhost-user | kernel."""
+    from .kernel import KernelTransport
+    from .vhost_user import VhostUserTransport
+
+    if kind == "auto":
+        kind = "kernel" if vhost_vsock_usable() else "vhost-user"
+    if kind == "kernel":
+        if not vhost_vsock_usable():
+            raise VMError("the kernel vsock backend needs read/write access to /dev/vhost-vsock",
+                          "load vhost_vsock (modprobe vhost_vsock) or use --vsock vhost-user")
+        return KernelTransport(paths)
+    if kind == "vhost-user":
+        return VhostUserTransport(paths)
+    raise ValueError(f"vsock backend must be auto, vhost-user or kernel, not {kind!r}")

@@ -1,0 +1,83 @@
+"""vsock through vhost-device-vsock: QEMU <-vhost-user-> backend <-Unix sockets-> host.
+
+Host -> guest: connect to the backend's --uds-path, write "CONNECT <port>\\n", read "OK <n>\\n".
+Guest -> host: the backend connects to the Unix socket "<uds-path>_<port>", which we listen on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from .. import helpers
+from ..errors import VMError
+from ..process import ManagedProcess, spawn
+from .base import CONNECT_TIMEOUT, StreamHandler, VsockTransport
+
+GUEST_CID = 3  # each VM has its own backend, so every guest can use the same CID
+MAX_HANDSHAKE_LINE = 64
+
+
+class VhostUserTransport(VsockTransport):
+    name = "vhost-user"
+
+    def __init__(self, paths):
+        super().__init__(paths)
+        self.process: ManagedProcess | None = None
+
+    def qemu_args(self) -> list[str]:
+        return ["-chardev", f"socket,id=vsock,path={self.paths.vsock_backend}",
+                "-device", "vhost-user-vsock-pci,chardev=vsock"]
+
+    async def start(self) -> None:
+        program = helpers.vhost_device_vsock()
+        log = open(self.paths.root / "vsock.log", "wb")
+        try:
+            self.process = await spawn("vhost-device-vsock", [
+                str(program.path), "--guest-cid", str(GUEST_CID),
+                "--socket", str(self.paths.vsock_backend), "--uds-path", str(self.paths.vsock_uds),
+            ], stdout=log, stderr=log)
+        finally:
+            log.close()
+        # QEMU connects as a client: the backend's socket must exist first.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not self.paths.vsock_backend.exists():
+            if not self.process.alive():
+                raise VMError(f"vhost-device-vsock exited with code {self.process.returncode}: "
+                              + _tail(self.paths.root / "vsock.log"))
+            if asyncio.get_running_loop().time() > deadline:
+                raise VMError("vhost-device-vsock did not create its socket within 10 s")
+            await asyncio.sleep(0.005)
+
+    def helper_processes(self) -> list[ManagedProcess]:
+        return [self.process] if self.process else []
+
+    async def listen(self, port: int, handler: StreamHandler) -> None:
+        path = f"{self.paths.vsock_uds}_{port}"
+        server = await asyncio.start_unix_server(handler, path=path)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+
+    async def connect(self, port: int, timeout: float = CONNECT_TIMEOUT):
+        async def handshake():
+            reader, writer = await asyncio.open_unix_connection(str(self.paths.vsock_uds))
+            writer.write(f"CONNECT {port}\n".encode())
+            line = await reader.readline()
+            if not line.startswith(b"OK ") or len(line) > MAX_HANDSHAKE_LINE:
+                writer.close()
+                raise ConnectionRefusedError(f"guest port {port} refused the connection")
+            return reader, writer
+
+        return await asyncio.wait_for(handshake(), timeout)
+
+    async def close(self) -> None:
+        await super().close()
+        if self.process:
+            await self.process.stop(grace=2)
+
+
+def _tail(path, limit=2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
