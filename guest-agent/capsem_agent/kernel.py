@@ -1,0 +1,282 @@
+"""The Jupyter kernel: one ipykernel per VM, bound to guest 127.0.0.1, reached through the relay.
+
+Secrets: the HMAC key is written only to a connection file in a 0700 directory owned by the
+kernel's user (so only root and that user can read it); it never appears on a command line.
+
+Start paths:
+  cold  `python3 -m ipykernel_launcher -f <file>`: pays the ipykernel import (seconds under TCG).
+  warm  a process started earlier (kernel_prewarm) that already imported ipykernel and blocks on
+        a pipe for its parameters; kernel_start hands them over and it becomes the kernel. It is
+        still our direct child, so waiting and signalling work as for a cold kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+from . import procs, protocol
+
+ENV_PYTHON = "CAPSEM_AGENT_KERNEL_PYTHON"
+ENV_RUNDIR = "CAPSEM_AGENT_RUNDIR"
+TAIL_BYTES = 8192  # kernel stdout/stderr kept for diagnostics (sent with kernel_exit)
+MAX_KEY = 4096
+_SCHEME = re.compile(r"^hmac-[a-z0-9]{1,16}$")
+
+# The warm process: import everything heavy, then wait for one JSON line of parameters.
+# Python startup options (-c) keep sys.path[0] == "" which, like ipykernel_launcher, we drop;
+# IPython's init_path puts the kernel's cwd back.
+WARM_BOOTSTRAP = r"""
+import json, os, sys
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+from ipykernel import kernelapp as app
+import ipykernel.ipkernel, ipykernel.zmqshell, IPython.core.interactiveshell  # noqa
+line = sys.stdin.buffer.readline(1 << 20)
+if not line:
+    os._exit(0)
+p = json.loads(line)
+fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
+if p.get("gid") is not None:
+    os.setgroups([]); os.setgid(p["gid"])
+if p.get("uid") is not None:
+    os.setuid(p["uid"])
+os.chdir(p["cwd"])
+os.environ.clear(); os.environ.update(p["env"])
+sys.argv = ["ipykernel_launcher", "-f", p["connection_file"]]
+app.launch_new_instance()
+"""
+
+
+def kernel_python() -> str:
+    return os.environ.get(ENV_PYTHON) or sys.executable or "/usr/bin/python3"
+
+
+def rundir() -> str:
+    return os.environ.get(ENV_RUNDIR) or "/run/capsem"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Kernel:
+    """A running kernel as seen by the relay threads (read from other threads: keep it simple)."""
+
+    def __init__(self, proc: subprocess.Popen, ports: dict[str, int], conn_dir: str, warm: bool):
+        self.proc = proc
+        self.pid = proc.pid
+        self.ports = ports
+        self.conn_dir = conn_dir
+        self.warm = warm
+        self.alive = True
+        self.tail = bytearray()
+        self._relays: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def add_relay(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if not self.alive:
+                return False
+            self._relays.add(sock)
+            return True
+
+    def remove_relay(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._relays.discard(sock)
+
+    def close_relays(self) -> None:
+        with self._lock:
+            self.alive = False
+            relays, self._relays = self._relays, set()
+        for s in relays:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class KernelManager:
+    def __init__(self, send):
+        self._send = send
+        self.current: Kernel | None = None
+        self._warm: subprocess.Popen | None = None
+        self._warm_env: dict[str, str] | None = None
+        self._seq = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- requests ----------------------------------------------------------------------------
+    def prewarm(self) -> int:
+        """Start (or keep) a warm process; returns its pid."""
+        if self._warm is not None and self._warm.poll() is None:
+            return self._warm.pid
+        env = self._env(None, {})
+        self._warm = subprocess.Popen(
+            [kernel_python(), "-c", WARM_BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, cwd="/", env=env, start_new_session=True, close_fds=True)
+        self._warm_env = env
+        return self._warm.pid
+
+    async def start(self, msg: dict) -> Kernel:
+        key = protocol.req_str(msg, "key", max_len=MAX_KEY)
+        scheme = protocol.req_str(msg, "signature_scheme", max_len=32)
+        if not _SCHEME.match(scheme):
+            raise protocol.MessageError("kernel_start: unsupported signature_scheme", msg["id"])
+        cwd = protocol.req_str(msg, "cwd")
+        env = protocol.req_env(msg, "env")
+        uid = protocol.req_int(msg, "uid", optional=True, lo=0, hi=2**32 - 2)
+        gid = protocol.req_int(msg, "gid", optional=True, lo=0, hi=2**32 - 2)
+        if self.current is not None:
+            raise KernelRunning()
+        if gid is None and uid is not None:
+            gid = procs.credentials(uid, None)["group"]
+        full_env = self._env(uid, env)
+        ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
+        conn_dir, conn_file = self._write_connection_file(ports, key, scheme, uid, gid)
+        try:
+            proc, warm = self._launch(conn_file, cwd, full_env, uid, gid)
+        except BaseException:
+            shutil.rmtree(conn_dir, ignore_errors=True)
+            raise
+        kernel = Kernel(proc, ports, conn_dir, warm)
+        self.current = kernel
+        task = asyncio.ensure_future(self._watch(kernel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return kernel
+
+    def signal(self, signum: int) -> None:
+        if self.current is None:
+            raise NoKernel()
+        procs.signal_group(self.current.pid, signum)
+
+    def kill_all(self) -> None:
+        for p in (self.current.proc if self.current else None, self._warm):
+            if p is not None and p.poll() is None:
+                try:
+                    procs.signal_group(p.pid, 9)
+                except OSError:
+                    pass
+
+    # --- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _env(uid: int | None, env: dict[str, str]) -> dict[str, str]:
+        full = procs.base_env(uid, "xterm-256color")
+        full.update({
+            "PYTHONUNBUFFERED": "1",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # silences debugpy's frozen-modules warning
+            "JUPYTER_PLATFORM_DIRS": "1",
+        })
+        full.update(env)
+        return full
+
+    def _write_connection_file(self, ports, key, scheme, uid, gid) -> tuple[str, str]:
+        base = rundir()
+        os.makedirs(base, mode=0o755, exist_ok=True)
+        conn_dir = os.path.join(base, f"kernel-{os.getpid()}-{next(self._seq)}")
+        os.mkdir(conn_dir, 0o700)
+        try:
+            path = os.path.join(conn_dir, "connection.json")
+            info = {f"{name}_port": port for name, port in ports.items()}
+            info.update(ip="127.0.0.1", transport="tcp", key=key, signature_scheme=scheme,
+                        kernel_name="capsem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            if uid is not None or gid is not None:
+                owner = (uid if uid is not None else -1, gid if gid is not None else -1)
+                os.chown(path, *owner)
+                os.chown(conn_dir, *owner)
+        except BaseException:
+            shutil.rmtree(conn_dir, ignore_errors=True)
+            raise
+        return conn_dir, path
+
+    def _launch(self, conn_file, cwd, env, uid, gid) -> tuple[subprocess.Popen, bool]:
+        warm = self._take_warm(env)
+        if warm is not None:
+            params = {"connection_file": conn_file, "cwd": cwd, "env": env, "uid": uid, "gid": gid}
+            if not os.path.isdir(cwd):
+                raise FileNotFoundError(f"kernel cwd {cwd!r} does not exist")
+            try:
+                warm.stdin.write(json.dumps(params).encode() + b"\n")
+                warm.stdin.close()
+                return warm, True
+            except OSError:
+                warm.kill()  # it died while waiting; fall back to a cold start
+                warm.wait()
+        proc = subprocess.Popen(
+            [kernel_python(), "-m", "ipykernel_launcher", "-f", conn_file],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+            env=env, start_new_session=True, close_fds=True, **procs.credentials(uid, gid))
+        return proc, False
+
+    def _take_warm(self, env) -> subprocess.Popen | None:
+        """The warm process, if alive and its interpreter was started with the same PYTHON* env."""
+        warm, self._warm = self._warm, None
+        if warm is None or warm.poll() is not None:
+            return None
+        def py(e):
+            return {k: v for k, v in e.items() if k.startswith("PYTHON")}
+        if py(env) != py(self._warm_env or {}):
+            warm.kill()
+            warm.wait()
+            return None
+        return warm
+
+    async def _watch(self, kernel: Kernel) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=TAIL_BYTES, loop=loop)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), kernel.proc.stdout)
+
+        async def collect():
+            while True:
+                chunk = await reader.read(TAIL_BYTES)
+                if not chunk:
+                    return
+                kernel.tail += chunk
+                del kernel.tail[:-TAIL_BYTES]
+
+        collector = asyncio.ensure_future(collect())
+        try:
+            returncode = await procs.wait_exit(kernel.proc)
+            try:
+                await asyncio.wait_for(collector, 1.0)
+            except (asyncio.TimeoutError, OSError):
+                pass
+        finally:
+            collector.cancel()
+            transport.close()
+            kernel.close_relays()
+            shutil.rmtree(kernel.conn_dir, ignore_errors=True)
+            if self.current is kernel:
+                self.current = None
+        await self._send({"t": "kernel_exit", "pid": kernel.pid, **procs.exit_fields(returncode),
+                          "tail": kernel.tail.decode("utf-8", "replace")})
+
+
+class KernelRunning(Exception):
+    pass
+
+
+class NoKernel(Exception):
+    pass

@@ -1,0 +1,45 @@
+"""mount(2) through ctypes: the guest image has no need for util-linux, and a syscall has no shell."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                ctypes.c_ulong, ctypes.c_char_p]
+    return _libc
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
+    rc = libc().mount(source.encode(), target.encode(), fstype.encode(), flags,
+                      data.encode() if data is not None else None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
+
+
+def is_mountpoint(path: str) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False
+
+
+def mount_virtiofs(tag: str, path: str, readonly: bool = False) -> None:
+    """Mount a VirtioFS share. nosuid/nodev: the share's owner (the host user) is not trusted either."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
+    mount(tag, path, "virtiofs", flags)
