@@ -1,0 +1,156 @@
+"""CapsemProvisioner: a jupyter_client kernel provisioner that runs each kernel in its own VM.
+
+A sibling of jupyter_client's LocalProvisioner. Configure it like any Jupyter object, e.g. in
+jupyter_server_config.py:
+
+    c.CapsemProvisioner.memory_mb = 2048
+    c.CapsemProvisioner.share_mode = "ro"
+
+or per kernelspec in kernel.json's metadata.kernel_provisioner.config (see `capsem kernel install`).
+
+Contract notes:
+- launch_kernel boots a fresh VM, shares the kernel's cwd (the notebook's folder) at the same path,
+  starts ipykernel in the guest with the key chosen here (sent over the control port only), and
+  forwards the five channel ports of the connection info into the guest.
+- poll() is None while the VM boots and the kernel runs; an exit code once the guest kernel or the
+  VM died. Restarts get a fresh VM: nothing survives.
+- Only the kernelspec's own env and JPY_SESSION_NAME reach the guest: the host's environment
+  (tokens, credentials) never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
+from jupyter_client.localinterfaces import is_local_ip
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import CaselessStrEnum, Float, Int, Unicode
+
+from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, Share, VMConfig
+
+from . import loop_thread
+from .kernel_vm import KernelVM
+
+GUEST_ENV_PASSTHROUGH = ("JPY_SESSION_NAME",)
+
+
+class CapsemProvisioner(KernelProvisionerBase):
+    memory_mb = Int(DEFAULT_MEMORY_MB, config=True, help="Guest memory in MB.")
+    cpus = Int(DEFAULT_CPUS, config=True, help="Virtual CPUs of the guest.")
+    accel = CaselessStrEnum(["auto", "kvm", "tcg"], "auto", config=True,
+                            help="Accelerator: auto picks KVM where it really works, else TCG.")
+    vsock = CaselessStrEnum(["auto", "vhost-user", "kernel"], "auto", config=True, help="vsock backend.")
+    image = Unicode(None, allow_none=True, config=True, help="VM image directory (default: the built default image).")
+    share_mode = CaselessStrEnum(["rw", "ro"], "rw", config=True,
+                                 help="How the notebook folder is shared into the guest: rw or ro.")
+    policy = Unicode("", config=True,
+                     help="Egress policy file (host-side). Never read from the notebook folder.")
+    boot_timeout = Float(180.0, config=True, help="Seconds to wait for the guest agent (TCG is slow).")
+
+    kernel_vm: KernelVM | None = None
+    ports_cached = False
+
+    # --- launch ------------------------------------------------------------------------------
+
+    @property
+    def has_process(self) -> bool:
+        return self.kernel_vm is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        if km.transport != "tcp" or not is_local_ip(km.ip):
+            raise RuntimeError(f"capsem kernels listen on a local TCP address; got {km.transport}://{km.ip}")
+        if km.cache_ports and not self.ports_cached:
+            lpc = LocalPortCache.instance()
+            for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+                setattr(km, name, lpc.find_available_port(km.ip))
+            self.ports_cached = True
+        kwargs.pop("extra_arguments", None)
+        env = kwargs.get("env") or {}
+        km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
+        self.connection_info = km.get_connection_info()
+        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
+
+    def _vm_config(self, cwd: str) -> VMConfig:
+        share = Share(Path(cwd).resolve(), "notebook", readonly=self.share_mode == "ro")
+        return VMConfig(memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel, image=self.image,
+                        shares=(share,), boot_timeout=self.boot_timeout)
+
+    def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
+        guest = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}
+        guest.update({k: env[k] for k in GUEST_ENV_PASSTHROUGH if k in env})
+        return guest
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        cwd = kwargs.get("cwd") or os.getcwd()
+        env = kwargs.get("env") or {}
+        config = self._vm_config(cwd)
+        kernel_vm = KernelVM(config, vsock=self.vsock, progress=lambda m: self.log.info("capsem: %s", m))
+        self.kernel_vm = kernel_vm
+        self.log.info("capsem: starting a kernel VM for %s", cwd)
+        await loop_thread.run(kernel_vm.start(self.connection_info, str(config.shares[0].host_path),
+                                              self._guest_env(env)))
+        return self.connection_info
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        if self.kernel_vm is None:
+            return 0
+        return self.kernel_vm.poll()
+
+    async def wait(self) -> int | None:
+        if self.kernel_vm is None:
+            return 0
+        while (code := self.kernel_vm.poll()) is None:
+            await asyncio.sleep(0.1)
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self.kernel_vm is None:
+            return
+        if signum == signal.SIGKILL:
+            await self.kill()
+            return
+        await loop_thread.run(self.kernel_vm.send_signal(signum))
+
+    async def kill(self, restart: bool = False) -> None:
+        if self.kernel_vm is not None:
+            await loop_thread.run(self.kernel_vm.stop(grace=0.5))
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self.kernel_vm is not None:
+            await loop_thread.run(self.kernel_vm.stop())
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if self.kernel_vm is not None:
+            await loop_thread.run(self.kernel_vm.stop(grace=0.5))
+            self.kernel_vm = None
+        if self.ports_cached and not restart:
+            lpc = LocalPortCache.instance()
+            for key in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+                lpc.return_port(self.connection_info[key])
+            self.ports_cached = False
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return max(recommended, 15.0)  # a TCG guest shuts ipykernel down slowly
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        return max(recommended, 60.0)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info["ports_cached"] = self.ports_cached
+        if self.kernel_vm is not None:
+            info["capsem"] = self.kernel_vm.info()
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        # A VM dies with the process that started it, so there is nothing to re-attach to.
+        await super().load_provisioner_info(provisioner_info)
+        self.ports_cached = provisioner_info.get("ports_cached", False)
