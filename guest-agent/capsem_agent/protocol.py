@@ -74,7 +74,15 @@ MAX_ENV = 4096
 
 
 class FrameError(ValueError):
-    """The byte stream cannot be framed (oversized, zero length). The stream must be closed."""
+    """The byte stream cannot be framed (oversized, zero length). The stream must be closed.
+
+    `bodies` holds the complete frames that preceded the bad header in the same feed() call, so
+    a receiver can still act on them (or at least answer them) before closing.
+    """
+
+    def __init__(self, message: str, bodies: list[bytes] | None = None):
+        super().__init__(message)
+        self.bodies = bodies or []
 
 
 class MessageError(ValueError):
@@ -117,7 +125,7 @@ class FrameDecoder:
                 (length,) = HEADER.unpack_from(self._buf)
                 if length == 0 or length > self.max_frame:
                     self.broken = True
-                    raise FrameError(f"frame length {length} outside 1..{self.max_frame}")
+                    raise FrameError(f"frame length {length} outside 1..{self.max_frame}", bodies)
                 del self._buf[: HEADER.size]
                 self._need = length
             if len(self._buf) < self._need:

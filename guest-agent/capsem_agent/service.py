@@ -96,6 +96,8 @@ class Service:
                 try:
                     bodies = decoder.feed(data)
                 except protocol.FrameError as exc:
+                    for body in exc.bodies:
+                        await self._handle_body(body)
                     await self.send(protocol.error("bad_frame", str(exc)))
                     break  # the stream cannot be resynchronised
                 for body in bodies:
