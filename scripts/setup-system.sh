@@ -5,7 +5,8 @@
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static debootstrap mmdebstrap erofs-utils cpio zstd
-          debian-archive-keyring ca-certificates socat kmod uidmap util-linux)
+          debian-archive-keyring ca-certificates socat kmod uidmap util-linux
+          python3-venv make)
 PREFIX=/opt/capsem
 VSOCK_BIN="$PREFIX/bin/vhost-device-vsock"
 

@@ -1,0 +1,164 @@
+"""The initramfs: busybox, the boot modules (+ on-demand nftables modules), /init and the agent."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+from capsem_vm.errors import ImageError, MissingHelperError
+
+from . import store
+from .cpio import NewcWriter
+from .kernel import KernelLayer
+from .modules import BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
+from .progress import Progress
+from .recipe import BUILDER_VERSION, digest_of
+
+BUSYBOX = Path("/bin/busybox")
+# zstd: the kernel supports it (CONFIG_RD_ZSTD) and it decompresses faster than gzip under TCG
+# while compressing better than lz4; see tests/docs for the measurement.
+COMPRESSION = "zstd"
+INITRD_NAME = "initrd.img"
+
+
+def guest_agent_dir() -> Path:
+    """guest-agent/ of this source tree (override: CAPSEM_GUEST_AGENT_DIR)."""
+    override = os.environ.get("CAPSEM_GUEST_AGENT_DIR")
+    path = Path(override) if override else Path(__file__).resolve().parents[2] / "guest-agent"
+    if not (path / "init").is_file():
+        raise ImageError(f"guest agent sources not found at {path} (no `init`)",
+                         "run capsem from its source checkout or set CAPSEM_GUEST_AGENT_DIR")
+    return path
+
+
+def agent_files(agent_dir: Path) -> list[Path]:
+    """Everything in guest-agent/ that goes to /capsem/ (all but init, caches and dotfiles)."""
+    files = []
+    for root, dirs, names in os.walk(agent_dir):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+        for n in sorted(names):
+            p = Path(root) / n
+            if p.parent == agent_dir and n == "init" or n.endswith(".pyc") or n.startswith("."):
+                continue
+            files.append(p)
+    return files
+
+
+def check_busybox(path: Path = BUSYBOX) -> Path:
+    """The initramfs has no libc: busybox must be the static build (package busybox-static)."""
+    if not path.is_file():
+        raise MissingHelperError(f"{path} not found", "install busybox-static (`make system`)")
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:
+            raise ImageError(f"{path} is not a 64-bit ELF binary")
+        phoff, = struct.unpack_from("<Q", head, 32)
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        if struct.unpack_from("<I", table, i * phentsize)[0] == 3:  # PT_INTERP: dynamically linked
+            raise MissingHelperError(f"{path} is dynamically linked",
+                                     "install busybox-static instead of busybox (`make system`)")
+    return path
+
+
+def local_inputs_digest() -> str:
+    """Everything the initramfs depends on except the kernel: decides the image key offline."""
+    agent_dir = guest_agent_dir()
+    h = hashlib.sha256()
+    for p in [agent_dir / "init", *agent_files(agent_dir)]:
+        rel = p.relative_to(agent_dir).as_posix().encode()
+        data = p.read_bytes()
+        h.update(b"%d:%s:%d:%o:" % (len(rel), rel, len(data), os.stat(p).st_mode & 0o111) + data)
+    return digest_of({
+        "builder": BUILDER_VERSION, "files": h.hexdigest(),
+        "busybox": hashlib.sha256(check_busybox().read_bytes()).hexdigest(),
+        "boot_modules": list(BOOT_MODULES), "on_demand_modules": list(ON_DEMAND_MODULES),
+        "compression": COMPRESSION,
+    })
+
+
+def busybox_applets() -> list[str]:
+    out = subprocess.run([str(BUSYBOX), "--list"], check=True, capture_output=True, text=True).stdout
+    return sorted(set(out.split()) - {"busybox"})
+
+
+def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[str]) -> None:
+    agent_dir = guest_agent_dir()
+    moddir = f"lib/modules/{kernel.version}"
+    w = NewcWriter(out)
+    for d in ("bin", "dev", "proc", "sys", "etc", "etc/capsem", "lib", "lib/modules", "capsem",
+              "newroot", "lower", "rw"):
+        w.directory(d)
+    w.char_device("dev/console", 5, 1)
+    w.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    for applet in busybox_applets():
+        w.symlink(f"bin/{applet}", "busybox")
+    w.file("init", (agent_dir / "init").read_bytes(), 0o755)
+    w.file("etc/capsem/modules.boot", "".join(f"/{moddir}/{rel}\n" for rel in boot_order).encode())
+    w.directory(moddir)
+    w.tree(staging_moddir, moddir)
+    for p in agent_files(agent_dir):
+        rel = p.relative_to(agent_dir)
+        for parent in reversed(rel.parents[:-1]):
+            w.directory(f"capsem/{parent.as_posix()}")
+        w.file(f"capsem/{rel.as_posix()}", p.read_bytes(), os.stat(p).st_mode & 0o777)
+    w.close()
+
+
+def compress(data: bytes, method: str, progress: Progress) -> bytes:
+    if method == "none":
+        return data
+    if method == "gzip":
+        return gzip.compress(data, compresslevel=9, mtime=0)
+    if method == "zstd":
+        argv = ["zstd", "-q", "-19", "-c", "-"]
+    elif method == "lz4":
+        argv = ["lz4", "-q", "-l", "-9", "-c", "-"]  # -l: the legacy frame the kernel expects
+    else:
+        raise ValueError(method)
+    if not shutil.which(argv[0]):
+        raise MissingHelperError(f"{argv[0]} is not installed", "run `make system`")
+    return subprocess.run(argv, input=data, check=True, capture_output=True).stdout
+
+
+def initramfs_key(kernel: KernelLayer) -> str:
+    return digest_of({"local": local_inputs_digest(), "kernel": kernel.key})
+
+
+def ensure_initramfs(kernel: KernelLayer, progress: Progress, compression: str = COMPRESSION) -> Path:
+    """Return the path of the initrd.img for this kernel + agent, building it if not cached."""
+    key = initramfs_key(kernel) if compression == COMPRESSION else \
+        digest_of({"local": local_inputs_digest(), "kernel": kernel.key, "compression": compression})
+    root = store.layers_dir("initramfs")
+    layer = root / key
+    if (layer / INITRD_NAME).is_file():
+        progress.say("initramfs: cached")
+        return layer / INITRD_NAME
+    work = store.new_temp_dir(root, "initramfs")
+    try:
+        with progress.stage(f"initramfs: modules, busybox, agent ({compression})"):
+            src = kernel.modules / "lib" / "modules" / kernel.version
+            boot = load_order(src, BOOT_MODULES)
+            wanted = load_order(src, BOOT_MODULES + ON_DEMAND_MODULES)
+            staging = work / "staging" / "lib" / "modules" / kernel.version
+            copy_modules(src, staging, wanted)
+            # Indexes for exactly the shipped subset, so modprobe in the guest resolves them.
+            progress.run(["depmod", "-b", work / "staging", kernel.version])
+            buf = io.BytesIO()
+            write_cpio(buf, kernel, staging, boot)
+            (work / INITRD_NAME).write_bytes(compress(buf.getvalue(), compression, progress))
+            shutil.rmtree(work / "staging")
+        store.install_dir(work, layer)
+        work = None
+        return layer / INITRD_NAME
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)

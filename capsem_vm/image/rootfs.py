@@ -1,0 +1,128 @@
+"""The root filesystem layer: a Debian minbase (mmdebstrap) with the recipe's packages, packed
+read-only as EROFS (lz4hc). The guest agent is not in here (it ships in the initramfs)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+from capsem_vm.errors import ImageError, MissingHelperError
+
+from . import store
+from .debian import Mirrors
+from .progress import Progress
+from .recipe import Recipe
+
+ROOTFS_NAME = "rootfs.erofs"
+
+# Not needed in a kernel VM; dropping them saves space and image hashing time.
+_DPKG_EXCLUDES = [
+    "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright", "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*", "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+]
+# Run inside the build (with mmdebstrap's mounts still up) after all packages are installed.
+_CLEANUP = ('rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb '
+            '"$1"/var/log/*.log "$1"/var/log/apt/* "$1"/root/.cache "$1"/tmp/*')
+
+
+def build_mode() -> str:
+    """mmdebstrap mode: 'root' as root, else 'unshare' if this user can create user namespaces."""
+    if os.geteuid() == 0:
+        return "root"
+    hint = ("run as root (e.g. `sudo capsem image build`), or enable unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1) and give your user subordinate ids in "
+            "/etc/subuid and /etc/subgid (package uidmap)")
+    user = os.environ.get("USER") or str(os.geteuid())
+    if not shutil.which("newuidmap") or not _has_subids(user):
+        raise ImageError("building the rootfs needs root or unprivileged user namespaces", hint)
+    try:
+        if Path("/proc/sys/kernel/unprivileged_userns_clone").read_text().strip() == "0":
+            raise ImageError("building the rootfs needs root or unprivileged user namespaces", hint)
+    except FileNotFoundError:
+        pass
+    return "unshare"
+
+
+def _has_subids(user: str) -> bool:
+    try:
+        return any(line.split(":")[0] in (user, str(os.geteuid()))
+                   for line in Path("/etc/subuid").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def mmdebstrap_argv(recipe: Recipe, mirrors: Mirrors, mode: str, target: Path) -> list[str]:
+    argv = ["mmdebstrap", "--variant=minbase", f"--mode={mode}",
+            "--aptopt=APT::Install-Recommends \"false\"", f"--include={','.join(recipe.packages)}"]
+    argv += [f"--dpkgopt={opt}" for opt in _DPKG_EXCLUDES]
+    if recipe.pip:
+        # pip runs in the chroot, with the host's network and (build-time only) resolv.conf.
+        reqs = " ".join(shlex.quote(r) for r in recipe.pip)
+        argv.append('--customize-hook=cp -L /etc/resolv.conf "$1"/etc/resolv.conf && chroot "$1" '
+                    "python3 -m pip install --no-cache-dir --break-system-packages --root-user-action=ignore "
+                    f"{reqs}")
+    argv.append(f"--customize-hook={_CLEANUP}")
+    argv += [recipe.suite, str(target), *mirrors.apt_lines(recipe.suite)]
+    return argv
+
+
+def ensure_rootfs(recipe: Recipe, mirrors: Mirrors, progress: Progress, refresh: bool = False) -> Path:
+    """Return the path of rootfs.erofs for this recipe, building it if not cached (or refresh)."""
+    key = recipe.rootfs_key()
+    root = store.layers_dir("rootfs")
+    layer = root / key
+    if (layer / ROOTFS_NAME).is_file() and not refresh:
+        progress.say("rootfs: cached")
+        return layer / ROOTFS_NAME
+    for tool, package in (("mmdebstrap", "mmdebstrap"), ("mkfs.erofs", "erofs-utils")):
+        if not shutil.which(tool):
+            raise MissingHelperError(f"{tool} is not installed", f"install {package} (`make system`)")
+    mode = build_mode()
+    work = store.new_temp_dir(root, "rootfs")
+    try:
+        tree = work / "tree"
+        extras = f" + {len(recipe.apt)} apt, {len(recipe.pip)} pip" if not recipe.is_default else ""
+        with progress.stage(f"rootfs: mmdebstrap {recipe.suite} minbase ({len(recipe.packages)} packages"
+                            f"{extras}; mirror {mirrors.main}; a few minutes)"):
+            if mode == "root":
+                progress.run(mmdebstrap_argv(recipe, mirrors, mode, tree))
+            else:
+                # Unprivileged: ownership only exists inside the user namespace, so unpack the
+                # tarball and pack EROFS inside one too (see pack below).
+                progress.run(mmdebstrap_argv(recipe, mirrors, mode, work / "rootfs.tar"))
+        with progress.stage("rootfs: pack EROFS (lz4hc)"):
+            out = work / ROOTFS_NAME
+            mkfs = ["mkfs.erofs", "-zlz4hc", "--quiet", str(out), str(tree)]
+            if mode == "root":
+                progress.run(mkfs)
+            else:
+                progress.run(["unshare", "--map-auto", "--map-root-user", "sh", "-c",
+                              f"mkdir {shlex.quote(str(tree))} && tar -xpf {shlex.quote(str(work / 'rootfs.tar'))}"
+                              f" -C {shlex.quote(str(tree))} && {shlex.join(mkfs)}"])
+            os.chmod(out, 0o644)
+        with progress.stage("rootfs: clean up the build tree"):
+            _remove_tree(tree, mode, progress)
+            (work / "rootfs.tar").unlink(missing_ok=True)
+        store.install_dir(work, layer)
+        work = None
+        return layer / ROOTFS_NAME
+    finally:
+        if work is not None:
+            try:
+                _remove_tree(work, "root" if os.geteuid() == 0 else "unshare", progress)
+            except ImageError:
+                pass  # a stale temp dir is reaped by a later build; keep the original error
+
+
+def _remove_tree(path: Path, mode: str, progress: Progress) -> None:
+    if not path.exists():
+        return
+    if mode == "unshare":
+        # Files owned by subordinate ids can only be removed from inside the namespace.
+        progress.run(["unshare", "--map-auto", "--map-root-user", "rm", "-rf", str(path)])
+    else:
+        shutil.rmtree(path, ignore_errors=True)
