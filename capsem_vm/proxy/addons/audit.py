@@ -1,0 +1,75 @@
+"""Audit addon: one row per connection decision, HTTP exchange, WebSocket and raw TCP stream.
+
+URLs are those the guest sent (placeholders, never injected secrets), then redacted
+(capsem_vm.proxy.audit.redact_url)."""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+
+from ...policy import Decision
+from ..audit import AuditLog, redact_url
+from .guard import meta
+
+
+class Audit:
+    def __init__(self, log: AuditLog):
+        self.log = log
+
+    # called by Guard for connection-level decisions
+    def connection(self, sess, target: str, d: Decision, reason: str | None, decision: str | None = None) -> None:
+        self.log.record(sess.kernel.id, "connect", url=target, host=sess.host, port=sess.port,
+                        decision=decision or d.action, rule=d.rule, reason=reason or d.reason)
+
+    def timeout(self, sess, seconds: float) -> None:
+        self.log.record(sess.kernel.id, "connect", url=f"{sess.host}:{sess.port}", host=sess.host, port=sess.port,
+                        decision="deny", rule="header-timeout",
+                        reason=f"closed: request headers not complete within {seconds:g} s")
+
+    def _row(self, flow, *, status=None, error: str | None = None) -> None:
+        m = meta(flow)
+        if m.get("audited"):
+            return
+        m["audited"] = True
+        d: Decision | None = m.get("decision")
+        sess_kernel = m.get("kernel") or "?"
+        started = m.get("started") or time.time()
+        reason = d.reason if d else ""
+        if m.get("detail"):
+            reason += f" ({m['detail']})"
+        if m.get("killed"):
+            reason += f"; {m['killed']}"
+        if error:
+            reason += f"; error: {error}"
+        secrets = [s.decode(errors="replace") for s, _ in m.get("secrets") or []]
+        url = redact_url(m.get("url", ""), secrets)
+        self.log.record(
+            sess_kernel, m.get("kind", "http"),
+            ts=started, method=getattr(getattr(flow, "request", None), "method", None),
+            url=url, host=m.get("host"), port=m.get("port"), status=status,
+            bytes_out=m.get("bytes_out"), bytes_in=m.get("bytes_in"),
+            duration_ms=round((time.time() - started) * 1000, 2),
+            decision=("error" if error and d and d.allowed else (d.action if d else "error")),
+            rule=d.rule if d else "-", reason=reason[:2000] + (" [credential injected]" if m.get("credentials") else ""))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None:
+            return  # audited when the WebSocket ends
+        self._row(flow, status=flow.response.status_code if flow.response else None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._row(flow, status=flow.response.status_code if flow.response else None,
+                  error=flow.error.msg if flow.error else "error")
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        m = meta(flow)
+        m["bytes_out"], m["bytes_in"] = m.get("ws_out", 0), m.get("ws_in", 0)
+        self._row(flow, status=101)
+
+    def tcp_end(self, flow) -> None:
+        self._row(flow)
+
+    def tcp_error(self, flow) -> None:
+        self._row(flow, error=flow.error.msg if flow.error else "error")

@@ -1,0 +1,115 @@
+"""Limits that keep a hostile guest from exhausting the host through the proxy.
+
+- Header deadline (slow loris): a connection must deliver complete request headers within
+  `capsem_header_timeout` seconds of opening, and again of each response. Otherwise it is closed.
+  Raw TCP and WebSocket streams, once judged, fall back to the idle timeout instead.
+- Header size: mitmproxy 11's HTTP/1 reader buffers request heads without bound; we patch its
+  reader so a head larger than `capsem_max_header_bytes` gets 431 and the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import ctx, http
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._http1 import make_error_response
+
+from .guard import meta
+from .state import State
+
+log = logging.getLogger("capsem.limits")
+
+MAX_HEADER_BYTES = 64 * 1024
+_patched = False
+
+
+def patch_http1_header_limit(limit_getter) -> None:
+    """Wrap Http1Server.read_headers: if the head is still incomplete and the buffer holds more
+    than the limit, answer 431 and close. Idempotent."""
+    global _patched
+    if _patched:
+        return
+    original = _http1.Http1Server.read_headers
+
+    def read_headers(self, event):
+        yield from original(self, event)
+        if (isinstance(event, events.DataReceived)
+                and getattr(self.state, "__func__", None) is read_headers
+                and len(self.buf) > limit_getter()):
+            yield commands.SendData(self.conn, make_error_response(431, "Request header fields too large"))
+            yield commands.CloseConnection(self.conn)
+            self.buf = _http1.ReceiveBuffer()  # free the oversized head now
+            self.state = self.done
+    _http1.Http1Server.read_headers = read_headers
+    _patched = True
+
+
+class Limits:
+    def __init__(self, state: State):
+        self.state = state
+
+    def load(self, loader):
+        loader.add_option("capsem_header_timeout", float, 30.0,
+                          "Seconds a connection may take to send complete request headers.")
+        loader.add_option("capsem_max_header_bytes", int, MAX_HEADER_BYTES,
+                          "Largest HTTP/1 request head accepted (431 above).")
+        patch_http1_header_limit(lambda: ctx.options.capsem_max_header_bytes)
+
+    # deadline bookkeeping -----------------------------------------------------------------------
+
+    def _arm(self, client) -> None:
+        sess = self.state.session(client)
+        if sess is None:
+            return
+        self._disarm(client)
+        timeout = ctx.options.capsem_header_timeout
+        sess.deadline_task = asyncio.get_running_loop().call_later(timeout, self._expire, client.id)
+
+    def _disarm(self, client) -> None:
+        sess = self.state.session(client)
+        if sess is not None and sess.deadline_task is not None:
+            sess.deadline_task.cancel()
+            sess.deadline_task = None
+
+    def _expire(self, client_id: str) -> None:
+        server = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(client_id)
+        if handler is None:
+            return
+        log.info("closing connection %s: request headers not complete in time", client_id)
+        sess = self.state.sessions.get(client_id)
+        if sess is not None:
+            sess.deadline_task = None
+            if self.state.audit is not None:
+                self.state.audit.timeout(sess, ctx.options.capsem_header_timeout)
+        handler.close_connection(handler.client)
+
+    def server_connected(self, data) -> None:
+        self._arm(data.client)  # starts once the destination is accepted
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow.client_conn)
+        sess = self.state.session(flow.client_conn)
+        if sess is not None:
+            sess.inflight += 1
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        sess = self.state.session(flow.client_conn)
+        if sess is None or meta(flow).get("limits_done"):
+            return
+        meta(flow)["limits_done"] = True
+        sess.inflight -= 1
+        if sess.inflight == 0 and flow.websocket is None and meta(flow).get("kind") != "websocket":
+            self._arm(flow.client_conn)  # keep-alive: the next request gets a fresh deadline
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def tcp_start(self, flow) -> None:
+        self._disarm(flow.client_conn)

@@ -1,0 +1,36 @@
+"""Bounded memory for every stream: response bodies are streamed (never buffered whole, counted,
+scrubbed when a credential was injected) and WebSocket / raw TCP message lists, which mitmproxy
+keeps on the flow, are counted then emptied."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from .credentials import Scrubber
+from .guard import meta
+
+
+class Streams:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        m = meta(flow)
+        if m.get("decision") is None or not m["decision"].allowed:
+            return  # our own 403: already complete, nothing to stream
+        m.setdefault("bytes_in", 0)
+
+        def add(n: int) -> None:
+            m["bytes_in"] += n
+        flow.response.stream = Scrubber(m.get("secrets") or [], add)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        m = meta(flow)
+        msg = flow.websocket.messages[-1]
+        key = "ws_out" if msg.from_client else "ws_in"
+        m[key] = m.get(key, 0) + len(msg.content)
+        del flow.websocket.messages[:]  # the layer keeps its own reference to the current message
+
+    def tcp_message(self, flow) -> None:
+        m = meta(flow)
+        msg = flow.messages[-1]
+        key = "bytes_out" if msg.from_client else "bytes_in"
+        m[key] = m.get(key, 0) + len(msg.content)
+        del flow.messages[:]

@@ -1,0 +1,271 @@
+"""EgressBridge: one per VM, in the process that owns the VM (no mitmproxy import here).
+
+It serves the guest's two egress vsock ports and turns them into policy-checked traffic:
+
+    5003 dns     frames {"t":"dns","data":b64(query)} -> {"t":"dns","data":b64(answer)}; answered here
+                 (NXDOMAIN for names the policy can never allow, synthetic IPv4 for the others)
+    5002 egress  first frame {"t":"connect","host":..,"port":..}; the bridge answers one frame,
+                 {"t":"connected"} or {"t":"refused","reason":..,"rule":..}, then raw bytes flow
+
+Each allowed egress stream becomes a SOCKS5 connection to the proxy service, authenticated with
+this kernel's own username/password (registered with the service), naming the destination the
+guest asked for (synthetic addresses are mapped back to their names first).
+
+API (all async, on the VM owner's event loop):
+
+    endpoint = await service.register(kernel_id, policy)       # ProxyService, see service.py
+    bridge = EgressBridge(kernel_id, policy, endpoint, audit=AuditLog())
+    await bridge.start(egress_path=f"{uds}_5002", dns_path=f"{uds}_5003")   # vhost-user vsock
+    #   or: await bridge.attach(transport)  # any VsockTransport: listen(5002/5003, handler)
+    ...
+    await bridge.close()                                        # closes listeners and streams
+
+`handle_egress(reader, writer)` and `handle_dns(reader, writer)` are public for other transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from capsem_agent import protocol
+
+from ..policy import Policy
+from ..policy.match import normalize_host, parse_ip
+from . import socks5
+from .audit import AuditLog
+from .dns_responder import DnsResponder
+from .service import ProxyEndpoint
+from .synthetic import SyntheticPool
+
+log = logging.getLogger(__name__)
+
+CONNECT_FRAME_MAX = 4096
+
+
+class EgressBridge:
+    def __init__(self, kernel_id: str, policy: Policy, proxy: ProxyEndpoint, *,
+                 audit: AuditLog | None = None, pool: SyntheticPool | None = None,
+                 max_streams: int = 256, first_frame_timeout: float = 10.0,
+                 idle_timeout: float = 600.0, dns_rate: float = 100.0, dns_burst: float = 200.0):
+        self.kernel_id = kernel_id
+        self.policy = policy
+        self.proxy = proxy
+        self.audit = audit
+        self.pool = pool or SyntheticPool()
+        self.dns = DnsResponder(policy, self.pool, rate=dns_rate, burst=dns_burst)
+        self.max_streams = max_streams
+        self.first_frame_timeout = first_frame_timeout
+        self.idle_timeout = idle_timeout
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._streams = 0
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, egress_path: str | os.PathLike, dns_path: str | os.PathLike) -> None:
+        """Listen on the Unix sockets where the vsock backend delivers guest connections to host
+        ports 5002 and 5003 (vhost-device-vsock: `<uds>_5002`, `<uds>_5003`). Mode 0600."""
+        for path, handler in ((egress_path, self.handle_egress), (dns_path, self.handle_dns)):
+            path = os.fspath(path)
+            if os.path.exists(path):
+                os.unlink(path)
+            old = os.umask(0o177)
+            try:
+                server = await asyncio.start_unix_server(handler, path=path)
+            finally:
+                os.umask(old)
+            self._servers.append(server)
+
+    async def attach(self, transport) -> None:
+        """Serve the egress ports through a capsem_vm.vsock transport."""
+        await transport.listen(protocol.PORT_EGRESS, self.handle_egress)
+        await transport.listen(protocol.PORT_DNS, self.handle_dns)
+
+    async def close(self) -> None:
+        self._closed = True
+        for s in self._servers:
+            s.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._servers.clear()
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _audit(self, kind: str, **fields) -> None:
+        if self.audit:
+            self.audit.record(self.kernel_id, kind, **fields)
+
+    # --- DNS -----------------------------------------------------------------------------------
+
+    async def handle_dns(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track()
+        try:
+            while not self._closed:
+                try:
+                    msg = await _read_frame(reader, 8192, None)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if msg is None or msg.get("t") != "dns":
+                    writer.write(protocol.encode(protocol.error("bad-frame", "expected a dns frame")))
+                    return
+                try:
+                    query = protocol.req_data(msg, "data")
+                except protocol.MessageError:
+                    writer.write(protocol.encode(protocol.error("bad-frame", "invalid dns data")))
+                    return
+                now = time.monotonic()
+                answer, event = self.dns.answer(query, now)
+                limited = self.dns.take_rate_limited() if event else 0
+                if limited:
+                    self._audit("dns", decision="deny", rule="dns-rate", reason=f"{limited} queries refused (rate limit)")
+                if event:
+                    self._audit("dns", method=event.qtype, url=event.name, host=event.name, status=event.rcode,
+                                decision=event.decision, rule=event.rule,
+                                reason=event.reason + (f" -> {event.answer}" if event.answer else ""))
+                reply = {"t": "dns", "data": protocol.b64(answer)} if answer else {"t": "dns", "drop": True}
+                writer.write(protocol.encode(reply))
+                await writer.drain()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            writer.close()
+
+    # --- egress --------------------------------------------------------------------------------
+
+    def _destination(self, msg: dict) -> tuple[str, int, str | None]:
+        """(host, port, error). host is what the policy judges: a name or an IP literal."""
+        try:
+            host = protocol.req_str(msg, "host", max_len=260)
+            port = protocol.req_int(msg, "port", lo=1, hi=65535)
+        except protocol.MessageError as exc:
+            return "", 0, str(exc)
+        if self.pool.contains(host):
+            name = self.pool.name_for(host)
+            if name is None:
+                return host, port, "unknown synthetic address (its DNS answer expired): resolve the name again"
+            return name, port, None
+        norm = normalize_host(host)
+        if norm is None:
+            return host[:260], port, "not a valid host name or address"
+        return norm, port, None
+
+    async def handle_egress(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track()
+        started = time.time()
+        if self._streams >= self.max_streams:
+            await _refuse(writer, "too many concurrent connections from this VM", "limit")
+            self._audit("connect", decision="deny", rule="limit", reason="too many concurrent streams")
+            return
+        self._streams += 1
+        up_writer = None
+        try:
+            try:
+                msg = await _read_frame(reader, CONNECT_FRAME_MAX, self.first_frame_timeout)
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+                return
+            if msg is None or msg.get("t") != "connect":
+                await _refuse(writer, "first frame must be {\"t\": \"connect\", ...}", "protocol")
+                return
+            host, port, error = self._destination(msg)
+            target = f"{host}:{port}"
+            if error:
+                self._audit("connect", url=target, host=host, port=port, decision="deny", rule="invalid-host",
+                            reason=error)
+                await _refuse(writer, error, "invalid-host")
+                return
+            decision = self.policy.decide_connect(host, port)
+            if not decision.allowed:
+                self._audit("connect", url=target, host=host, port=port, decision="deny", rule=decision.rule,
+                            reason=decision.reason)
+                await _refuse(writer, decision.reason, decision.rule)
+                return
+            if parse_ip(host) is not None and not decision.address_allowed(host):
+                reason = "this address is loopback, private, link-local or multicast and no rule names it"
+                self._audit("connect", url=target, host=host, port=port, decision="deny", rule="address",
+                            reason=reason)
+                await _refuse(writer, reason, "address")
+                return
+            try:
+                up_reader, up_writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.proxy.host, self.proxy.port), 10)
+                await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
+                                                        self.proxy.username, self.proxy.password), 60)
+            except (OSError, socks5.Socks5Error, asyncio.TimeoutError) as exc:
+                # the proxy service audits its own refusals in detail (address checks, upstream errors)
+                reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
+                await _refuse(writer, reason[:500], "proxy")
+                return
+            writer.write(protocol.encode({"t": "connected"}))
+            await writer.drain()
+            await _splice(reader, writer, up_reader, up_writer, self.idle_timeout)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # pragma: no cover - a bug must not kill the VM owner's loop
+            log.exception("egress stream to %s failed", locals().get("target"))
+        finally:
+            self._streams -= 1
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+
+
+async def _read_frame(reader: asyncio.StreamReader, max_len: int, timeout: float | None) -> dict | None:
+    """One frame read with exact reads, so bytes after it stay in `reader` for the relay."""
+    async def read():
+        (length,) = protocol.HEADER.unpack(await reader.readexactly(protocol.HEADER.size))
+        if not 0 < length <= max_len:
+            return None
+        try:
+            return protocol.decode_body(await reader.readexactly(length))
+        except protocol.MessageError:
+            return None
+    return await asyncio.wait_for(read(), timeout) if timeout else await read()
+
+
+async def _refuse(writer: asyncio.StreamWriter, reason: str, rule: str) -> None:
+    try:
+        writer.write(protocol.encode({"t": "refused", "reason": reason[:1000], "rule": rule}))
+        await asyncio.wait_for(writer.drain(), 5)
+    except (ConnectionError, asyncio.TimeoutError):
+        pass
+    writer.close()
+
+
+async def _splice(ra, wa, rb, wb, idle_timeout: float) -> None:
+    """Copy both ways with backpressure; half-close is forwarded; idle streams are closed."""
+    last = [time.monotonic()]
+
+    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter):
+        try:
+            while True:
+                data = await r.read(65536)
+                if not data:
+                    if w.can_write_eof():
+                        w.write_eof()
+                    return
+                last[0] = time.monotonic()
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            return
+
+    tasks = [asyncio.ensure_future(pump(ra, wb)), asyncio.ensure_future(pump(rb, wa))]
+    try:
+        while tasks:
+            _, pending = await asyncio.wait(tasks, timeout=min(30.0, idle_timeout))
+            tasks = list(pending)
+            if tasks and time.monotonic() - last[0] > idle_timeout:
+                break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

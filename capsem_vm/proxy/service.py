@@ -1,0 +1,238 @@
+"""Parent side of the proxy service: start/stop the mitmproxy process, register kernels.
+
+Why a separate process: mitmproxy wants its own event loop and sets process globals, and it pins
+tornado/cryptography versions that clash with a current Jupyter server; so it runs from its own
+venv (see `make proxy-venv`) as `python -m capsem_vm.proxy.server`. One service per owning process
+(one per Jupyter server, shared by all its kernels): it inherits that server's environment (where
+credential env vars live), dies with it (stdin EOF + PR_SET_PDEATHSIG), and needs no daemon
+management or cross-user coordination.
+
+Control channel: the child's stdin/stdout carry capsem frames (capsem_agent.protocol). Only the
+parent holds those pipes, so only it can register kernels. Each kernel gets a random SOCKS5
+username/password; the listener (127.0.0.1, random port) rejects every other client, so no other
+local user or process can use it as an open proxy.
+
+    service = await ProxyService.shared()          # or ProxyService(...); await service.start()
+    endpoint = await service.register(kernel_id, policy)   # -> ProxyEndpoint for the EgressBridge
+    await service.unregister(kernel_id)
+    await service.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capsem_agent import protocol
+
+from .. import paths
+from ..errors import CapsemError, MissingHelperError
+from ..policy import Policy
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 60.0
+
+
+class ProxyServiceError(CapsemError):
+    """The proxy service failed to start or died."""
+
+
+@dataclass(frozen=True)
+class ProxyEndpoint:
+    """Where and how one kernel's bridge reaches the proxy service (SOCKS5 with user/password)."""
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+
+
+def find_proxy_python(explicit: str | None = None) -> str:
+    """The interpreter that has mitmproxy: explicit, $CAPSEM_PROXY_PYTHON, this one, or a proxy venv."""
+    for cand in (explicit, os.environ.get("CAPSEM_PROXY_PYTHON")):
+        if cand:
+            return cand
+    if importlib.util.find_spec("mitmproxy") is not None:
+        return sys.executable
+    for venv in (REPO_ROOT / ".venv-proxy", paths.data_dir() / "proxy-venv"):
+        py = venv / "bin" / "python"
+        if py.exists():
+            return str(py)
+    raise MissingHelperError(
+        "mitmproxy is not installed: the egress proxy service cannot start",
+        hint="run `make proxy-venv` (creates .venv-proxy with mitmproxy), or set CAPSEM_PROXY_PYTHON "
+             "to a Python that has mitmproxy 11")
+
+
+class ProxyService:
+    _shared: "ProxyService | None" = None
+    _shared_lock: asyncio.Lock | None = None
+
+    def __init__(self, *, python: str | None = None, audit_db: str | os.PathLike | None = None,
+                 ca_dir: str | os.PathLike | None = None, upstream_ca: str | os.PathLike | None = None,
+                 resolve: dict[str, str] | None = None, header_timeout: float = 30.0,
+                 idle_timeout: float = 600.0, max_header_bytes: int = 64 * 1024,
+                 listen_host: str = "127.0.0.1", log_path: str | os.PathLike | None = None):
+        """upstream_ca: extra CA (PEM) trusted for upstream servers in addition to the host's
+        trust store (tests). resolve: static name -> address map consulted before DNS (tests,
+        air-gapped hosts); the address checks still apply."""
+        self.python = find_proxy_python(python)
+        self.config = {
+            "audit_db": os.fspath(audit_db) if audit_db else None,
+            "ca_dir": os.fspath(ca_dir) if ca_dir else None,
+            "upstream_ca": os.fspath(upstream_ca) if upstream_ca else None,
+            "resolve": dict(resolve or {}),
+            "header_timeout": header_timeout,
+            "idle_timeout": idle_timeout,
+            "max_header_bytes": max_header_bytes,
+            "listen_host": listen_host,
+        }
+        self.log_path = Path(log_path) if log_path else paths.runtime_dir() / f"proxy-{os.getpid()}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.socks: tuple[str, int] | None = None
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._reader_task: asyncio.Task | None = None
+        self._ready: asyncio.Future | None = None
+        self._kernels: dict[str, ProxyEndpoint] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    async def shared(cls, **kwargs) -> "ProxyService":
+        """The process-wide service (started on first use, restarted if it died)."""
+        if cls._shared_lock is None:
+            cls._shared_lock = asyncio.Lock()
+        async with cls._shared_lock:
+            if cls._shared is None or not cls._shared.alive:
+                cls._shared = cls(**kwargs)
+                await cls._shared.start()
+            return cls._shared
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self.socks is not None
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        # why: the child imports the same capsem code as we do, whatever its venv has installed
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), str(REPO_ROOT / "guest-agent")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONUNBUFFERED"] = "1"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                self.python, "-m", "capsem_vm.proxy.server",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, env=env,
+                limit=protocol.MAX_FRAME + 16)
+        except OSError as exc:
+            raise ProxyServiceError(f"cannot start the proxy service with {self.python}: {exc}",
+                                    hint="run `make proxy-venv` or set CAPSEM_PROXY_PYTHON") from None
+        finally:
+            log.close()
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader_task = asyncio.ensure_future(self._read_loop())
+        self._send({"t": "start", **self.config})
+        try:
+            msg = await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise ProxyServiceError("the proxy service did not start in time",
+                                    hint=f"see its log: {self.log_path}") from None
+        if msg.get("t") != "ready":
+            await self.close()
+            raise ProxyServiceError(f"the proxy service failed to start: {msg.get('message')}",
+                                    hint=f"see its log: {self.log_path}")
+        host, port = msg["socks"]
+        self.socks = (host, int(port))
+
+    async def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            try:
+                proc.stdin.write(protocol.encode({"t": "stop"}))
+                proc.stdin.close()
+            except (ConnectionError, RuntimeError):
+                pass
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader_task:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        self.socks = None
+        if ProxyService._shared is self:
+            ProxyService._shared = None
+
+    # --- kernels -------------------------------------------------------------------------------
+
+    async def register(self, kernel_id: str, policy: Policy) -> ProxyEndpoint:
+        """Make `policy` the policy of `kernel_id` and return the credentials its bridge uses."""
+        if not self.alive:
+            raise ProxyServiceError("the proxy service is not running", hint=f"see its log: {self.log_path}")
+        if not 0 < len(kernel_id.encode()) < 200:
+            raise ValueError("kernel id must be 1..199 bytes")
+        ep = ProxyEndpoint(self.socks[0], self.socks[1], kernel_id, secrets.token_urlsafe(32))
+        await self._request({"t": "register", "kernel": kernel_id, "password": ep.password,
+                             "policy": policy.text, "source": policy.source})
+        self._kernels[kernel_id] = ep
+        return ep
+
+    async def unregister(self, kernel_id: str) -> None:
+        self._kernels.pop(kernel_id, None)
+        if self.alive:
+            await self._request({"t": "unregister", "kernel": kernel_id})
+
+    # --- control channel -----------------------------------------------------------------------
+
+    def _send(self, msg: dict) -> None:
+        self.proc.stdin.write(protocol.encode(msg))
+
+    async def _request(self, msg: dict, timeout: float = 30.0) -> dict:
+        msg_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[msg_id] = fut
+        try:
+            self._send({**msg, "id": msg_id})
+            await self.proc.stdin.drain()
+            reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiters.pop(msg_id, None)
+        if reply.get("t") == "error":
+            raise ProxyServiceError(f"proxy service: {reply.get('message')}")
+        return reply
+
+    async def _read_loop(self) -> None:
+        dec = protocol.FrameDecoder()
+        try:
+            while True:
+                data = await self.proc.stdout.read(65536)
+                if not data:
+                    break
+                for body in dec.feed(data):
+                    msg = protocol.decode_body(body)
+                    if msg.get("t") in ("ready", "fatal") and self._ready and not self._ready.done():
+                        self._ready.set_result(msg)
+                    fut = self._waiters.get(msg.get("id")) if isinstance(msg.get("id"), int) else None
+                    if fut and not fut.done():
+                        fut.set_result(msg)
+        except (protocol.FrameError, protocol.MessageError, ConnectionError):
+            pass
+        finally:
+            err = {"t": "fatal", "message": f"proxy service exited (see {self.log_path})"}
+            if self._ready and not self._ready.done():
+                self._ready.set_result(err)
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_result({"t": "error", "message": err["message"]})
+            self.socks = None
