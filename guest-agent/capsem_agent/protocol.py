@@ -18,9 +18,25 @@ Port map (vsock, all within 5000-5005):
     5001  channels  host -> guest   one stream per ZMQ TCP connection; first frame is
                                     {"t": "channel", "name": <shell|iopub|stdin|control|hb>},
                                     raw ZMTP bytes follow in both directions
-    5002  egress    guest -> host   captured TCP connections to the policy proxy (first frame names
-                                    the intended destination)
-    5003  dns       guest -> host   DNS queries (one frame per query, one per answer)
+    5002  egress    guest -> host   one stream per captured TCP connection (transparent nftables
+                                    capture or the guest's local proxy). First frame, guest -> host:
+                                    {"t": "connect", "host": <name or IP literal the program asked
+                                    for; a synthetic address from 5003 is fine>, "port": 1..65535},
+                                    at most 4 KiB, within 10 s. The guest may send payload right
+                                    after it (no need to wait). The host answers exactly one frame:
+                                    {"t": "connected"} -> raw bytes follow both ways (half-close
+                                    is forwarded); or {"t": "refused", "reason": str, "rule": str}
+                                    -> the host closes (a proxy client should see HTTP 403 / a
+                                    transparent one a reset). Denials inside an accepted stream
+                                    are HTTP 403s with an X-Capsem-Policy header, or resets.
+                                    TLS inside is intercepted: trust the capsem CA.
+    5003  dns       guest -> host   DNS over frames, any number per stream, answered in order:
+                                    {"t": "dns", "data": b64(query)} -> {"t": "dns", "data":
+                                    b64(answer)} or {"t": "dns", "drop": true} (unanswerable).
+                                    Allowed names get a synthetic IPv4 (198.18.0.0/15) that maps
+                                    back to the name on 5002; AAAA/other types an empty NOERROR;
+                                    names the policy never allows NXDOMAIN. Queries <= 1 KiB;
+                                    rate-limited (REFUSED above ~100/s).
     5004  reserved
     5005  reserved
 
