@@ -189,8 +189,11 @@ class KernelManager:
         return full
 
     def _write_connection_file(self, ports, key, scheme, uid, gid) -> tuple[str, str]:
-        base = rundir()
-        os.makedirs(base, mode=0o755, exist_ok=True)
+        # <rundir>/kernels is traverse-only (0711): a non-root kernel can reach its own 0700
+        # directory but nobody can list the others.
+        base = os.path.join(rundir(), "kernels")
+        os.makedirs(base, mode=0o711, exist_ok=True)
+        os.chmod(base, 0o711)
         conn_dir = os.path.join(base, f"kernel-{os.getpid()}-{next(self._seq)}")
         os.mkdir(conn_dir, 0o700)
         try:

@@ -1,0 +1,357 @@
+"""kernel_start and the channel relay, driven by jupyter_client through the real agent on the host."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import secrets
+import signal
+import socket
+import statistics
+import stat
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client import BlockingKernelClient
+
+from test_agent_harness import Agent, ChannelForwarder, agent, open_channel  # noqa: F401
+
+ECHO_KERNEL = r'''
+# Stands in for `python -m ipykernel_launcher -f FILE`: an echo server on each of the five ports.
+import json, socket, sys, threading
+info = json.load(open(sys.argv[sys.argv.index("-f") + 1]))
+def echo(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        d = c.recv(65536)
+        if not d:
+            c.close(); return
+        c.sendall(d)
+def serve(port):
+    ls = socket.socket(); ls.bind(("127.0.0.1", port)); ls.listen(8)
+    while True:
+        threading.Thread(target=echo, args=(ls.accept()[0],), daemon=True).start()
+ts = [threading.Thread(target=serve, args=(info[n + "_port"],)) for n in ("shell", "iopub", "stdin", "control", "hb")]
+[t.start() for t in ts]
+'''
+
+
+def start_kernel(a: Agent, msg_id=1, cwd=None, **kw) -> tuple[dict, str]:
+    key = secrets.token_hex(32)
+    r = a.client.request({"t": "kernel_start", "id": msg_id, "key": key,
+                          "signature_scheme": "hmac-sha256", "cwd": str(cwd or a.tmp), **kw}, timeout=60)
+    return r, key
+
+
+class Client:
+    def __init__(self, a: Agent, key: str):
+        self.fw = ChannelForwarder(a.channels_path)
+        self.kc = BlockingKernelClient()
+        self.kc.load_connection_info(self.fw.connection_info(key))
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=90)
+
+    def run(self, code: str, timeout=60) -> tuple[dict, str]:
+        out = []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                out.append(msg["content"]["ename"])
+        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return reply["content"], "".join(out)
+
+    def close(self):
+        self.kc.stop_channels()
+        self.fw.close()
+
+
+def wait_kernel_exit(a: Agent, timeout=30) -> dict:
+    return a.client.recv(lambda m: m["t"] == "kernel_exit", timeout)
+
+
+def test_kernel_executes_code_through_relay(agent, tmp_path):
+    workdir = tmp_path / "nb"
+    workdir.mkdir()
+    (workdir / "helper_mod.py").write_text("VALUE = 42\n")
+    r, key = start_kernel(agent, cwd=workdir, env={"CAPSEM_TEST": "yes"})
+    assert r["t"] == "ok" and r["id"] == 1 and isinstance(r["pid"], int)
+    c = Client(agent, key)
+    try:
+        content, out = c.run("import os, helper_mod; print(os.getcwd(), os.environ['CAPSEM_TEST'], helper_mod.VALUE)")
+        assert content["status"] == "ok"
+        assert out.strip() == f"{workdir} yes 42"
+        content, out = c.run("print('x' * 200000)")  # a bigger iopub message
+        assert out == "x" * 200000 + "\n"
+        content, out = c.run("1/0")
+        assert content["status"] == "error" and "ZeroDivisionError" in out
+    finally:
+        c.close()
+
+
+def test_connection_file_is_private_and_key_not_on_command_lines(agent):
+    r, key = start_kernel(agent)
+    files = glob.glob(str(agent.rundir / "kernels" / "*" / "connection.json"))
+    assert len(files) == 1
+    f = Path(files[0])
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert stat.S_IMODE(f.parent.stat().st_mode) == 0o700
+    info = json.loads(f.read_text())
+    assert info["key"] == key and info["ip"] == "127.0.0.1" and info["transport"] == "tcp"
+    assert info["signature_scheme"] == "hmac-sha256"
+    assert len({info[f"{n}_port"] for n in ("shell", "iopub", "stdin", "control", "hb")}) == 5
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            assert key.encode() not in Path(cmdline).read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    env = Path(f"/proc/{r['pid']}/environ").read_bytes()
+    assert key.encode() not in env
+
+
+def test_second_kernel_start_is_refused(agent):
+    r, _ = start_kernel(agent)
+    assert r["t"] == "ok"
+    r2, _ = start_kernel(agent, msg_id=2)
+    assert r2["t"] == "error" and r2["code"] == "kernel_running" and r2["id"] == 2
+
+
+def test_interrupt_kill_and_restart(agent):
+    r, key = start_kernel(agent)
+    c = Client(agent, key)
+    try:
+        exec_id = c.kc.execute("import time; time.sleep(60)")
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        assert agent.client.request({"t": "signal", "id": 5, "target": "kernel", "signum": signal.SIGINT})["t"] == "ok"
+        while True:  # skip stale kernel_info replies from wait_for_ready
+            reply = c.kc.get_shell_msg(timeout=20)
+            if reply["parent_header"].get("msg_id") == exec_id:
+                break
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - t0 < 10
+        content, out = c.run("print('still alive')")
+        assert out.strip() == "still alive"
+    finally:
+        c.close()
+    agent.client.request({"t": "signal", "id": 6, "target": "kernel", "signum": signal.SIGKILL})
+    ex = wait_kernel_exit(agent)
+    assert ex["pid"] == r["pid"] and ex["signal"] == signal.SIGKILL and ex["code"] is None
+    assert not glob.glob(str(agent.rundir / "kernels" / "*" / "connection.json"))  # cleaned up
+    # a new kernel can start (a "restart")
+    r2, key2 = start_kernel(agent, msg_id=7)
+    assert r2["t"] == "ok" and r2["pid"] != r["pid"]
+    c2 = Client(agent, key2)
+    try:
+        assert c2.run("print(1+1)")[1].strip() == "2"
+    finally:
+        c2.close()
+
+
+def test_kernel_exit_reports_code_and_output_tail(agent, tmp_path):
+    r, key = start_kernel(agent)
+    c = Client(agent, key)
+    try:
+        c.kc.execute("import os; os._exit(5)")
+        ex = wait_kernel_exit(agent)
+    finally:
+        c.close()
+    assert ex["code"] == 5 and ex["signal"] is None
+    assert "connection.json" in ex["tail"]  # ipykernel's startup banner went to its real stderr
+
+
+def test_kernel_start_failure_reports_exit(tmp_path):
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'No module named ipykernel_launcher' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    a = Agent(tmp_path, {"CAPSEM_AGENT_KERNEL_PYTHON": str(broken)})
+    try:
+        r, _ = start_kernel(a)
+        assert r["t"] == "ok"
+        ex = wait_kernel_exit(a)
+        assert ex["code"] == 3 and "No module named ipykernel_launcher" in ex["tail"]
+        r, _ = start_kernel(a, msg_id=2, cwd="/nonexistent/dir")
+        assert r["t"] == "error" and r["id"] == 2
+    finally:
+        a.stop()
+
+
+def test_relay_closes_streams_when_kernel_dies(agent):
+    r, key = start_kernel(agent)
+    c = Client(agent, key)
+    s = open_channel(agent, "shell")
+    time.sleep(0.5)
+    agent.client.request({"t": "signal", "id": 2, "target": "kernel", "signum": signal.SIGKILL})
+    wait_kernel_exit(agent)
+    s.settimeout(10)
+    while True:  # drains whatever the kernel said; must end with EOF, not a timeout
+        try:
+            if s.recv(65536) == b"":
+                break
+        except ConnectionResetError:
+            break
+    c.close()
+
+
+def test_kernel_as_unprivileged_user(tmp_path):
+    """uid drop: the kernel runs as nobody and can still read its (private) connection file.
+
+    The host's venv Python lives under /root (0700), which nobody cannot execute, so this uses the
+    stand-in echo kernel on the system Python; the real ipykernel path is the same code.
+    """
+    if os.getuid() != 0:
+        pytest.fail("these tests run as root (the agent in the VM is root)")
+    nobody = pwd.getpwnam("nobody")
+    work = tempfile.mkdtemp(prefix="capsem-nobody-")
+    os.chmod(work, 0o755)
+    script = Path(work) / "echo_kernel.py"
+    script.write_text(ECHO_KERNEL)
+    wrapper = Path(work) / "fake-python"
+    wrapper.write_text(f'#!/bin/sh\nshift 2\nexec /usr/bin/python3 "{script}" "$@"\n')
+    wrapper.chmod(0o755)
+    # pytest's tmp_path sits in a 0700 directory nobody cannot traverse: use a /run-like one
+    a = Agent(tmp_path, {"CAPSEM_AGENT_KERNEL_PYTHON": str(wrapper), "CAPSEM_AGENT_RUNDIR": f"{work}/run"})
+    a.rundir = Path(work) / "run"
+    try:
+        r, key = start_kernel(a, cwd=work, uid=nobody.pw_uid)
+        assert r["t"] == "ok", r
+        conn = glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))[0]
+        assert os.stat(conn).st_uid == nobody.pw_uid
+        s = open_channel(a, "shell")
+        s.settimeout(20)
+        s.sendall(b"ping")
+        assert s.recv(10) == b"ping"  # so the kernel read its ports from the connection file
+        status = Path(f"/proc/{r['pid']}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        gids = next(line for line in status.splitlines() if line.startswith("Gid:")).split()[1:]
+        groups = next(line for line in status.splitlines() if line.startswith("Groups:")).split()[1:]
+        assert set(uids) == {str(nobody.pw_uid)} and set(gids) == {str(nobody.pw_gid)} and groups == []
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("how", ["boot_env", "request"])
+def test_warm_kernel_start(tmp_path, how):
+    a = Agent(tmp_path, {"CAPSEM_AGENT_PREWARM": "1"} if how == "boot_env" else None)
+    try:
+        if how == "request":
+            assert a.client.request({"t": "kernel_prewarm", "id": 50})["t"] == "ok"
+        time.sleep(2.0)  # let it import
+        t0 = time.monotonic()
+        r, key = start_kernel(a)
+        assert r["t"] == "ok" and r["warm"] is True
+        c = Client(a, key)
+        ready = time.monotonic() - t0
+        try:
+            content, out = c.run("import os, sys; print(os.getcwd(), sys.argv[0].endswith('ipykernel_launcher'))")
+            assert out.strip() == f"{a.tmp} True"
+        finally:
+            c.close()
+        print(f"warm kernel_start -> ready: {ready:.3f}s")
+    finally:
+        a.stop()
+
+
+def test_warm_kernel_skipped_when_python_env_differs(tmp_path):
+    a = Agent(tmp_path, {"CAPSEM_AGENT_PREWARM": "1"})
+    try:
+        r, key = start_kernel(a, env={"PYTHONPATH": str(tmp_path)})
+        assert r["t"] == "ok" and r["warm"] is False
+    finally:
+        a.stop()
+
+
+# --- relay mechanics with a stand-in echo kernel ---------------------------------------------
+
+@pytest.fixture
+def echo_agent(tmp_path):
+    script = tmp_path / "echo_kernel.py"
+    script.write_text(ECHO_KERNEL)
+    wrapper = tmp_path / "fake-python"
+    wrapper.write_text(f'#!/bin/sh\nshift 2\nexec "{sys.executable}" "{script}" "$@"\n')  # drop -m ipykernel_launcher
+    wrapper.chmod(0o755)
+    a = Agent(tmp_path, {"CAPSEM_AGENT_KERNEL_PYTHON": str(wrapper)})
+    r, _ = start_kernel(a)
+    assert r["t"] == "ok"
+    yield a
+    a.stop()
+
+
+def _echo_ports(a: Agent) -> dict:
+    return json.loads(Path(glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))[0]).read_text())
+
+
+def _rtts(s: socket.socket, n: int, size: int = 64) -> list[float]:
+    msg = b"p" * size
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        s.sendall(msg)
+        got = 0
+        while got < size:
+            got += len(s.recv(size - got))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def test_relay_latency_added_per_round_trip(echo_agent):
+    s = open_channel(echo_agent, "hb")
+    s.settimeout(10)
+    _rtts(s, 50)  # warm up (the first connect may wait for the kernel to listen)
+    d = socket.create_connection(("127.0.0.1", _echo_ports(echo_agent)["hb_port"]))
+    d.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    relay = statistics.median(_rtts(s, 1000))
+    direct = statistics.median(_rtts(d, 1000))
+    added_ms = (relay - direct) * 1000
+    print(f"relay median RTT {relay * 1e6:.0f} us, direct {direct * 1e6:.0f} us, added {added_ms * 1000:.0f} us")
+    assert added_ms < 0.5
+
+
+def test_relay_bulk_byte_exact_and_half_close(echo_agent):
+    s = open_channel(echo_agent, "shell")
+    payload = os.urandom(16 * 1024 * 1024)
+    received = bytearray()
+
+    def reader():
+        while True:
+            d = s.recv(1 << 20)
+            if not d:
+                return
+            received.extend(d)
+    t = threading.Thread(target=reader)
+    t.start()
+    t0 = time.monotonic()
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)  # half-close travels to the kernel, whose close travels back
+    t.join(60)
+    assert not t.is_alive()
+    print(f"relay echo throughput {len(payload) / (time.monotonic() - t0) / 1e6:.0f} MB/s")
+    assert bytes(received) == payload
+
+
+def test_relay_all_channels_independent(echo_agent):
+    socks = {name: open_channel(echo_agent, name) for name in ("shell", "iopub", "stdin", "control", "hb")}
+    for name, s in socks.items():
+        s.settimeout(10)
+        s.sendall(name.encode())
+    for name, s in socks.items():
+        assert s.recv(100) == name.encode()
+
+
+def test_bytes_right_behind_channel_frame_are_relayed(echo_agent):
+    from capsem_agent import protocol
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(echo_agent.channels_path)
+    s.sendall(protocol.encode({"t": "channel", "name": "control"}) + b"early bytes")
+    s.settimeout(10)
+    got = b""
+    while len(got) < len(b"early bytes"):
+        got += s.recv(100)
+    assert got == b"early bytes"
