@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from .credentials import Scrubber
+from ..scrub import Scrubber
 from .guard import meta
 
 
