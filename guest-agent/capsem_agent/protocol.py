@@ -43,25 +43,59 @@ Port map (vsock, all within 5000-5005):
 Control messages (host requests carry an integer "id"; replies and events repeat it):
 
     guest -> host
-      hello       {v, agent, boot: {kernel_s, init_s, agent_s}}       once, first frame
+      hello       {v, agent, boot: {kernel_s, init_s, agent_s}}       once, first frame; boot
+                                                                        values are guest uptimes
+                                                                        (s) or null if unknown
       ok          {id, ...}                                             request succeeded
       error       {id?, code, message}                                  request failed / bad frame
       pong        {id}
       started     {id, pid}                                             exec started
-      out         {id, fd: 1|2, data: b64}                              exec output
-      exit        {id, code, signal}                                    exec finished
-      kernel_exit {code}                                                the Jupyter kernel died
+      out         {id, fd: 1|2, data: b64}                              exec output (<= 64 KiB raw
+                                                                        per frame; pty output is fd 1)
+      exit        {id, code, signal}                                    exec finished; exactly one
+                                                                        of code/signal is non-null
+      kernel_exit {pid, code, signal, tail}                             the Jupyter kernel died;
+                                                                        tail = last 8 KiB of its
+                                                                        own stdout/stderr (text)
 
     host -> guest
-      ping        {id}
+      ping        {id}                                                  -> pong
       exec        {id, argv: [str], cwd?, env?: {str: str}, stdin?: bool, pty?: bool,
-                   rows?, cols?, uid?, gid?}
-      stdin       {id, data?: b64, eof?: bool}
-      resize      {id, rows, cols}                                      pty exec only
-      signal      {id, target: int (exec id) | "kernel", signum}
-      mount       {id, tag, path, readonly?: bool}                      mount a VirtioFS share
-      kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    start ipykernel
-      shutdown    {id}                                                  power off the VM
+                   rows?, cols?, uid?, gid?}                            -> started, out*, exit
+                                                                        (or error spawn_failed)
+      stdin       {id, data?: b64, eof?: bool}                          no reply unless error;
+                                                                        eof is ignored for a pty
+      resize      {id, rows, cols}                                      pty exec only; no reply
+                                                                        unless error
+      signal      {id, target: int (exec id) | "kernel", signum}        -> ok; sent to the whole
+                                                                        process group
+      mount       {id, tag, path, readonly?: bool}                      -> ok; VirtioFS, nosuid,nodev
+      kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    -> ok {id, pid, warm: bool}
+                                                                        one kernel at a time: wait
+                                                                        for kernel_exit first
+      kernel_prewarm {id}                                               -> ok {id, pid}: start a
+                                                                        process that imports
+                                                                        ipykernel now, so the next
+                                                                        kernel_start is fast (also
+                                                                        at boot with kernel cmdline
+                                                                        capsem.prewarm=1)
+      shutdown    {id}                                                  -> ok, then the agent ends
+                                                                        and the VM powers off
+
+    exec/kernel environment: a clean base (PATH, HOME of the uid, LANG=C.UTF-8, TERM) overlaid
+    with the request's env; with uid set, supplementary groups are cleared and gid defaults to
+    the user's primary group. The kernel's HMAC key is only ever written to a 0600 connection
+    file in a 0700 directory owned by the kernel's user.
+
+Error codes: bad_frame (the stream then closes: in the VM the agent ends and the VM powers
+off), bad_message, unknown_type, duplicate_id, too_many (64 running execs), spawn_failed,
+stdin_overflow (more than 1 MiB of stdin not yet taken by the process; that data is dropped),
+kernel_running, no_kernel, no_process, os_error, internal.
+
+Channel streams (5001) get no reply frame: after the first frame the agent connects to the
+kernel's port (waiting up to 120 s while the kernel is alive but not yet listening) and relays
+raw bytes; it closes the stream when no kernel runs, on a bad first frame (which must arrive
+within 10 s and be at most 4 KiB), and when the kernel exits. At most 64 streams at once.
 """
 
 from __future__ import annotations
