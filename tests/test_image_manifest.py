@@ -48,10 +48,9 @@ def test_flipped_byte_fails_naming_file_and_hashes(image):
     with pytest.raises(AssetVerificationError) as e:
         open_verified(image)
     assert "initrd" in str(e.value) and e.value.expected.split()[0] != e.value.actual.split()[0]
-    manifest, _, checks, files = check_image(image)
-    for f in files.values():
-        f.close()
-    assert [c.name for c in checks if not c.ok] == ["initrd"]
+    result = check_image(image)
+    result.close()
+    assert not result.ok and [c.name for c in result.checks if not c.ok] == ["initrd"]
 
 
 def test_truncated_asset_fails(image):
@@ -69,10 +68,9 @@ def test_swapped_kernel_and_initrd_fail(image):
     os.rename(tmp, i)
     with pytest.raises(AssetVerificationError):
         open_verified(image)
-    _, _, checks, files = check_image(image)
-    for f in files.values():
-        f.close()
-    assert {c.name for c in checks if not c.ok} == {"kernel", "initrd"}
+    result = check_image(image)
+    result.close()
+    assert {c.name for c in result.checks if not c.ok} == {"kernel", "initrd"}
 
 
 def test_missing_asset_fails(image):

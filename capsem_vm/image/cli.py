@@ -81,10 +81,10 @@ def cmd_verify(args) -> int:
     from .verify import check_image
     image_dir = resolve_image(args.image)
     t0 = time.perf_counter()
-    manifest, digest, checks, files = check_image(image_dir)
+    result = check_image(image_dir)
     elapsed = time.perf_counter() - t0
-    for f in files.values():
-        f.close()
+    result.close()
+    manifest, digest, checks = result.manifest, result.digest, result.checks
     print(f"image      {image_dir}")
     print(f"identity   sha256:{digest} (manifest.json)")
     if args.show_info:
@@ -103,7 +103,7 @@ def cmd_verify(args) -> int:
         if not c.ok:
             print(f"       {c.problem()}")
         total += c.actual_size or 0
-    ok = all(c.ok for c in checks)
+    ok = result.ok
     rate = total / elapsed / 1e6 if elapsed > 0 else 0
     print(f"{'verified' if ok else 'VERIFICATION FAILED'}: {total / 1e6:.1f} MB hashed in "
           f"{elapsed * 1000:.0f} ms ({rate:.0f} MB/s)")

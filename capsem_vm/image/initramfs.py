@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 from capsem_vm.errors import ImageError, MissingHelperError
@@ -18,7 +19,13 @@ from .cpio import NewcWriter
 from .kernel import KernelLayer
 from .modules import BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
 from .progress import Progress
-from .recipe import BUILDER_VERSION, digest_of
+from .recipe import digest_of
+
+# Bump when the initramfs layout or /init handling changes (independent of the rootfs's version).
+INITRAMFS_VERSION = 2
+# The guest's Python (Debian bookworm): the agent's bytecode is precompiled when the host's
+# Python has the same version, so the guest doesn't compile it at every boot under TCG.
+GUEST_PYTHON = (3, 11)
 
 BUSYBOX = Path("/bin/busybox")
 # zstd: the kernel supports it (CONFIG_RD_ZSTD) and it decompresses faster than gzip under TCG
@@ -78,7 +85,7 @@ def local_inputs_digest() -> str:
         data = p.read_bytes()
         h.update(b"%d:%s:%d:%o:" % (len(rel), rel, len(data), os.stat(p).st_mode & 0o111) + data)
     return digest_of({
-        "builder": BUILDER_VERSION, "files": h.hexdigest(),
+        "initramfs_version": INITRAMFS_VERSION, "pyc": _can_precompile(), "files": h.hexdigest(),
         "busybox": hashlib.sha256(check_busybox().read_bytes()).hexdigest(),
         "boot_modules": list(BOOT_MODULES), "on_demand_modules": list(ON_DEMAND_MODULES),
         "compression": COMPRESSION,
@@ -105,12 +112,41 @@ def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[
     w.file("etc/capsem/modules.boot", "".join(f"/{moddir}/{rel}\n" for rel in boot_order).encode())
     w.directory(moddir)
     w.tree(staging_moddir, moddir)
+    made = set()
+
+    def directory(rel_dir: Path):
+        for d in reversed([rel_dir, *rel_dir.parents][:-1]):
+            if d not in made:
+                made.add(d)
+                w.directory(f"capsem/{d.as_posix()}")
+
     for p in agent_files(agent_dir):
         rel = p.relative_to(agent_dir)
-        for parent in reversed(rel.parents[:-1]):
-            w.directory(f"capsem/{parent.as_posix()}")
+        directory(rel.parent)
         w.file(f"capsem/{rel.as_posix()}", p.read_bytes(), os.stat(p).st_mode & 0o777)
+        if p.suffix == ".py" and _can_precompile():
+            directory(rel.parent / "__pycache__")
+            pyc = rel.parent / "__pycache__" / f"{p.stem}.{sys.implementation.cache_tag}.pyc"
+            w.file(f"capsem/{pyc.as_posix()}", _bytecode(p, f"/opt/capsem/{rel.as_posix()}"), 0o644)
     w.close()
+
+
+def _can_precompile() -> bool:
+    return sys.version_info[:2] == GUEST_PYTHON and sys.implementation.name == "cpython"
+
+
+def _bytecode(source: Path, guest_path: str) -> bytes:
+    """An unchecked-hash .pyc: valid without matching mtimes (cpio entries have mtime 0)."""
+    import importlib.util
+    import py_compile
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "x.pyc"
+        py_compile.compile(str(source), cfile=str(out), dfile=guest_path, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        data = out.read_bytes()
+    assert data[:4] == importlib.util.MAGIC_NUMBER
+    return data
 
 
 def compress(data: bytes, method: str, progress: Progress) -> bytes:

@@ -24,6 +24,12 @@ _DPKG_EXCLUDES = [
     "path-exclude=/usr/share/locale/*", "path-include=/usr/share/locale/locale.alias",
     "path-exclude=/usr/share/lintian/*",
 ]
+# Build-time-only packages that Debian makes hard dependencies (python3-matplotlib -> fonttools
+# -> scipy -> pythran -> boost/openblas headers, python3-all-dev; debugpy -> gdb). ~250 MB that
+# a kernel never uses at run time: purged with --force-depends (the guest is ephemeral and has no
+# apt lists, so the unmet dependencies in dpkg's database don't matter). gcc stays for pip builds.
+TRIM_PACKAGES = ("libboost1.74-dev", "libboost-dev", "libopenblas-dev", "libopenblas-pthread-dev",
+                 "python3-pythran", "python3-all-dev", "libpython3-all-dev", "gdb")
 # Run inside the build (with mmdebstrap's mounts still up) after all packages are installed.
 _CLEANUP = ('rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb '
             '"$1"/var/log/*.log "$1"/var/log/apt/* "$1"/root/.cache "$1"/tmp/*')
@@ -65,6 +71,8 @@ def mmdebstrap_argv(recipe: Recipe, mirrors: Mirrors, mode: str, target: Path) -
         argv.append('--customize-hook=cp -L /etc/resolv.conf "$1"/etc/resolv.conf && chroot "$1" '
                     "python3 -m pip install --no-cache-dir --break-system-packages --root-user-action=ignore "
                     f"{reqs}")
+    trim = [p for p in TRIM_PACKAGES if p not in recipe.apt]
+    argv.append(f'--customize-hook=chroot "$1" dpkg --purge --force-depends {" ".join(trim)}')
     argv.append(f"--customize-hook={_CLEANUP}")
     argv += [recipe.suite, str(target), *mirrors.apt_lines(recipe.suite)]
     return argv

@@ -111,14 +111,29 @@ def check_asset(name: str, f: BinaryIO | None, path: Path, entry: dict) -> Asset
     return check
 
 
-def check_image(image_dir: Path, _bytes_out: list | None = None
-                ) -> tuple[dict, str, list[AssetCheck], dict[str, BinaryIO]]:
-    """Check every asset (not stopping at the first failure). Caller owns the returned files."""
+@dataclass
+class ImageCheck:
+    """Result of check_image: every asset checked. The caller owns (and must close) `files`."""
+
+    manifest: dict
+    manifest_bytes: bytes
+    digest: str
+    checks: list[AssetCheck]
+    files: dict[str, BinaryIO]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def check_image(image_dir: Path) -> ImageCheck:
+    """Check every asset (not stopping at the first failure), hashing through the opened fds."""
     image_dir = Path(image_dir)
     manifest, data = read_manifest_bytes(image_dir)
-    digest = hashlib.sha256(data).hexdigest()
-    if _bytes_out is not None:
-        _bytes_out.append(data)
     files: dict[str, BinaryIO] = {}
     checks = []
     for name, entry in manifest["assets"].items():
@@ -131,18 +146,16 @@ def check_image(image_dir: Path, _bytes_out: list | None = None
             checks.append(check)
             continue
         checks.append(check_asset(name, files[name], path, entry))
-    return manifest, digest, checks, files
+    return ImageCheck(manifest, data, hashlib.sha256(data).hexdigest(), checks, files)
 
 
 def open_verified(image_dir: Path) -> VerifiedImage:
     """Open and fully verify an image. Raises ImageError / AssetVerificationError on any problem."""
     image_dir = Path(image_dir)
-    raw: list[bytes] = []
-    manifest, digest, checks, files = check_image(image_dir, raw)
-    failed = [c for c in checks if not c.ok]
+    result = check_image(image_dir)
+    failed = [c for c in result.checks if not c.ok]
     if failed:
-        for f in files.values():
-            f.close()
+        result.close()
         c = failed[0]
         if c.error:
             raise ImageError(f"VM asset {c.name!r} ({c.path}) is unusable: {c.error}",
@@ -150,9 +163,10 @@ def open_verified(image_dir: Path) -> VerifiedImage:
         raise AssetVerificationError(
             f"{c.name} ({c.path})", f"{c.expected_sha256} ({c.expected_size} bytes)",
             f"{c.actual_sha256} ({c.actual_size} bytes)")
+    files = result.files
     return VerifiedImage(
-        dir=image_dir, manifest=manifest, digest=digest,
+        dir=image_dir, manifest=result.manifest, digest=result.digest,
         kernel=files["kernel"], initrd=files["initrd"], rootfs=files["rootfs"],
-        paths={name: image_dir / ASSET_FILES[name] for name in ASSET_FILES}, checks=checks,
-        manifest_bytes=raw[0],
+        paths={name: image_dir / ASSET_FILES[name] for name in ASSET_FILES}, checks=result.checks,
+        manifest_bytes=result.manifest_bytes,
     )

@@ -1,0 +1,124 @@
+"""The image build's small parts, on real inputs: module ordering, the cpio writer, the /init
+script, apt sources parsing, the store's name/path resolution and atomic default link."""
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from capsem_vm.errors import ImageError
+from capsem_vm.image import store
+from capsem_vm.image.cpio import NewcWriter
+from capsem_vm.image.debian import DEFAULT_MIRROR, host_mirrors
+from capsem_vm.image.manifest import ASSET_FILES, write_manifest_for
+from capsem_vm.image.modules import load_order
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_moddir(d: Path, dep_lines: str, softdep: str = "") -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "modules.dep").write_text(dep_lines)
+    (d / "modules.softdep").write_text(softdep)
+    return d
+
+
+def test_load_order_puts_dependencies_first(tmp_path):
+    d = write_moddir(tmp_path, "k/virtio_pci.ko: k/virtio_ring.ko k/virtio.ko k/virtio_pci_modern_dev.ko\n"
+                               "k/virtio_ring.ko: k/virtio.ko\nk/virtio.ko:\nk/virtio_pci_modern_dev.ko:\n"
+                               "k/erofs.ko: k/libcrc32c.ko\nk/libcrc32c.ko:\nk/unused.ko:\n",
+                     "softdep libcrc32c pre: crc32c\n")
+    order = load_order(d, ("virtio_pci", "erofs"))
+    assert set(order) == {"k/virtio_pci.ko", "k/virtio_ring.ko", "k/virtio.ko", "k/virtio_pci_modern_dev.ko",
+                          "k/erofs.ko", "k/libcrc32c.ko"}
+    assert order.index("k/virtio.ko") < order.index("k/virtio_ring.ko") < order.index("k/virtio_pci.ko")
+    assert order.index("k/libcrc32c.ko") < order.index("k/erofs.ko")
+
+
+def test_load_order_honours_softdeps_that_exist(tmp_path):
+    d = write_moddir(tmp_path, "k/a.ko:\nk/b.ko:\n", "softdep a pre: b missing_builtin\n")
+    assert load_order(d, ("a",)) == ["k/b.ko", "k/a.ko"]
+
+
+def test_load_order_missing_module_and_cycle(tmp_path):
+    d = write_moddir(tmp_path, "k/a.ko: k/b.ko\nk/b.ko: k/a.ko\n")
+    with pytest.raises(ImageError, match="cycle"):
+        load_order(d, ("a",))
+    with pytest.raises(ImageError, match="not found"):
+        load_order(d, ("nope",))
+
+
+def test_cpio_is_readable_by_cpio_tool(tmp_path):
+    buf = io.BytesIO()
+    w = NewcWriter(buf)
+    w.directory("bin")
+    w.file("bin/hello", b"#!/bin/sh\necho hi\n", 0o755)
+    w.symlink("bin/sh", "busybox")
+    w.char_device("console", 5, 1)
+    w.close()
+    assert len(buf.getvalue()) % 512 == 0
+    listing = subprocess.run(["cpio", "-tv"], input=buf.getvalue(), capture_output=True, check=True).stdout.decode()
+    assert "bin/hello" in listing and "bin/sh -> busybox" in listing and listing.splitlines()[3].startswith("c")
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--no-absolute-filenames", "bin/hello"], input=buf.getvalue(), cwd=out,
+                   check=True, capture_output=True)
+    assert (out / "bin/hello").read_bytes() == b"#!/bin/sh\necho hi\n"
+
+
+def test_init_script_parses_and_follows_the_boot_contract():
+    init = REPO / "guest-agent" / "init"
+    subprocess.run(["busybox", "sh", "-n", str(init)], check=True)
+    text = init.read_text()
+    for needle in ("mount -t proc", "mount -t devtmpfs", "/etc/capsem/modules.boot", "mount -t erofs -o ro /dev/vda",
+                   "lowerdir=/lower,upperdir=/rw/upper", "/newroot/opt/capsem/", "/newroot/run/capsem/init-times",
+                   "exec switch_root /newroot /usr/bin/python3 -I /opt/capsem/capsem-agent", "poweroff -f"):
+        assert needle in text, needle
+
+
+def test_host_mirrors_from_deb822_and_one_line(tmp_path):
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\n# comment\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\n")
+    m = host_mirrors(etc)
+    assert (m.main, m.security) == ("http://mirror.example/debian", "http://sec.example/debian-security")
+    etc2 = tmp_path / "apt2"
+    etc2.mkdir()
+    (etc2 / "sources.list").write_text("deb [arch=amd64] http://m2.example/debian bookworm main\n")
+    assert host_mirrors(etc2).main == "http://m2.example/debian"
+    assert host_mirrors(tmp_path / "none").main == DEFAULT_MIRROR
+
+
+def test_store_resolution_and_default_link(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSEM_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ImageError, match="capsem image build"):
+        store.default_image_dir()
+    d = store.images_dir() / "abc"
+    d.mkdir(parents=True)
+    for name in ASSET_FILES.values():
+        (d / name).write_bytes(os.urandom(10))
+    write_manifest_for(d, kernel_version="k", recipe={})
+    store.set_default("abc")
+    store.set_default("abc")  # replacing the link is fine
+    assert store.default_image_dir() == d.resolve()
+    assert store.resolve_image(None) == store.resolve_image("default") == store.resolve_image("abc") == d.resolve()
+    assert store.resolve_image(str(d)) == d.resolve()
+    assert store.list_images() == ["abc", "default"]
+    with pytest.raises(ImageError, match="invalid image name"):
+        store.resolve_image("..hidden")
+    with pytest.raises(ImageError, match="no VM image"):
+        store.resolve_image("other")
+
+
+def test_install_dir_replaces_atomically(tmp_path):
+    dest = tmp_path / "layer"
+    for content in (b"one", b"two"):
+        tmp = store.new_temp_dir(tmp_path, "layer")
+        (tmp / "f").write_bytes(content)
+        store.install_dir(tmp, dest)
+    assert (dest / "f").read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer"]
