@@ -90,7 +90,7 @@ Control messages (host requests carry an integer "id"; replies and events repeat
 Error codes: bad_frame (the stream then closes: in the VM the agent ends and the VM powers
 off), bad_message, unknown_type, duplicate_id, too_many (64 running execs), spawn_failed,
 stdin_overflow (more than 1 MiB of stdin not yet taken by the process; that data is dropped),
-kernel_running, no_kernel, no_process, os_error, internal.
+kernel_running, no_kernel, no_process, timeout, os_error, internal.
 
 Channel streams (5001) get no reply frame: after the first frame the agent connects to the
 kernel's port (waiting up to 120 s while the kernel is alive but not yet listening) and relays

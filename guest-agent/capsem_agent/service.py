@@ -126,13 +126,25 @@ class Service:
         try:
             msg = protocol.decode_body(body)
             msg_id = msg.get("id")
-            handler = self.HANDLERS.get(msg["t"])
-            if handler is None:
-                await self.send(protocol.error("unknown_type", f"unknown message type {msg['t'][:64]!r}", msg_id))
-                return
-            if msg_id is None:
-                raise protocol.MessageError(f"{msg['t']}: request needs an integer 'id'")
-            await handler(self, msg)
+        except protocol.MessageError as exc:
+            await self.send(protocol.error("bad_message", str(exc), exc.msg_id))
+            return
+        handler = self.HANDLERS.get(msg["t"])
+        if handler is None:
+            await self.send(protocol.error("unknown_type", f"unknown message type {msg['t'][:64]!r}", msg_id))
+            return
+        if msg_id is None:
+            await self.send(protocol.error("bad_message", f"{msg['t'][:64]}: request needs an integer 'id'"))
+            return
+        if msg["t"] in self.SLOW:
+            self._spawn(self._guarded(msg_id, handler(self, msg)))  # keep serving meanwhile
+        else:
+            await self._guarded(msg_id, handler(self, msg))
+
+    async def _guarded(self, msg_id: int, coro) -> None:
+        """Run one handler; whatever goes wrong becomes an error reply, never a dead agent."""
+        try:
+            await coro
         except protocol.MessageError as exc:
             await self.send(protocol.error("bad_message", str(exc), exc.msg_id if exc.msg_id is not None else msg_id))
         except execs.StdinOverflow:
@@ -143,6 +155,8 @@ class Service:
             await self.send(protocol.error("no_kernel", "no kernel is running", msg_id))
         except ProcessLookupError:
             await self.send(protocol.error("no_process", "the process is gone", msg_id))
+        except asyncio.TimeoutError:
+            await self.send(protocol.error("timeout", "the operation timed out", msg_id))
         except OSError as exc:
             await self.send(protocol.error("os_error", f"{exc.__class__.__name__}: {exc}", msg_id))
         except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the agent
@@ -237,6 +251,7 @@ class Service:
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
+    SLOW = frozenset({"mount"})  # may block on the device; runs as its own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
         "mount": _mount, "kernel_start": _kernel_start, "kernel_prewarm": _kernel_prewarm,
