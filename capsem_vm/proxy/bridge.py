@@ -54,7 +54,7 @@ class EgressBridge:
         self.policy = policy
         self.proxy = proxy
         self.audit = audit
-        self.pool = pool or SyntheticPool()
+        self.pool = pool if pool is not None else SyntheticPool()
         self.dns = DnsResponder(policy, self.pool, rate=dns_rate, burst=dns_burst)
         self.max_streams = max_streams
         self.first_frame_timeout = first_frame_timeout

@@ -46,7 +46,7 @@ class DnsResponder:
     def __init__(self, policy: Policy, pool: SyntheticPool | None = None, *,
                  rate: float = 100.0, burst: float = 200.0, ttl: int = 300):
         self.policy = policy
-        self.pool = pool or SyntheticPool()
+        self.pool = pool if pool is not None else SyntheticPool()
         self.bucket = TokenBucket(rate, burst)
         self.ttl = ttl
         self.rate_limited = 0  # queries refused for rate since the last audited one

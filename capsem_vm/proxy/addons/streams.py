@@ -19,7 +19,10 @@ class Streams:
 
         def add(n: int) -> None:
             m["bytes_in"] += n
-        flow.response.stream = Scrubber(m.get("secrets") or [], add)
+        # body replacements keep the length (Content-Length stays true): the placeholder, cut or
+        # repeated to the secret's length
+        pairs = [(s, (p * (len(s) // len(p) + 1))[:len(s)]) for s, p in m.get("secrets") or []]
+        flow.response.stream = Scrubber(pairs, add)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         m = meta(flow)

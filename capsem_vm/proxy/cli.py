@@ -1,0 +1,81 @@
+"""`capsem audit [--kernel ID] [--follow] [--json]` and `capsem proxy ca` (print the CA certificate)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+from .audit import default_db_path, read_events
+
+
+def _fmt(r: dict) -> str:
+    ts = datetime.datetime.fromtimestamp(r["ts"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    status = "" if r.get("status") is None else str(r["status"])
+    size = ""
+    if r.get("bytes_out") is not None or r.get("bytes_in") is not None:
+        size = f"{r.get('bytes_out') or 0}>{r.get('bytes_in') or 0}B"
+    dur = "" if r.get("duration_ms") is None else f"{r['duration_ms']:.0f}ms"
+    what = " ".join(x for x in (r.get("method") or "", r.get("url") or "") if x)
+    return (f"{ts} {r['kernel'][:12]:12} {r['kind']:9} {(r.get('decision') or ''):5} {status:>3} {what} "
+            f"{size} {dur} [{r.get('rule') or ''}] {r.get('reason') or ''}").rstrip()
+
+
+def _audit(args) -> int:
+    db = args.db or default_db_path()
+    last = 0
+    first = True
+    try:
+        while True:
+            rows = read_events(db, kernel=args.kernel, after_id=last, limit=args.limit if first else None)
+            first = False
+            for r in rows:
+                last = max(last, r["id"])
+                print(json.dumps(r) if args.json else _fmt(r), flush=True)
+            if not args.follow:
+                return 0
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        return 0
+
+
+def _ca(args) -> int:
+    from .ca import ca_cert_pem
+    pem = ca_cert_pem()
+    if args.out:
+        with open(args.out, "wb") as f:
+            f.write(pem)
+    else:
+        sys.stdout.write(pem.decode())
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    a = subparsers.add_parser("audit", help="show the egress audit log (DNS, connections, HTTP)",
+                              description="Read the audit database written by the egress proxy and bridges.")
+    a.add_argument("--kernel", metavar="ID", help="only this kernel's events")
+    a.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    a.add_argument("--json", action="store_true", help="one JSON object per line")
+    a.add_argument("--limit", type=int, default=200, metavar="N", help="show the last N events first (default 200)")
+    a.add_argument("--db", metavar="FILE", help=f"audit database (default: {default_db_path()})")
+    a.set_defaults(func=_audit)
+    p = subparsers.add_parser("proxy", help="egress proxy utilities")
+    sub = p.add_subparsers(dest="proxy_cmd", required=True)
+    c = sub.add_parser("ca", help="print the interception CA certificate (PEM) the guest trusts")
+    c.add_argument("--out", metavar="FILE", help="write it to FILE instead of stdout")
+    c.set_defaults(func=_ca)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="capsem")
+    add_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
