@@ -1,0 +1,128 @@
+"""Pure logic of the VM runner: command line, accelerator choice, config, runtime dirs."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from capsem_vm import accel, qemu, runtime
+from capsem_vm.config import RuntimePaths, Share, VMConfig
+from capsem_vm.errors import MissingHelperError
+from capsem_vm.process import spawn
+
+
+def _cmd(config=VMConfig(), accel_name="tcg", tmp="/run/x"):
+    assets = qemu.BootAssets("/dev/fd/5", "/dev/fd/6", "/dev/fd/7")
+    return qemu.build_command("qemu", config, accel_name, RuntimePaths(__import__("pathlib").Path(tmp)),
+                              assets, ["-device", "vsockdev"])
+
+
+def test_command_has_no_network_and_shared_memory():
+    cmd = _cmd()
+    joined = " ".join(cmd)
+    assert "-nodefaults" in cmd
+    assert "-netdev" not in cmd and "-nic" not in cmd and "-net" not in cmd
+    assert "memory-backend-memfd,id=mem,size=1024M,share=on" in joined
+    assert "accel=tcg" in joined and "-cpu max" in joined
+    assert "file=/dev/fd/7,if=none,id=rootfs,format=raw,readonly=on" in joined
+    assert "-sandbox" in cmd and cmd[cmd.index("-sandbox") + 1].startswith("on,")
+    assert cmd[cmd.index("-kernel") + 1] == "/dev/fd/5"
+    assert "vsockdev" in cmd
+
+
+def test_command_kvm_uses_host_cpu_and_shares_get_devices(tmp_path):
+    config = VMConfig(memory_mb=2048, cpus=1, shares=(Share(tmp_path, "nb"),))
+    cmd = _cmd(config, "kvm")
+    joined = " ".join(cmd)
+    assert "accel=kvm" in joined and "-cpu host" in joined
+    assert "size=2048M" in joined and cmd[cmd.index("-smp") + 1] == "1"
+    assert "vhost-user-fs-pci,chardev=fs-nb,tag=nb" in joined
+
+
+@pytest.mark.parametrize("kwargs", [{"memory_mb": 10}, {"cpus": 0}, {"cpus": 1000}])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        VMConfig(**kwargs)
+
+
+def test_config_rejects_duplicate_share_tags(tmp_path):
+    with pytest.raises(ValueError):
+        VMConfig(shares=(Share(tmp_path, "a"), Share(tmp_path / "b", "a")))
+
+
+def test_accel_choice():
+    assert accel.choose("tcg").accel == "tcg"
+    usable, _why = accel.kvm_status()
+    auto = accel.choose("auto")
+    assert auto.accel == ("kvm" if usable else "tcg")
+    if os.path.exists("/sys/module/kvm_pvm"):
+        assert not usable and "kvm_pvm" in auto.reason
+    with pytest.raises(ValueError):
+        accel.choose("hvf")
+
+
+def test_missing_helper_is_a_clear_error(monkeypatch):
+    from capsem_vm import helpers
+    helpers.qemu.cache_clear()
+    monkeypatch.setenv("CAPSEM_QEMU", "/nonexistent/qemu")
+    try:
+        with pytest.raises(MissingHelperError) as err:
+            helpers.qemu()
+        assert "qemu-system-x86" in str(err.value) and "make system" in str(err.value)
+    finally:
+        helpers.qemu.cache_clear()
+
+
+def test_sweep_removes_dirs_of_dead_owners_and_kills_their_helpers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSEM_RUNTIME_DIR", str(tmp_path / "rt"))
+    # A dead owner: a process that has exited.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    helper = subprocess.Popen(["sleep", "300"])
+    rp = runtime.create_vm_dir()
+    rp.owner.write_text(f"{dead.pid} {runtime._start_time(os.getpid())}\n")
+    runtime.record_pids(rp, [helper])
+    live = runtime.create_vm_dir()  # owned by us: must survive
+    assert runtime.sweep_stale() == 1
+    assert not rp.root.exists() and live.root.exists()
+    assert helper.wait(timeout=10) == -9
+
+
+async def test_spawned_helpers_die_with_their_owner(tmp_path):
+    # An owner process spawns a helper through capsem's spawner, then is SIGKILLed.
+    script = (
+        "import asyncio, sys\n"
+        "from capsem_vm.process import spawn\n"
+        "async def main():\n"
+        "    p = await spawn('sleeper', ['sleep', '300'])\n"
+        "    print(p.pid, flush=True)\n"
+        "    await asyncio.sleep(300)\n"
+        "asyncio.run(main())\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    helper_pid = int(owner.stdout.readline())
+    assert os.path.exists(f"/proc/{helper_pid}")
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{helper_pid}") and _state(helper_pid) != "Z":
+        assert time.monotonic() < deadline, "helper outlived its owner"
+        await asyncio.sleep(0.05)
+
+
+def _state(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+async def test_managed_process_stop_escalates_to_sigkill():
+    p = await spawn("stubborn", ["sh", "-c", "trap '' TERM; sleep 300"])
+    await asyncio.sleep(0.2)
+    t = time.monotonic()
+    code = await p.stop(grace=0.5)
+    assert code == -9 and time.monotonic() - t < 5
