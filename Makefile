@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CAPSEM := $(VENV)/bin/capsem
 PYTEST_ARGS ?=
+# mitmproxy 11 (the last for py3.11) pins tornado<=6.4.2 and an older cryptography: it gets its own
+# env; the proxy service runs from it as a separate process (capsem_vm/proxy/service.py finds it)
+PROXY_VENV ?= .venv-proxy
 
-.PHONY: demo test system venv image unit clean help
+.PHONY: demo test system venv proxy-venv image unit clean help
 
 help:
 	@echo "make demo   - set up everything and run a real notebook in a capsem kernel"
@@ -15,6 +18,7 @@ help:
 	@echo "make system - install the Debian packages capsem needs (root)"
 	@echo "make venv   - create the Python env in $(VENV)"
 	@echo "make image  - build (or reuse the cached) VM image"
+	@echo "make proxy-venv - create the egress proxy's env (mitmproxy) in $(PROXY_VENV)"
 
 system:
 	bash scripts/setup-system.sh
@@ -27,14 +31,22 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+$(PROXY_VENV)/.installed: pyproject.toml
+	python3 -m venv $(PROXY_VENV)
+	$(PROXY_VENV)/bin/pip install -q --upgrade pip
+	$(PROXY_VENV)/bin/pip install -q 'mitmproxy==11.0.2' 'platformdirs>=3'
+	touch $@
+
+proxy-venv: $(PROXY_VENV)/.installed
+
 image: system venv
 	$(CAPSEM) image build
 
-test: system venv image
+test: system venv proxy-venv image
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-demo: system venv image
+demo: system venv proxy-venv image
 	$(CAPSEM) vm run -- python3 -c 'import platform; print("hello from the capsem guest:", platform.uname())'
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PROXY_VENV)
