@@ -54,8 +54,11 @@ class Client:
         self.fw = ChannelForwarder(a.channels_path)
         self.kc = BlockingKernelClient()
         self.kc.load_connection_info(self.fw.connection_info(key))
-        self.kc.start_channels()
+        # heartbeat only after ready: on a loaded 2-core machine the kernel can take over the 1 s
+        # the heartbeat allows to start, and jupyter_client would then call it dead
+        self.kc.start_channels(hb=False)
         self.kc.wait_for_ready(timeout=90)
+        self.kc.hb_channel.start()
 
     def run(self, code: str, timeout=60) -> tuple[dict, str]:
         out = []
@@ -92,6 +95,8 @@ def test_kernel_executes_code_through_relay(agent, tmp_path):
         assert out == "x" * 200000 + "\n"
         content, out = c.run("1/0")
         assert content["status"] == "error" and "ZeroDivisionError" in out
+        time.sleep(2.5)  # a few heartbeat periods through the relay
+        assert c.kc.hb_channel.is_beating()
     finally:
         c.close()
 
