@@ -17,10 +17,17 @@ _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 MAX_NAME = 253
 
 
+def _maybe_ip(text: str) -> bool:
+    """Cheap pre-check: names with a letter other than a-f cannot be IP literals."""
+    return not any(c not in "0123456789abcdefABCDEF.:[]" for c in text)
+
+
 def parse_ip(text: str) -> IPAddress | None:
     """The IP address `text` spells, or None. Accepts '[v6]' brackets; IPv4-mapped v6 -> v4."""
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
+    if not _maybe_ip(text):
+        return None
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -89,14 +96,16 @@ class HostPattern:
             raise ValueError(f"invalid host pattern {text!r} (use a name, '*.suffix', '*', an IP or a CIDR)")
         self.kind, self.value = "exact", name
 
-    def matches(self, host: str) -> bool:
-        """`host` must already be normalized (see normalize_host)."""
+    def matches(self, host: str, ip: "IPAddress | None | bool" = False) -> bool:
+        """`host` must already be normalized (see normalize_host). `ip` is parse_ip(host) if the
+        caller has it (decisions check many patterns against one host)."""
         if self.kind == "any":
             return True
+        if ip is False:
+            ip = parse_ip(host) if _maybe_ip(host) else None
         if self.kind == "net":
-            ip = parse_ip(host)
             return ip is not None and ip.version == self.value.version and ip in self.value
-        if parse_ip(host) is not None:
+        if ip is not None:
             return False  # names never match IP literals
         if self.kind == "exact":
             return host == self.value

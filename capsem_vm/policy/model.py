@@ -62,8 +62,8 @@ class Rule:
         lookup cannot be decided by it alone."""
         return bool(self.methods or self.paths or self.schemes is not None)
 
-    def matches(self, method: str, scheme: str, host: str, port: int, path: str | None) -> bool:
-        if scheme not in self._schemes() or not self.host.matches(host) or not self.port_ok(port, scheme):
+    def matches(self, method: str, scheme: str, host: str, port: int, path: str | None, ip=False) -> bool:
+        if scheme not in self._schemes() or not self.host.matches(host, ip) or not self.port_ok(port, scheme):
             return False
         if scheme == "tcp":
             # raw TCP has no method or path: only rules that do not ask about them apply
@@ -182,8 +182,9 @@ class Policy:
             return Decision(DENY, "invalid-url", "port out of range")
         path = None if scheme == "tcp" else (parts.path or "/")
         method = (method or "").upper()
+        ip = parse_ip(host)
         for rule in self.rules:
-            if rule.matches(method, scheme, host, port, path):
+            if rule.matches(method, scheme, host, port, path, ip):
                 if rule.paths and path is not None and path_is_ambiguous(path):
                     return Decision(DENY, "ambiguous-path", "path has dot segments or encoded '/', '.', '\\': "
                                     f"treated as matching deny rule {rule.name!r}", rule.origin, rule)
@@ -197,8 +198,9 @@ class Policy:
         name = normalize_host(host)
         if name is None:
             return Decision(DENY, "invalid-host", f"{str(host)[:100]!r} is not a valid host name or address")
+        ip = parse_ip(name)
         for rule in self.rules:
-            if not rule.host.matches(name):
+            if not rule.host.matches(name, ip):
                 continue
             if port is not None and not rule.port_ok(port):
                 continue

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_kernel ON events (kernel, id);
 """
 MAX_TEXT = 4096
+BATCH_WINDOW = 0.25  # seconds the writer waits to gather rows into one transaction
 SECRET_KEYS = re.compile(r"(token|key|secret|passw|pwd|auth|sig|credential|session|cookie|code|jwt|bearer)",
                          re.IGNORECASE)
 
@@ -123,6 +124,10 @@ class AuditLog:
         sql = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         while True:
             item = self._q.get()
+            if not isinstance(item, threading.Event) and item is not None:
+                # why: batch for a moment. Waking per row makes this thread fight the event loop
+                # for the GIL on every request (measured: 10x fewer requests/s through the proxy)
+                time.sleep(BATCH_WINDOW)
             batch, events, stop = [], [], False
             while True:
                 if item is None:
@@ -131,7 +136,7 @@ class AuditLog:
                     events.append(item)
                 else:
                     batch.append(tuple(item.get(c) for c in COLUMNS))
-                if len(batch) >= 500:
+                if len(batch) >= 5000:
                     break
                 try:
                     item = self._q.get_nowait()
@@ -145,9 +150,13 @@ class AuditLog:
             if batch:
                 for attempt in range(5):
                     try:
+                        con.execute("BEGIN")
                         con.executemany(sql, batch)
+                        con.execute("COMMIT")
                         break
                     except sqlite3.OperationalError:
+                        if con.in_transaction:
+                            con.execute("ROLLBACK")
                         time.sleep(0.1 * (attempt + 1))
             for e in events:
                 e.set()
