@@ -161,8 +161,9 @@ async def main(args) -> None:
     policy = parse_policy(f'[[rule]]\nname = "bench"\nhost = "{HOST}"\nport = {port}\naddresses = ["127.0.0.1"]\n'
                           'methods = ["GET"]\naction = "allow"\n', "bench.toml")
     service = ProxyService(audit_db=tmp / "audit.sqlite3", upstream_ca=upstream_ca, resolve={HOST: "127.0.0.1"},
-                           log_path=tmp / "proxy.log")
+                           log_path=tmp / "proxy.log", workers=args.workers)
     await service.start()
+    print(f"proxy workers: {len(service.pids)}; host cores: {os.cpu_count()}", flush=True)
     audit = AuditLog(tmp / "audit.sqlite3")
     bridge = EgressBridge("bench", policy, await service.register("bench", policy), audit=audit, max_streams=1024)
     egress = str(tmp / "b.vsock_5002")
@@ -204,4 +205,5 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=4.0, help="duration of each small-body run")
     ap.add_argument("--big-count", type=int, default=8, help="10 MiB downloads per large-body run")
+    ap.add_argument("--workers", type=int, default=None, help="proxy worker processes (default: cores, max 4)")
     asyncio.run(main(ap.parse_args()))

@@ -211,7 +211,7 @@ guest_env = "SVC_TOKEN"
                                          "jupyter.test.example", "untrusted.test.example", "h2.test.example")}
     resolve["metadata.test.example"] = "169.254.169.254"
     w.service = ProxyService(audit_db=w.audit_db, upstream_ca=w.upstream_ca, resolve=resolve,
-                             header_timeout=HEADER_TIMEOUT, log_path=tmp / "proxy.log")
+                             header_timeout=HEADER_TIMEOUT, log_path=tmp / "proxy.log", workers=2)
     await w.service.start()
     w.audit = AuditLog(w.audit_db)
     w.ca_file = str(tmp / "capsem-ca.pem")
@@ -510,12 +510,16 @@ async def test_slow_loris_is_closed(world):
 
 async def test_large_download_streams_without_memory_growth(world):
     w = world
-    pid = w.service.proc.pid
+    pids = w.service.pids
+    assert len(pids) == 2  # every worker serves every kernel
 
     def rss():
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        total = 0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
 
     def download(n):
         r = w.g.http("GET", "api.test.example", w.HTTPS, f"/big?n={n}", tls=True, read_body=False, timeout=120)

@@ -63,6 +63,7 @@ class EgressBridge:
         self._tasks: set[asyncio.Task] = set()
         self._streams = 0
         self._closed = False
+        self._next_port = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -195,8 +196,10 @@ class EgressBridge:
                 await _refuse(writer, reason, "address")
                 return
             try:
+                port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
+                self._next_port += 1
                 up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.proxy.host, self.proxy.port), 10)
+                    asyncio.open_connection(self.proxy.host, port_), 10)
                 await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
                                                         self.proxy.username, self.proxy.password), 60)
             except (OSError, socks5.Socks5Error, asyncio.TimeoutError) as exc:

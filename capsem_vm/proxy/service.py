@@ -45,11 +45,16 @@ class ProxyServiceError(CapsemError):
 
 @dataclass(frozen=True)
 class ProxyEndpoint:
-    """Where and how one kernel's bridge reaches the proxy service (SOCKS5 with user/password)."""
+    """Where and how one kernel's bridge reaches the proxy service (SOCKS5 with user/password).
+    `ports`: one listener per worker process; the bridge spreads connections over them."""
     host: str
-    port: int
+    ports: tuple[int, ...]
     username: str
     password: str = field(repr=False)
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
 
 
 def find_proxy_python(explicit: str | None = None) -> str:
@@ -69,50 +74,17 @@ def find_proxy_python(explicit: str | None = None) -> str:
              "to a Python that has mitmproxy 11")
 
 
-class ProxyService:
-    _shared: "ProxyService | None" = None
-    _shared_lock: asyncio.Lock | None = None
+class _Worker:
+    """One service process and its control pipe."""
 
-    def __init__(self, *, python: str | None = None, audit_db: str | os.PathLike | None = None,
-                 ca_dir: str | os.PathLike | None = None, upstream_ca: str | os.PathLike | None = None,
-                 resolve: dict[str, str] | None = None, header_timeout: float = 30.0,
-                 idle_timeout: float = 600.0, max_header_bytes: int = 64 * 1024,
-                 listen_host: str = "127.0.0.1", log_path: str | os.PathLike | None = None):
-        """upstream_ca: extra CA (PEM) trusted for upstream servers in addition to the host's
-        trust store (tests). resolve: static name -> address map consulted before DNS (tests,
-        air-gapped hosts); the address checks still apply."""
-        self.python = find_proxy_python(python)
-        self.config = {
-            "audit_db": os.fspath(audit_db) if audit_db else None,
-            "ca_dir": os.fspath(ca_dir) if ca_dir else None,
-            "upstream_ca": os.fspath(upstream_ca) if upstream_ca else None,
-            "resolve": dict(resolve or {}),
-            "header_timeout": header_timeout,
-            "idle_timeout": idle_timeout,
-            "max_header_bytes": max_header_bytes,
-            "listen_host": listen_host,
-        }
-        self.log_path = Path(log_path) if log_path else paths.runtime_dir() / f"proxy-{os.getpid()}.log"
+    def __init__(self, python: str, config: dict, log_path: Path):
+        self.python, self.config, self.log_path = python, config, log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.socks: tuple[str, int] | None = None
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future] = {}
         self._reader_task: asyncio.Task | None = None
         self._ready: asyncio.Future | None = None
-        self._kernels: dict[str, ProxyEndpoint] = {}
-
-    # --- lifecycle -----------------------------------------------------------------------------
-
-    @classmethod
-    async def shared(cls, **kwargs) -> "ProxyService":
-        """The process-wide service (started on first use, restarted if it died)."""
-        if cls._shared_lock is None:
-            cls._shared_lock = asyncio.Lock()
-        async with cls._shared_lock:
-            if cls._shared is None or not cls._shared.alive:
-                cls._shared = cls(**kwargs)
-                await cls._shared.start()
-            return cls._shared
 
     @property
     def alive(self) -> bool:
@@ -138,7 +110,7 @@ class ProxyService:
             log.close()
         self._ready = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.ensure_future(self._read_loop())
-        self._send({"t": "start", **self.config})
+        self.proc.stdin.write(protocol.encode({"t": "start", **self.config}))
         try:
             msg = await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
         except asyncio.TimeoutError:
@@ -154,9 +126,7 @@ class ProxyService:
 
     async def close(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
+        if proc is not None and proc.returncode is None:
             try:
                 proc.stdin.write(protocol.encode({"t": "stop"}))
                 proc.stdin.close()
@@ -171,39 +141,13 @@ class ProxyService:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
         self.socks = None
-        if ProxyService._shared is self:
-            ProxyService._shared = None
 
-    # --- kernels -------------------------------------------------------------------------------
-
-    async def register(self, kernel_id: str, policy: Policy) -> ProxyEndpoint:
-        """Make `policy` the policy of `kernel_id` and return the credentials its bridge uses."""
-        if not self.alive:
-            raise ProxyServiceError("the proxy service is not running", hint=f"see its log: {self.log_path}")
-        if not 0 < len(kernel_id.encode()) < 200:
-            raise ValueError("kernel id must be 1..199 bytes")
-        ep = ProxyEndpoint(self.socks[0], self.socks[1], kernel_id, secrets.token_urlsafe(32))
-        await self._request({"t": "register", "kernel": kernel_id, "password": ep.password,
-                             "policy": policy.text, "source": policy.source})
-        self._kernels[kernel_id] = ep
-        return ep
-
-    async def unregister(self, kernel_id: str) -> None:
-        self._kernels.pop(kernel_id, None)
-        if self.alive:
-            await self._request({"t": "unregister", "kernel": kernel_id})
-
-    # --- control channel -----------------------------------------------------------------------
-
-    def _send(self, msg: dict) -> None:
-        self.proc.stdin.write(protocol.encode(msg))
-
-    async def _request(self, msg: dict, timeout: float = 30.0) -> dict:
+    async def request(self, msg: dict, timeout: float = 30.0) -> dict:
         msg_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiters[msg_id] = fut
         try:
-            self._send({**msg, "id": msg_id})
+            self.proc.stdin.write(protocol.encode({**msg, "id": msg_id}))
             await self.proc.stdin.drain()
             reply = await asyncio.wait_for(fut, timeout)
         finally:
@@ -226,7 +170,7 @@ class ProxyService:
                     fut = self._waiters.get(msg.get("id")) if isinstance(msg.get("id"), int) else None
                     if fut and not fut.done():
                         fut.set_result(msg)
-        except (protocol.FrameError, protocol.MessageError, ConnectionError):
+        except (protocol.FrameError, protocol.MessageError, ConnectionError, AttributeError):
             pass
         finally:
             err = {"t": "fatal", "message": f"proxy service exited (see {self.log_path})"}
@@ -236,3 +180,102 @@ class ProxyService:
                 if not fut.done():
                     fut.set_result({"t": "error", "message": err["message"]})
             self.socks = None
+
+
+class ProxyService:
+    """The egress proxy: `workers` mitmproxy processes (default: one per core, at most 4), each on
+    its own 127.0.0.1 port; every kernel is registered with all of them."""
+
+    _shared: "ProxyService | None" = None
+    _shared_lock: asyncio.Lock | None = None
+
+    def __init__(self, *, python: str | None = None, audit_db: str | os.PathLike | None = None,
+                 ca_dir: str | os.PathLike | None = None, upstream_ca: str | os.PathLike | None = None,
+                 resolve: dict[str, str] | None = None, header_timeout: float = 30.0,
+                 idle_timeout: float = 600.0, max_header_bytes: int = 64 * 1024,
+                 listen_host: str = "127.0.0.1", log_path: str | os.PathLike | None = None,
+                 workers: int | None = None):
+        """upstream_ca: extra CA (PEM) trusted for upstream servers in addition to the host's
+        trust store (tests). resolve: static name -> address map consulted before DNS (tests,
+        air-gapped hosts); the address checks still apply."""
+        self.python = find_proxy_python(python)
+        self.config = {
+            "audit_db": os.fspath(audit_db) if audit_db else None,
+            "ca_dir": os.fspath(ca_dir) if ca_dir else None,
+            "upstream_ca": os.fspath(upstream_ca) if upstream_ca else None,
+            "resolve": dict(resolve or {}),
+            "header_timeout": header_timeout,
+            "idle_timeout": idle_timeout,
+            "max_header_bytes": max_header_bytes,
+            "listen_host": listen_host,
+        }
+        self.log_path = Path(log_path) if log_path else paths.runtime_dir() / f"proxy-{os.getpid()}.log"
+        self.workers_n = max(1, workers if workers else min(4, os.cpu_count() or 1))
+        self.workers: list[_Worker] = []
+        self._kernels: dict[str, ProxyEndpoint] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    async def shared(cls, **kwargs) -> "ProxyService":
+        """The process-wide service (started on first use, restarted if it died)."""
+        if cls._shared_lock is None:
+            cls._shared_lock = asyncio.Lock()
+        async with cls._shared_lock:
+            if cls._shared is None or not cls._shared.alive:
+                if cls._shared is not None:
+                    await cls._shared.close()
+                cls._shared = cls(**kwargs)
+                await cls._shared.start()
+            return cls._shared
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.workers) and all(w.alive for w in self.workers)
+
+    @property
+    def socks(self) -> tuple[str, int] | None:
+        """The first worker's listener (host, port)."""
+        return self.workers[0].socks if self.workers else None
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers if w.proc]
+
+    async def start(self) -> None:
+        from .ca import ensure_ca
+        # why: create the CA once here, not racing in N workers
+        await asyncio.to_thread(ensure_ca, Path(self.config["ca_dir"]) if self.config["ca_dir"] else None)
+        self.workers = [_Worker(self.python, self.config, self.log_path) for _ in range(self.workers_n)]
+        try:
+            await asyncio.gather(*(w.start() for w in self.workers))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        workers, self.workers = self.workers, []
+        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+        if ProxyService._shared is self:
+            ProxyService._shared = None
+
+    # --- kernels -------------------------------------------------------------------------------
+
+    async def register(self, kernel_id: str, policy: Policy) -> ProxyEndpoint:
+        """Make `policy` the policy of `kernel_id` and return the credentials its bridge uses."""
+        if not self.alive:
+            raise ProxyServiceError("the proxy service is not running", hint=f"see its log: {self.log_path}")
+        if not 0 < len(kernel_id.encode()) < 200:
+            raise ValueError("kernel id must be 1..199 bytes")
+        ep = ProxyEndpoint(self.workers[0].socks[0], tuple(w.socks[1] for w in self.workers),
+                           kernel_id, secrets.token_urlsafe(32))
+        msg = {"t": "register", "kernel": kernel_id, "password": ep.password,
+               "policy": policy.text, "source": policy.source}
+        await asyncio.gather(*(w.request(msg) for w in self.workers))
+        self._kernels[kernel_id] = ep
+        return ep
+
+    async def unregister(self, kernel_id: str) -> None:
+        self._kernels.pop(kernel_id, None)
+        await asyncio.gather(*(w.request({"t": "unregister", "kernel": kernel_id})
+                               for w in self.workers if w.alive), return_exceptions=True)
