@@ -16,6 +16,9 @@ ON_DEMAND_MODULES = (
     "nf_tables", "nft_chain_nat", "nft_nat", "nft_redir", "nft_masq", "nft_ct", "nft_reject",
     "nft_reject_inet", "nft_reject_ipv4", "nft_reject_ipv6", "nft_compat", "nft_tproxy", "nft_socket",
     "nft_limit", "nft_log", "nf_log_syslog", "nft_fib_inet", "nft_fib_ipv4", "nft_fib_ipv6",
+    # egress capture (capsem_agent/netsetup.py): the dummy interface gives the NIC-less guest a
+    # default route, so connect() reaches the nftables redirect instead of failing ENETUNREACH
+    "dummy",
 )
 
 # Files depmod needs to know what is built in (so `modprobe <builtin>` succeeds).
