@@ -590,3 +590,37 @@ async def test_audit_cli_reads_rows(world, capsys):
     assert proxy_main(["audit", "--db", str(world.audit_db), "--limit", "5"]) == 0
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 5
+
+
+async def test_malformed_egress_frames_are_refused(world):
+    import struct as _struct
+    path = world.g.egress_path
+
+    def send_raw(data: bytes, wait: float = 5.0) -> bytes:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(wait + 10)
+        s.connect(path)
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(4096):
+                out += chunk
+        except OSError:
+            pass
+        s.close()
+        return out
+
+    # an oversized first frame: refused from its header alone (the body is never read)
+    out = await run(send_raw, _struct.pack(">I", 1 << 20) + b"x" * 100)
+    assert b'"refused"' in out and b'"protocol"' in out
+    # not JSON / wrong type / bad fields: a refused frame
+    for body in (b"not json", json.dumps({"t": "hello"}).encode(),
+                 json.dumps({"t": "connect", "host": "api.test.example", "port": 0}).encode(),
+                 json.dumps({"t": "connect", "host": "a" * 300, "port": 80}).encode(),
+                 json.dumps({"t": "connect", "host": "exa mple", "port": 80}).encode()):
+        out = await run(send_raw, _struct.pack(">I", len(body)) + body)
+        assert b'"refused"' in out, (body, out)
+    # a silent client is dropped after the first-frame timeout (10 s)
+    t = time.monotonic()
+    assert await run(send_raw, b"", 15) == b""
+    assert 8 < time.monotonic() - t < 20
