@@ -39,19 +39,19 @@ class ChannelForwarder:
         task = asyncio.current_task()
         self._tasks.add(task)
         _nodelay(writer)
+        g_writer = None
         try:
             g_reader, g_writer = await self.transport.connect(protocol.PORT_CHANNELS, timeout=30)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("cannot reach the guest for channel %s: %s", name, exc)
-            writer.close()
-            self._tasks.discard(task)
-            return
-        try:
             g_writer.write(protocol.encode({"t": "channel", "name": name}))
             await asyncio.gather(_pipe(reader, g_writer), _pipe(g_reader, writer))
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cannot carry channel %s to the guest: %s", name, exc)
+        except asyncio.CancelledError:
+            pass  # the forwarder is closing: this connection ends with it
         finally:
             for w in (writer, g_writer):
-                w.close()
+                if w is not None:
+                    w.close()
             self._tasks.discard(task)
 
     async def close(self) -> None:
