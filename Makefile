@@ -46,7 +46,7 @@ test: system venv proxy-venv image
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: system venv proxy-venv image
-	$(CAPSEM) vm run -- python3 -c 'import platform; print("hello from the capsem guest:", platform.uname())'
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PROXY_VENV)
