@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 from capsem_vm.config import VMConfig
 from capsem_vm.errors import VMError
@@ -28,9 +29,19 @@ class KernelVM:
         self.exit_code: int | None = None
         self.exited = asyncio.Event()
         self._qemu_watch: asyncio.Task | None = None
+        self.started_at: float | None = None  # wall clock: boot began / ipykernel answered
+        self.ready_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        """booting (VM or ipykernel starting), ready, or dead."""
+        if self.exit_code is not None:
+            return "dead"
+        return "ready" if self.ready_at is not None else "booting"
 
     async def start(self, connection_info: dict, cwd: str, env: dict[str, str]) -> None:
         self.vm.on_event = self._on_event
+        self.started_at = time.time()
         await self.vm.start()
         try:
             ports = {name: int(connection_info[key]) for name, key in PORT_KEYS.items()}
@@ -45,6 +56,7 @@ class KernelVM:
                 "env": env,
             }, timeout=120)
             self.kernel_pid = reply.get("pid")
+            self.ready_at = time.time()
             self._qemu_watch = asyncio.ensure_future(self._watch_qemu())
         except BaseException:
             await self.stop()
@@ -100,4 +112,7 @@ class KernelVM:
             "timings": dict(vm.timings),
             "boot": (getattr(vm, "hello", None) or {}).get("boot"),
             "kernel_pid": self.kernel_pid,
+            "state": self.state,
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
         }
