@@ -8,9 +8,25 @@ import platformdirs
 APP = "capsem"
 
 
+SYSTEM_CACHE_DIR = Path("/var/cache") / APP
+
+
 def cache_dir() -> Path:
-    """Built images live here, keyed by recipe hash. Override with CAPSEM_CACHE_DIR."""
-    return Path(os.environ.get("CAPSEM_CACHE_DIR") or platformdirs.user_cache_dir(APP))
+    """Built images live here, keyed by recipe hash. Override with CAPSEM_CACHE_DIR.
+
+    root builds into the system cache, where every user's capsem finds the image too.
+    """
+    override = os.environ.get("CAPSEM_CACHE_DIR")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return system_cache_dir()
+    return Path(platformdirs.user_cache_dir(APP))
+
+
+def system_cache_dir() -> Path:
+    """Images an administrator built for everyone (read-only for other users)."""
+    return Path(os.environ.get("CAPSEM_SYSTEM_CACHE_DIR") or SYSTEM_CACHE_DIR)
 
 
 def data_dir() -> Path:

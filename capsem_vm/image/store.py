@@ -41,12 +41,17 @@ def check_name(name: str) -> str:
 
 
 def default_image_dir() -> Path:
-    """The image built from the default recipe. Raises ImageError if none was built."""
-    link = images_dir() / DEFAULT
-    target = link.resolve() if link.is_symlink() else link
-    if not (target / MANIFEST_NAME).is_file():
-        raise ImageError(f"no default VM image in {images_dir()}", "run `capsem image build`")
-    return target
+    """The image built from the default recipe: the user's own, else the one root built for all.
+
+    Raises ImageError if there is none."""
+    searched = []
+    for root in dict.fromkeys((images_dir(), paths.system_cache_dir() / "images")):
+        link = root / DEFAULT
+        target = link.resolve() if link.is_symlink() else link
+        if (target / MANIFEST_NAME).is_file():
+            return target
+        searched.append(str(root))
+    raise ImageError(f"no default VM image in {' or '.join(searched)}", "run `capsem image build`")
 
 
 def resolve_image(name_or_path: str | None) -> Path:
