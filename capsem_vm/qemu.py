@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from .config import RuntimePaths, VMConfig
 
-BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "reboot=t")
+# no_timer_check: on a loaded host a TCG guest can fail the IO-APIC timer check and panic at boot.
+BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "reboot=t", "no_timer_check")
 
 
 @dataclass(frozen=True)

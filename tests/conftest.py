@@ -24,17 +24,34 @@ def image_dir():
         pytest.fail(f"no VM image: {exc} (run `make image`)")
 
 
-def helper_processes() -> list[str]:
-    """Command lines of capsem helper processes (QEMU, virtiofsd, vhost-device-vsock) still running."""
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+HELPER_NAMES = ("qemu-system-x86_64", "virtiofsd", "vhost-device-vsock")
+
+
+def helper_processes(*markers: str) -> list[str]:
+    """Live capsem helper processes (QEMU, virtiofsd, vhost-device-vsock) as "pid cmdline".
+
+    With markers, only those whose command line mentions one of them (a runtime dir, a share path):
+    other engineers' or tests' VMs on the same machine must not count.
+    """
     found = []
-    for line in out.splitlines():
-        pid, stat, args = line.strip().split(None, 2) + [""] * (3 - len(line.strip().split(None, 2)))
-        if stat.startswith("Z"):
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-        if any(name in args for name in ("qemu-system-x86_64 -name capsem", "virtiofsd", "vhost-device-vsock")):
-            found.append(f"{pid} {args}")
-    return found
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z" or not args:
+            continue
+        if not any(name in args.split(" ", 1)[0] for name in HELPER_NAMES):
+            continue
+        if "qemu-system" in args and "capsem" not in args:
+            continue
+        if markers and not any(m in args for m in markers):
+            continue
+        found.append(f"{entry.name} {args}")
+    return sorted(found)
 
 
 @pytest.fixture

@@ -80,32 +80,31 @@ async def test_read_only_share_refuses_writes_even_after_remount(image_dir, runt
 
 
 async def test_five_vms_in_parallel_leave_nothing_behind(image_dir, runtime_root):
-    before = helper_processes()
     vms = [VM(VMConfig(memory_mb=384, cpus=1)) for _ in range(5)]
     try:
         await asyncio.gather(*(vm.start() for vm in vms))
         results = await asyncio.gather(*(_run(vm, ["echo", str(i)]) for i, vm in enumerate(vms)))
         assert [out for _, out, _ in results] == [f"{i}\n".encode() for i in range(5)]
-        assert len(helper_processes()) >= len(before) + 10  # QEMU + vsock backend each
+        assert len(helper_processes(str(runtime_root))) == 10  # QEMU + vsock backend each
     finally:
         await asyncio.gather(*(vm.stop() for vm in vms))
-    assert helper_processes() == before
+    assert helper_processes(str(runtime_root)) == []
     assert list(runtime_root.iterdir()) == []
 
 
 def test_sigkill_of_capsem_leaves_no_helpers_behind(image_dir, runtime_root, tmp_path):
-    before = helper_processes()
+    mine = (str(runtime_root), f"source={tmp_path}")
     env = dict(os.environ, CAPSEM_RUNTIME_DIR=str(runtime_root))
     proc = subprocess.Popen(CAPSEM + ["vm", "run", "--memory", "384", "--cpus", "1", "--share", str(tmp_path),
                                       "--", "sh", "-c", "echo started; sleep 600"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout.readline() == b"started\n"
-    assert len(helper_processes()) >= len(before) + 3  # QEMU, vsock backend, virtiofsd
+    assert len(helper_processes(*mine)) >= 3  # QEMU, vsock backend, virtiofsd
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 20
-    while helper_processes() != before:
-        assert time.monotonic() < deadline, f"left behind: {helper_processes()}"
+    while helper_processes(*mine):
+        assert time.monotonic() < deadline, f"left behind: {helper_processes(*mine)}"
         time.sleep(0.2)
     # The dead owner's runtime dir is swept by the next start.
     from capsem_vm import runtime
@@ -157,7 +156,6 @@ async def test_tampered_assets_never_boot(image_dir, runtime_root, tmp_path, ass
         touched.append(other)
     else:
         target.unlink()
-    before = helper_processes()
     vm = VM(VMConfig(memory_mb=384, cpus=1, image=str(image)))
     with pytest.raises(ImageError) as err:
         await vm.start()
@@ -167,7 +165,7 @@ async def test_tampered_assets_never_boot(image_dir, runtime_root, tmp_path, ass
         assert isinstance(err.value, AssetVerificationError)
         actual = {hashlib.sha256(f.read_bytes()).hexdigest() for f in touched}
         assert any(h in message for h in actual)  # and its actual hash
-    assert vm.qemu is None and helper_processes() == before
+    assert vm.qemu is None and helper_processes(str(runtime_root)) == []
 
 
 async def test_hostile_control_connections_do_not_break_host_or_agent(image_dir, runtime_root):
