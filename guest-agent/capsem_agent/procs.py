@@ -8,6 +8,8 @@ import pwd
 import subprocess
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Filled by egress_setup (egress.py): proxy and CA variables every later exec and kernel gets.
+EGRESS_ENV: dict[str, str] = {}
 
 
 def credentials(uid: int | None, gid: int | None) -> dict:
@@ -37,12 +39,14 @@ def home_for(uid: int | None) -> str:
 
 def base_env(uid: int | None, term: str) -> dict[str, str]:
     """A clean environment: the agent's own variables (CAPSEM_AGENT_*, ...) never leak to guests."""
-    return {
+    env = {
         "PATH": os.environ.get("PATH") or DEFAULT_PATH,
         "HOME": home_for(uid),
         "LANG": "C.UTF-8",
         "TERM": term,
     }
+    env.update(EGRESS_ENV)
+    return env
 
 
 async def wait_exit(proc: subprocess.Popen) -> int:

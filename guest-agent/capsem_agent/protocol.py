@@ -73,6 +73,8 @@ Control messages (host requests carry an integer "id"; replies and events repeat
       kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    -> ok {id, pid, warm: bool}
                                                                         one kernel at a time: wait
                                                                         for kernel_exit first
+      egress_setup {id, ca_pem: str, env?: {str: str}}                  -> ok {id, proxy, dns,
+                                                                        capture, seconds}: see below
       kernel_prewarm {id}                                               -> ok {id, pid}: start a
                                                                         process that imports
                                                                         ipykernel now, so the next
@@ -82,15 +84,29 @@ Control messages (host requests carry an integer "id"; replies and events repeat
       shutdown    {id}                                                  -> ok, then the agent ends
                                                                         and the VM powers off
 
-    exec/kernel environment: a clean base (PATH, HOME of the uid, LANG=C.UTF-8, TERM) overlaid
-    with the request's env; with uid set, supplementary groups are cleared and gid defaults to
+    egress_setup: send it after hello and before kernel_start (the host waits for ok). The agent
+    trusts ca_pem (PEM certificates only; a private key is refused) in the system bundle, starts
+    a DNS stub on 127.0.0.1:53 (UDP+TCP, forwarded over one 5003 stream), an HTTP proxy on
+    127.0.0.1:3128 (CONNECT and absolute-form requests become 5002 streams naming the host) and
+    a capture listener on 127.0.0.1:15001 (nftables redirects every other outgoing TCP
+    connection there; its SO_ORIGINAL_DST becomes the 5002 connect host), and adds a dummy
+    device with an IPv4 default route; UDP but DNS, ICMP, raw IP and IPv6 to the outside are
+    dropped (senders get EPERM / ENETUNREACH). Replies "proxy" (URL), "dns" and "capture"
+    (ip:port), "seconds" (time taken). Error code egress_failed when the network plumbing
+    fails. Idempotent. From then on every exec/kernel environment also has HTTP_PROXY,
+    HTTPS_PROXY, http_proxy, https_proxy, NO_PROXY, no_proxy, SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
+    PIP_CERT, CURL_CA_BUNDLE, NODE_EXTRA_CA_CERTS and the request's env (e.g. credential
+    placeholders).
+
+    exec/kernel environment: a clean base (PATH, HOME of the uid, LANG=C.UTF-8, TERM, and the
+    egress variables once egress_setup succeeded) overlaid with the request's env; with uid set, supplementary groups are cleared and gid defaults to
     the user's primary group. The kernel's HMAC key is only ever written to a 0600 connection
     file in a 0700 directory owned by the kernel's user.
 
 Error codes: bad_frame (the stream then closes: in the VM the agent ends and the VM powers
 off), bad_message, unknown_type, duplicate_id, too_many (64 running execs), spawn_failed,
 stdin_overflow (more than 1 MiB of stdin not yet taken by the process; that data is dropped),
-kernel_running, no_kernel, no_process, timeout, os_error, internal.
+kernel_running, no_kernel, no_process, timeout, os_error, egress_failed, internal.
 
 Channel streams (5001) get no reply frame: after the first frame the agent connects to the
 kernel's port (waiting up to 120 s while the kernel is alive but not yet listening) and relays

@@ -14,6 +14,7 @@ from . import __version__, execs, kernel as kernel_mod, mounts, protocol, relay,
 
 READ_CHUNK = 64 * 1024
 MOUNT_TIMEOUT = 30.0
+EGRESS_TIMEOUT = 60.0  # module loading + nft under TCG take a second or two; never a minute
 
 
 def _uptime() -> float | None:
@@ -51,6 +52,7 @@ class Service:
         self.closed = False
         self.execs: dict[int, execs.ExecSession] = {}
         self.kernels = kernel_mod.KernelManager(self.send)
+        self.egress = None  # egress.Egress, imported on first egress_setup (keeps boot lean)
         self._tasks: set[asyncio.Task] = set()
         self._stop = False
 
@@ -239,6 +241,18 @@ class Service:
                                MOUNT_TIMEOUT)
         await self.send({"t": "ok", "id": msg["id"]})
 
+    async def _egress_setup(self, msg):
+        from . import egress
+        if self.egress is None:
+            self.egress = egress.Egress()
+        loop = asyncio.get_running_loop()
+        try:
+            info = await asyncio.wait_for(loop.run_in_executor(None, self.egress.setup, msg), EGRESS_TIMEOUT)
+        except egress.netsetup.NetSetupError as exc:
+            await self.send(protocol.error("egress_failed", str(exc), msg["id"]))
+            return
+        await self.send({"t": "ok", "id": msg["id"], **info})
+
     async def _kernel_start(self, msg):
         k = await self.kernels.start(msg)
         await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm})
@@ -251,10 +265,11 @@ class Service:
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
-    SLOW = frozenset({"mount"})  # may block on the device; runs as its own task
+    SLOW = frozenset({"mount", "egress_setup"})  # may block (device, subprocesses): own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
-        "mount": _mount, "kernel_start": _kernel_start, "kernel_prewarm": _kernel_prewarm,
+        "mount": _mount, "egress_setup": _egress_setup, "kernel_start": _kernel_start,
+        "kernel_prewarm": _kernel_prewarm,
         "shutdown": _shutdown,
     }
 

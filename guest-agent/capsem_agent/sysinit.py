@@ -15,6 +15,7 @@ import sys
 from . import mounts
 
 INIT_TIMES = "/run/capsem/init-times"
+IN_VM = False  # set by setup(): system-wide changes (network, trust store) are allowed
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
@@ -50,6 +51,8 @@ def _mount_if_missing(target, fstype, source, flags=0, data=None, mode=0o755):
 
 
 def setup() -> None:
+    global IN_VM
+    IN_VM = True
     os.environ.update(BASE_ENV)
     os.umask(0o022)
     nosuid_nodev = mounts.MS_NOSUID | mounts.MS_NODEV

@@ -1,0 +1,86 @@
+"""egress_setup: route everything the guest sends out through the host's egress policy.
+
+    {"t": "egress_setup", "id", "ca_pem": <PEM certificate(s)>, "env"?: {name: value}}
+      -> {"t": "ok", "id", "proxy": url, "dns": "ip:port", "capture": "ip:port", "seconds": float}
+
+In order: trust the CA (trust.py); start the stub resolver (dns_stub.py), the transparent
+capture listener (capture.py) and the HTTP proxy (httpproxy.py); plumb the network (netsetup.py:
+dummy route, nftables redirect and drops, IPv6 off, resolv.conf); then every exec and kernel
+started afterwards gets the proxy and CA variables plus the host's `env` (e.g. credential
+placeholders) in its environment (procs.EGRESS_ENV). Idempotent: a second call replaces the CA
+and env and re-applies the rules; the listeners keep running.
+
+Outside a VM (host-side tests of the agent) nothing system-wide is touched: no netsetup, the CA
+goes to a file under the run dir, and the listeners take free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from . import capture, dns_stub, httpproxy, kernel, netsetup, procs, protocol, sysinit, trust
+
+NO_PROXY = "localhost,127.0.0.1,::1"
+ENV_NAME_MAX = 256
+
+
+class Egress:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.servers: dict[str, object] = {}
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    def setup(self, msg: dict) -> dict:
+        """Blocking (subprocesses, files): run it in a thread. Raises on failure."""
+        pem = protocol.req_str(msg, "ca_pem", max_len=trust.MAX_PEM)
+        extra = protocol.req_env(msg, "env")
+        for name in extra:
+            if len(name) > ENV_NAME_MAX or not name.replace("_", "").isalnum():
+                raise protocol.MessageError(f"egress_setup: bad env name {name[:64]!r}", msg["id"])
+        t0 = time.monotonic()
+        in_vm = sysinit.IN_VM
+        with self._lock:
+            try:
+                if in_vm:
+                    bundle = trust.BUNDLE
+                    ca_file = trust.install(pem)
+                else:
+                    d = os.path.join(kernel.rundir(), "egress")
+                    os.makedirs(d, mode=0o755, exist_ok=True)
+                    bundle = os.path.join(d, "ca-bundle.crt")
+                    ca_file = trust.install(pem, bundle=bundle, cert_file=os.path.join(d, "capsem-egress.crt"))
+            except trust.TrustError as exc:
+                raise protocol.MessageError(f"egress_setup: {exc}", msg["id"]) from None
+            self._start_servers(in_vm)
+            if in_vm:
+                netsetup.setup()
+            proxy = "http://%s:%d" % self.addresses["proxy"]
+            env = {
+                "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+                "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY,
+                "SSL_CERT_FILE": bundle, "REQUESTS_CA_BUNDLE": bundle, "PIP_CERT": bundle,
+                "CURL_CA_BUNDLE": bundle, "NODE_EXTRA_CA_CERTS": ca_file,
+            }
+            env.update(extra)
+            procs.EGRESS_ENV.clear()
+            procs.EGRESS_ENV.update(env)
+        return {"proxy": proxy, "dns": "%s:%d" % self.addresses["dns"],
+                "capture": "%s:%d" % self.addresses["capture"], "seconds": round(time.monotonic() - t0, 3)}
+
+    def _start_servers(self, in_vm: bool) -> None:
+        if self.servers:
+            return
+        # in the VM the well-known ports (netsetup and the env name them); elsewhere free ones
+        dns_port, capture_port, proxy_port = ((dns_stub.PORT, capture.PORT, httpproxy.PORT) if in_vm
+                                              else (0, 0, 0))
+        forwarder, udp, tcp = dns_stub.start(port=dns_port)
+        self.servers["dns"] = (udp, tcp)
+        self.addresses["dns"] = udp.sock.getsockname()[:2]
+        cap = capture.start(port=capture_port)
+        self.servers["capture"] = cap
+        self.addresses["capture"] = cap.listener.getsockname()[:2]
+        prx = httpproxy.start(port=proxy_port)
+        self.servers["proxy"] = prx
+        self.addresses["proxy"] = prx.listener.getsockname()[:2]
