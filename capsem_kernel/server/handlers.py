@@ -1,0 +1,257 @@
+"""REST and event-stream handlers under /capsem/. All need an authenticated Jupyter user (403
+otherwise) authorized for resource "capsem".
+
+    GET /capsem/kernels                      capsem kernels of this server and their state
+    GET /capsem/kernels/<id>                 VM facts (facts.kernel_facts)
+    GET /capsem/kernels/<id>/policy          the active egress policy, rendered (policy_view)
+    PUT /capsem/kernels/<id>/policy          replace it: only with c.CapsemExtension.allow_policy_edits
+    GET /capsem/kernels/<id>/network         audit rows; ?blocked=1 &host=TEXT &after=ID &limit=N
+    GET /capsem/kernels/<id>/events          text/event-stream: `state` on change, `network` with new rows
+
+Unknown kernel: 404. A kernel that is not a capsem kernel: 200 {"capsem": false, "message": ...}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from capsem_vm.policy import PolicyError, parse_policy, resolve_policy_path, user_policy_path
+from capsem_vm.policy.source import check_policy_location
+
+from . import network
+from .extension import SETTINGS_KEY, CapsemExtension
+from .facts import NotCapsem, capsem_provisioner, is_capsem, kernel_facts
+from .policy_view import active_policy
+
+AUTH_RESOURCE = "capsem"
+KERNEL_ID = r"(?P<kernel_id>[\w-]+)"
+
+
+class CapsemHandler(APIHandler):
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def ext(self) -> CapsemExtension:
+        return self.settings[SETTINGS_KEY]
+
+    def get_km(self, kernel_id: str):
+        try:
+            return self.kernel_manager.get_kernel(kernel_id)
+        except KeyError:
+            raise web.HTTPError(404, f"no kernel {kernel_id} on this server") from None
+
+    def capsem_or_explain(self, kernel_id: str):
+        """(km, provisioner) of a capsem kernel, or None after answering that it is not one."""
+        km = self.get_km(kernel_id)
+        try:
+            return km, capsem_provisioner(km)
+        except NotCapsem:
+            name = getattr(km, "kernel_name", "") or "?"
+            self.finish(json.dumps({
+                "kernel_id": kernel_id, "capsem": False, "kernel_name": name,
+                "message": f"kernel {kernel_id} ({name}) is not a capsem kernel: it runs on this host, "
+                           "not in a sandbox VM, so it has no VM facts, egress policy or network log.",
+            }))
+            return None
+
+    def guest_writable(self, prov) -> list[str]:
+        if prov is None or prov.kernel_vm is None:
+            return []
+        return [str(s.host_path) for s in prov.kernel_vm.vm.config.shares if not s.readonly]
+
+    def policy_json(self, prov) -> dict:
+        explicit = prov.policy if prov is not None else ""
+        out = active_policy(explicit, self.guest_writable(prov))
+        out["edits_allowed"] = self.ext.allow_policy_edits
+        return out
+
+
+class KernelsHandler(CapsemHandler):
+    @web.authenticated
+    @authorized
+    async def get(self):
+        out = []
+        for kid in list(self.kernel_manager.list_kernel_ids()):
+            try:
+                km = self.kernel_manager.get_kernel(kid)
+            except KeyError:
+                continue
+            if is_capsem(km):
+                facts = kernel_facts(kid, km)
+                out.append({"kernel_id": kid, "state": facts["state"], "accel": facts["accel"]})
+        self.finish(json.dumps({"kernels": out}))
+
+
+class KernelFactsHandler(CapsemHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str):
+        if self.capsem_or_explain(kernel_id) is None:
+            return
+        facts = kernel_facts(kernel_id, self.get_km(kernel_id))
+        self.finish(json.dumps(facts))
+
+
+class PolicyHandler(CapsemHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str):
+        found = self.capsem_or_explain(kernel_id)
+        if found is None:
+            return
+        out = self.policy_json(found[1])
+        out.update({"kernel_id": kernel_id, "capsem": True})
+        self.finish(json.dumps(out))
+
+    @web.authenticated
+    @authorized
+    async def put(self, kernel_id: str):
+        """Replace the policy file this kernel's policy comes from. Takes effect for kernels (and
+        restarts) started afterwards. Refused unless the admin set allow_policy_edits."""
+        if not self.ext.allow_policy_edits:
+            raise web.HTTPError(403, "policy edits from the browser are disabled on this server (the server "
+                                     "admin can enable them with c.CapsemExtension.allow_policy_edits = True)")
+        found = self.capsem_or_explain(kernel_id)
+        if found is None:
+            return
+        prov = found[1]
+        body = self.get_json_body() or {}
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise web.HTTPError(400, 'expected a JSON body {"text": "<policy TOML>"}')
+        target = resolve_policy_path(prov.policy if prov else None) or user_policy_path()
+        try:
+            parse_policy(text, str(target))
+            if target.exists():
+                check_policy_location(target, self.guest_writable(prov))
+        except PolicyError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        _write_private(target, text)
+        self.log.warning("capsem: policy %s replaced from the browser by %s", target, self.current_user.username)
+        out = self.policy_json(prov)
+        out.update({"kernel_id": kernel_id, "capsem": True, "applies": "to kernels started (or restarted) from now on"})
+        self.finish(json.dumps(out))
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".policy-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes", "on")
+
+
+class NetworkHandler(CapsemHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str):
+        found = self.capsem_or_explain(kernel_id)
+        if found is None:
+            return
+        try:
+            after = int(self.get_argument("after", "0"))
+            limit = int(self.get_argument("limit", str(self.ext.max_rows)))
+        except ValueError:
+            raise web.HTTPError(400, "after and limit must be integers") from None
+        db = self.ext.audit_db_path(found[1])
+        result = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: network.query(db, kernel_id, after_id=after, blocked=_flag(self.get_argument("blocked", "")),
+                                        host=self.get_argument("host", "")[:260], limit=min(limit, self.ext.max_rows)))
+        result.update({"kernel_id": kernel_id, "capsem": True})
+        self.finish(json.dumps(result))
+
+
+class EventsHandler(CapsemHandler):
+    """Server-sent events. `state`: the facts, whenever state or accelerator change; `network`:
+    {rows, total, blocked, last_id} with rows newer than ?after=ID (or Last-Event-ID); `gone` when
+    the kernel is shut down (then the stream ends)."""
+
+    closed = False
+
+    def on_connection_close(self) -> None:
+        self.closed = True
+
+    async def send(self, event: str, data: dict, event_id: int | None = None) -> None:
+        head = f"id: {event_id}\n" if event_id is not None else ""
+        self.write(f"{head}event: {event}\ndata: {json.dumps(data)}\n\n")
+        await self.flush()
+
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str):
+        found = self.capsem_or_explain(kernel_id)
+        if found is None:
+            return
+        try:
+            after = int(self.request.headers.get("Last-Event-ID") or self.get_argument("after", "0"))
+        except ValueError:
+            raise web.HTTPError(400, "after must be an integer") from None
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        loop = asyncio.get_running_loop()
+        last_seen, last_write = None, time.monotonic()
+        try:
+            self.write(": capsem events\n\n")
+            await self.flush()
+            while not self.closed:
+                try:
+                    km = self.kernel_manager.get_kernel(kernel_id)
+                except KeyError:
+                    await self.send("gone", {"kernel_id": kernel_id, "state": "dead"})
+                    break
+                prov = capsem_provisioner(km)
+                facts = kernel_facts(kernel_id, km)
+                seen = (facts["state"], facts["accel"], facts["started_at"])
+                if seen != last_seen:
+                    last_seen = seen
+                    await self.send("state", facts)
+                    last_write = time.monotonic()
+                db = self.ext.audit_db_path(prov)
+                result = await loop.run_in_executor(
+                    None, lambda: network.query(db, kernel_id, after_id=after, limit=self.ext.max_rows))
+                if result["rows"]:
+                    after = result["last_id"]
+                    await self.send("network", result, event_id=after)
+                    last_write = time.monotonic()
+                elif time.monotonic() - last_write > self.ext.keepalive_interval:
+                    self.write(": keep-alive\n\n")
+                    await self.flush()
+                    last_write = time.monotonic()
+                await asyncio.sleep(self.ext.poll_interval)
+        except StreamClosedError:
+            return
+        if not self.closed:
+            self.finish()
+
+
+def routes(base_url: str) -> list[tuple[str, type]]:
+    def url(path: str) -> str:
+        return url_path_join(base_url, "capsem", path)
+
+    return [
+        (url("kernels/?"), KernelsHandler),
+        (url(f"kernels/{KERNEL_ID}/?"), KernelFactsHandler),
+        (url(f"kernels/{KERNEL_ID}/policy/?"), PolicyHandler),
+        (url(f"kernels/{KERNEL_ID}/network/?"), NetworkHandler),
+        (url(f"kernels/{KERNEL_ID}/events/?"), EventsHandler),
+    ]
