@@ -45,11 +45,20 @@ class CapsemHandler(APIHandler):
     def ext(self) -> CapsemExtension:
         return self.settings[SETTINGS_KEY]
 
-    def get_km(self, kernel_id: str):
+    def find_km(self, kernel_id: str):
+        """The kernel's manager, or None once it is gone (never raises for unknown ids)."""
+        if kernel_id not in self.kernel_manager:
+            return None
         try:
             return self.kernel_manager.get_kernel(kernel_id)
-        except KeyError:
-            raise web.HTTPError(404, f"no kernel {kernel_id} on this server") from None
+        except (KeyError, web.HTTPError):
+            return None
+
+    def get_km(self, kernel_id: str):
+        km = self.find_km(kernel_id)
+        if km is None:
+            raise web.HTTPError(404, f"no kernel {kernel_id} on this server")
+        return km
 
     def capsem_or_explain(self, kernel_id: str):
         """(km, provisioner) of a capsem kernel, or None after answering that it is not one."""
@@ -83,11 +92,8 @@ class KernelsHandler(CapsemHandler):
     async def get(self):
         out = []
         for kid in list(self.kernel_manager.list_kernel_ids()):
-            try:
-                km = self.kernel_manager.get_kernel(kid)
-            except KeyError:
-                continue
-            if is_capsem(km):
+            km = self.find_km(kid)
+            if km is not None and is_capsem(km):
                 facts = kernel_facts(kid, km)
                 out.append({"kernel_id": kid, "state": facts["state"], "accel": facts["accel"]})
         self.finish(json.dumps({"kernels": out}))
@@ -214,9 +220,8 @@ class EventsHandler(CapsemHandler):
             self.write(": capsem events\n\n")
             await self.flush()
             while not self.closed:
-                try:
-                    km = self.kernel_manager.get_kernel(kernel_id)
-                except KeyError:
+                km = self.find_km(kernel_id)
+                if km is None:
                     await self.send("gone", {"kernel_id": kernel_id, "state": "dead"})
                     break
                 prov = capsem_provisioner(km)

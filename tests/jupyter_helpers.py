@@ -1,0 +1,108 @@
+"""A real Jupyter server (or JupyterLab) in a subprocess, for the server-extension and browser
+tests. Private JUPYTER_CONFIG_DIR/DATA_DIR/RUNTIME_DIR, so nothing of the user's leaks in; the
+extension is enabled by the config the package installs (etc/jupyter/jupyter_server_config.d).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class JupyterServer:
+    url: str
+    token: str
+    proc: subprocess.Popen
+    log_path: Path
+    headers: dict = field(default_factory=dict)
+
+    def request(self, method: str, path: str, body: dict | None = None, *, token: bool = True,
+                timeout: float = 60) -> tuple[int, dict | str]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url.rstrip("/") + path, data=data, method=method)
+        if token:
+            req.add_header("Authorization", f"token {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        text = raw.decode(errors="replace")
+        try:
+            return status, json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            return status, text
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # jupyter asks to confirm on the 1st SIGINT from a tty only
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_server(tmp: Path, *, lab: bool = False, root_dir: Path | None = None, args: list[str] = (),
+                 env: dict | None = None, startup_timeout: float = 120) -> JupyterServer:
+    tmp.mkdir(parents=True, exist_ok=True)
+    port, token = free_port(), secrets.token_hex(16)
+    full_env = dict(os.environ)
+    for name in ("config", "data", "runtime"):
+        d = tmp / f"jupyter-{name}"
+        d.mkdir(exist_ok=True)
+        full_env[f"JUPYTER_{name.upper()}_DIR"] = str(d)
+    full_env.update(env or {})
+    module = "jupyterlab" if lab else "jupyter_server"
+    cmd = [sys.executable, "-m", module, "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root_dir or tmp}",
+           "--ServerApp.port_retries=0", *args]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log_path = tmp / ("lab.log" if lab else "server.log")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(root_dir or tmp),
+                            start_new_session=True)
+    log.close()
+    server = JupyterServer(f"http://127.0.0.1:{port}/", token, proc, log_path)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jupyter server exited ({proc.returncode}):\n{server.log()[-4000:]}")
+        try:
+            status, _ = server.get("/api/status", timeout=5)
+            if status == 200:
+                return server
+        except OSError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"jupyter server did not answer within {startup_timeout} s:\n{server.log()[-4000:]}")
