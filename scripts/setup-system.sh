@@ -6,7 +6,8 @@ set -euo pipefail
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static debootstrap mmdebstrap erofs-utils cpio zstd
           debian-archive-keyring ca-certificates socat kmod uidmap util-linux
-          python3-venv make)
+          python3-venv make
+          nodejs chromium)  # nodejs: builds the JupyterLab extension; chromium: the browser tests
 PREFIX=/opt/capsem
 VSOCK_BIN="$PREFIX/bin/vhost-device-vsock"
 
@@ -23,6 +24,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup-system: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# npm comes with NodeSource's nodejs; Debian's nodejs has it as a separate package
+if ! command -v npm >/dev/null; then
+  echo "setup-system: installing npm"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
 fi
 
 if [ ! -x "$VSOCK_BIN" ]; then
