@@ -5,12 +5,16 @@
 Installs the capsem kernelspec into this env if needed, runs NOTEBOOK (default
 notebooks/hello_sandbox.ipynb) with nbclient in kernel "capsem", prints each cell's outputs, and
 writes the executed copy next to the input as *.executed.ipynb. With --lab, then starts
-JupyterLab with the capsem kernel available and prints its URL.
+JupyterLab with the capsem kernel and the capsem extension (status item, Sandbox panel) and prints
+its URL.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +32,39 @@ def ensure_kernelspec() -> None:
         KernelSpecManager().get_kernel_spec("capsem")
     except NoSuchKernel:
         subprocess.run([sys.executable, "-m", "capsem_vm.cli", "kernel", "install", "--sys-prefix"], check=True)
+
+
+def free_port(preferred: int = 8888) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def start_lab() -> int:
+    out = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"], capture_output=True, text=True)
+    listed = [ln for ln in (out.stdout + out.stderr).splitlines() if "@capsem/jupyterlab-capsem" in ln]
+    if not any("enabled" in ln for ln in listed):
+        print("capsem demo: warning: the capsem JupyterLab extension is not enabled (reinstall the package: "
+              "pip install -e .)", file=sys.stderr)
+    port, token = free_port(), secrets.token_hex(24)
+    url = f"http://127.0.0.1:{port}/lab?token={token}"
+    print("capsem demo: starting JupyterLab with the capsem kernel and the Sandbox panel")
+    print(f"capsem demo: open {url}")
+    print("capsem demo: pick 'Python 3 (Capsem sandbox)'; the status bar shows the sandbox, click it for the panel"
+          " (Ctrl-C stops JupyterLab)", flush=True)
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--notebook-dir={REPO / 'notebooks'}"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
 
 
 def show_outputs(nb) -> None:
@@ -66,9 +103,7 @@ def main() -> int:
     nbformat.write(nb, out)
     print(f"\ncapsem demo: executed copy written to {out}")
     if args.lab:
-        print("capsem demo: starting JupyterLab; open the URL it prints and pick 'Python 3 (Capsem sandbox)'")
-        return subprocess.call([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
-                                f"--notebook-dir={REPO / 'notebooks'}"] + (["--allow-root"] if __import__("os").geteuid() == 0 else []))
+        return start_lab()
     return 0
 
 
