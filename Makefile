@@ -23,7 +23,10 @@ help:
 system:
 	bash scripts/setup-system.sh
 
-$(VENV)/.installed: pyproject.toml
+# the editable install also builds the JupyterLab extension (labextension/, npm) and enables it
+LABEXT_SRC := labextension/package.json labextension/package-lock.json $(wildcard labextension/src/*.ts labextension/style/*)
+
+$(VENV)/.installed: pyproject.toml $(LABEXT_SRC)
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
