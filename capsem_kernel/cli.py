@@ -22,21 +22,24 @@ def add_parser(sub) -> None:
     where.add_argument("--prefix", metavar="P", help="install under prefix P")
     p.add_argument("--name", default=kernelspec.DEFAULT_NAME, help="kernel name (default: capsem)")
     p.add_argument("--display-name", default=kernelspec.DEFAULT_DISPLAY_NAME, help="name shown in front ends")
-    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, metavar="MB", help="guest memory per kernel")
-    p.add_argument("--cpus", type=int, default=DEFAULT_CPUS, metavar="N", help="virtual CPUs per kernel")
-    p.add_argument("--share-mode", choices=("rw", "ro"), default="rw", help="notebook folder shared read-write or read-only")
+    # Only the options given are written into the kernelspec: the rest stay unset there, so Jupyter
+    # config (c.CapsemProvisioner.memory_mb = ...) still applies to them.
+    p.add_argument("--memory", type=int, metavar="MB", help=f"guest memory per kernel (default {DEFAULT_MEMORY_MB})")
+    p.add_argument("--cpus", type=int, metavar="N", help=f"virtual CPUs per kernel (default {DEFAULT_CPUS})")
+    p.add_argument("--share-mode", choices=("rw", "ro"), help="notebook folder shared read-write (default) or read-only")
     p.add_argument("--policy", metavar="FILE", help="egress policy file (host-side; absolute path stored)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="accelerator (default auto)")
     p.add_argument("--image", metavar="DIR", help="VM image directory (default: the built default image)")
     p.set_defaults(func=cmd_install)
     kernel.set_defaults(func=lambda args: kernel.print_help() or 2)
 
 
 def cmd_install(args) -> int:
-    if args.memory < 256 or not 1 <= args.cpus <= 64:
+    if (args.memory is not None and args.memory < 256) or (args.cpus is not None and not 1 <= args.cpus <= 64):
         print("capsem: error: --memory must be >= 256 and --cpus between 1 and 64")
         return 2
-    config = {"memory_mb": args.memory, "cpus": args.cpus, "share_mode": args.share_mode, "accel": args.accel}
+    given = {"memory_mb": args.memory, "cpus": args.cpus, "share_mode": args.share_mode, "accel": args.accel}
+    config = {key: value for key, value in given.items() if value is not None}
     if args.policy:
         policy = Path(args.policy).resolve()
         if not policy.is_file():
