@@ -42,6 +42,7 @@ def rule_json(rule: Rule, index: int) -> dict[str, Any]:
         "addresses": [str(a) for a in rule.addresses],
         "reason": rule.reason,
         "origin": rule.origin,
+        "builtin": rule.origin.startswith("built-in"),  # capsem's own (e.g. the DoH deny list), not the admin's
         "summary": rule_summary(rule),
     }
 

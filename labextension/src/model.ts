@@ -79,11 +79,19 @@ export interface IRowText {
   title: string;
 }
 
+/** The method column: the HTTP method; "DNS A" for lookups; the kind for connections, TCP, ... */
+export function formatMethod(row: IAuditRow): string {
+  if (row.kind === 'dns') {
+    return row.method ? `DNS ${row.method}` : 'DNS';
+  }
+  return row.method ?? (row.kind === 'http' ? '' : row.kind.toUpperCase());
+}
+
 export function formatRow(row: IAuditRow): IRowText {
   return {
     time: formatTime(row.ts),
     decision: row.decision ?? '',
-    method: row.method ?? (row.kind === 'http' ? '' : row.kind.toUpperCase()),
+    method: formatMethod(row),
     host: formatHost(row),
     path: row.path ?? '',
     status: row.status === null || row.status === undefined ? '' : String(row.status),
@@ -148,7 +156,14 @@ export function uptimeSeconds(facts: Pick<IKernelFacts, 'state' | 'started_at'>,
 }
 
 export function notificationText(row: IAuditRow): string {
-  const what = [row.method, formatHost(row) + (row.path ?? '')].filter(Boolean).join(' ');
+  let what: string;
+  if (row.kind === 'dns') {
+    what = `DNS lookup of ${formatHost(row)}`;
+  } else if (row.kind === 'http' || row.kind === 'websocket') {
+    what = [row.method, formatHost(row) + (row.path ?? '')].filter(Boolean).join(' ');
+  } else {
+    what = `${row.kind === 'tcp' ? 'TCP' : 'connection'} to ${formatHost(row)}`;
+  }
   const rule = row.rule ? `rule "${row.rule}"` : 'no rule';
   return `Sandbox blocked ${what} (${rule}${row.reason ? ': ' + row.reason : ''})`;
 }

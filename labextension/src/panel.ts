@@ -15,7 +15,7 @@ import {
   uptimeSeconds
 } from './model';
 import { SandboxModel } from './sandbox';
-import { IKernelFacts, IPolicy } from './types';
+import { IKernelFacts, IPolicy, IPolicyRule } from './types';
 
 export const PANEL_ID = 'capsem-sandbox-panel';
 
@@ -90,7 +90,7 @@ export class SandboxPanel extends Widget {
     scroller.append(table);
     this.network.body.append(filters, this.summary, scroller);
 
-    this.node.append(this.header, this.facts.root, this.policy.root, this.network.root);
+    this.node.append(this.header, this.facts.root, this.network.root, this.policy.root);
     model.changed.connect(this.render, this);
     this.render();
   }
@@ -171,23 +171,28 @@ export class SandboxPanel extends Widget {
       body.append(el('p', 'jp-capsem-error', p.error));
     }
     const list = el('ol', 'jp-capsem-rules');
-    for (const r of p.rules) {
-      const item = el('li', `jp-capsem-rule jp-capsem-rule-${r.action}`);
-      item.dataset.rule = r.name;
-      const head = el('div', 'jp-capsem-rule-head');
-      head.append(el('span', `jp-capsem-badge jp-capsem-badge-${r.action}`, r.action), el('strong', '', ` ${r.name}`));
-      item.append(head, el('code', 'jp-capsem-rule-summary', r.summary));
-      if (r.reason) {
-        item.append(el('div', 'jp-capsem-rule-reason', r.reason));
-      }
-      item.title = r.origin;
-      list.append(item);
+    const builtin = p.rules.filter(r => r.builtin);
+    for (const r of p.rules.filter(r => !r.builtin)) {
+      list.append(ruleItem(r));
+    }
+    if (!p.rules.some(r => !r.builtin)) {
+      list.append(el('li', 'jp-capsem-note', 'No rules of your own: everything is denied.'));
     }
     const last = el('li', 'jp-capsem-rule jp-capsem-rule-deny jp-capsem-rule-default');
     last.append(el('span', 'jp-capsem-badge jp-capsem-badge-deny', 'deny'), el('strong', '', ' default'));
     last.append(el('div', 'jp-capsem-rule-reason', 'anything no rule above allows'));
     list.append(last);
     body.append(list);
+    if (builtin.length) {
+      const more = el('details', 'jp-capsem-builtin-rules');
+      more.append(el('summary', '', `${builtin.length} built-in deny rules (checked first)`));
+      const inner = el('ol', 'jp-capsem-rules');
+      for (const r of builtin) {
+        inner.append(ruleItem(r));
+      }
+      more.append(inner);
+      body.append(more);
+    }
     body.append(
       el(
         'p',
@@ -243,6 +248,19 @@ export class SandboxPanel extends Widget {
     window.clearInterval(this.timer);
     super.dispose();
   }
+}
+
+function ruleItem(r: IPolicyRule): HTMLLIElement {
+  const item = el('li', `jp-capsem-rule jp-capsem-rule-${r.action}`);
+  item.dataset.rule = r.name;
+  const head = el('div', 'jp-capsem-rule-head');
+  head.append(el('span', `jp-capsem-badge jp-capsem-badge-${r.action}`, r.action), el('strong', '', ` ${r.name}`));
+  item.append(head, el('code', 'jp-capsem-rule-summary', r.summary));
+  if (r.reason) {
+    item.append(el('div', 'jp-capsem-rule-reason', r.reason));
+  }
+  item.title = r.origin;
+  return item;
 }
 
 function shareRows(f: IKernelFacts): [string, string][] {

@@ -40,6 +40,7 @@ export interface IPolicyRule {
   addresses: string[];
   reason: string;
   origin: string;
+  builtin?: boolean;
   summary: string;
 }
 

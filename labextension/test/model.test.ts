@@ -138,5 +138,10 @@ describe('formatting', () => {
       row({ decision: 'deny', host: 'evil.example', path: '/x', rule: 'default', reason: 'no rule allows this' })
     );
     expect(text).toBe('Sandbox blocked GET evil.example/x (rule "default": no rule allows this)');
+    const dns = row({ kind: 'dns', method: 'A', decision: 'deny', host: 'pypi.org', port: null, rule: 'default', reason: '' });
+    expect(notificationText(dns)).toBe('Sandbox blocked DNS lookup of pypi.org (rule "default")');
+    expect(formatRow(dns).method).toBe('DNS A');
+    const tcp = row({ kind: 'tcp', method: null, decision: 'deny', host: '10.0.0.1', port: 22, rule: null, reason: null });
+    expect(notificationText(tcp)).toBe('Sandbox blocked TCP to 10.0.0.1:22 (no rule)');
   });
 });
