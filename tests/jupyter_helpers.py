@@ -71,6 +71,15 @@ class JupyterServer:
                 self.proc.wait(10)
 
 
+def quiet_lab_settings(tmp: Path) -> Path:
+    """Private JupyterLab user settings: no "fetch Jupyter news?" toast, no update checks (no network)."""
+    settings = tmp / "lab-user-settings"
+    f = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    return settings
+
+
 def start_server(tmp: Path, *, lab: bool = False, root_dir: Path | None = None, args: list[str] = (),
                  env: dict | None = None, startup_timeout: float = 120) -> JupyterServer:
     tmp.mkdir(parents=True, exist_ok=True)
@@ -85,6 +94,9 @@ def start_server(tmp: Path, *, lab: bool = False, root_dir: Path | None = None, 
     cmd = [sys.executable, "-m", module, "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root_dir or tmp}",
            "--ServerApp.port_retries=0", *args]
+    if lab:
+        cmd += [f"--LabApp.user_settings_dir={quiet_lab_settings(tmp)}",
+                f"--LabApp.workspaces_dir={tmp / 'lab-workspaces'}"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     log_path = tmp / ("lab.log" if lab else "server.log")
