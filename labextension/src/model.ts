@@ -87,6 +87,16 @@ export function formatMethod(row: IAuditRow): string {
   return row.method ?? (row.kind === 'http' ? '' : row.kind.toUpperCase());
 }
 
+const DNS_RCODES: Record<number, string> = { 0: 'NOERROR', 2: 'SERVFAIL', 3: 'NXDOMAIN', 5: 'REFUSED' };
+
+/** HTTP status, or the DNS answer's name (NXDOMAIN) for lookups. */
+export function formatStatus(row: IAuditRow): string {
+  if (row.status === null || row.status === undefined) {
+    return '';
+  }
+  return row.kind === 'dns' ? DNS_RCODES[row.status] ?? `rcode ${row.status}` : String(row.status);
+}
+
 export function formatRow(row: IAuditRow): IRowText {
   return {
     time: formatTime(row.ts),
@@ -94,7 +104,7 @@ export function formatRow(row: IAuditRow): IRowText {
     method: formatMethod(row),
     host: formatHost(row),
     path: row.path ?? '',
-    status: row.status === null || row.status === undefined ? '' : String(row.status),
+    status: formatStatus(row),
     rule: row.rule ?? '',
     kind: row.kind,
     title: [row.url, row.reason].filter(Boolean).join(' \u2014 ')

@@ -141,6 +141,8 @@ describe('formatting', () => {
     const dns = row({ kind: 'dns', method: 'A', decision: 'deny', host: 'pypi.org', port: null, rule: 'default', reason: '' });
     expect(notificationText(dns)).toBe('Sandbox blocked DNS lookup of pypi.org (rule "default")');
     expect(formatRow(dns).method).toBe('DNS A');
+    expect(formatRow({ ...dns, status: 3 }).status).toBe('NXDOMAIN');
+    expect(formatRow({ ...dns, status: 9 }).status).toBe('rcode 9');
     const tcp = row({ kind: 'tcp', method: null, decision: 'deny', host: '10.0.0.1', port: 22, rule: null, reason: null });
     expect(notificationText(tcp)).toBe('Sandbox blocked TCP to 10.0.0.1:22 (no rule)');
   });
