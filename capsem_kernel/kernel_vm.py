@@ -115,4 +115,5 @@ class KernelVM:
             "state": self.state,
             "started_at": self.started_at,
             "ready_at": self.ready_at,
+            "egress": vm.egress.info() if vm.egress else None,
         }

@@ -16,6 +16,9 @@ Contract notes:
   VM died. Restarts get a fresh VM: nothing survives.
 - Only the kernelspec's own env and JPY_SESSION_NAME reach the guest: the host's environment
   (tokens, credentials) never does.
+- Egress: the guest reaches the outside only through the policy proxy, with the policy of the
+  `policy` trait (kernelspec / Jupyter config), else the user's config dir, else deny-all; flows
+  are audited under this kernel's id (`capsem audit --kernel ID`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from jupyter_client.localinterfaces import is_local_ip
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import CaselessStrEnum, Float, Int, Unicode
 
-from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, Share, VMConfig
+from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
 
 from . import loop_thread
 from .kernel_vm import KernelVM
@@ -49,7 +52,8 @@ class CapsemProvisioner(KernelProvisionerBase):
     share_mode = CaselessStrEnum(["rw", "ro"], "rw", config=True,
                                  help="How the notebook folder is shared into the guest: rw or ro.")
     policy = Unicode("", config=True,
-                     help="Egress policy file (host-side). Never read from the notebook folder.")
+                     help="Egress policy file (host-side). Empty: the user's config dir policy.toml "
+                          "if it exists, else deny everything. Never read from the notebook folder.")
     boot_timeout = Float(180.0, config=True, help="Seconds to wait for the guest agent (TCG is slow).")
 
     kernel_vm: KernelVM | None = None
@@ -78,8 +82,9 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     def _vm_config(self, cwd: str) -> VMConfig:
         share = Share(Path(cwd).resolve(), "notebook", readonly=self.share_mode == "ro")
+        egress = EgressConfig(policy=self.policy or None, kernel_id=self.kernel_id)
         return VMConfig(memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel, image=self.image,
-                        shares=(share,), boot_timeout=self.boot_timeout)
+                        shares=(share,), boot_timeout=self.boot_timeout, egress=egress)
 
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
         guest = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}

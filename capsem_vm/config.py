@@ -25,6 +25,14 @@ class Share:
 
 
 @dataclass(frozen=True)
+class EgressConfig:
+    """The VM's way out (capsem_vm/egress.py): every byte through the policy proxy."""
+
+    policy: str | None = None      # policy file; None: the user's config dir, else deny-all
+    kernel_id: str | None = None   # who the audit log names; None: a generated "vm-<hex>"
+
+
+@dataclass(frozen=True)
 class VMConfig:
     memory_mb: int = DEFAULT_MEMORY_MB
     cpus: int = DEFAULT_CPUS
@@ -33,6 +41,7 @@ class VMConfig:
     shares: tuple[Share, ...] = ()
     boot_timeout: float = 180.0  # TCG boots are slow; a loaded CI machine slower still
     kernel_args: tuple[str, ...] = ()
+    egress: EgressConfig | None = None  # None: the guest has no way out at all
 
     def __post_init__(self):
         if not MIN_MEMORY_MB <= self.memory_mb <= 1 << 20:

@@ -12,7 +12,7 @@ import tty
 from pathlib import Path
 
 from . import accel
-from .config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, Share, VMConfig
+from .config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
 from .vm import VM
 
 STDIN_CHUNK = 65536
@@ -46,6 +46,10 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", choices=accel.CHOICES, default="auto", help="accelerator (default auto: KVM if usable, else TCG)")
     p.add_argument("--vsock", choices=("auto", "vhost-user", "kernel"), default="auto", help="vsock backend")
     p.add_argument("--image", metavar="DIR", help="image directory (default: the built default image)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="egress policy (TOML); default: policy.toml in the user's config dir, else deny all")
+    p.add_argument("--no-egress", action="store_true",
+                   help="no way out at all: no resolver, proxy or capture in the guest")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
 
@@ -56,8 +60,13 @@ def _config(args) -> VMConfig:
         if not host.is_dir():
             raise SystemExit(f"capsem: error: --share {args.share}: not a directory")
         shares = (Share(host, "share0", readonly=args.read_only),)
+    if args.policy and args.no_egress:
+        raise SystemExit("capsem: error: --policy and --no-egress exclude each other")
+    egress = None if args.no_egress else EgressConfig(
+        policy=str(Path(args.policy).resolve()) if args.policy else None)
     try:
-        return VMConfig(memory_mb=args.memory, cpus=args.cpus, accel=args.accel, image=args.image, shares=shares)
+        return VMConfig(memory_mb=args.memory, cpus=args.cpus, accel=args.accel, image=args.image, shares=shares,
+                        egress=egress)
     except ValueError as exc:
         raise SystemExit(f"capsem: error: {exc}") from None
 
@@ -87,7 +96,19 @@ def cmd_shell(args) -> int:
 async def _run(config: VMConfig, argv: list[str], args, pty: bool) -> int:
     loop = asyncio.get_running_loop()
     vm = VM(config, vsock=args.vsock, progress=_progress(args))
+    try:
+        return await _run_in(vm, config, argv, args, pty, loop)
+    finally:
+        if config.egress is not None:
+            from .egress import release_service
+            await release_service()  # a one-shot command keeps no proxy around
+
+
+async def _run_in(vm: VM, config: VMConfig, argv: list[str], args, pty: bool, loop) -> int:
     async with vm:
+        if vm.egress is not None and not args.quiet:
+            print(f"capsem: egress policy {vm.egress.policy.source}; audit: capsem audit --kernel "
+                  f"{vm.egress.kernel_id}", file=sys.stderr, flush=True)
         cwd = config.shares[0].guest_path if config.shares else "/root"
         rows, cols = _terminal_size() if pty else (None, None)
         env = {"TERM": os.environ.get("TERM", "xterm")} if pty else None

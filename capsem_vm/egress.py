@@ -1,0 +1,189 @@
+"""Host side of one VM's egress: its policy, its EgressBridge, the shared proxy service, and the
+guest's egress_setup.
+
+    VMConfig(egress=EgressConfig(policy="/etc/capsem/lab.toml", kernel_id=kid))
+
+VM.start() opens an `Egress` before QEMU starts (the policy is loaded and checked then, and the
+bridge's vsock ports 5002/5003 listen), sends egress_setup right after the agent's hello, and
+VM.stop() closes it. Where the policy comes from: `EgressConfig.policy` (the kernelspec / Jupyter
+config / `capsem vm run --policy`), else the user's config dir, else deny-all; never a folder the
+guest can write (capsem_vm.policy.source).
+
+The proxy service (mitmproxy, its own process) is shared by every VM of this process and started
+on demand: only when a policy can allow something, in parallel with the boot. When the last VM
+of the process is gone it is stopped after SERVICE_IDLE seconds (`release_service()` stops it at
+once, for one-shot commands). Its processes die with ours in any case (service.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from capsem_agent import protocol
+
+from .config import EgressConfig
+from .policy import ALLOW, Policy, load_kernel_policy
+from .proxy.audit import AuditLog
+from .proxy.bridge import EgressBridge
+from .proxy.ca import ca_cert_pem
+from .proxy.service import ProxyService
+
+log = logging.getLogger(__name__)
+
+SERVICE_IDLE = 120.0      # keep the proxy warm this long after the last VM (kernel restarts)
+PROXY_WAIT = 90.0         # the proxy service start (mitmproxy import) on a loaded host
+SETUP_TIMEOUT = 90.0      # egress_setup in the guest: module loading + nft under TCG
+
+
+# --- process-wide: the proxy service users and the audit log ----------------------------------------
+
+_users = 0
+_idle_handle: asyncio.TimerHandle | None = None
+_audit: AuditLog | None = None
+
+
+def shared_audit() -> AuditLog:
+    global _audit
+    if _audit is None:
+        _audit = AuditLog()
+    return _audit
+
+
+async def _acquire_service() -> ProxyService:
+    global _users, _idle_handle
+    _users += 1
+    if _idle_handle is not None:
+        _idle_handle.cancel()
+        _idle_handle = None
+    try:
+        return await ProxyService.shared()
+    except BaseException:
+        _users -= 1
+        raise
+
+
+def _release_later() -> None:
+    global _users, _idle_handle
+    _users -= 1
+    if _users == 0:
+        loop = asyncio.get_running_loop()
+        _idle_handle = loop.call_later(SERVICE_IDLE, lambda: loop.create_task(release_service()))
+
+
+async def release_service() -> None:
+    """Stop the shared proxy service now if no VM uses it (flushes the audit log too)."""
+    global _idle_handle
+    if _idle_handle is not None:
+        _idle_handle.cancel()
+        _idle_handle = None
+    if _users == 0 and ProxyService._shared is not None:
+        await ProxyService._shared.close()
+    if _audit is not None:
+        await asyncio.to_thread(_audit.flush)
+
+
+# --- one VM ---------------------------------------------------------------------------------------
+
+class Egress:
+    def __init__(self, config: EgressConfig, guest_writable: list[str] = ()):
+        self.config = config
+        self.guest_writable = list(guest_writable)
+        self.kernel_id = config.kernel_id or f"vm-{secrets.token_hex(6)}"
+        self.policy: Policy | None = None
+        self.bridge: EgressBridge | None = None
+        self.service: ProxyService | None = None
+        self.setup_reply: dict | None = None
+        self._ca_pem: str | None = None
+        self._ready: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    @property
+    def needs_proxy(self) -> bool:
+        return any(r.action == ALLOW for r in self.policy.rules)
+
+    async def start(self, transport) -> None:
+        """Load the policy, listen on the egress ports, start the proxy service in the background.
+        Call before QEMU starts. Raises PolicyError for a bad or misplaced policy."""
+        self.policy = await asyncio.to_thread(load_kernel_policy, self.config.policy, self.guest_writable)
+        self._ca_pem = (await asyncio.to_thread(ca_cert_pem)).decode()
+        self._ready = asyncio.get_running_loop().create_future()
+        await transport.listen(protocol.PORT_EGRESS, self._on_egress)
+        await transport.listen(protocol.PORT_DNS, self._on_dns)
+        if self.needs_proxy:
+            self._task = asyncio.ensure_future(self._connect_proxy())
+        else:  # nothing can be allowed: the bridge answers everything itself
+            self._make_bridge(None)
+
+    def _make_bridge(self, endpoint) -> None:
+        self.bridge = EgressBridge(self.kernel_id, self.policy, endpoint, audit=shared_audit())
+        if not self._ready.done():
+            self._ready.set_result(self.bridge)
+
+    async def _connect_proxy(self) -> None:
+        try:
+            self.service = await _acquire_service()
+            try:
+                endpoint = await self.service.register(self.kernel_id, self.policy)
+            except BaseException:
+                _release_later()
+                self.service = None
+                raise
+            self._make_bridge(endpoint)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("egress proxy for %s failed to start: %s", self.kernel_id, exc)
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+
+    async def _bridge(self) -> EgressBridge:
+        return await asyncio.wait_for(asyncio.shield(self._ready), PROXY_WAIT)
+
+    async def _on_egress(self, reader, writer) -> None:
+        try:
+            bridge = await self._bridge()
+        except Exception as exc:  # noqa: BLE001 - the guest gets a reason, the stream closes
+            writer.write(protocol.encode({"t": "refused", "rule": "proxy",
+                                          "reason": f"the egress proxy is not available: {exc}"[:500]}))
+            writer.close()
+            return
+        await bridge.handle_egress(reader, writer)
+
+    async def _on_dns(self, reader, writer) -> None:
+        try:
+            bridge = await self._bridge()
+        except Exception:  # noqa: BLE001
+            writer.close()
+            return
+        await bridge.handle_dns(reader, writer)
+
+    async def setup_guest(self, control) -> dict:
+        """Wait for the proxy, then have the agent trust the CA and route its traffic here."""
+        await self._bridge()
+        self.setup_reply = await control.request(
+            {"t": "egress_setup", "ca_pem": self._ca_pem, "env": self.policy.guest_env()},
+            timeout=SETUP_TIMEOUT)
+        return self.setup_reply
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.bridge is not None:
+            await self.bridge.close()
+        if self.service is not None:
+            try:
+                await asyncio.wait_for(self.service.unregister(self.kernel_id), 10)
+            except Exception as exc:  # noqa: BLE001 - the service may be gone already
+                log.info("unregistering %s from the proxy service: %s", self.kernel_id, exc)
+            _release_later()
+            self.service = None
+
+    def info(self) -> dict:
+        return {"kernel_id": self.kernel_id, "policy": self.policy.source if self.policy else None,
+                "proxy": bool(self.service), "guest": self.setup_reply}
