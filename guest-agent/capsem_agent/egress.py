@@ -41,6 +41,7 @@ class Egress:
                 raise protocol.MessageError(f"egress_setup: bad env name {name[:64]!r}", msg["id"])
         t0 = time.monotonic()
         in_vm = sysinit.IN_VM
+        steps: dict[str, float] = {}
         with self._lock:
             try:
                 if in_vm:
@@ -53,9 +54,11 @@ class Egress:
                     ca_file = trust.install(pem, bundle=bundle, cert_file=os.path.join(d, "capsem-egress.crt"))
             except trust.TrustError as exc:
                 raise protocol.MessageError(f"egress_setup: {exc}", msg["id"]) from None
+            steps["trust"] = round(time.monotonic() - t0, 3)
             self._start_servers(in_vm)
+            steps["listeners"] = round(time.monotonic() - t0 - steps["trust"], 3)
             if in_vm:
-                netsetup.setup()
+                steps.update(netsetup.setup())
             proxy = "http://%s:%d" % self.addresses["proxy"]
             env = {
                 "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
@@ -67,7 +70,8 @@ class Egress:
             procs.EGRESS_ENV.clear()
             procs.EGRESS_ENV.update(env)
         return {"proxy": proxy, "dns": "%s:%d" % self.addresses["dns"],
-                "capture": "%s:%d" % self.addresses["capture"], "seconds": round(time.monotonic() - t0, 3)}
+                "capture": "%s:%d" % self.addresses["capture"], "seconds": round(time.monotonic() - t0, 3),
+                "steps": steps}
 
     def _start_servers(self, in_vm: bool) -> None:
         if self.servers:

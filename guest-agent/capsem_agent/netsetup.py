@@ -6,7 +6,9 @@ ENETUNREACH before netfilter ever saw it. So:
   - a dummy interface `capsem0` (192.0.2.2/32, TEST-NET-1: never routed anywhere) carries an IPv4
     default route: outside destinations become routable, and nothing leaves through it;
   - nftables, NAT OUTPUT: every TCP connection to a non-local address is redirected to the
-    agent's capture port (127.0.0.1:15001), which reads SO_ORIGINAL_DST;
+    agent's capture port (127.0.0.1:15001), which reads SO_ORIGINAL_DST; DNS over UDP to any
+    outside resolver (8.8.8.8:53) is redirected to the stub, so it gets the policy's answer and
+    is audited like any other lookup (the outside resolver is never asked);
   - nftables, filter OUTPUT: only packets to local addresses pass (after NAT the redirected
     TCP has a local destination); UDP (but DNS to 127.0.0.1), ICMP, raw IP towards the outside
     are dropped, which a sender sees at once as EPERM ("Operation not permitted");
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 DEVICE = "capsem0"
 ADDRESS = "192.0.2.2"
@@ -36,6 +39,7 @@ table ip capsem {{
         type nat hook output priority -100; policy accept;
         fib daddr type local return
         meta l4proto tcp redirect to :{CAPTURE_PORT}
+        udp dport 53 redirect to :53
     }}
     chain filter_out {{
         type filter hook output priority 0; policy drop;
@@ -110,16 +114,27 @@ def disable_ipv6() -> None:
         _write_sysctl(f"net.ipv6.conf.{scope}.disable_ipv6", "1")
 
 
-def setup() -> None:
-    """Idempotent: a second call re-applies the rules and files."""
+def setup() -> dict[str, float]:
+    """Idempotent: a second call re-applies the rules and files. Returns seconds per step."""
+    times = {}
+    t = time.monotonic()
+
+    def lap(name):
+        nonlocal t
+        now = time.monotonic()
+        times[name] = round(now - t, 3)
+        t = now
     disable_ipv6()
     if not os.path.exists("/sys/module/dummy"):
         os.makedirs("/etc/modprobe.d", exist_ok=True)
         _replace_file("/etc/modprobe.d/capsem-dummy.conf", "options dummy numdummies=0\n")  # no stray dummy0
         _run(["modprobe", "-a", *MODULES])
+    lap("modules")
     if not device_exists():
         _run(["ip", "-batch", "-"], IP_BATCH)
+    lap("device")
     _run(["nft", "-f", "-"], RULESET)
+    lap("nft")
     _replace_file("/etc/resolv.conf", RESOLV_CONF)
     try:
         with open("/etc/hosts") as f:
@@ -128,3 +143,4 @@ def setup() -> None:
         hosts = ""
     if "localhost" not in hosts:
         _replace_file("/etc/hosts", HOSTS + hosts)
+    return times

@@ -90,10 +90,11 @@ Control messages (host requests carry an integer "id"; replies and events repeat
     127.0.0.1:3128 (CONNECT and absolute-form requests become 5002 streams naming the host) and
     a capture listener on 127.0.0.1:15001 (nftables redirects every other outgoing TCP
     connection there; its SO_ORIGINAL_DST becomes the 5002 connect host), and adds a dummy
-    device with an IPv4 default route; UDP but DNS, ICMP, raw IP and IPv6 to the outside are
-    dropped (senders get EPERM / ENETUNREACH). Replies "proxy" (URL), "dns" and "capture"
-    (ip:port), "seconds" (time taken). Error code egress_failed when the network plumbing
-    fails. Idempotent. From then on every exec/kernel environment also has HTTP_PROXY,
+    device with an IPv4 default route; DNS over UDP to any outside resolver is redirected to the
+    stub; other UDP, ICMP, raw IP and IPv6 to the outside are dropped (senders get EPERM /
+    ENETUNREACH). Replies "proxy" (URL), "dns" and "capture" (ip:port), "seconds" (time taken)
+    and "steps" ({name: seconds}). Error code egress_failed when the network plumbing fails.
+    Idempotent. From then on every exec/kernel environment also has HTTP_PROXY,
     HTTPS_PROXY, http_proxy, https_proxy, NO_PROXY, no_proxy, SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
     PIP_CERT, CURL_CA_BUNDLE, NODE_EXTRA_CA_CERTS and the request's env (e.g. credential
     placeholders).
