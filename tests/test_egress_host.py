@@ -1,0 +1,153 @@
+"""capsem_vm.egress on the host, no VM: where the policy comes from, when the proxy service runs
+(and stops), what a deny-all VM's bridge answers, and the CLI refusing a policy the guest could
+write. The guest end is the guest-protocol client of the proxy tests, on a fake vsock transport
+(Unix sockets, one per port)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_proxy_fixtures import Guest, wait_for  # noqa: E402
+
+import capsem_vm.egress as host_egress  # noqa: E402
+from capsem_vm.config import EgressConfig  # noqa: E402
+from capsem_vm.policy import PolicyError  # noqa: E402
+from capsem_vm.proxy import ca_cert_pem, dns, read_events  # noqa: E402
+from capsem_vm.proxy.service import ProxyService  # noqa: E402
+
+from conftest import CAPSEM  # noqa: E402
+
+
+class FakeTransport:
+    """listen(port, handler) on a Unix socket per port, as vhost-user vsock delivers them."""
+
+    def __init__(self, d: Path):
+        self.d = d
+        self.servers = []
+
+    def path(self, port: int) -> str:
+        return str(self.d / f"v.sock_{port}")
+
+    async def listen(self, port, handler):
+        self.servers.append(await asyncio.start_unix_server(handler, path=self.path(port)))
+
+    async def close(self):
+        for s in self.servers:
+            s.close()
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSEM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CAPSEM_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("CAPSEM_RUNTIME_DIR", str(tmp_path / "rt"))
+    monkeypatch.setattr(host_egress, "_audit", None)
+    ProxyService._shared = None
+    yield tmp_path
+    if host_egress._audit is not None:
+        host_egress._audit.close()
+        host_egress._audit = None
+
+
+async def test_default_policy_is_deny_all_and_needs_no_proxy(dirs):
+    t = FakeTransport(dirs)
+    eg = host_egress.Egress(EgressConfig())
+    await eg.start(t)
+    try:
+        assert eg.policy.source.startswith("<default") and not eg.needs_proxy
+        assert eg.kernel_id.startswith("vm-") and ProxyService._shared is None
+        g = Guest(t.path(5002), t.path(5003), "")
+        assert (await asyncio.to_thread(g.dns, "example.com"))[0] == dns.NXDOMAIN
+        s, reply = await asyncio.to_thread(g.open, "example.com", 443)
+        s.close()
+        assert reply == {"t": "refused", "reason": "no rule allows this (default deny)", "rule": "default"}
+        s, reply = await asyncio.to_thread(g.open, "169.254.169.254", 80)
+        s.close()
+        assert reply["t"] == "refused"
+
+        def audited():
+            host_egress.shared_audit().flush()
+            return [r for r in read_events(dirs / "data" / "audit.sqlite3", kernel=eg.kernel_id)]
+        got = await asyncio.to_thread(wait_for, audited, 10)
+        assert {(r["kind"], r["host"], r["decision"]) for r in got} >= {
+            ("dns", "example.com", "deny"), ("connect", "example.com", "deny"), ("connect", "169.254.169.254", "deny")}
+        assert eg.info()["proxy"] is False
+    finally:
+        await eg.close()
+        await t.close()
+    assert ProxyService._shared is None
+
+
+async def test_user_config_policy_starts_the_shared_service_and_idles_it_out(dirs, monkeypatch):
+    (dirs / "config").mkdir()
+    user_policy = dirs / "config" / "policy.toml"
+    user_policy.write_text('[[rule]]\nname = "pypi"\nhost = "pypi.org"\naction = "allow"\n')
+    os.chmod(user_policy, 0o644)
+    monkeypatch.setattr(host_egress, "SERVICE_IDLE", 0.5)
+    t = FakeTransport(dirs)
+    eg = host_egress.Egress(EgressConfig(kernel_id="k-user"))
+    await eg.start(t)
+    try:
+        assert eg.policy.source == str(user_policy) and eg.needs_proxy
+        bridge = await eg._bridge()
+        assert bridge.proxy.username == "k-user"
+        assert ProxyService._shared is not None and ProxyService._shared.alive
+        pids = ProxyService._shared.pids
+        assert pids and all(Path(f"/proc/{p}").exists() for p in pids)
+        # a denied name never reaches the proxy; an allowed one is handed to it
+        g = Guest(t.path(5002), t.path(5003), "")
+        rcode, ips = await asyncio.to_thread(g.dns, "pypi.org")
+        assert rcode == dns.NOERROR and ips[0].startswith("198.18.")
+    finally:
+        await eg.close()
+        await t.close()
+    # the last VM is gone: the service stops after SERVICE_IDLE
+    await asyncio.sleep(1.5)
+    for _ in range(50):
+        if ProxyService._shared is None:
+            break
+        await asyncio.sleep(0.2)
+    assert ProxyService._shared is None
+    for p in pids:
+        assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]
+
+
+async def test_policy_in_a_guest_writable_folder_is_refused(dirs):
+    share = dirs / "notebook"
+    share.mkdir()
+    (share / "policy.toml").write_text('[[rule]]\nname = "all"\nhost = "*"\naction = "allow"\n')
+    eg = host_egress.Egress(EgressConfig(policy=str(share / "policy.toml")), [str(share)])
+    with pytest.raises(PolicyError, match="folder the VM can write"):
+        await eg.start(FakeTransport(dirs))
+
+
+async def test_malformed_policy_names_the_line(dirs):
+    bad = dirs / "bad.toml"
+    bad.write_text('[[rule]]\nname = "x"\nhost = "a.example"\naction = "allow"\nport = "eighty"\n')
+    os.chmod(bad, 0o644)
+    with pytest.raises(PolicyError) as exc:
+        await host_egress.Egress(EgressConfig(policy=str(bad))).start(FakeTransport(dirs))
+    assert exc.value.line == 5 and f"{bad}:5:" in str(exc.value)
+
+
+def test_ca_certificate_sent_to_the_guest_has_no_key(dirs):
+    pem = ca_cert_pem().decode()
+    assert pem.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE" not in pem
+
+
+def test_vm_run_refuses_a_policy_in_the_shared_folder(image_dir, dirs):
+    share = dirs / "nb"
+    share.mkdir()
+    (share / "p.toml").write_text('[[rule]]\nname = "all"\nhost = "*"\naction = "allow"\n')
+    env = dict(os.environ)
+    proc = subprocess.run(CAPSEM + ["vm", "run", "--share", str(share), "--policy", str(share / "p.toml"),
+                                    "--", "true"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "folder the VM can write" in proc.stderr, proc.stderr
