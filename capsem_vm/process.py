@@ -5,6 +5,11 @@ capsem process dies, even by SIGKILL, its helpers die too. The kernel ties that 
 *thread* that forked the child, so all spawns happen on one dedicated thread that lives as long as
 the process (a provisioner may be driven from short-lived threads, e.g. by nbclient's run_sync).
 Exit is awaited through a pidfd, so no asyncio child watcher is needed.
+
+Privilege separation: `spawn(..., identity=Identity(uid, gid, groups))` starts the helper as that
+user (supplementary groups replaced), `seccomp=` installs a seccomp filter (seccomp.Filter) before
+exec. Both happen before PDEATHSIG is set, because the kernel clears the parent-death signal on a
+credential change; a child whose parent died before that point exits at once.
 """
 
 from __future__ import annotations
@@ -16,14 +21,29 @@ import os
 import signal
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capsem-spawner")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+@dataclass(frozen=True)
+class Identity:
+    """Who a helper runs as (only a root capsem can switch; see privsep.py)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+def _child_setup(parent_pid: int, seccomp_filter) -> None:
+    """Runs in the child between fork and exec, after Popen switched user/group (if asked)."""
+    if seccomp_filter is not None:
+        seccomp_filter.install()
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the owner died before PDEATHSIG was armed
+        os._exit(1)
     # New process group: a Ctrl-C in the user's terminal must not kill QEMU behind our back.
     os.setpgid(0, 0)
 
@@ -97,18 +117,24 @@ class ManagedProcess:
         return f"<ManagedProcess {self.name} pid={self.pid} rc={self.popen.returncode}>"
 
 
-def _popen(argv, kwargs):
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent, close_fds=True, **kwargs)
+def _popen(argv, kwargs, identity: Identity | None = None, seccomp=None):
+    if identity is not None:
+        kwargs = dict(kwargs, user=identity.uid, group=identity.gid, extra_groups=list(identity.groups))
+    parent = os.getpid()
+    return subprocess.Popen(argv, preexec_fn=lambda: _child_setup(parent, seccomp), close_fds=True, **kwargs)
 
 
-def spawn_sync(name: str, argv: Sequence[str], **kwargs) -> ManagedProcess:
-    popen = _spawner.submit(_popen, list(argv), kwargs).result()
+def spawn_sync(name: str, argv: Sequence[str], *, identity: Identity | None = None, seccomp=None,
+               **kwargs) -> ManagedProcess:
+    popen = _spawner.submit(_popen, list(argv), kwargs, identity, seccomp).result()
     return ManagedProcess(name, popen)
 
 
-async def spawn(name: str, argv: Sequence[str], **kwargs) -> ManagedProcess:
-    """Start `argv` (stdin defaults to /dev/null) on the spawner thread."""
+async def spawn(name: str, argv: Sequence[str], *, identity: Identity | None = None, seccomp=None,
+                **kwargs) -> ManagedProcess:
+    """Start `argv` (stdin defaults to /dev/null) on the spawner thread, optionally as `identity`
+    and under a seccomp filter (both applied before exec)."""
     kwargs.setdefault("stdin", subprocess.DEVNULL)
     loop = asyncio.get_running_loop()
-    popen = await asyncio.wrap_future(_spawner.submit(_popen, list(argv), kwargs), loop=loop)
+    popen = await asyncio.wrap_future(_spawner.submit(_popen, list(argv), kwargs, identity, seccomp), loop=loop)
     return ManagedProcess(name, popen)
