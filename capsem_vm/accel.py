@@ -27,6 +27,11 @@ def kvm_status() -> tuple[bool, str]:
         return False, "/dev/kvm is provided by kvm_pvm, which cannot run a stock guest kernel"
     if not ((modules / "kvm_intel").exists() or (modules / "kvm_amd").exists()):
         return False, "neither kvm_intel nor kvm_amd is loaded"
+    if os.geteuid() == 0:  # QEMU then runs as an unprivileged uid (privsep.py) with group kvm
+        st = os.stat("/dev/kvm")
+        if not (st.st_mode & 0o006 == 0o006 or (st.st_mode & 0o060 == 0o060 and st.st_gid != 0)):
+            return False, ("/dev/kvm is accessible to root only, and QEMU does not run as root "
+                           "(give it to group kvm, mode 0660, as Debian's udev rules do)")
     return True, "/dev/kvm with hardware virtualisation"
 
 

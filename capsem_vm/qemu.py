@@ -1,4 +1,8 @@
-"""The one place that builds the QEMU command line, from a typed config. Pure: no I/O."""
+"""The one place that builds the QEMU command line, from a typed config. Pure: no I/O.
+
+Paths into the VM's runtime dir are relative: QEMU runs with that dir as its cwd, so an
+unprivileged QEMU (privsep.py) needs no access to the dirs above it (and socket paths stay short).
+"""
 
 from __future__ import annotations
 
@@ -19,17 +23,26 @@ class BootAssets:
     rootfs: str
 
 
+def overlay_mb(config: VMConfig) -> int:
+    """Cap of the guest's writable root (tmpfs upper layer of the overlay): half its memory.
+    Beyond it, writes fail with ENOSPC in the guest instead of exhausting its memory."""
+    return max(64, config.memory_mb // 2)
+
+
 def kernel_cmdline(config: VMConfig) -> str:
-    return " ".join(BASE_KERNEL_ARGS + tuple(config.kernel_args))
+    return " ".join(BASE_KERNEL_ARGS + (f"capsem.overlay_mb={overlay_mb(config)}",) + tuple(config.kernel_args))
 
 
 def build_command(qemu_binary: str, config: VMConfig, accel: str, paths: RuntimePaths,
-                  assets: BootAssets, vsock_args: list[str]) -> list[str]:
+                  assets: BootAssets, vsock_args: list[str], console: str | None = None) -> list[str]:
+    """console: where the serial console goes (default the file console.log in the VM dir; the
+    VM passes /dev/fd/N of a size-capped pipe, see caplog.py)."""
     mem = f"{config.memory_mb}M"
     cpu = "host" if accel == "kvm" else "max"
     cmd = [
         qemu_binary,
-        "-name", "capsem,debug-threads=on",
+        # the VM dir in the name: tells which VM a QEMU process belongs to (ps, tests)
+        "-name", f"guest=capsem:{str(paths.root).replace(',', ',,')},debug-threads=on",
         "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
         "-no-reboot",  # guest power-off, reboot or panic ends QEMU
         # No NIC: no -netdev/-nic at all. The only ways out are vsock and VirtioFS.
@@ -44,8 +57,8 @@ def build_command(qemu_binary: str, config: VMConfig, accel: str, paths: Runtime
         "-append", kernel_cmdline(config),
         "-drive", f"file={assets.rootfs},if=none,id=rootfs,format=raw,readonly=on",
         "-device", "virtio-blk-pci,drive=rootfs",
-        "-serial", f"file:{paths.console_log}",
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-serial", f"file:{console or paths.console_log.name}",
+        "-qmp", f"unix:{paths.qmp.name},server=on,wait=off",
         # seccomp: no spawning, no privilege changes, no obsolete syscalls.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         # A spare PCIe root port so a VirtioFS share can be hot-plugged into a booted VM.
@@ -55,7 +68,7 @@ def build_command(qemu_binary: str, config: VMConfig, accel: str, paths: Runtime
     for share in config.shares:
         chardev = f"fs-{share.tag}"
         cmd += [
-            "-chardev", f"socket,id={chardev},path={paths.fs_socket(share.tag)}",
+            "-chardev", f"socket,id={chardev},path={paths.fs_socket(share.tag).name}",
             "-device", f"vhost-user-fs-pci,chardev={chardev},tag={share.tag}",
         ]
     return cmd

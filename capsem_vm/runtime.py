@@ -1,4 +1,10 @@
-"""Per-VM runtime directories (mode 0700) and the sweep of ones left by a killed owner."""
+"""Per-VM runtime directories (mode 0700) and the sweep of ones left by a killed owner.
+
+When capsem runs as root, a VM dir belongs to that VM's unprivileged helper uid (privsep.py), so
+the helpers can create their sockets there. Root then never trusts what is in it: the `owner` and
+`pids` files are only believed when root owns them (a helper cannot create root-owned files nor,
+with fs.protected_hardlinks, hard-link them), and are opened without following symlinks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -25,8 +32,27 @@ def create_vm_dir() -> RuntimePaths:
     return rp
 
 
+def give_to(rp: RuntimePaths, uid: int, gid: int) -> None:
+    """Hand the VM dir (still 0700) to the helpers' uid. `owner` stays root's."""
+    os.chown(rp.root, uid, gid, follow_symlinks=False)
+
+
 def record_pids(rp: RuntimePaths, procs) -> None:
-    rp.pids.write_text("".join(f"{p.pid} {_start_time(p.pid)}\n" for p in procs))
+    data = "".join(f"{p.pid} {_start_time(p.pid)}\n" for p in procs).encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    for _ in range(2):
+        try:
+            fd = os.open(rp.pids, flags, 0o600)
+        except FileExistsError:  # not ours (a helper planted it): never write through it
+            try:
+                os.unlink(rp.pids)
+            except OSError:
+                pass
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    log.warning("could not record helper pids in %s", rp.root)
 
 
 def remove_vm_dir(rp: RuntimePaths) -> None:
@@ -36,8 +62,8 @@ def remove_vm_dir(rp: RuntimePaths) -> None:
 def _start_time(pid: int) -> str:
     """Process start time in clock ticks: tells a live pid apart from a recycled one."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text.rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return ""
 
@@ -53,10 +79,31 @@ def _age(path: Path) -> float:
         return 0.0
 
 
+def read_trusted(path: Path, limit: int = 65536, tail: bool = False) -> str | None:
+    """Text of a file only we could have written: regular, ours, one link, not a symlink.
+    At most `limit` bytes: the first ones, or the last ones with tail=True."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            return None
+        if tail and st.st_size > limit:
+            os.lseek(fd, st.st_size - limit, os.SEEK_SET)
+        return os.read(fd, limit).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def _read_pairs(path: Path) -> list[tuple[int, str]]:
     pairs = []
+    text = read_trusted(path)
+    if text is None:
+        return pairs
     try:
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             pid, _, start = line.partition(" ")
             if pid.isdigit():
                 pairs.append((int(pid), start.strip()))

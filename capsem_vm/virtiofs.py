@@ -1,45 +1,84 @@
-"""One virtiofsd per shared folder.
+"""One virtiofsd per shared folder, confined to it.
 
 We create the vhost-user listening socket ourselves and hand it over with --fd, so virtiofsd needs
-no lock directory under /run (which an unprivileged user cannot write). virtiofsd runs in its own
-mount namespace (`unshare`), where a read-only share is a read-only bind mount: the guest, root in
-its VM, cannot remount it writable because enforcement is on the host. When capsem runs as a normal
-user, virtiofsd runs in a user namespace mapping guest root to that user (needs Debian's uidmap for
-a full map), so files the guest creates appear on the host owned by the user running capsem.
+no lock directory under /run (which an unprivileged user cannot write).
+
+Confinement, outermost first:
+- virtiofsd runs as the folder's owner (capsem as root) or as the user running capsem, never as
+  root with capabilities: it is started as that user and creates its own user namespace
+  (`unshare --map-root-user`) in which only that user exists, as uid 0. Files the guest (root in
+  its VM) creates appear on the host owned by that user; a guest asking for any other owner gets
+  an error (the id is not mapped).
+- a seccomp filter (seccomp.py), installed before exec, refuses set-uid/set-gid modes, device
+  nodes, FIFOs, sockets, symlinks and xattrs in the share, whatever virtiofsd is asked to do.
+- virtiofsd's own sandbox (`sandbox=namespace`: mount, pid and net namespaces, pivot_root into the
+  folder, its own seccomp allow-list), `no_xattr`, and `modcaps=-mknod:-setfcap`.
+- a read-only share is a read-only bind mount in virtiofsd's mount namespace: the guest, root in
+  its VM, cannot remount it writable because enforcement is on the host. An existing `.git` in a
+  writable share is made read-only the same way (git runs hooks and config commands on the host).
+- the guest mounts shares nosuid,nodev (capsem_agent.mounts) — a courtesy; the host decides.
+
+Folders that would expose the host are refused: `/`, system directories, home directories (which
+hold shell start-up files, SSH keys and capsem's own CA key) and any ancestor of capsem's data,
+config, cache or runtime dirs.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import socket
+from pathlib import Path
 
-from . import helpers
+from . import helpers, paths, privsep
+from .caplog import CappedLog
 from .config import RuntimePaths, Share
-from .errors import MissingHelperError
-from .process import ManagedProcess, spawn
+from .errors import VMError
+from .process import Identity, ManagedProcess, spawn
 
-# Runs inside the new mount namespace: make the share read-only there, then become virtiofsd.
-_RO_WRAPPER = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+# Runs inside the new mount namespace: make the paths given before "--" read-only bind mounts
+# there, then become virtiofsd.
+_RO_WRAPPER = ('while [ "$1" != "--" ]; do mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 1; '
+               'shift; done; shift; exec "$@"')
+
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+               "/run", "/sbin", "/srv", "/sys", "/usr", "/var", "/tmp", "/var/tmp", "/mnt", "/media")
+PROTECTED_NAMES = (".git",)  # made read-only inside a writable share when present
 
 
 def virtiofsd_args(program: helpers.Program, share: Share, fd: int) -> list[str]:
-    if program.dialect == "rust":
+    if program.dialect == "rust":  # xattrs are off unless --xattr is given
         return [str(program.path), f"--fd={fd}", f"--shared-dir={share.host_path}", "--cache=auto",
-                "--sandbox=namespace"] + (["--readonly"] if share.readonly else [])
+                "--sandbox=namespace", "--modcaps=-mknod:-setfcap"] + (["--readonly"] if share.readonly else [])
     return [str(program.path), f"--fd={fd}", "-o", f"source={share.host_path}", "-o", "cache=auto",
-            "-o", "sandbox=namespace", "-o", "no_xattr"]
+            "-o", "sandbox=namespace", "-o", "no_xattr", "-o", "modcaps=-mknod:-setfcap"]
 
 
-def namespace_prefix(privileged: bool) -> list[str]:
-    unshare = str(helpers.unshare().path)
-    if privileged:
-        return [unshare, "--mount", "--propagation", "private", "--"]
-    if not helpers.newuidmap_available():
-        raise MissingHelperError(
-            "sharing a folder as a normal user needs newuidmap/newgidmap (Debian package uidmap)"
-            " and subordinate ids for your user in /etc/subuid and /etc/subgid",
-            helpers.SETUP_HINT)
-    return [unshare, "--map-root-user", "--map-auto", "--mount", "--propagation", "private", "--"]
+def _homes() -> set[Path]:
+    """Home directories of root, of the user running capsem and of every regular account."""
+    homes = {Path(v).resolve() for v in (os.environ.get("HOME"), os.path.expanduser("~")) if v and v != "/"}
+    for entry in pwd.getpwall():
+        if (entry.pw_uid == 0 or entry.pw_uid >= 1000) and entry.pw_dir not in ("", "/", "/nonexistent"):
+            homes.add(Path(entry.pw_dir).resolve())
+    return homes
+
+
+def check_share_path(path: os.PathLike | str) -> Path:
+    """Refuse folders whose sharing would hand the guest the host. Returns the resolved path."""
+    p = Path(path).resolve()
+    hint = "share a project folder (for example ~/notebooks/project), not a home or system directory"
+    if str(p) in SYSTEM_DIRS:
+        raise VMError(f"refusing to share {p} with the VM: it is a system directory", hint)
+    for home in _homes():
+        if p == home or p in home.parents:
+            raise VMError(f"refusing to share {p} with the VM: it is or contains a home directory ({home}: "
+                          "shell start-up files, SSH keys and capsem's CA key would be open to the guest)", hint)
+    for d in (paths.data_dir(), paths.config_dir(), paths.cache_dir(), paths.system_cache_dir(),
+              paths.runtime_dir()):
+        d = Path(d).resolve()
+        if p == d or p in d.parents or d in p.parents:
+            raise VMError(f"refusing to share {p} with the VM: it is or contains capsem's private state ({d})", hint)
+    return p
 
 
 def listening_socket(path) -> socket.socket:
@@ -50,21 +89,41 @@ def listening_socket(path) -> socket.socket:
     return sock
 
 
-async def start_virtiofsd(share: Share, paths: RuntimePaths) -> ManagedProcess:
+def _seccomp_filter():
+    from .seccomp import Filter
+    return Filter()
+
+
+async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Identity | None = None) -> ManagedProcess:
+    """Start virtiofsd for `share`. `qemu_identity`: the user QEMU runs as (it must be able to
+    connect to the vhost-user socket)."""
+    check_share_path(share.host_path)
     program = helpers.virtiofsd()
-    sock = listening_socket(paths.fs_socket(share.tag))
+    uid, gid = privsep.share_owner(share.host_path)
+    identity = Identity(uid, gid, ()) if privsep.privileged() else None
+    sock = listening_socket(paths_.fs_socket(share.tag))
+    if qemu_identity is not None:
+        os.chown(paths_.fs_socket(share.tag), qemu_identity.uid, qemu_identity.gid, follow_symlinks=False)
     try:
         fd = sock.fileno()
-        argv = namespace_prefix(os.geteuid() == 0)
+        argv = [str(helpers.unshare().path), "--map-root-user", "--mount", "--propagation", "private", "--"]
         inner = virtiofsd_args(program, share, fd)
         if share.readonly and program.dialect == "c":
-            argv += ["sh", "-c", _RO_WRAPPER, "sh", str(share.host_path)] + inner
+            ro = [str(share.host_path)]
+        elif not share.readonly:
+            ro = [str(share.host_path / name) for name in PROTECTED_NAMES
+                  if (share.host_path / name).is_dir() and not (share.host_path / name).is_symlink()]
+        else:
+            ro = []
+        if ro:
+            argv += ["sh", "-c", _RO_WRAPPER, "sh"] + ro + ["--"] + inner
         else:
             argv += inner
-        log = open(paths.root / f"virtiofsd-{share.tag}.log", "wb")
+        log = CappedLog(paths_.root / f"virtiofsd-{share.tag}.log")
         try:
-            return await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=(fd,), stdout=log, stderr=log)
+            return await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=(fd,), stdout=log.fd, stderr=log.fd,
+                               identity=identity, seccomp=_seccomp_filter())
         finally:
-            log.close()
+            log.close_writer()
     finally:
         sock.close()  # the child holds its own copy

@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 
 from capsem_agent import protocol
 
-from . import helpers, runtime
+from . import helpers, privsep, runtime
 from .accel import choose as choose_accel
+from .caplog import CappedLog
 from .config import RuntimePaths, VMConfig
 from .control import ControlConnection
-from .errors import VMError
+from .errors import ImageError, VMError
 from .image.store import resolve_image
 from .image.verify import open_verified
 from .process import ManagedProcess, spawn
@@ -53,6 +55,8 @@ class VM:
         self.qmp = None
         self.image_digest: str | None = None
         self.egress = None  # egress.Egress when config.egress is set
+        self.identity = None  # process.Identity of QEMU and the vsock backend (capsem as root)
+        self._lease: privsep.Lease | None = None
         self.timings: dict[str, float] = {}
         self.on_event: Callable[[dict], None] | None = None
         self._control_ready: asyncio.Future | None = None
@@ -76,13 +80,21 @@ class VM:
         self.accel = choose_accel(self.config.accel)
         qemu_program = helpers.qemu()
         image_dir = resolve_image(self.config.image)
+        check_host_resources(self.config)
         self.paths = runtime.create_vm_dir()
+        if privsep.privileged():  # never run the helpers as root: a uid of this VM's own
+            self._lease = privsep.lease_uid()
+            self.identity = privsep.helper_identity(self._lease, self.accel.accel)
+            runtime.give_to(self.paths, self.identity.uid, self.identity.gid)
         self.transport = select_transport(self.vsock_kind, self.paths)
+        self.transport.identity = self.identity
         self.progress(f"booting VM ({self.accel.accel}, {self.config.memory_mb} MB, {self.config.cpus} CPUs)")
 
         with open_verified(image_dir) as image:
             self.image_digest = image.digest
             self.timings["verify_s"] = time.monotonic() - t0
+            if self.identity is not None:
+                _check_readable_by_others(image)
             await self.transport.start()
             self.helpers += self.transport.helper_processes()
             if self.config.egress is not None:
@@ -90,21 +102,26 @@ class VM:
                 self.egress = Egress(self.config.egress, [str(s.host_path) for s in self.config.shares])
                 await self.egress.start(self.transport)  # before QEMU: the guest may connect at once
             for share in self.config.shares:
-                self.helpers.append(await start_virtiofsd(share, self.paths))
+                self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
             self._control_ready = loop.create_future()
             await self.transport.listen(protocol.PORT_CONTROL, self._on_control_connection)
             fds = {name: f.fileno() for name, f in (("kernel", image.kernel), ("initrd", image.initrd),
                                                    ("rootfs", image.rootfs))}
             assets = BootAssets(**{name: f"/dev/fd/{fd}" for name, fd in fds.items()})
-            argv = build_command(str(qemu_program.path), self.config, self.accel.accel, self.paths,
-                                 assets, self.transport.qemu_args())
-            qemu_log = open(self.paths.root / "qemu.log", "wb")
+            # QEMU's output and the guest's serial console go through size-capped pipes (caplog.py)
+            console = CappedLog(self.paths.console_log,
+                                owner=(self.identity.uid, self.identity.gid) if self.identity else None)
+            qemu_log = CappedLog(self.paths.root / "qemu.log")
             try:
+                argv = build_command(str(qemu_program.path), self.config, self.accel.accel, self.paths,
+                                     assets, self.transport.qemu_args(), console=f"/dev/fd/{console.fd}")
                 t_qemu = time.monotonic()
-                self.qemu = await spawn("qemu", argv, pass_fds=tuple(fds.values()),
-                                        stdout=qemu_log, stderr=qemu_log)
+                self.qemu = await spawn("qemu", argv, identity=self.identity, cwd=self.paths.root,
+                                        pass_fds=(*fds.values(), console.fd, *self.transport.qemu_fds()),
+                                        stdout=qemu_log.fd, stderr=qemu_log.fd)
             finally:
-                qemu_log.close()
+                console.close_writer()
+                qemu_log.close_writer()
         runtime.record_pids(self.paths, [self.qemu] + self.helpers)
 
         await self._wait_for_hello(t_qemu)
@@ -163,11 +180,9 @@ class VM:
     def diagnostics(self, limit: int = 3000) -> str:
         parts = []
         if self.paths:
-            for name in ("qemu.log", "console.log"):
-                try:
-                    text = (self.paths.root / name).read_text(errors="replace").strip()
-                except OSError:
-                    continue
+            names = ["qemu.log", "console.log", "vsock.log"] + [f"virtiofsd-{s.tag}.log" for s in self.config.shares]
+            for name in names:
+                text = (runtime.read_trusted(self.paths.root / name, limit, tail=True) or "").strip()
                 if text:
                     parts.append(f"--- {name} (last lines) ---\n{text[-limit:]}")
         return "\n".join(parts)
@@ -199,7 +214,13 @@ class VM:
         finally:
             if self.paths:
                 runtime.remove_vm_dir(self.paths)
+            self._release_lease()
             self._stopped = True
+
+    def _release_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     def kill_now(self) -> None:
         """Synchronous forced teardown (for atexit or a dying event loop)."""
@@ -207,6 +228,7 @@ class VM:
             proc.kill_now()
         if self.paths:
             runtime.remove_vm_dir(self.paths)
+        self._release_lease()
         self._stopped = True
 
     async def __aenter__(self) -> "VM":
@@ -214,3 +236,27 @@ class VM:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def check_host_resources(config: VMConfig) -> None:
+    """A VM may not ask for more memory or CPUs than this host has (clear error, not a swap storm)."""
+    try:
+        with open("/proc/meminfo") as f:
+            total_mb = next(int(line.split()[1]) // 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError):
+        total_mb = None
+    if total_mb is not None and config.memory_mb > total_mb:
+        raise VMError(f"the VM asks for {config.memory_mb} MB of memory but this host has {total_mb} MB",
+                      "lower --memory (or the kernel's memory_mb setting)")
+    host_cpus = len(os.sched_getaffinity(0))
+    if config.cpus > host_cpus:
+        raise VMError(f"the VM asks for {config.cpus} CPUs but this host has {host_cpus}",
+                      "lower --cpus (or the kernel's cpus setting)")
+
+
+def _check_readable_by_others(image) -> None:
+    """QEMU runs as an unprivileged uid and reopens the verified assets through /dev/fd/N."""
+    for name, f in (("kernel", image.kernel), ("initrd", image.initrd), ("rootfs", image.rootfs)):
+        if not os.fstat(f.fileno()).st_mode & stat.S_IROTH:
+            raise ImageError(f"VM asset {name} is not world-readable, so the unprivileged QEMU cannot read it",
+                             "chmod 0644 the image's files (images built by `capsem image build` are)")

@@ -21,6 +21,7 @@ class VsockTransport(abc.ABC):
 
     def __init__(self, paths: RuntimePaths):
         self.paths = paths
+        self.identity = None  # process.Identity the helpers run as (set by VM when capsem is root)
         self._servers: list[asyncio.AbstractServer] = []
 
     @abc.abstractmethod
@@ -40,6 +41,17 @@ class VsockTransport(abc.ABC):
 
     def helper_processes(self) -> list:
         return []
+
+    def qemu_fds(self) -> tuple[int, ...]:
+        """File descriptors QEMU must inherit for qemu_args()."""
+        return ()
+
+    def _own_socket(self, path) -> None:
+        """A socket we listen on, for the helpers to connect to: 0600 and theirs when they run
+        as another user (the 0700 VM dir keeps everybody else out)."""
+        os.chmod(path, 0o600)
+        if self.identity is not None:
+            os.chown(path, self.identity.uid, self.identity.gid, follow_symlinks=False)
 
     async def close(self) -> None:
         for server in self._servers:

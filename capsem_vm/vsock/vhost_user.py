@@ -2,14 +2,16 @@
 
 Host -> guest: connect to the backend's --uds-path, write "CONNECT <port>\\n", read "OK <n>\\n".
 Guest -> host: the backend connects to the Unix socket "<uds-path>_<port>", which we listen on.
+Only the ports we listen on exist: a guest connecting to any other host port is refused by the
+backend (no such socket).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 
 from .. import helpers
+from ..caplog import CappedLog
 from ..errors import VMError
 from ..process import ManagedProcess, spawn
 from .base import CONNECT_TIMEOUT, StreamHandler, VsockTransport
@@ -26,19 +28,23 @@ class VhostUserTransport(VsockTransport):
         self.process: ManagedProcess | None = None
 
     def qemu_args(self) -> list[str]:
-        return ["-chardev", f"socket,id=vsock,path={self.paths.vsock_backend}",
+        # relative: QEMU runs in the VM dir (see qemu.py)
+        return ["-chardev", f"socket,id=vsock,path={self.paths.vsock_backend.name}",
                 "-device", "vhost-user-vsock-pci,chardev=vsock"]
 
     async def start(self) -> None:
         program = helpers.vhost_device_vsock()
-        log = open(self.paths.root / "vsock.log", "wb")
+        log = CappedLog(self.paths.root / "vsock.log")
         try:
             self.process = await spawn("vhost-device-vsock", [
-                str(program.path), "--guest-cid", str(GUEST_CID),
-                "--socket", str(self.paths.vsock_backend), "--uds-path", str(self.paths.vsock_uds),
-            ], stdout=log, stderr=log)
+                f"vhost-device-vsock[{self.paths.root}]",  # argv[0]: names its VM (ps, tests)
+                "--guest-cid", str(GUEST_CID),
+                # relative to its cwd, the VM dir: it may run as a uid that cannot walk the dirs above
+                "--socket", self.paths.vsock_backend.name, "--uds-path", self.paths.vsock_uds.name,
+            ], executable=str(program.path), stdout=log.fd, stderr=log.fd, identity=self.identity,
+                cwd=self.paths.root)
         finally:
-            log.close()
+            log.close_writer()
         # QEMU connects as a client: the backend's socket must exist first.
         deadline = asyncio.get_running_loop().time() + 10
         while not self.paths.vsock_backend.exists():
@@ -55,7 +61,7 @@ class VhostUserTransport(VsockTransport):
     async def listen(self, port: int, handler: StreamHandler) -> None:
         path = f"{self.paths.vsock_uds}_{port}"
         server = await asyncio.start_unix_server(handler, path=path)
-        os.chmod(path, 0o600)
+        self._own_socket(path)
         self._servers.append(server)
 
     async def connect(self, port: int, timeout: float = CONNECT_TIMEOUT):
