@@ -61,11 +61,12 @@ def setup() -> None:
         ("sys", lambda: _mount_if_missing("/sys", "sysfs", "sysfs", nosuid_nodev | mounts.MS_NOEXEC)),
         ("dev", lambda: _mount_if_missing("/dev", "devtmpfs", "devtmpfs", mounts.MS_NOSUID, "mode=0755")),
         ("run", _mount_run),
-        ("tmp", lambda: _mount_if_missing("/tmp", "tmpfs", "tmpfs", nosuid_nodev, "mode=1777")),
+        # sizes: tmpfs lives in guest RAM; caps keep a full /tmp an ENOSPC, not an OOM
+        ("tmp", lambda: _mount_if_missing("/tmp", "tmpfs", "tmpfs", nosuid_nodev, "mode=1777,size=25%")),
         ("devpts", lambda: _mount_if_missing("/dev/pts", "devpts", "devpts",
                                              mounts.MS_NOSUID | mounts.MS_NOEXEC,
                                              "newinstance,ptmxmode=0666,mode=0620,gid=5")),
-        ("shm", lambda: _mount_if_missing("/dev/shm", "tmpfs", "tmpfs", nosuid_nodev, "mode=1777")),
+        ("shm", lambda: _mount_if_missing("/dev/shm", "tmpfs", "tmpfs", nosuid_nodev, "mode=1777,size=10%")),
         ("devlinks", _dev_links),
         ("hostname", lambda: socket.sethostname("capsem")),
         ("loopback", loopback_up),
@@ -86,7 +87,7 @@ def _mount_run() -> None:
             saved = f.read(4096)
     except OSError:
         saved = None
-    mounts.mount("tmpfs", "/run", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0755")
+    mounts.mount("tmpfs", "/run", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0755,size=10%")
     if saved is not None:
         os.makedirs(os.path.dirname(INIT_TIMES), mode=0o755, exist_ok=True)
         with open(INIT_TIMES, "wb") as f:
