@@ -48,7 +48,7 @@ CONNECT_FRAME_MAX = 4096
 class EgressBridge:
     def __init__(self, kernel_id: str, policy: Policy, proxy: ProxyEndpoint, *,
                  audit: AuditLog | None = None, pool: SyntheticPool | None = None,
-                 max_streams: int = 256, first_frame_timeout: float = 10.0,
+                 max_streams: int = 256, max_dns_streams: int = 8, first_frame_timeout: float = 10.0,
                  idle_timeout: float = 600.0, dns_rate: float = 100.0, dns_burst: float = 200.0):
         self.kernel_id = kernel_id
         self.policy = policy
@@ -57,6 +57,10 @@ class EgressBridge:
         self.pool = pool if pool is not None else SyntheticPool()
         self.dns = DnsResponder(policy, self.pool, rate=dns_rate, burst=dns_burst)
         self.max_streams = max_streams
+        self.max_dns_streams = max_dns_streams  # the guest's stub uses one; each costs a host fd
+        self._dns_streams = 0
+        self._limit_hits: dict[str, int] = {}
+        self._limit_audited: dict[str, float] = {}
         self.first_frame_timeout = first_frame_timeout
         self.idle_timeout = idle_timeout
         self._servers: list[asyncio.AbstractServer] = []
@@ -105,10 +109,25 @@ class EgressBridge:
         if self.audit:
             self.audit.record(self.kernel_id, kind, **fields)
 
+    def _audit_limit(self, kind: str, reason: str) -> None:
+        """A refusal for a limit: audited at most once a second per kind (with the count), so a
+        guest hammering a limit cannot flood the audit log."""
+        self._limit_hits[kind] = self._limit_hits.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._limit_audited.get(kind, -1e9) >= 1.0:
+            n = self._limit_hits.pop(kind)
+            self._limit_audited[kind] = now
+            self._audit(kind, decision="deny", rule="limit", reason=f"{reason} ({n} refused)")
+
     # --- DNS -----------------------------------------------------------------------------------
 
     async def handle_dns(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._track()
+        if self._dns_streams >= self.max_dns_streams:
+            self._audit_limit("dns", "too many concurrent DNS streams")
+            writer.close()
+            return
+        self._dns_streams += 1
         try:
             while not self._closed:
                 try:
@@ -138,6 +157,7 @@ class EgressBridge:
         except asyncio.CancelledError:
             pass
         finally:
+            self._dns_streams -= 1
             writer.close()
 
     # --- egress --------------------------------------------------------------------------------
@@ -164,7 +184,7 @@ class EgressBridge:
         started = time.time()
         if self._streams >= self.max_streams:
             await _refuse(writer, "too many concurrent connections from this VM", "limit")
-            self._audit("connect", decision="deny", rule="limit", reason="too many concurrent streams")
+            self._audit_limit("connect", "too many concurrent streams")
             return
         self._streams += 1
         up_writer = None
