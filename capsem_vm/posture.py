@@ -1,0 +1,173 @@
+"""`capsem doctor --security`: the security posture of this host, and whether any of it is weak.
+
+Each check returns (status, detail): "ok", "info" (a fact worth knowing) or "weak" (a setting that
+lowers the boundary; the command then exits non-zero). A check that cannot run reports "weak":
+an unknown posture is not a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from . import accel, helpers, paths, privsep
+from .errors import CapsemError
+
+OK, INFO, WEAK = "ok", "info", "weak"
+QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+Result = tuple[str, str]
+
+
+def check_accelerator() -> Result:
+    choice = accel.choose("auto")
+    if choice.accel == "kvm":
+        return OK, f"kvm: {choice.reason}"
+    return INFO, f"tcg (emulation): {choice.reason}"
+
+
+def check_seccomp() -> Result:
+    """The kernel filters syscalls, and this QEMU accepts the sandbox capsem asks for."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        actions = Path("/proc/sys/kernel/seccomp/actions_avail").read_text().split()
+    except OSError as exc:
+        return WEAK, f"cannot read the kernel's seccomp support: {exc}"
+    if "Seccomp:" not in status or "errno" not in actions:
+        return WEAK, "this kernel has no seccomp filter support: QEMU and virtiofsd run unfiltered"
+    qemu = helpers.qemu()
+    try:
+        out = subprocess.run([str(qemu.path), "-machine", "none", "-nodefaults", "-display", "none",
+                              "-sandbox", QEMU_SANDBOX, "-qmp", "stdio"],
+                             input=b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+                             capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return WEAK, f"cannot run {qemu.path}: {exc}"
+    if out.returncode != 0:
+        msg = out.stderr.decode(errors="replace").strip().splitlines()
+        return WEAK, f"QEMU refuses -sandbox ({msg[-1] if msg else out.returncode}): built without seccomp?"
+    return OK, f"kernel seccomp filters; QEMU runs with -sandbox {QEMU_SANDBOX}; virtiofsd with a deny filter"
+
+
+def check_helper_privileges() -> Result:
+    if not privsep.privileged():
+        return OK, f"helpers run as you (uid {os.geteuid()}), unprivileged; virtiofsd in a user namespace"
+    # root: QEMU/vsock as a leased uid; virtiofsd as the share owner in a user namespace
+    probe = privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT - 1
+    try:
+        out = subprocess.run([str(helpers.unshare().path), "--map-root-user", "--mount", "true"],
+                             user=probe, group=probe, extra_groups=[], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return WEAK, f"cannot test user namespaces: {exc}"
+    if out.returncode != 0:
+        return WEAK, ("capsem runs as root but unprivileged user namespaces are disabled: "
+                      "virtiofsd cannot drop to the share owner (" + out.stderr.decode(errors="replace").strip() + ")")
+    return OK, (f"capsem runs as root; QEMU and vhost-device-vsock run as a per-VM uid in "
+                f"{privsep.HELPER_UID_BASE}..{privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT - 1}, "
+                "virtiofsd as the shared folder's owner in a user namespace")
+
+
+def check_host_sysctls() -> Result:
+    weak = []
+    for name, want in (("fs/protected_hardlinks", "1"), ("fs/protected_symlinks", "1")):
+        try:
+            value = Path(f"/proc/sys/{name}").read_text().strip()
+        except OSError:
+            continue
+        if value != want:
+            weak.append(f"{name.replace('/', '.')}={value} (want {want})")
+    if weak:
+        return WEAK, ", ".join(weak) + ": links planted by other users in shared directories are followed"
+    return OK, "fs.protected_hardlinks=1, fs.protected_symlinks=1"
+
+
+def check_policy() -> Result:
+    from .policy import ALLOW, PolicyError, load_kernel_policy
+    from .policy.match import is_special_address
+    try:
+        policy = load_kernel_policy(None)
+    except PolicyError as exc:
+        return WEAK, f"the default policy does not load: {exc}"
+    allows = [r for r in policy.rules if r.action == ALLOW]
+    broad = [r.name for r in allows if r.host.kind == "any"]
+    special = [r.name for r in allows if _names_special(r, is_special_address)]
+    if broad:
+        return WEAK, f"{policy.source}: rule(s) {', '.join(broad)} allow every host"
+    if special:
+        return WEAK, f"{policy.source}: rule(s) {', '.join(special)} allow loopback/private/link-local addresses"
+    if not allows:
+        return OK, f"{policy.source}: deny all"
+    return OK, f"{policy.source}: default deny, {len(allows)} allow rule(s) for named hosts"
+
+
+def _names_special(rule, is_special_address) -> bool:
+    nets = list(rule.addresses) + ([rule.host.value] if rule.host.kind == "net" else [])
+    return any(is_special_address(n.network_address) for n in nets)
+
+
+def check_ca_key() -> Result:
+    from .proxy.ca import KEY_FILE, ca_dir
+    d = ca_dir()
+    key = d / KEY_FILE
+    try:
+        dst = os.lstat(d)
+    except FileNotFoundError:
+        return OK, f"no CA yet ({d} is created with mode 0700, the key 0600, on first use)"
+    try:
+        kst = os.lstat(key)
+    except FileNotFoundError:
+        kst = None
+    problems = []
+    if dst.st_uid != os.geteuid() or dst.st_mode & 0o077:
+        problems.append(f"{d} is mode {stat.S_IMODE(dst.st_mode):04o} uid {dst.st_uid}")
+    if kst is not None and (not stat.S_ISREG(kst.st_mode) or kst.st_uid != os.geteuid() or kst.st_mode & 0o077):
+        problems.append(f"{key} is mode {stat.S_IMODE(kst.st_mode):04o} uid {kst.st_uid}")
+    if problems:
+        return WEAK, "CA private key readable beyond its owner: " + "; ".join(problems)
+    return OK, f"{key} mode 0600 in a 0700 dir, host only (never sent to a guest)"
+
+
+def check_runtime_dir() -> Result:
+    root = paths.runtime_dir()
+    st = os.lstat(root)
+    if stat.S_IMODE(st.st_mode) != 0o700 or st.st_uid != os.geteuid():
+        return WEAK, f"{root} is mode {stat.S_IMODE(st.st_mode):04o}"
+    return OK, f"{root} mode 0700; one 0700 dir per VM"
+
+
+def check_vsock() -> Result:
+    from .vsock.base import vhost_vsock_usable
+    if vhost_vsock_usable():
+        return INFO, ("kernel vhost-vsock: guest connections are dispatched by peer CID; host ports "
+                      "5000-5005 are shared by all processes on this host")
+    return OK, "vhost-user (vhost-device-vsock): each VM's ports are Unix sockets in its 0700 dir"
+
+
+CHECKS: list[tuple[str, Callable[[], Result]]] = [
+    ("accelerator", check_accelerator),
+    ("seccomp", check_seccomp),
+    ("helpers", check_helper_privileges),
+    ("sysctls", check_host_sysctls),
+    ("policy", check_policy),
+    ("ca key", check_ca_key),
+    ("runtime dir", check_runtime_dir),
+    ("vsock", check_vsock),
+]
+
+
+def report(checks=CHECKS, out=print) -> int:
+    weak = 0
+    for name, fn in checks:
+        try:
+            status, detail = fn()
+        except CapsemError as exc:
+            status, detail = WEAK, exc.message
+        except Exception as exc:  # noqa: BLE001 - a check must never crash the report
+            status, detail = WEAK, f"{exc.__class__.__name__}: {exc}"
+        weak += status == WEAK
+        out(f"  {status.upper():5} {name:12} {detail}")
+    out("security posture: no weak settings" if not weak else f"security posture: {weak} weak setting(s)")
+    return 1 if weak else 0
