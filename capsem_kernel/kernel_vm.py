@@ -1,6 +1,13 @@
 """A Jupyter kernel in its own VM: boot, start ipykernel in the guest, carry its channels.
 
 Lives on the capsem loop thread (loop_thread.py). The provisioner is a thin adapter around it.
+
+The host's channel ports open only once the guest kernel listens (a probe stream gets its ZMTP
+greeting). Before that, front ends' connections are refused on the host and ZMQ retries them
+locally. Forwarding them earlier flooded a slow guest: jupyter_client's heartbeat makes a new
+connection every second while unanswered, each became a relay stream waiting (and polling) for the
+kernel's port, which starved the kernel's start of CPU and filled the relay's stream slots, so
+that start-up took minutes or never completed under load.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ import asyncio
 import logging
 import signal
 import time
+
+from capsem_agent import protocol
 
 from capsem_vm.config import VMConfig
 from capsem_vm.errors import VMError
@@ -19,6 +28,7 @@ from .channels import PORT_KEYS, ChannelForwarder
 log = logging.getLogger(__name__)
 
 VM_DIED = -signal.SIGKILL  # poll() code when the VM itself died (QEMU killed, guest crashed)
+LISTEN_TIMEOUT = 900.0  # ipykernel's start under a loaded TCG host can take minutes
 
 
 class KernelVM:
@@ -29,6 +39,7 @@ class KernelVM:
         self.exit_code: int | None = None
         self.exited = asyncio.Event()
         self._qemu_watch: asyncio.Task | None = None
+        self._gate: asyncio.Task | None = None
         self.started_at: float | None = None  # wall clock: boot began / ipykernel answered
         self.ready_at: float | None = None
 
@@ -46,7 +57,6 @@ class KernelVM:
         try:
             ports = {name: int(connection_info[key]) for name, key in PORT_KEYS.items()}
             self.forwarder = ChannelForwarder(self.vm.transport, connection_info["ip"], ports)
-            await self.forwarder.start()
             key = connection_info["key"]
             reply = await self.vm.control.request({
                 "t": "kernel_start",
@@ -56,11 +66,43 @@ class KernelVM:
                 "env": env,
             }, timeout=120)
             self.kernel_pid = reply.get("pid")
-            self.ready_at = time.time()
             self._qemu_watch = asyncio.ensure_future(self._watch_qemu())
+            self._gate = asyncio.ensure_future(self._open_channels_when_listening())
         except BaseException:
             await self.stop()
             raise
+
+    async def _open_channels_when_listening(self) -> None:
+        """Start the channel forwarder once the guest kernel accepts connections on its last-bound
+        port (hb): the relay joins a probe stream to it, and the kernel's ZMQ greets at once."""
+        deadline = time.monotonic() + LISTEN_TIMEOUT
+        while self.exit_code is None:
+            if time.monotonic() > deadline:
+                log.error("the guest kernel did not listen within %.0f s", LISTEN_TIMEOUT)
+                await self.send_signal(signal.SIGKILL)
+                return
+            writer = None
+            try:
+                reader, writer = await self.vm.transport.connect(protocol.PORT_CHANNELS, timeout=30)
+                writer.write(protocol.encode({"t": "channel", "name": "hb"}))
+                await writer.drain()
+                # The relay waits for the kernel's port (up to its own limit, then closes: retry).
+                if await reader.read(1):
+                    break
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.debug("kernel listening probe: %s", exc)
+            finally:
+                if writer is not None:
+                    writer.close()
+            await asyncio.sleep(0.5)
+        if self.exit_code is None:
+            try:
+                await self.forwarder.start()
+            except OSError as exc:  # a channel port was taken meanwhile: the kernel is unreachable
+                log.error("cannot listen on the kernel's channel ports: %s", exc)
+                await self.send_signal(signal.SIGKILL)
+                return
+            self.ready_at = time.time()
 
     def _on_event(self, msg: dict) -> None:
         t = msg.get("t")
@@ -93,8 +135,9 @@ class KernelVM:
             log.warning("could not signal the guest kernel: %s", exc)
 
     async def stop(self, grace: float = 10.0) -> None:
-        if self._qemu_watch:
-            self._qemu_watch.cancel()
+        for task in (self._qemu_watch, self._gate):
+            if task:
+                task.cancel()
         if self.forwarder:
             await self.forwarder.close()
         await self.vm.stop(grace=grace)
