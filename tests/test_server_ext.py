@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from capsem_kernel.server import facts, network
-from capsem_kernel.server.policy_view import active_policy, policy_json, rule_summary
+from capsem_kernel.server.policy_view import active_policy, kernel_policy, policy_json, rule_summary
 from capsem_vm.policy import parse_policy
 from capsem_vm.proxy.audit import AuditLog
 from jupyter_helpers import start_server
@@ -122,6 +122,22 @@ def test_active_policy_from_file_and_errors(tmp_path):
     assert "error" in refused and "VM can write" in refused["error"]
     missing = active_policy(str(tmp_path / "nope.toml"))
     assert missing["rules"] == [] and "cannot read" in missing["error"]
+
+
+def test_kernel_policy_is_the_one_the_egress_loaded(tmp_path):
+    loaded = parse_policy(POLICY, "/etc/capsem/loaded.toml")
+    prov = SimpleNamespace(policy="/somewhere/else.toml",
+                           kernel_vm=SimpleNamespace(vm=SimpleNamespace(egress=SimpleNamespace(policy=loaded))))
+    out = kernel_policy(prov)
+    assert out["source"] == "/etc/capsem/loaded.toml" and any(r["name"] == "local-ok" for r in out["rules"])
+    deny_all = parse_policy("", "<default: deny all>")
+    prov.kernel_vm.vm.egress.policy = deny_all
+    assert kernel_policy(prov)["source"] is None and "deny-all" in kernel_policy(prov)["description"]
+    # no VM yet: the provisioner's trait decides
+    f = tmp_path / "p.toml"
+    f.write_text(POLICY)
+    f.chmod(0o600)
+    assert kernel_policy(SimpleNamespace(policy=str(f), kernel_vm=None))["source"] == str(f)
 
 
 # --- facts.py ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from capsem_vm.policy.source import check_policy_location
 from . import network
 from .extension import SETTINGS_KEY, CapsemExtension
 from .facts import NotCapsem, capsem_provisioner, is_capsem, kernel_facts
-from .policy_view import active_policy
+from .policy_view import kernel_policy
 
 AUTH_RESOURCE = "capsem"
 KERNEL_ID = r"(?P<kernel_id>[\w-]+)"
@@ -80,8 +80,7 @@ class CapsemHandler(APIHandler):
         return [str(s.host_path) for s in prov.kernel_vm.vm.config.shares if not s.readonly]
 
     def policy_json(self, prov) -> dict:
-        explicit = prov.policy if prov is not None else ""
-        out = active_policy(explicit, self.guest_writable(prov))
+        out = kernel_policy(prov, self.guest_writable(prov))
         out["edits_allowed"] = self.ext.allow_policy_edits
         return out
 

@@ -69,3 +69,13 @@ def active_policy(explicit: str | None, guest_writable: list[str | os.PathLike] 
     except PolicyError as exc:
         return {"source": str(path) if path else None, "error": str(exc), "rules": [], "credentials": []}
     return policy_json(policy, str(path) if path else None)
+
+
+def kernel_policy(prov: Any, guest_writable: list[str | os.PathLike] = ()) -> dict[str, Any]:
+    """The policy a capsem kernel runs with: the one its VM's egress loaded (exactly what the proxy
+    enforces), else (no VM yet) the one its `policy` trait resolves to."""
+    egress = getattr(getattr(getattr(prov, "kernel_vm", None), "vm", None), "egress", None)
+    policy = getattr(egress, "policy", None)
+    if isinstance(policy, Policy):
+        return policy_json(policy, None if policy.source.startswith("<") else policy.source)
+    return active_policy(getattr(prov, "policy", "") or "", guest_writable)
