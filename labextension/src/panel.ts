@@ -210,7 +210,7 @@ export class SandboxPanel extends Widget {
     const rows = filterRows(m.log.rows, this.filter);
     const blocked = m.log.blockedTotal;
     this.summary.textContent =
-      `${m.log.total} request${m.log.total === 1 ? '' : 's'}, ${blocked} blocked` +
+      `${m.log.total} log entr${m.log.total === 1 ? 'y' : 'ies'}, ${blocked} blocked` +
       (rows.length !== m.log.rows.length ? ` (showing ${rows.length})` : '');
     const fragment = document.createDocumentFragment();
     for (const row of [...rows].reverse()) {
