@@ -63,7 +63,6 @@ def handle(client: socket.socket) -> None:
         egress_stream.reset(client)
         return
     try:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         egress_stream.splice(client, upstream)
     finally:
         upstream.close()

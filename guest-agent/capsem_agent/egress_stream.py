@@ -176,6 +176,9 @@ class Server:
 
     def _serve(self, sock: socket.socket) -> None:
         try:
+            # why: relayed responses arrive in pieces (TLS records); with Nagle, a small piece
+            # waits for the client's delayed ACK (~40 ms per request)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.handler(sock)
         except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the server
             from .sysinit import log

@@ -3,7 +3,8 @@
 The guest has no NIC, only `lo`, so a connect() to an outside address would fail with
 ENETUNREACH before netfilter ever saw it. So:
 
-  - a dummy interface `capsem0` (192.0.2.2/32, TEST-NET-1: never routed anywhere) carries an IPv4
+  - a dummy interface `capsem0` (192.0.0.8/32, RFC 7600's "IPv4 dummy address", which no real
+    host uses: TEST-NET addresses were taken, e.g. by our CI hosts themselves) carries an IPv4
     default route: outside destinations become routable, and nothing leaves through it;
   - nftables, NAT OUTPUT: every TCP connection to a non-local address is redirected to the
     agent's capture port (127.0.0.1:15001), which reads SO_ORIGINAL_DST; DNS over UDP to any
@@ -26,7 +27,7 @@ import subprocess
 import time
 
 DEVICE = "capsem0"
-ADDRESS = "192.0.2.2"
+ADDRESS = "192.0.0.8"
 CAPTURE_PORT = 15001
 STEP_TIMEOUT = 30.0   # module loading under TCG is slow, but never this slow
 MODULES = ("dummy", "nf_tables", "nft_chain_nat", "nft_redir", "nft_fib_ipv4")
