@@ -174,6 +174,8 @@ class Egress:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()  # guest streams still waiting for the proxy end now
         if self.bridge is not None:
             await self.bridge.close()
         if self.service is not None:
