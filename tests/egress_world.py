@@ -262,7 +262,7 @@ guest_env = "SVC_TOKEN"
             resolve = {n: "127.0.0.1" for n in NAMES}
             ProxyService._shared = None
             w.service = await ProxyService.shared(upstream_ca=w.upstream_ca, resolve=resolve,
-                                                  header_timeout=5.0, log_path=tmp / "proxy.log", workers=1)
+                                                  header_timeout=30.0, log_path=tmp / "proxy.log", workers=1)
         return w
 
     def rows(self, **match) -> list[dict]:

@@ -275,3 +275,37 @@ async def test_websocket_over_plain_proxy_upgrade(world):
         s.close()
         return payload
     assert await asyncio.to_thread(ws) == b"echo:hi"
+
+
+async def test_measure_latency_through_agent_proxy_vs_direct(world):
+    """Numbers for the record (no VM): the agent's proxy + bridge + proxy service vs direct."""
+    w = world
+    code = f"""
+import json, time, requests
+def timed(f, n):
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    ts.sort()
+    return [round(ts[len(ts) // 2] * 1000, 2), round(ts[int(len(ts) * 0.9)] * 1000, 2)]
+via = "https://api.test.example:{w.HTTPS}/echo"
+direct = "https://127.0.0.1:{w.HTTPS}/echo"
+s = requests.Session(); s.get(via, timeout=30)
+d = requests.Session(); d.trust_env = False; d.get(direct, timeout=30, verify="{w.upstream_ca}")
+out = {{"via_keepalive": timed(lambda: s.get(via, timeout=30), 100),
+       "via_fresh": timed(lambda: requests.get(via, timeout=30), 30),
+       "direct_keepalive": timed(lambda: d.get(direct, timeout=30, verify="{w.upstream_ca}"), 100),
+       "direct_fresh": timed(lambda: requests.get(direct, timeout=30, verify="{w.upstream_ca}",
+                                                  proxies={{"https": None, "http": None}}), 30)}}
+t = time.perf_counter(); r = s.get("https://api.test.example:{w.HTTPS}/big?n={64 << 20}", timeout=120)
+out["via_mb_s"] = round(len(r.content) / (time.perf_counter() - t) / 1e6, 1)
+t = time.perf_counter(); r = d.get("https://127.0.0.1:{w.HTTPS}/big?n={64 << 20}", timeout=120, verify="{w.upstream_ca}")
+out["direct_mb_s"] = round(len(r.content) / (time.perf_counter() - t) / 1e6, 1)
+print(json.dumps(out))
+"""
+    out = await run(w, [PY, "-c", code], timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    print(f"\nhost, HTTPS GET p50/p90 ms: through agent proxy keep-alive {res['via_keepalive']}, new connection "
+          f"{res['via_fresh']}; direct keep-alive {res['direct_keepalive']}, new connection {res['direct_fresh']}; "
+          f"64 MiB: {res['via_mb_s']} MB/s through, {res['direct_mb_s']} MB/s direct")
