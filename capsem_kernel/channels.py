@@ -3,6 +3,20 @@
 The front end connects to the ports of the connection info, on the host's loopback. Each TCP
 connection becomes one vsock stream to guest port 5001 whose first frame names the channel; the
 agent joins it to the kernel's socket for that channel. ZMQ reconnects are just new connections.
+
+With `ready` set (an asyncio.Event the owner sets once the guest kernel listens), a connection is
+held on the host until then, its first bytes kept, and one that the front end gives up on before
+(jupyter_client's heartbeat reconnects every second while unanswered; ZMQ drops a handshake after
+30 s) never reaches the guest: under a slow guest those used to pile up as relay streams polling
+for the kernel's port, starving its start of CPU and filling the relay's stream slots. Listening
+from the start (rather than only once the kernel listens) keeps the ports ours: refused connects
+from the ephemeral range can TCP-self-connect and take a port before we bind it.
+
+What the guest sends is hostile: guest -> host bytes pass a ZMTP size guard (zmtp.py: no frame or
+message the host's libzmq would allocate beyond the limits) and a per-kernel rate limit (bytes/s,
+token bucket shared by all its channels: one kernel cannot monopolise the host loop). Both
+directions copy with drain() backpressure, so a flood stalls the guest instead of growing host
+buffers.
 """
 
 from __future__ import annotations
@@ -10,21 +24,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from capsem_agent import protocol
+
+from .zmtp import ZmtpGuard, ZmtpViolation
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+HOLD_LIMIT = 64 * 1024  # bytes kept per connection while waiting for the kernel (a ZMTP greeting is 64)
+OUTPUT_RATE = 64 << 20     # bytes/s from one guest kernel to the host, all channels together
+OUTPUT_BURST = 16 << 20
 PORT_KEYS = {"shell": "shell_port", "iopub": "iopub_port", "stdin": "stdin_port",
              "control": "control_port", "hb": "hb_port"}
 
 
+class RateLimit:
+    """Token bucket over bytes; `await take(n)` waits until n bytes may pass."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+        self.waited = 0.0  # seconds spent throttled (diagnostics, tests)
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= n
+        if self.tokens < 0:
+            delay = -self.tokens / self.rate
+            self.waited += delay
+            await asyncio.sleep(delay)
+
+
 class ChannelForwarder:
-    def __init__(self, transport, ip: str, ports: dict[str, int]):
+    def __init__(self, transport, ip: str, ports: dict[str, int], *, max_rate: float = OUTPUT_RATE,
+                 burst: float = OUTPUT_BURST):
         self.transport = transport
         self.ip = ip
         self.ports = ports  # channel name -> host TCP port
+        self.ready: asyncio.Event | None = None  # see the module doc; None: forward at once
+        self.rate = RateLimit(max_rate, burst)
+        self.violations: list[str] = []  # ZMTP guard rejections (what the guest did)
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -41,9 +85,16 @@ class ChannelForwarder:
         _nodelay(writer)
         g_writer = None
         try:
+            held = await self._hold(reader)
+            if held is None:
+                return  # the front end hung up before the kernel listened: nothing for the guest
             g_reader, g_writer = await self.transport.connect(protocol.PORT_CHANNELS, timeout=30)
-            g_writer.write(protocol.encode({"t": "channel", "name": name}))
-            await asyncio.gather(_pipe(reader, g_writer), _pipe(g_reader, writer))
+            g_writer.write(protocol.encode({"t": "channel", "name": name}) + held)
+            await _both(_pipe(reader, g_writer), _pipe(g_reader, writer, ZmtpGuard(), self.rate))
+        except ZmtpViolation as exc:
+            if len(self.violations) < 100:
+                self.violations.append(f"{name}: {exc}")
+            log.warning("closing the %s channel: the guest broke ZMTP limits: %s", name, exc)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cannot carry channel %s to the guest: %s", name, exc)
         except asyncio.CancelledError:
@@ -53,6 +104,28 @@ class ChannelForwarder:
                 if w is not None:
                     w.close()
             self._tasks.discard(task)
+
+    async def _hold(self, reader: asyncio.StreamReader) -> bytes | None:
+        """Wait for `ready`, keeping what the front end sends meanwhile (its ZMTP greeting).
+        None if it closed the connection first (or sent implausibly much for a handshake)."""
+        if self.ready is None or self.ready.is_set():
+            return b""
+        held = bytearray()
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            while not ready.done():
+                read = asyncio.ensure_future(reader.read(HOLD_LIMIT))
+                await asyncio.wait({ready, read}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()  # nothing was consumed: a cancelled read loses no bytes
+                    break
+                data = read.result()
+                if not data or len(held) + len(data) > HOLD_LIMIT:
+                    return None
+                held += data
+        finally:
+            ready.cancel()
+        return bytes(held)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -67,16 +140,36 @@ class ChannelForwarder:
         self._servers.clear()
 
 
+async def _both(*coros) -> None:
+    """Run the two directions; the first error ends both (and is raised)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _nodelay(writer) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until EOF, with backpressure (drain), then half-close the far side."""
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                guard: ZmtpGuard | None = None, rate: RateLimit | None = None) -> None:
+    """Copy until EOF, with backpressure (drain), then half-close the far side. With a guard,
+    bytes that break the ZMTP limits are never written: ZmtpViolation closes the stream."""
     try:
         while data := await reader.read(CHUNK):
+            if guard is not None:
+                guard.feed(data)
+            if rate is not None:
+                await rate.take(len(data))
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
