@@ -57,6 +57,8 @@ class VM:
         self.egress = None  # egress.Egress when config.egress is set
         self.identity = None  # process.Identity of QEMU and the vsock backend (capsem as root)
         self._lease: privsep.Lease | None = None
+        self.refused_control = 0  # extra connections to the control port (guest misbehaving)
+        self._refused_noted = -1e9
         self.timings: dict[str, float] = {}
         self.on_event: Callable[[dict], None] | None = None
         self._control_ready: asyncio.Future | None = None
@@ -141,8 +143,25 @@ class VM:
         # Exactly one control connection per VM: anything after the first is the guest misbehaving.
         if self._control_ready is None or self._control_ready.done():
             writer.close()
+            self._note_refused_control()
             return
         self._control_ready.set_result((reader, writer))
+
+    def _note_refused_control(self) -> None:
+        """Log (and audit, with egress) extra control connections: at most once a second."""
+        self.refused_control += 1
+        now = time.monotonic()
+        if now - self._refused_noted < 1.0:
+            return
+        self._refused_noted = now
+        log.warning("VM %s: refused %d extra connection(s) to the control port", self.paths.root.name,
+                    self.refused_control)
+        if self.egress is not None:
+            from .egress import shared_audit
+            shared_audit().record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
+                                  decision="deny", rule="control-port",
+                                  reason=f"vsock: extra connection to the host's control port refused "
+                                         f"({self.refused_control} so far; the host accepts exactly one)")
 
     async def _wait_for_hello(self, t_qemu: float) -> None:
         qemu_exit = asyncio.ensure_future(self.qemu.wait())

@@ -109,15 +109,16 @@ class EgressBridge:
         if self.audit:
             self.audit.record(self.kernel_id, kind, **fields)
 
-    def _audit_limit(self, kind: str, reason: str) -> None:
-        """A refusal for a limit: audited at most once a second per kind (with the count), so a
-        guest hammering a limit cannot flood the audit log."""
-        self._limit_hits[kind] = self._limit_hits.get(kind, 0) + 1
+    def _audit_limit(self, kind: str, reason: str, rule: str = "limit") -> None:
+        """A refusal for a limit or a protocol violation: audited at most once a second per kind and
+        rule (with the count), so a guest hammering it cannot flood the audit log."""
+        key = f"{kind}/{rule}"
+        self._limit_hits[key] = self._limit_hits.get(key, 0) + 1
         now = time.monotonic()
-        if now - self._limit_audited.get(kind, -1e9) >= 1.0:
-            n = self._limit_hits.pop(kind)
-            self._limit_audited[kind] = now
-            self._audit(kind, decision="deny", rule="limit", reason=f"{reason} ({n} refused)")
+        if now - self._limit_audited.get(key, -1e9) >= 1.0:
+            n = self._limit_hits.pop(key)
+            self._limit_audited[key] = now
+            self._audit(kind, decision="deny", rule=rule, reason=f"{reason} ({n} refused)")
 
     # --- DNS -----------------------------------------------------------------------------------
 
@@ -192,8 +193,10 @@ class EgressBridge:
             try:
                 msg = await _read_frame(reader, CONNECT_FRAME_MAX, self.first_frame_timeout)
             except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+                self._audit_limit("connect", "egress stream without a complete first frame", rule="protocol")
                 return
             if msg is None or msg.get("t") != "connect":
+                self._audit_limit("connect", "egress stream with a malformed first frame", rule="protocol")
                 await _refuse(writer, "first frame must be {\"t\": \"connect\", ...}", "protocol")
                 return
             host, port, error = self._destination(msg)
