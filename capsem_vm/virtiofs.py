@@ -81,6 +81,30 @@ def check_share_path(path: os.PathLike | str) -> Path:
     return p
 
 
+def check_owner_can_reach(path: Path, uid: int, gid: int) -> None:
+    """virtiofsd runs as the folder's owner: every directory above the folder must let them pass
+    (root's capabilities do not follow it into its user namespace)."""
+    if uid == os.geteuid():
+        return
+    try:
+        groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        groups = {gid}
+    for d in [path, *path.parents]:
+        st = d.stat()
+        if st.st_uid == uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid in groups:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            raise VMError(f"the shared folder's owner (uid {uid}) cannot reach {path}: {d} is mode "
+                          f"{st.st_mode & 0o7777:04o}, owned by uid {st.st_uid}",
+                          "virtiofsd runs as the folder's owner: move the folder, or let its owner "
+                          "traverse the directories above it")
+
+
 def listening_socket(path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
@@ -101,6 +125,7 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
     program = helpers.virtiofsd()
     uid, gid = privsep.share_owner(share.host_path)
     identity = Identity(uid, gid, ()) if privsep.privileged() else None
+    check_owner_can_reach(Path(share.host_path), uid, gid)
     sock = listening_socket(paths_.fs_socket(share.tag))
     if qemu_identity is not None:
         os.chown(paths_.fs_socket(share.tag), qemu_identity.uid, qemu_identity.gid, follow_symlinks=False)
