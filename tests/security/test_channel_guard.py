@@ -1,0 +1,278 @@
+"""The channel forwarder (capsem_kernel/channels.py) against a hostile guest, without a VM: a fake
+vsock transport joins host-side streams to "guest" sockets on loopback. Real libzmq traffic passes
+the ZMTP guard untouched; oversized or malformed frames close the stream before the host's libzmq
+sees them; a flood stalls instead of growing host memory; the rate limit holds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import struct
+import threading
+import time
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capsem_agent import protocol
+from capsem_kernel.channels import ChannelForwarder
+from capsem_kernel.zmtp import ZmtpGuard, ZmtpViolation
+
+GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+
+
+def _free_ports(n):
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class FakeTransport:
+    """`connect(5001)` gives a stream whose far end reads the channel frame, then joins the
+    "guest" endpoint chosen for that channel (host, port), like the agent's relay does."""
+
+    def __init__(self, targets: dict[str, tuple[str, int]]):
+        self.targets = targets
+        self.server = None
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def connect(self, port, timeout=30):
+        assert port == protocol.PORT_CHANNELS
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def _relay(self, reader, writer):
+        (n,) = struct.unpack(">I", await reader.readexactly(4))
+        name = protocol.decode_body(await reader.readexactly(n))["name"]
+        g_reader, g_writer = await asyncio.open_connection(*self.targets[name])
+
+        async def pump(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+                w.write_eof()
+            except (ConnectionError, OSError):
+                w.close()
+        await asyncio.gather(pump(reader, g_writer), pump(g_reader, writer), return_exceptions=True)
+        writer.close()
+        g_writer.close()
+
+    async def close(self):
+        self.server.close()
+
+
+async def _forwarder(targets, **kw):
+    transport = FakeTransport(targets)
+    await transport.start()
+    ports = dict(zip(protocol.KERNEL_CHANNELS, _free_ports(5)))
+    fwd = ChannelForwarder(transport, "127.0.0.1", ports, **kw)
+    await fwd.start()
+    return fwd, transport, ports
+
+
+async def test_real_zmq_traffic_passes_the_guard_intact():
+    ctx = zmq.Context.instance()
+    guest = ctx.socket(zmq.ROUTER)
+    gport = guest.bind_to_random_port("tcp://127.0.0.1")
+    fwd, transport, ports = await _forwarder({"shell": ("127.0.0.1", gport)})
+    client = ctx.socket(zmq.DEALER)
+    client.connect(f"tcp://127.0.0.1:{ports['shell']}")
+    parts = [b"", b"hdr", os.urandom(5 << 20), b"x" * 300, b"end"]
+
+    def exchange():
+        client.send_multipart(parts)
+        ident, *got = guest.recv_multipart()
+        assert got == parts
+        guest.send_multipart([ident] + got[::-1])  # the guest -> host direction, through the guard
+        return client.recv_multipart()
+    try:
+        back = await asyncio.wait_for(asyncio.to_thread(exchange), 60)
+        assert back == parts[::-1]
+        assert fwd.violations == []
+    finally:
+        client.close(0)
+        guest.close(0)
+        await fwd.close()
+        await transport.close()
+
+
+@pytest.mark.parametrize("attack, why", [
+    (GREETING + b"\x02" + struct.pack(">Q", 1 << 40), "exceeds"),            # one 1 TiB frame
+    (GREETING + b"\x80\x01x", "reserved"),                                    # reserved flag bits
+    (b"\xff" + b"\x00" * 8 + b"\x7f\x01\x00", "version"),                     # ZMTP 1/2 downgrade
+    (b"GET / HTTP/1.1\r\n\r\n", "greeting"),                                  # not ZMTP at all
+])
+async def test_hostile_frames_are_cut_before_the_host_sees_them(attack, why):
+    """A raw "guest" sends a hostile stream: the host client gets at most the bytes before the
+    offending header, then the connection closes."""
+    async def evil(reader, writer):
+        writer.write(attack + b"Z" * 100000)
+        await writer.drain()
+        await asyncio.sleep(30)
+    srv = await asyncio.start_server(evil, "127.0.0.1", 0)
+    fwd, transport, ports = await _forwarder({"iopub": ("127.0.0.1", srv.sockets[0].getsockname()[1])})
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", ports["iopub"])
+        got = b""
+        while data := await asyncio.wait_for(r.read(65536), 20):
+            got += data
+        w.close()
+        assert b"Z" not in got and len(got) <= len(GREETING)
+        assert len(fwd.violations) == 1 and "iopub" in fwd.violations[0]
+        assert why in fwd.violations[0] or why == "greeting"
+    finally:
+        srv.close()
+        await fwd.close()
+        await transport.close()
+
+
+async def test_a_flood_to_a_stalled_client_does_not_grow_host_memory():
+    """The "guest" streams 400 MB of valid frames; the host client never reads. The forwarder
+    must stall (drain backpressure), not buffer."""
+    sent = 0
+
+    async def flood(reader, writer):
+        nonlocal sent
+        writer.write(GREETING)
+        frame = b"\x02" + struct.pack(">Q", 1 << 20) + b"\x00" * (1 << 20)
+        try:
+            for _ in range(400):
+                writer.write(frame)
+                await writer.drain()
+                sent += len(frame)
+        except ConnectionError:
+            pass
+    srv = await asyncio.start_server(flood, "127.0.0.1", 0)
+    fwd, transport, ports = await _forwarder({"iopub": ("127.0.0.1", srv.sockets[0].getsockname()[1])})
+    try:
+        rss0 = _rss_mb()
+        r, w = await asyncio.open_connection("127.0.0.1", ports["iopub"], limit=1 << 16)
+        w.transport.pause_reading()  # a client that never reads
+        await asyncio.sleep(5)
+        grown = _rss_mb() - rss0
+        assert sent < 64 << 20, f"{sent} bytes left the guest while the client read nothing"
+        assert grown < 64, f"host RSS grew {grown:.0f} MB"
+        w.close()
+    finally:
+        srv.close()
+        await fwd.close()
+        await transport.close()
+
+
+async def test_output_rate_is_capped_per_kernel():
+    async def fast(reader, writer):
+        writer.write(GREETING)
+        frame = b"\x02" + struct.pack(">Q", 1 << 20) + b"\x00" * (1 << 20)
+        try:
+            for _ in range(20):
+                writer.write(frame)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+    srv = await asyncio.start_server(fast, "127.0.0.1", 0)
+    fwd, transport, ports = await _forwarder({"iopub": ("127.0.0.1", srv.sockets[0].getsockname()[1])},
+                                             max_rate=10 << 20, burst=1 << 20)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", ports["iopub"])
+        t0 = time.monotonic()
+        total = 0
+        while data := await asyncio.wait_for(r.read(1 << 20), 30):
+            total += len(data)
+        elapsed = time.monotonic() - t0
+        assert total == len(GREETING) + 20 * ((1 << 20) + 9)
+        assert elapsed >= 1.7, f"20 MiB at a 10 MiB/s cap took only {elapsed:.2f} s"
+        w.close()
+    finally:
+        srv.close()
+        await fwd.close()
+        await transport.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the guard alone, fuzzed -------------------------------------------------------------------
+
+def _frames(draw_parts):
+    out = bytearray(GREETING)
+    for more, command, body in draw_parts:
+        flags = (0x01 if more and not command else 0) | (0x04 if command else 0)
+        if len(body) > 255:
+            out += bytes([flags | 0x02]) + struct.pack(">Q", len(body))
+        else:
+            out += bytes([flags, len(body)])
+        out += body
+    return bytes(out)
+
+
+frames = st.lists(st.tuples(st.booleans(), st.booleans(), st.binary(max_size=600)), max_size=20).map(_frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames, st.lists(st.integers(min_value=0, max_value=5000), max_size=10))
+def test_valid_streams_pass_however_they_are_split(stream, cuts):
+    guard = ZmtpGuard()
+    pos = 0
+    for cut in sorted(cuts) + [len(stream)]:
+        guard.feed(stream[pos:cut])
+        pos = max(pos, cut)
+    assert not guard.broken
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=4000), st.lists(st.integers(min_value=0, max_value=4000), max_size=8))
+def test_arbitrary_bytes_only_raise_violations_and_split_does_not_matter(data, cuts):
+    def outcome(chunks):
+        g = ZmtpGuard(max_frame=1000, max_message=1500)
+        try:
+            for c in chunks:
+                g.feed(c)
+        except ZmtpViolation:
+            return "violation"
+        return "ok"
+    points = sorted(set(c for c in cuts if c <= len(data)))
+    chunks, prev = [], 0
+    for p in points + [len(data)]:
+        chunks.append(data[prev:p])
+        prev = p
+    assert outcome([data]) == outcome(chunks)
+
+
+def test_multipart_messages_are_capped_as_a_whole():
+    g = ZmtpGuard(max_frame=300, max_message=500)
+    g.feed(GREETING + b"\x01\xc8" + b"a" * 200 + b"\x01\xc8" + b"b" * 200)
+    with pytest.raises(ZmtpViolation, match="message exceeds"):
+        g.feed(b"\x00\xc8")
+    g = ZmtpGuard(max_frame=300, max_message=500)
+    g.feed(GREETING + (b"\x00\xc8" + b"a" * 200) * 10)  # single-part messages: each counted alone
+    assert not g.broken
+
+
+def test_guard_rejects_before_the_body_arrives():
+    g = ZmtpGuard(max_frame=1000)
+    g.feed(GREETING)
+    with pytest.raises(ZmtpViolation):
+        g.feed(b"\x02" + struct.pack(">Q", 1001))
+    with pytest.raises(ZmtpViolation):
+        g.feed(b"\x00\x00")  # stays broken
+
+
+def test_threads_are_not_leaked():
+    assert threading.active_count() < 50
