@@ -77,6 +77,14 @@ def world(tmp_path_factory, image_dir):
         t0 = time.monotonic()
         status, body = server.request("POST", "/api/kernels", {"name": "capsem-ui"}, timeout=400)
         assert status == 201, (body, server.log()[-4000:])
+        # the VM is up; the sandbox is "booting" until the guest's ipykernel listens, then "ready"
+        states = []
+        while time.monotonic() - t0 < 400:
+            states.append(server.get(f"/capsem/kernels/{body['id']}")[1]["state"])
+            if states[-1] != "booting":
+                break
+            time.sleep(0.5)
+        assert states[-1] == "ready", states
         yield {"server": server, "kernel": body["id"], "audit_db": audit_db, "notebooks": notebooks,
                "policy": policy, "start_s": time.monotonic() - t0}
     finally:
@@ -88,7 +96,7 @@ def test_vm_facts_of_a_running_capsem_kernel(world):
     status, facts = server.get(f"/capsem/kernels/{kid}")
     assert status == 200, facts
     assert facts["capsem"] is True and facts["kernel_id"] == kid and facts["kernel_name"] == "capsem-ui"
-    assert facts["state"] == "ready"
+    assert facts["state"] == "ready", facts
     assert facts["accel"] in ("kvm", "tcg") and facts["accel_label"] in ("KVM", "emulated (TCG)")
     assert (facts["memory_mb"], facts["cpus"]) == (768, 1)
     assert facts["shares"] == [{"path": str(world["notebooks"].resolve()), "mode": "rw"}]
