@@ -2,12 +2,9 @@
 
 Lives on the capsem loop thread (loop_thread.py). The provisioner is a thin adapter around it.
 
-The host's channel ports open only once the guest kernel listens (a probe stream gets its ZMTP
-greeting). Before that, front ends' connections are refused on the host and ZMQ retries them
-locally. Forwarding them earlier flooded a slow guest: jupyter_client's heartbeat makes a new
-connection every second while unanswered, each became a relay stream waiting (and polling) for the
-kernel's port, which starved the kernel's start of CPU and filled the relay's stream slots, so
-that start-up took minutes or never completed under load.
+Front ends' channel connections are held on the host until the guest kernel listens (a probe
+stream gets its ZMTP greeting; see channels.py for why): forwarding them at once flooded a slow
+guest with relay streams, and start-up took minutes or never completed under load.
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ class KernelVM:
         self.exited = asyncio.Event()
         self._qemu_watch: asyncio.Task | None = None
         self._gate: asyncio.Task | None = None
+        self._listening = asyncio.Event()  # the guest kernel accepts connections
         self.started_at: float | None = None  # wall clock: boot began / ipykernel answered
         self.ready_at: float | None = None
 
@@ -57,6 +55,8 @@ class KernelVM:
         try:
             ports = {name: int(connection_info[key]) for name, key in PORT_KEYS.items()}
             self.forwarder = ChannelForwarder(self.vm.transport, connection_info["ip"], ports)
+            self.forwarder.ready = self._listening
+            await self.forwarder.start()
             key = connection_info["key"]
             reply = await self.vm.control.request({
                 "t": "kernel_start",
@@ -73,8 +73,8 @@ class KernelVM:
             raise
 
     async def _open_channels_when_listening(self) -> None:
-        """Start the channel forwarder once the guest kernel accepts connections on its last-bound
-        port (hb): the relay joins a probe stream to it, and the kernel's ZMQ greets at once."""
+        """Let the forwarder carry channels once the guest kernel accepts connections on its
+        last-bound port (hb): the relay joins a probe stream to it, and the kernel's ZMQ greets."""
         deadline = time.monotonic() + LISTEN_TIMEOUT
         while self.exit_code is None:
             if time.monotonic() > deadline:
@@ -96,12 +96,7 @@ class KernelVM:
                     writer.close()
             await asyncio.sleep(0.5)
         if self.exit_code is None:
-            try:
-                await self.forwarder.start()
-            except OSError as exc:  # a channel port was taken meanwhile: the kernel is unreachable
-                log.error("cannot listen on the kernel's channel ports: %s", exc)
-                await self.send_signal(signal.SIGKILL)
-                return
+            self._listening.set()
             self.ready_at = time.time()
 
     def _on_event(self, msg: dict) -> None:
