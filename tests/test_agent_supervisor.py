@@ -33,8 +33,14 @@ def pid1_agent():
     env = dict(os.environ, CAPSEM_AGENT_CONNECT=f"unix:{ctl}",
                CAPSEM_AGENT_CHANNELS_LISTEN=f"unix:{d}/chan.sock")
     env.pop("CAPSEM_AGENT_RUNDIR", None)
+    env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # as in a guest
+    # The supervisor mounts a tmpfs over /tmp: a checkout under /tmp would vanish under it, so run
+    # a copy of the agent from /var/tmp.
+    agent_dir = shutil.copytree(LAUNCHER.parent, os.path.join(d, "agent"),
+                                ignore=shutil.ignore_patterns("__pycache__"))
+    launcher = os.path.join(agent_dir, LAUNCHER.name)
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--uts", "--net", "--mount-proc",
-                             sys.executable, "-I", str(LAUNCHER)], env=env,
+                             sys.executable, "-I", launcher], env=env,
                             stderr=open(os.path.join(d, "stderr"), "wb"))
     ls.settimeout(30)
     conn, _ = ls.accept()
@@ -65,7 +71,7 @@ def test_pid1_environment(pid1_agent):
     # loopback is up: ipykernel needs to bind and connect on 127.0.0.1
     code = ("import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(1); "
             "c=socket.create_connection(s.getsockname(), timeout=2); print('lo ok')")
-    ex, out, err = c.run(2, [sys.executable, "-c", code])
+    ex, out, err = c.run(2, [os.path.realpath(sys.executable), "-c", code])  # not a venv link under /tmp
     assert out.strip() == b"lo ok", err
 
 
