@@ -95,6 +95,7 @@ def test_host_mirrors_from_deb822_and_one_line(tmp_path):
 
 def test_store_resolution_and_default_link(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSEM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CAPSEM_SYSTEM_CACHE_DIR", str(tmp_path / "system"))
     with pytest.raises(ImageError, match="capsem image build"):
         store.default_image_dir()
     d = store.images_dir() / "abc"
@@ -112,6 +113,26 @@ def test_store_resolution_and_default_link(tmp_path, monkeypatch):
         store.resolve_image("..hidden")
     with pytest.raises(ImageError, match="no VM image"):
         store.resolve_image("other")
+
+
+def test_users_fall_back_to_the_system_image(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSEM_CACHE_DIR", str(tmp_path / "user"))
+    monkeypatch.setenv("CAPSEM_SYSTEM_CACHE_DIR", str(tmp_path / "system"))
+    system = tmp_path / "system" / "images" / "sys1"
+    system.mkdir(parents=True)
+    for name in ASSET_FILES.values():
+        (system / name).write_bytes(os.urandom(10))
+    write_manifest_for(system, kernel_version="k", recipe={})
+    (system.parent / "default").symlink_to("sys1")
+    assert store.default_image_dir() == system.resolve()
+    # The user's own default image wins over the system one.
+    mine = store.images_dir() / "mine"
+    mine.mkdir(parents=True)
+    for name in ASSET_FILES.values():
+        (mine / name).write_bytes(os.urandom(10))
+    write_manifest_for(mine, kernel_version="k", recipe={})
+    store.set_default("mine")
+    assert store.default_image_dir() == mine.resolve()
 
 
 def test_install_dir_replaces_atomically(tmp_path):
