@@ -309,3 +309,55 @@ print(json.dumps(out))
     print(f"\nhost, HTTPS GET p50/p90 ms: through agent proxy keep-alive {res['via_keepalive']}, new connection "
           f"{res['via_fresh']}; direct keep-alive {res['direct_keepalive']}, new connection {res['direct_fresh']}; "
           f"64 MiB: {res['via_mb_s']} MB/s through, {res['direct_mb_s']} MB/s direct")
+
+
+def _deaf_host(path: str, answer: bytes, seen: list):
+    """A host end like the one behind vhost-device-vsock: accepts a 5002 stream, answers, and never
+    learns of the guest's half-close (it keeps the stream open until the guest really closes)."""
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(path)
+    lst.listen()
+
+    def serve():
+        conn, _ = lst.accept()
+        (n,) = struct.unpack(">I", egress_stream.recv_exact(conn, 4))
+        egress_stream.recv_exact(conn, n)
+        body = json.dumps({"t": "connected"}).encode()
+        conn.sendall(struct.pack(">I", len(body)) + body)
+        t0 = time.monotonic()
+        got = b""
+        while chunk := conn.recv(65536):  # EOF here only when the guest closes for real
+            got += chunk
+            if got.endswith(b"\r\n\r\n"):
+                conn.sendall(answer)
+        seen.append((got, time.monotonic() - t0))
+        conn.close()
+        lst.close()
+    threading.Thread(target=serve, daemon=True).start()
+
+
+async def test_client_eof_ends_the_host_stream_after_a_quiet_linger(world, tmp_path, monkeypatch):
+    """vhost-device-vsock drops half-closes: without the linger the host would hold every stream a
+    client has finished with until the proxy's own timeouts (seen as header-timeout rows)."""
+    path = str(tmp_path / "deaf.sock")
+    seen: list = []
+    _deaf_host(path, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", seen)
+    monkeypatch.setenv(egress_stream.ENV_EGRESS, f"unix:{path}")
+    monkeypatch.setattr(egress_stream, "LINGER", 1.0)
+    srv = httpproxy.start(port=0)
+    try:
+        def client():
+            with socket.create_connection(srv.listener.getsockname(), timeout=10) as s:
+                s.sendall(b"GET http://api.test.example/x HTTP/1.1\r\nHost: api.test.example\r\n\r\n")
+                return s.recv(100)
+        assert (await asyncio.to_thread(client)).endswith(b"ok")
+        await asyncio.to_thread(wait_for_list, seen, 10)
+        assert seen and seen[0][0].startswith(b"GET /x HTTP/1.1") and seen[0][1] < 5, seen
+    finally:
+        srv.close()
+
+
+def wait_for_list(lst, timeout):
+    deadline = time.monotonic() + timeout
+    while not lst and time.monotonic() < deadline:
+        time.sleep(0.05)

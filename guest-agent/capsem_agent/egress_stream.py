@@ -26,6 +26,7 @@ REPLY_TIMEOUT = 80.0     # the host may take 10 s to reach its proxy, 60 s more 
 REPLY_MAX = 8192
 CHUNK = 64 * 1024
 MAX_STREAMS = 256        # the host bridge allows 256 concurrent streams per VM
+LINGER = 10.0            # after the client's EOF, how long the host's answer may be silent
 _STACK = 256 * 1024
 _stack_lock = threading.Lock()
 
@@ -89,7 +90,20 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def pump(src: socket.socket, dst: socket.socket) -> None:
+class Activity:
+    """When bytes last moved (one direction of a relay)."""
+
+    def __init__(self):
+        self.t = time.monotonic()
+
+    def touch(self) -> None:
+        self.t = time.monotonic()
+
+    def idle(self) -> float:
+        return time.monotonic() - self.t
+
+
+def pump(src: socket.socket, dst: socket.socket, activity: Activity | None = None) -> None:
     """Copy src -> dst; pass a clean end on as a half-close, a broken one as a full shutdown."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -98,6 +112,8 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
             n = src.recv_into(buf)
             if not n:
                 break
+            if activity is not None:
+                activity.touch()
             dst.sendall(view[:n])
         dst.shutdown(socket.SHUT_WR)
     except OSError:
@@ -108,11 +124,31 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
                 pass
 
 
-def splice(a: socket.socket, b: socket.socket) -> None:
-    """Relay both ways until both directions ended (or one broke); closes neither."""
-    back = start_thread(pump, b, a)
+def wait_quiet(thread: threading.Thread, activity: Activity, stream: socket.socket,
+               linger: float | None = None) -> None:
+    """The client is done sending: let the host's answer (copied by `thread`) finish, but end
+    `stream` once the answer has been silent for `linger` s. Why: the vsock backend
+    (vhost-device-vsock) drops half-closes, so the host never learns the client is gone and would
+    hold the stream until its own timeouts."""
+    linger = LINGER if linger is None else linger
+    while thread.is_alive():
+        thread.join(min(1.0, linger))
+        if thread.is_alive() and activity.idle() > linger:
+            try:
+                stream.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            thread.join(5)
+            return
+
+
+def splice(a: socket.socket, b: socket.socket, linger: float | None = None) -> None:
+    """Relay client `a` <-> host stream `b` until both directions ended (or one broke); once `a`
+    has ended, `b` gets `linger` s of silence at most (wait_quiet). Closes neither socket."""
+    activity = Activity()
+    back = start_thread(pump, b, a, activity)
     pump(a, b)
-    back.join()
+    wait_quiet(back, activity, b, linger)
 
 
 def start_thread(target, *args) -> threading.Thread:

@@ -263,6 +263,7 @@ class Upstream:
         self.sock = sock
         self.client = client
         self.detached = False
+        self.activity = egress_stream.Activity()
         self.thread = egress_stream.start_thread(self._back)
 
     def _back(self) -> None:
@@ -273,6 +274,7 @@ class Upstream:
                 n = self.sock.recv_into(buf)
                 if not n:
                     break
+                self.activity.touch()
                 self.client.sendall(view[:n])
         except OSError:
             pass
@@ -282,13 +284,14 @@ class Upstream:
             except OSError:
                 pass
 
-    def finish(self, wait: float) -> None:
-        """The client is done sending: pass that on, let the response finish, then close."""
+    def finish(self) -> None:
+        """The client is done sending: pass that on, let the response finish (while it moves),
+        then close."""
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self.thread.join(wait)
+        egress_stream.wait_quiet(self.thread, self.activity, self.sock)
         self.close()
 
     def close(self) -> None:
@@ -321,7 +324,7 @@ def handle(client: socket.socket) -> None:
                 head = reader.head(FIRST_TIMEOUT if first else IDLE_TIMEOUT)
                 if head is None:
                     if up is not None:
-                        up.finish(IDLE_TIMEOUT)
+                        up.finish()
                         up = None
                     return
                 req = parse_head(head)
@@ -354,7 +357,7 @@ def handle(client: socket.socket) -> None:
                     if reader.buf:
                         up.sock.sendall(reader.take())
                     egress_stream.pump(client, up.sock)
-                    up.thread.join()
+                    egress_stream.wait_quiet(up.thread, up.activity, up.sock)
                     return
                 if kind == "length":
                     reader.copy(length, up.sock)

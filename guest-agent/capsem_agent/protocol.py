@@ -94,7 +94,9 @@ Control messages (host requests carry an integer "id"; replies and events repeat
     stub; other UDP, ICMP, raw IP and IPv6 to the outside are dropped (senders get EPERM /
     ENETUNREACH). Replies "proxy" (URL), "dns" and "capture" (ip:port), "seconds" (time taken)
     and "steps" ({name: seconds}). Error code egress_failed when the network plumbing fails.
-    Idempotent. From then on every exec/kernel environment also has HTTP_PROXY,
+    Idempotent. When a guest client ends its side, the agent half-closes the 5002 stream and
+    closes it fully once the host's side has been silent for 10 s (vhost-device-vsock drops
+    half-closes, so the host would otherwise hold the stream until its own timeouts). From then on every exec/kernel environment also has HTTP_PROXY,
     HTTPS_PROXY, http_proxy, https_proxy, NO_PROXY, no_proxy, SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
     PIP_CERT, CURL_CA_BUNDLE, NODE_EXTRA_CA_CERTS and the request's env (e.g. credential
     placeholders).
