@@ -38,6 +38,7 @@ class KernelVM:
         self._qemu_watch: asyncio.Task | None = None
         self._gate: asyncio.Task | None = None
         self._listening = asyncio.Event()  # the guest kernel accepts connections
+        self._booted = False  # vm.start() done: from now on a VM that is not alive() is dead
         self.started_at: float | None = None  # wall clock: boot began / ipykernel answered
         self.ready_at: float | None = None
 
@@ -52,6 +53,7 @@ class KernelVM:
         self.vm.on_event = self._on_event
         self.started_at = time.time()
         await self.vm.start()
+        self._booted = True
         try:
             ports = {name: int(connection_info[key]) for name, key in PORT_KEYS.items()}
             self.forwarder = ChannelForwarder(self.vm.transport, connection_info["ip"], ports)
@@ -117,7 +119,10 @@ class KernelVM:
             self.exited.set()
 
     def poll(self) -> int | None:
-        if self.exit_code is None and not self.vm.alive():
+        """None while the VM boots and while the kernel runs; the exit code once it died. (While
+        booting, vm.alive() is False: QEMU or the control connection do not exist yet. A failed
+        boot ends in stop(), which sets the exit code.)"""
+        if self.exit_code is None and self._booted and not self.vm.alive():
             self._set_exit(VM_DIED)
         return self.exit_code
 
