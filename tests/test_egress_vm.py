@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -24,12 +25,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from egress_world import SECRET, SEEN, World  # noqa: E402
-from kernel_helpers import CAPSEM_CLI, capsem_kernelspecs, run_ok, stop_kernel  # noqa: E402,F401
 
 from capsem_kernel import loop_thread  # noqa: E402
 
 pytestmark = pytest.mark.vm
 KERNEL = "capsem-egress-test"
+CAPSEM_CLI = [sys.executable, "-m", "capsem_vm.cli"]
+CELL_TIMEOUT = 300.0
 
 
 class Env:
@@ -37,16 +39,23 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def ek(capsem_kernelspecs, tmp_path_factory):
+def ek(image_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("egress-vm")
     os.chmod(tmp, 0o755)
+    mp = pytest.MonkeyPatch()
     e = Env()
     e.w = w = loop_thread.run_sync(World.create(tmp), timeout=180)
     try:
-        proc = subprocess.run(CAPSEM_CLI + ["kernel", "install", "--prefix", str(capsem_kernelspecs["prefix"]),
+        # the real kernelspec (CLI output) in a private prefix, first on JUPYTER_PATH
+        prefix = tmp / "prefix"
+        proc = subprocess.run(CAPSEM_CLI + ["kernel", "install", "--prefix", str(prefix),
                                             "--name", KERNEL, "--policy", str(w.policy_file)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        mp.setenv("JUPYTER_PATH", os.pathsep.join([str(prefix / "share" / "jupyter")]
+                                                  + ([os.environ["JUPYTER_PATH"]] if os.environ.get("JUPYTER_PATH") else [])))
+        (tmp / "rt").mkdir(mode=0o700)
+        mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp / "rt"))
         e.nb = tmp / "notebook"
         e.nb.mkdir()
         t0 = time.monotonic()
@@ -60,8 +69,39 @@ def ek(capsem_kernelspecs, tmp_path_factory):
         yield e
     finally:
         if hasattr(e, "km"):
-            stop_kernel(e.km, e.kc)
+            try:
+                e.kc.stop_channels()
+            finally:
+                e.km.shutdown_kernel(now=True)
         loop_thread.run_sync(w.close(), timeout=60)
+        mp.undo()
+
+
+def run_ok(kc, code: str, timeout: float = CELL_TIMEOUT) -> str:
+    """Execute `code` in the kernel, assert it succeeded, return its stdout."""
+    msg_id = kc.execute(code)
+    deadline = time.monotonic() + timeout
+    out, errors = [], []
+    while True:
+        try:
+            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no idle status within {timeout} s; stdout so far {''.join(out)!r}") from None
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        t, c = msg["msg_type"], msg["content"]
+        if t == "stream" and c["name"] == "stdout":
+            out.append(c["text"])
+        elif t == "error":
+            errors.append(f"{c['ename']}: {c['evalue']}")
+        elif t == "status" and c["execution_state"] == "idle":
+            break
+    while True:
+        reply = kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    assert reply["content"]["status"] == "ok", errors
+    return "".join(out)
 
 
 def sh(e, script: str | list[str], timeout: float = 180, env: dict | None = None) -> tuple[int, str, str]:
