@@ -9,7 +9,7 @@ import pytest
 
 from kernel_helpers import BIN, STARTUP_TIMEOUT, capsem_kernelspecs, vm_processes, wait_gone  # noqa: F401
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 
 def test_jupyter_console_run_interrupt_exit(capsem_kernelspecs, tmp_path):

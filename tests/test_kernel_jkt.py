@@ -15,7 +15,7 @@ from jupyter_kernel_test.msgspec_v5 import validate_message
 
 from kernel_helpers import CELL_TIMEOUT, KERNEL, capsem_kernelspecs, start_kernel, stop_kernel  # noqa: F401
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("capsem_kernelspecs")]
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("capsem_kernelspecs"), pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from kernel_helpers import KERNEL, STARTUP_TIMEOUT, capsem_kernelspecs, wait_gone  # noqa: F401
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]  # one VM per notebook
 
 NOTEBOOKS = REPO / "notebooks"
 OURS = ("files.ipynb", "plot.ipynb", "network.ipynb")

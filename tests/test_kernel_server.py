@@ -20,7 +20,7 @@ import websocket
 
 from kernel_helpers import KERNEL, STARTUP_TIMEOUT, capsem_kernelspecs, pid_alive, vm_processes, wait_gone  # noqa: F401
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 
 def free_port() -> int:

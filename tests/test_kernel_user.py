@@ -16,7 +16,7 @@ import pytest
 
 from kernel_helpers import KERNEL, STARTUP_TIMEOUT, capsem_kernelspecs, wait_gone  # noqa: F401
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 USER = "capsemtest"
 
