@@ -66,7 +66,8 @@ def ensure_user() -> pwd.struct_passwd:
 def python_for(prefix: list[str]) -> tuple[str, str]:
     """(interpreter, site dir to add): this venv's Python if the user may run it, else the system's
     Python of the same version (e.g. a venv made from a pyenv Python under /root, mode 0700)."""
-    if subprocess.run(prefix + [sys.executable, "-c", "pass"], capture_output=True).returncode == 0:
+    probe = prefix + ["env", "-i", f"PATH={os.environ['PATH']}", sys.executable, "-c", "pass"]
+    if subprocess.run(probe, capture_output=True, cwd="/").returncode == 0:
         return sys.executable, ""
     system = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
     assert os.access(system, os.X_OK), f"{sys.executable} is not usable by {USER} and there is no {system}"
@@ -104,7 +105,7 @@ def test_guest_files_belong_to_the_host_user_running_jupyter(capsem_kernelspecs,
     os.chmod(script, 0o644)
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
            "JUPYTER_PATH": os.environ["JUPYTER_PATH"], "CAPSEM_RUNTIME_DIR": str(runtime)}
-    for key in ("CAPSEM_CACHE_DIR", "PYTHONPATH"):
+    for key in ("CAPSEM_CACHE_DIR", "CAPSEM_VIRTIOFSD", "PYTHONPATH"):
         if key in os.environ:
             env[key] = os.environ[key]
     proc = subprocess.run(prefix + ["env", "-i"] + [f"{k}={v}" for k, v in env.items()]
