@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -53,16 +52,18 @@ def virtiofsd() -> Program:
 
 
 def _virtiofsd_dialect(path: Path) -> str:
+    # Read the option names from the binary rather than running `--help`: the C virtiofsd calls
+    # setgroups() before parsing options, so as a non-root user it fails even for --help (it runs
+    # in a user namespace later, see virtiofs.py).
     try:
-        out = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise MissingHelperError(f"{path} does not run: {exc}", SETUP_HINT) from None
-    text = out.stdout + out.stderr
-    if "--shared-dir" in text:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MissingHelperError(f"{path} cannot be read: {exc}", SETUP_HINT) from None
+    if b"shared-dir" in data:
         return "rust"
-    if "-o source=" in text:
+    if b"source=PATH" in data:
         return "c"
-    raise MissingHelperError(f"{path} is neither the C nor the Rust virtiofsd (or does not run here)", SETUP_HINT)
+    raise MissingHelperError(f"{path} is neither the C nor the Rust virtiofsd", SETUP_HINT)
 
 
 @lru_cache(maxsize=None)
