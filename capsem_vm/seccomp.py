@@ -17,7 +17,9 @@ this filter, installed before it starts, adds what its options cannot express:
 
 Everything else is allowed (virtiofsd's own filter restricts further). Linux x86_64 only.
 Installed in a child between fork and exec (see process.py): filters survive exec and can only
-be added to, never removed.
+be added to, never removed. Run as a script (`python -I seccomp.py PROGRAM ARGS...`) it installs
+the filter and execs PROGRAM: used where the filter must come after a set-uid helper (newgidmap,
+which no_new_privs would disarm) has run.
 """
 
 from __future__ import annotations
@@ -132,3 +134,17 @@ class Filter:
         if self._libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(self._fprog), 0, 0) != 0:
             e = ctypes.get_errno()
             raise OSError(e, "prctl(PR_SET_SECCOMP)")
+
+
+def _exec_confined(argv: list[str]) -> None:
+    import os
+    import sys
+    if not argv:
+        sys.exit("usage: python -I seccomp.py PROGRAM [ARGS...]")
+    Filter().install()
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    import sys
+    _exec_confined(sys.argv[1:])

@@ -8,7 +8,8 @@ Confinement, outermost first:
   root with capabilities: it is started as that user and creates its own user namespace
   (`unshare --map-root-user`) in which only that user exists, as uid 0. Files the guest (root in
   its VM) creates appear on the host owned by that user; a guest asking for any other owner gets
-  an error (the id is not mapped).
+  an error (the id is not mapped). A normal user with supplementary groups needs one more
+  mapped group (see `userns_options`).
 - a seccomp filter (seccomp.py), installed before exec, refuses set-uid/set-gid modes, device
   nodes, FIFOs, sockets, symlinks and xattrs in the share, whatever virtiofsd is asked to do.
 - virtiofsd's own sandbox (`sandbox=namespace`: mount, pid and net namespaces, pivot_root into the
@@ -28,9 +29,10 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import sys
 from pathlib import Path
 
-from . import helpers, paths, privsep
+from . import helpers, paths, privsep, seccomp
 from .caplog import CappedLog
 from .config import RuntimePaths, Share
 from .errors import VMError
@@ -113,6 +115,44 @@ def listening_socket(path) -> socket.socket:
     return sock
 
 
+def userns_options() -> tuple[list[str], bool]:
+    """`unshare` options for virtiofsd's user namespace, and whether the seccomp filter must be
+    installed inside it (after unshare) instead of before.
+
+    The C virtiofsd drops supplementary groups with setgroups() and exits when that fails. Root's
+    helpers have none (spawn clears them), so `--map-root-user` does. A normal user's process
+    keeps its groups, and a namespace whose gid map that user wrote itself forbids setgroups; a
+    gid map written by newgidmap allows it, but only when it maps one of the user's subordinate
+    gids as well (shadow refuses otherwise). So: the user's own uid/gid as 0, plus their first
+    subordinate gid as gid 1 (a gid that user owns anyway). newgidmap is set-uid, which
+    no_new_privs (needed by seccomp) would disarm: the filter is then installed after unshare.
+    """
+    if privsep.privileged() or not os.getgroups():
+        return ["--map-root-user"], False
+    user = pwd.getpwuid(os.geteuid())
+    first = subordinate_gid(user.pw_name, os.geteuid())
+    if first is None:
+        raise VMError(f"user {user.pw_name} has supplementary groups and no subordinate gid range: "
+                      "virtiofsd cannot drop its groups in its user namespace",
+                      f"add a range (as root: usermod --add-subgids 100000-165535 {user.pw_name}), "
+                      "or run Jupyter without supplementary groups")
+    return ["--map-user=0", "--map-group=0", f"--map-groups={first},1,1"], True
+
+
+def subordinate_gid(name: str, uid: int, path: str = "/etc/subgid") -> int | None:
+    """The first gid of `name`'s (or `uid`'s) first range in /etc/subgid, or None."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (name, str(uid)) and parts[1].isdigit() and parts[2].isdigit() \
+                and int(parts[2]) > 0:
+            return int(parts[1])
+    return None
+
+
 def _seccomp_filter():
     from .seccomp import Filter
     return Filter()
@@ -131,8 +171,11 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         os.chown(paths_.fs_socket(share.tag), qemu_identity.uid, qemu_identity.gid, follow_symlinks=False)
     try:
         fd = sock.fileno()
-        argv = [str(helpers.unshare().path), "--map-root-user", "--mount", "--propagation", "private", "--"]
+        map_options, filter_inside = userns_options()
+        argv = [str(helpers.unshare().path), *map_options, "--mount", "--propagation", "private", "--"]
         inner = virtiofsd_args(program, share, fd)
+        if filter_inside:
+            inner = [sys.executable, "-I", seccomp.__file__] + inner
         if share.readonly and program.dialect == "c":
             ro = [str(share.host_path)]
         elif not share.readonly:
@@ -147,7 +190,7 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         log = CappedLog(paths_.root / f"virtiofsd-{share.tag}.log")
         try:
             return await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=(fd,), stdout=log.fd, stderr=log.fd,
-                               identity=identity, seccomp=_seccomp_filter())
+                               identity=identity, seccomp=None if filter_inside else _seccomp_filter())
         finally:
             log.close_writer()
     finally:
