@@ -29,6 +29,7 @@ from pathlib import Path
 
 import zmq
 from jupyter_client import KernelManager
+from traitlets.config import Config
 
 STARTUP_TIMEOUT = 600
 
@@ -149,8 +150,8 @@ def guest_client(km, rounds: int) -> dict:
     return loop_thread.run_sync(run(), timeout=900)
 
 
-def measure(kernel_name: str, cwd: str, rounds: int, mb: int, guest: bool) -> dict:
-    km = KernelManager(kernel_name=kernel_name)
+def measure(kernel_name: str, cwd: str, rounds: int, mb: int, guest: bool, config=None) -> dict:
+    km = KernelManager(kernel_name=kernel_name, config=config or Config())
     t0 = time.perf_counter()
     km.start_kernel(cwd=cwd)
     launched = time.perf_counter() - t0
@@ -187,6 +188,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50, help="execute round trips (median)")
     parser.add_argument("--mb", type=int, default=10, help="MB printed to stdout")
+    parser.add_argument("--cpus", type=int, help="guest vCPUs (default: the provisioner's)")
+    parser.add_argument("--memory", type=int, metavar="MB", help="guest memory (default: the provisioner's)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = parser.parse_args()
 
@@ -197,7 +200,9 @@ def main() -> int:
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
         local = measure("python3", str(cwd), args.rounds, args.mb, guest=False)
         print("local ipykernel done", flush=True)
-        capsem = measure("capsem", str(cwd), args.rounds, args.mb, guest=True)
+        settings = {k: v for k, v in (("cpus", args.cpus), ("memory_mb", args.memory)) if v is not None}
+        capsem = measure("capsem", str(cwd), args.rounds, args.mb, guest=True,
+                         config=Config({"CapsemProvisioner": settings}))
         print(f"load average after: {os.getloadavg()[0]:.2f}\n", flush=True)
 
     rows = [("start -> first kernel_info_reply", "start_s"),

@@ -126,3 +126,28 @@ async def test_managed_process_stop_escalates_to_sigkill():
     t = time.monotonic()
     code = await p.stop(grace=0.5)
     assert code == -9 and time.monotonic() - t < 5
+
+
+def test_subordinate_gid_is_read_by_name_or_uid_and_bad_lines_are_ignored(tmp_path):
+    from capsem_vm.virtiofs import subordinate_gid
+    subgid = tmp_path / "subgid"
+    subgid.write_text("other:200000:65536\nbroken line\nalice:x:65536\nalice:300000:0\n"
+                      "1234:400000:65536\nalice:500000:65536\n")
+    assert subordinate_gid("alice", 1000, str(subgid)) == 500000
+    assert subordinate_gid("bob", 1234, str(subgid)) == 400000
+    assert subordinate_gid("carol", 99, str(subgid)) is None
+    assert subordinate_gid("alice", 1000, str(tmp_path / "missing")) is None
+
+
+def test_virtiofsd_dialect_is_read_from_the_binary(tmp_path, monkeypatch):
+    from capsem_vm import helpers
+    c_like = tmp_path / "c"
+    c_like.write_bytes(b"\x7fELF...    -o source=PATH             shared directory tree\n")
+    rust_like = tmp_path / "rust"
+    rust_like.write_bytes(b"\x7fELF...--shared-dir <SHARED_DIR>...")
+    neither = tmp_path / "neither"
+    neither.write_bytes(b"\x7fELF...")
+    assert helpers._virtiofsd_dialect(c_like) == "c"
+    assert helpers._virtiofsd_dialect(rust_like) == "rust"
+    with pytest.raises(MissingHelperError, match="neither the C nor the Rust"):
+        helpers._virtiofsd_dialect(neither)

@@ -56,7 +56,7 @@ while True:
 behaviour = {}
 for port in accepted:
     s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    s.settimeout(5)
+    s.settimeout(30)  # the host answers in milliseconds; a TCG guest on a loaded host may not
     try:
         s.connect((cid, port))
         s.sendall(b"\x00\x00\x00\x05hello")
