@@ -17,12 +17,12 @@ from capsem_vm.errors import ImageError, MissingHelperError
 from . import store
 from .cpio import NewcWriter
 from .kernel import KernelLayer
-from .modules import BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
+from .modules import BACKGROUND_MODULES, BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
 from .progress import Progress
 from .recipe import digest_of
 
 # Bump when the initramfs layout or /init handling changes (independent of the rootfs's version).
-INITRAMFS_VERSION = 2
+INITRAMFS_VERSION = 3
 # The guest's Python (Debian bookworm): the agent's bytecode is precompiled when the host's
 # Python has the same version, so the guest doesn't compile it at every boot under TCG.
 GUEST_PYTHON = (3, 11)
@@ -87,7 +87,8 @@ def local_inputs_digest() -> str:
     return digest_of({
         "initramfs_version": INITRAMFS_VERSION, "pyc": _can_precompile(), "files": h.hexdigest(),
         "busybox": hashlib.sha256(check_busybox().read_bytes()).hexdigest(),
-        "boot_modules": list(BOOT_MODULES), "on_demand_modules": list(ON_DEMAND_MODULES),
+        "boot_modules": list(BOOT_MODULES), "background_modules": list(BACKGROUND_MODULES),
+        "on_demand_modules": list(ON_DEMAND_MODULES),
         "compression": COMPRESSION,
     })
 
@@ -97,7 +98,8 @@ def busybox_applets() -> list[str]:
     return sorted(set(out.split()) - {"busybox"})
 
 
-def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[str]) -> None:
+def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[str],
+               background_order: list[str] = ()) -> None:
     agent_dir = guest_agent_dir()
     moddir = f"lib/modules/{kernel.version}"
     w = NewcWriter(out)
@@ -110,6 +112,8 @@ def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[
         w.symlink(f"bin/{applet}", "busybox")
     w.file("init", (agent_dir / "init").read_bytes(), 0o755)
     w.file("etc/capsem/modules.boot", "".join(f"/{moddir}/{rel}\n" for rel in boot_order).encode())
+    w.file("etc/capsem/modules.background",
+           "".join(f"/{moddir}/{rel}\n" for rel in background_order).encode())
     w.directory(moddir)
     w.tree(staging_moddir, moddir)
     made = set()
@@ -183,13 +187,14 @@ def ensure_initramfs(kernel: KernelLayer, progress: Progress, compression: str =
         with progress.stage(f"initramfs: modules, busybox, agent ({compression})"):
             src = kernel.modules / "lib" / "modules" / kernel.version
             boot = load_order(src, BOOT_MODULES)
-            wanted = load_order(src, BOOT_MODULES + ON_DEMAND_MODULES)
+            background = [m for m in load_order(src, BOOT_MODULES + BACKGROUND_MODULES) if m not in boot]
+            wanted = load_order(src, BOOT_MODULES + BACKGROUND_MODULES + ON_DEMAND_MODULES)
             staging = work / "staging" / "lib" / "modules" / kernel.version
             copy_modules(src, staging, wanted)
             # Indexes for exactly the shipped subset, so modprobe in the guest resolves them.
             progress.run(["depmod", "-b", work / "staging", kernel.version])
             buf = io.BytesIO()
-            write_cpio(buf, kernel, staging, boot)
+            write_cpio(buf, kernel, staging, boot, background)
             (work / INITRD_NAME).write_bytes(compress(buf.getvalue(), compression, progress))
             shutil.rmtree(work / "staging")
         store.install_dir(work, layer)

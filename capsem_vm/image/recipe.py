@@ -12,7 +12,7 @@ from pathlib import Path
 from capsem_vm.errors import ImageError
 
 # Bump when the build steps change in a way that changes the produced assets.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 SUITE = "bookworm"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
