@@ -28,7 +28,7 @@ from .verify import read_manifest
 
 
 def image_key(recipe: Recipe) -> str:
-    return digest_of({"rootfs": recipe.rootfs_key(),
+    return digest_of({"builder": BUILDER_VERSION, "rootfs": recipe.rootfs_key(),
                       "initramfs_inputs": local_inputs_digest()})[:24]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 from capsem_vm.errors import ImageError, MissingHelperError
@@ -28,24 +27,9 @@ _DPKG_EXCLUDES = [
 # Build-time-only packages that Debian makes hard dependencies (python3-matplotlib -> fonttools
 # -> scipy -> pythran -> boost/openblas headers, python3-all-dev; debugpy -> gdb). ~250 MB that
 # a kernel never uses at run time: purged with --force-depends (the guest is ephemeral and has no
-# apt lists, so the unmet dependencies in dpkg's database don't matter).
+# apt lists, so the unmet dependencies in dpkg's database don't matter). gcc stays for pip builds.
 TRIM_PACKAGES = ("libboost1.74-dev", "libboost-dev", "libopenblas-dev", "libopenblas-pthread-dev",
                  "python3-pythran", "python3-all-dev", "libpython3-all-dev", "gdb")
-# What only those pulled in: the C/C++ toolchain and headers (pythran needs g++; ~240 MB) and
-# gdb's libraries (~10 MB). Purged when nothing that stays needs them (trim.py checks), so a
-# recipe that asks for a compiler (`--apt gcc`, `--apt build-essential`) keeps it and what it
-# needs. pip requirements (--pip) are installed before trimming, so they can still compile.
-UNNEEDED_PACKAGES = (
-    "gcc-12", "g++-12", "cpp-12", "gcc", "g++", "cpp", "libstdc++-12-dev", "libgcc-12-dev",
-    "libc6-dev", "linux-libc-dev", "libcrypt-dev", "libnsl-dev", "libtirpc-dev", "rpcsvc-proto",
-    "binutils", "binutils-common", "binutils-x86-64-linux-gnu", "libbinutils", "libctf0",
-    "libctf-nobfd0", "libgprofng0", "libjansson4", "libasan8", "libtsan2", "liblsan0", "libubsan1",
-    "libitm1", "libcc1-0", "libisl23", "libmpc3", "libmpfr6", "libpython3.11-dev", "libexpat1-dev",
-    "zlib1g-dev", "python3.11-dev", "python3-dev", "libpython3-dev", "libjs-sphinxdoc",
-    "libsource-highlight4v5", "libsource-highlight-common", "libpython3.11", "libbabeltrace1",
-    "libipt2", "libdebuginfod1", "libdebuginfod-common", "libdw1",
-)
-_TRIM_SCRIPT = Path(__file__).with_name("trim.py")
 # Run inside the build (with mmdebstrap's mounts still up) after all packages are installed.
 _CLEANUP = ('rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb '
             '"$1"/var/log/*.log "$1"/var/log/apt/* "$1"/root/.cache "$1"/tmp/*')
@@ -87,9 +71,8 @@ def mmdebstrap_argv(recipe: Recipe, mirrors: Mirrors, mode: str, target: Path) -
         argv.append('--customize-hook=cp -L /etc/resolv.conf "$1"/etc/resolv.conf && chroot "$1" '
                     "python3 -m pip install --no-cache-dir --break-system-packages --root-user-action=ignore "
                     f"{reqs}")
-    trim = [shlex.quote(sys.executable), shlex.quote(str(_TRIM_SCRIPT)), '"$1"', "--force", *TRIM_PACKAGES,
-            "--unneeded", *UNNEEDED_PACKAGES, "--keep", *recipe.apt]
-    argv.append(f"--customize-hook={' '.join(trim)}")
+    trim = [p for p in TRIM_PACKAGES if p not in recipe.apt]
+    argv.append(f'--customize-hook=chroot "$1" dpkg --purge --force-depends {" ".join(trim)}')
     argv.append(f"--customize-hook={_CLEANUP}")
     argv += [recipe.suite, str(target), *mirrors.apt_lines(recipe.suite)]
     return argv
