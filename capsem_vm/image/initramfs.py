@@ -22,7 +22,7 @@ from .progress import Progress
 from .recipe import digest_of
 
 # Bump when the initramfs layout or /init handling changes (independent of the rootfs's version).
-INITRAMFS_VERSION = 3
+INITRAMFS_VERSION = 4
 # The guest's Python (Debian bookworm): the agent's bytecode is precompiled when the host's
 # Python has the same version, so the guest doesn't compile it at every boot under TCG.
 GUEST_PYTHON = (3, 11)
@@ -89,8 +89,49 @@ def local_inputs_digest() -> str:
         "busybox": hashlib.sha256(check_busybox().read_bytes()).hexdigest(),
         "boot_modules": list(BOOT_MODULES), "background_modules": list(BACKGROUND_MODULES),
         "on_demand_modules": list(ON_DEMAND_MODULES),
-        "compression": COMPRESSION,
+        "compression": COMPRESSION, "python": sys.version,
     })
+
+
+# Read ahead at boot (see /init): what the guest's Python reads before the agent's hello, in the
+# order it reads it. The interpreter and its libraries (Debian bookworm amd64 paths), then the
+# bytecode of the stdlib modules the agent imports, found by importing the agent with this
+# (same-version) Python. Paths that do not exist in the guest are skipped by /init.
+GUEST_STDLIB = "usr/lib/python3.11"
+READAHEAD_BASE = ("usr/bin/python3.11", "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                  "usr/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libm.so.6",
+                  "usr/lib/x86_64-linux-gnu/libz.so.1", "usr/lib/x86_64-linux-gnu/libexpat.so.1")
+_IMPORTED_BY_AGENT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+sys.modules["ssl"] = None  # as the launcher does
+import capsem_agent.supervisor, capsem_agent.sysinit, capsem_agent.service
+imported = list(sys.modules.values())
+import sysconfig
+stdlib = sysconfig.get_paths()["stdlib"] + "/"
+for m in imported:
+    origin = getattr(getattr(m, "__spec__", None), "origin", None) or ""
+    if origin.startswith(stdlib):
+        print(origin[len(stdlib):])
+"""
+
+
+def readahead_list(agent_dir: Path) -> list[str]:
+    """Guest paths (relative to its root) to read ahead at boot; [] when this Python is not the
+    guest's version (the list would be wrong; booting works without it, only slower)."""
+    if not _can_precompile():
+        return []
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _IMPORTED_BY_AGENT, str(agent_dir)],
+                         check=True, capture_output=True, text=True).stdout
+    paths = list(READAHEAD_BASE)
+    for rel in out.split():
+        rel_path = Path(rel)
+        if rel_path.suffix == ".py":
+            pyc = rel_path.parent / "__pycache__" / f"{rel_path.stem}.{sys.implementation.cache_tag}.pyc"
+            paths.append(f"{GUEST_STDLIB}/{pyc.as_posix()}")
+        elif rel_path.suffix == ".so" and rel_path.parts[0] == "lib-dynload":
+            paths.append(f"{GUEST_STDLIB}/{rel}")
+    return list(dict.fromkeys(paths))
 
 
 def busybox_applets() -> list[str]:
@@ -114,6 +155,7 @@ def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[
     w.file("etc/capsem/modules.boot", "".join(f"/{moddir}/{rel}\n" for rel in boot_order).encode())
     w.file("etc/capsem/modules.background",
            "".join(f"/{moddir}/{rel}\n" for rel in background_order).encode())
+    w.file("etc/capsem/readahead", "".join(f"{p}\n" for p in readahead_list(agent_dir)).encode())
     w.directory(moddir)
     w.tree(staging_moddir, moddir)
     made = set()
