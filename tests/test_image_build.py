@@ -71,4 +71,16 @@ def test_initramfs_content(built):
     assert background == ["fuse.ko", "virtiofs.ko"]
     ver = built.joinpath("manifest.json").read_text().split('"kernel_version": "')[1].split('"')[0]
     assert f"lib/modules/{ver}/modules.dep.bin" in files
+    # /init reads these ahead from the root filesystem: the interpreter first, then the stdlib
+    # bytecode the agent imports; all of it really is in the rootfs (extension modules may be
+    # built into the guest's python3.11, so those may be absent)
+    readahead = files["etc/capsem/readahead"].decode().split()
+    assert readahead[0] == "usr/bin/python3.11"
+    assert "usr/lib/python3.11/asyncio/__pycache__/base_events.cpython-311.pyc" in readahead
+    assert not any(p.startswith("/") or ".." in p.split("/") for p in readahead)
+    for path in readahead:
+        if "/lib-dynload/" not in path:
+            out = subprocess.run(["dump.erofs", f"--path=/{path}", str(built / "rootfs.erofs")],
+                                 capture_output=True, text=True).stdout
+            assert out.startswith("File :"), f"{path} is not in the rootfs"
     assert any(n.endswith("/nft_redir.ko") for n in files)

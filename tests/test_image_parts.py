@@ -80,6 +80,7 @@ def test_init_script_parses_and_follows_the_boot_contract():
     for needle in ("mount -t proc", "mount -t devtmpfs", "/etc/capsem/modules.boot", "mount -t erofs -o ro /dev/vda",
                    "lowerdir=/lower,upperdir=/rw/upper", '"/capsem /newroot/opt/capsem"', "/newroot/run/capsem/init-times",
                    "/etc/capsem/modules.background", "mount --move . /",
+                   "(cd /lower && xargs cat </etc/capsem/readahead >/dev/null 2>&1) &",
                    "exec chroot . /usr/bin/python3 -I -S /opt/capsem/capsem-agent", "poweroff -f"):
         assert needle in text, needle
 
