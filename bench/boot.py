@@ -142,9 +142,16 @@ async def boot_real(config: VMConfig) -> dict:
         await vm.start()
         cpu = cpu_seconds(vm.qemu.pid)
         boot = vm.hello.get("boot") or {}
+        # The agent serves right after its hello: one exec round trip (`true`) as the proof.
+        t0 = time.monotonic()
+        proc = await vm.control.exec(["true"])
+        async for _ in proc.output():
+            pass
+        assert (await proc.wait()).code == 0
+        exec_s = time.monotonic() - t0
         await asyncio.sleep(IDLE_S)
         pids = [p.pid for p in [vm.qemu, *vm.helpers]]
-        return {"hello_s": vm.timings["hello_s"], "verify_s": vm.timings["verify_s"],
+        return {"hello_s": vm.timings["hello_s"], "verify_s": vm.timings["verify_s"], "exec_s": exec_s,
                 **{k: boot.get(k) for k in ("kernel_s", "init_s", "python_s", "imports_s", "agent_s")},
                 "qemu_cpu_s": cpu, "helpers": len(pids) - 1, **memory_of(pids)}
     finally:
@@ -213,7 +220,7 @@ def stages(r: dict) -> dict:
 
 
 LABELS = {
-    "pre_kernel": "QEMU + firmware + kernel decompression (hello - guest uptime at hello)",
+    "pre_kernel": "QEMU + firmware + kernel load (hello - guest uptime at hello)",
     "kernel": "kernel boot to /init (guest uptime at /init)",
     "init": "/init: modules, root mount, handover",
     "python": "Python start -> agent code runs",
@@ -232,6 +239,7 @@ def report(real: list[dict], floor: list[dict], load: tuple[float, float], args)
           f"{args.cpus} vCPU, accel {choose_accel(args.accel).accel}; load average {load[0]:.1f} -> {load[1]:.1f}")
     print(f"  real : QEMU start -> agent hello   median {fmt(m_real)}   (runs: {runs(real, 'hello_s')})")
     print(f"    before QEMU: image verification (host)            {fmt(med(real, 'verify_s'))}")
+    print(f"    after hello: first exec round trip (`true`)       {fmt(med(real, 'exec_s'))}")
     for key, label in LABELS.items():
         if any(key in s for s in st):
             print(f"    {label:<72s} {fmt(med(st, key))}")
@@ -268,7 +276,8 @@ async def main() -> None:
                 if kind == "real":
                     r = await boot_real(config)
                     real.append(r)
-                    print(f"run {i + 1} real : hello {r['hello_s']:.2f} s (verify {r['verify_s']:.2f} s; guest "
+                    print(f"run {i + 1} real : hello {r['hello_s']:.2f} s (then exec {r['exec_s']:.2f} s; "
+                          f"verify {r['verify_s']:.2f} s; guest "
                           + ", ".join(f"{k} {r[k]}" for k in ("kernel_s", "init_s", "python_s", "imports_s",
                                                             "agent_s") if r.get(k) is not None)
                           + f"; QEMU CPU {r['qemu_cpu_s']:.2f} s; RSS {r['rss_mib']:.0f} MiB, "

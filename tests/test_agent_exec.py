@@ -18,7 +18,9 @@ from test_agent_harness import agent  # noqa: F401 - fixture
 def test_hello(agent):
     h = agent.hello
     assert h["t"] == "hello" and h["v"] == protocol.PROTOCOL_VERSION and h["agent"] == __version__
-    assert set(h["boot"]) == {"kernel_s", "init_s", "agent_s"}
+    assert {"kernel_s", "init_s", "agent_s"} <= set(h["boot"]) <= {"kernel_s", "init_s", "python_s", "imports_s",
+                                                                    "agent_s"}
+    assert h["boot"]["python_s"] <= h["boot"]["imports_s"] <= h["boot"]["agent_s"]
     assert isinstance(h["boot"]["agent_s"], float) and h["boot"]["agent_s"] > 0
 
 

@@ -1,8 +1,12 @@
 """The image build's small parts, on real inputs: module ordering, the cpio writer, the /init
-script, apt sources parsing, the store's name/path resolution and atomic default link."""
+script, apt sources parsing, the store's name/path resolution and atomic default link, the
+vmlinux extraction."""
 
+import gzip
 import io
+import lzma
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from capsem_vm.errors import ImageError
 from capsem_vm.image import store
 from capsem_vm.image.cpio import NewcWriter
 from capsem_vm.image.debian import DEFAULT_MIRROR, host_mirrors
+from capsem_vm.image.kernel import extract_vmlinux
 from capsem_vm.image.manifest import ASSET_FILES, write_manifest_for
 from capsem_vm.image.modules import load_order
 
@@ -73,8 +78,10 @@ def test_init_script_parses_and_follows_the_boot_contract():
     subprocess.run(["busybox", "sh", "-n", str(init)], check=True)
     text = init.read_text()
     for needle in ("mount -t proc", "mount -t devtmpfs", "/etc/capsem/modules.boot", "mount -t erofs -o ro /dev/vda",
-                   "lowerdir=/lower,upperdir=/rw/upper", "/newroot/opt/capsem/", "/newroot/run/capsem/init-times",
-                   "exec switch_root /newroot /usr/bin/python3 -I /opt/capsem/capsem-agent", "poweroff -f"):
+                   "lowerdir=/lower,upperdir=/rw/upper", '"/capsem /newroot/opt/capsem"', "/newroot/run/capsem/init-times",
+                   "/etc/capsem/modules.background", "mount --move . /",
+                   "(cd /lower && xargs cat </etc/capsem/readahead >/dev/null 2>&1) &",
+                   "exec chroot . /usr/bin/python3 -I -S /opt/capsem/capsem-agent", "poweroff -f"):
         assert needle in text, needle
 
 
@@ -143,3 +150,45 @@ def test_install_dir_replaces_atomically(tmp_path):
         store.install_dir(tmp, dest)
     assert (dest / "f").read_bytes() == b"two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layer"]
+
+
+def _elf(pvh: bool) -> bytes:
+    """A minimal 64-bit ELF with one PT_NOTE segment (a Xen note, PVH entry or not)."""
+    name = b"Xen\0"
+    note = struct.pack("<III", len(name), 8, 18 if pvh else 5) + name + struct.pack("<Q", 0x1000000)
+    phoff, phentsize = 64, 56
+    header = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, phoff, 0, 0, 64,
+                                                                   phentsize, 1, 0, 0, 0)
+    ph = struct.pack("<IIQQQQQQ", 4, 4, phoff + phentsize, 0, 0, len(note), len(note), 4)
+    return header + ph + note
+
+
+def _bzimage(payload: bytes) -> bytes:
+    setup = bytearray(5 * 512)  # setup_sects = 4 (stored as 0: "means 4")
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x20F)
+    struct.pack_into("<II", setup, 0x248, 0x40, len(payload))
+    return bytes(setup) + b"\0" * 0x40 + payload + b"trailing"
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "lz4", "zstd"])
+def test_extract_vmlinux_from_each_bzimage_compression(kind):
+    elf = _elf(pvh=True)
+    size = struct.pack("<I", len(elf))  # the kernel build appends the size to all but gzip
+    if kind == "gzip":
+        payload = gzip.compress(elf)
+    elif kind == "xz":
+        payload = lzma.compress(elf, lzma.FORMAT_XZ, check=lzma.CHECK_CRC32) + size
+    else:
+        argv = {"lz4": ["lz4", "-l", "-c"], "zstd": ["zstd", "-q", "-c"]}[kind]
+        payload = subprocess.run(argv, input=elf, capture_output=True, check=True).stdout + size
+    assert extract_vmlinux(_bzimage(payload)) == elf
+
+
+def test_extract_vmlinux_refuses_kernels_qemu_cannot_boot_directly():
+    with pytest.raises(ImageError, match="PVH"):
+        extract_vmlinux(_bzimage(gzip.compress(_elf(pvh=False))))
+    with pytest.raises(ImageError, match="bzImage"):
+        extract_vmlinux(b"\0" * 4096)
+    with pytest.raises(ImageError, match="compression"):
+        extract_vmlinux(_bzimage(b"\x00\x11\x22\x33 not compressed"))

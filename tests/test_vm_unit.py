@@ -42,6 +42,18 @@ def test_command_kvm_uses_host_cpu_and_shares_get_devices(tmp_path):
     assert "vhost-user-fs-pci,chardev=fs-nb,tag=nb" in joined
 
 
+def test_kernel_command_line_per_accelerator():
+    tcg = _cmd(VMConfig(kernel_args=("capsem.debug",)), "tcg")
+    kvm = _cmd(VMConfig(), "kvm")
+    tcg_args = tcg[tcg.index("-append") + 1].split()
+    kvm_args = kvm[kvm.index("-append") + 1].split()
+    for args in (tcg_args, kvm_args):
+        assert {"console=ttyS0", "panic=-1", "quiet", "cryptomgr.notests", "capsem.overlay_mb=512"} <= set(args)
+    # TCG's TSC is one clock for all vCPUs: keep the guest off the (emulated MMIO) HPET
+    assert "tsc=reliable" in tcg_args and "tsc=reliable" not in kvm_args
+    assert tcg_args[-1] == "capsem.debug"  # the config's own arguments come last
+
+
 @pytest.mark.parametrize("kwargs", [{"memory_mb": 10}, {"cpus": 0}, {"cpus": 1000}])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):

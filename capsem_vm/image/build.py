@@ -28,7 +28,7 @@ from .verify import read_manifest
 
 
 def image_key(recipe: Recipe) -> str:
-    return digest_of({"rootfs": recipe.rootfs_key(),
+    return digest_of({"builder": BUILDER_VERSION, "rootfs": recipe.rootfs_key(),
                       "initramfs_inputs": local_inputs_digest()})[:24]
 
 
@@ -77,7 +77,7 @@ def _build(recipe: Recipe, key: str, image_dir: Path, progress: Progress, refres
     with progress.stage("image: link assets, hash, write manifest"):
         tmp = store.new_temp_dir(store.images_dir(), key)
         try:
-            sources = {"kernel": kernel.vmlinuz, "initrd": initrd, "rootfs": rootfs}
+            sources = {"kernel": kernel.vmlinux, "initrd": initrd, "rootfs": rootfs}
             for name, src in sources.items():
                 store.link_or_copy(src, tmp / ASSET_FILES[name])
             manifest = write_manifest_for(

@@ -17,12 +17,12 @@ from capsem_vm.errors import ImageError, MissingHelperError
 from . import store
 from .cpio import NewcWriter
 from .kernel import KernelLayer
-from .modules import BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
+from .modules import BACKGROUND_MODULES, BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
 from .progress import Progress
 from .recipe import digest_of
 
 # Bump when the initramfs layout or /init handling changes (independent of the rootfs's version).
-INITRAMFS_VERSION = 2
+INITRAMFS_VERSION = 4
 # The guest's Python (Debian bookworm): the agent's bytecode is precompiled when the host's
 # Python has the same version, so the guest doesn't compile it at every boot under TCG.
 GUEST_PYTHON = (3, 11)
@@ -87,9 +87,51 @@ def local_inputs_digest() -> str:
     return digest_of({
         "initramfs_version": INITRAMFS_VERSION, "pyc": _can_precompile(), "files": h.hexdigest(),
         "busybox": hashlib.sha256(check_busybox().read_bytes()).hexdigest(),
-        "boot_modules": list(BOOT_MODULES), "on_demand_modules": list(ON_DEMAND_MODULES),
-        "compression": COMPRESSION,
+        "boot_modules": list(BOOT_MODULES), "background_modules": list(BACKGROUND_MODULES),
+        "on_demand_modules": list(ON_DEMAND_MODULES),
+        "compression": COMPRESSION, "python": sys.version,
     })
+
+
+# Read ahead at boot (see /init): what the guest's Python reads before the agent's hello, in the
+# order it reads it. The interpreter and its libraries (Debian bookworm amd64 paths), then the
+# bytecode of the stdlib modules the agent imports, found by importing the agent with this
+# (same-version) Python. Paths that do not exist in the guest are skipped by /init.
+GUEST_STDLIB = "usr/lib/python3.11"
+READAHEAD_BASE = ("usr/bin/python3.11", "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                  "usr/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libm.so.6",
+                  "usr/lib/x86_64-linux-gnu/libz.so.1", "usr/lib/x86_64-linux-gnu/libexpat.so.1")
+_IMPORTED_BY_AGENT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+sys.modules["ssl"] = None  # as the launcher does
+import capsem_agent.supervisor, capsem_agent.sysinit, capsem_agent.service
+imported = list(sys.modules.values())
+import sysconfig
+stdlib = sysconfig.get_paths()["stdlib"] + "/"
+for m in imported:
+    origin = getattr(getattr(m, "__spec__", None), "origin", None) or ""
+    if origin.startswith(stdlib):
+        print(origin[len(stdlib):])
+"""
+
+
+def readahead_list(agent_dir: Path) -> list[str]:
+    """Guest paths (relative to its root) to read ahead at boot; [] when this Python is not the
+    guest's version (the list would be wrong; booting works without it, only slower)."""
+    if not _can_precompile():
+        return []
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _IMPORTED_BY_AGENT, str(agent_dir)],
+                         check=True, capture_output=True, text=True).stdout
+    paths = list(READAHEAD_BASE)
+    for rel in out.split():
+        rel_path = Path(rel)
+        if rel_path.suffix == ".py":
+            pyc = rel_path.parent / "__pycache__" / f"{rel_path.stem}.{sys.implementation.cache_tag}.pyc"
+            paths.append(f"{GUEST_STDLIB}/{pyc.as_posix()}")
+        elif rel_path.suffix == ".so" and rel_path.parts[0] == "lib-dynload":
+            paths.append(f"{GUEST_STDLIB}/{rel}")
+    return list(dict.fromkeys(paths))
 
 
 def busybox_applets() -> list[str]:
@@ -97,7 +139,8 @@ def busybox_applets() -> list[str]:
     return sorted(set(out.split()) - {"busybox"})
 
 
-def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[str]) -> None:
+def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[str],
+               background_order: list[str] = ()) -> None:
     agent_dir = guest_agent_dir()
     moddir = f"lib/modules/{kernel.version}"
     w = NewcWriter(out)
@@ -110,6 +153,9 @@ def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[
         w.symlink(f"bin/{applet}", "busybox")
     w.file("init", (agent_dir / "init").read_bytes(), 0o755)
     w.file("etc/capsem/modules.boot", "".join(f"/{moddir}/{rel}\n" for rel in boot_order).encode())
+    w.file("etc/capsem/modules.background",
+           "".join(f"/{moddir}/{rel}\n" for rel in background_order).encode())
+    w.file("etc/capsem/readahead", "".join(f"{p}\n" for p in readahead_list(agent_dir)).encode())
     w.directory(moddir)
     w.tree(staging_moddir, moddir)
     made = set()
@@ -183,13 +229,14 @@ def ensure_initramfs(kernel: KernelLayer, progress: Progress, compression: str =
         with progress.stage(f"initramfs: modules, busybox, agent ({compression})"):
             src = kernel.modules / "lib" / "modules" / kernel.version
             boot = load_order(src, BOOT_MODULES)
-            wanted = load_order(src, BOOT_MODULES + ON_DEMAND_MODULES)
+            background = [m for m in load_order(src, BOOT_MODULES + BACKGROUND_MODULES) if m not in boot]
+            wanted = load_order(src, BOOT_MODULES + BACKGROUND_MODULES + ON_DEMAND_MODULES)
             staging = work / "staging" / "lib" / "modules" / kernel.version
             copy_modules(src, staging, wanted)
             # Indexes for exactly the shipped subset, so modprobe in the guest resolves them.
             progress.run(["depmod", "-b", work / "staging", kernel.version])
             buf = io.BytesIO()
-            write_cpio(buf, kernel, staging, boot)
+            write_cpio(buf, kernel, staging, boot, background)
             (work / INITRD_NAME).write_bytes(compress(buf.getvalue(), compression, progress))
             shutil.rmtree(work / "staging")
         store.install_dir(work, layer)

@@ -7,8 +7,13 @@ from pathlib import Path
 
 from capsem_vm.errors import ImageError
 
-# Loaded by /init, before the root filesystem can be mounted (deps are added automatically).
-BOOT_MODULES = ("virtio_pci", "virtio_blk", "erofs", "overlay", "vmw_vsock_virtio_transport", "virtiofs")
+# Loaded by /init, before the root filesystem can be mounted and the agent can reach the host
+# (deps are added automatically).
+BOOT_MODULES = ("virtio_pci", "virtio_blk", "erofs", "overlay", "vmw_vsock_virtio_transport")
+
+# Loaded by /init in the background while the agent starts: nothing needs them before the host
+# mounts a share (after the agent's hello; a mount that comes earlier makes the kernel load them).
+BACKGROUND_MODULES = ("virtiofs",)
 
 # Shipped (not loaded) so `nft` can set up NAT/redirect rules in the guest: copied to the
 # guest's /lib/modules/<ver> with real depmod indexes, loaded on demand by modprobe/the kernel.

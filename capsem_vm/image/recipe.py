@@ -11,8 +11,12 @@ from pathlib import Path
 
 from capsem_vm.errors import ImageError
 
-# Bump when the build steps change in a way that changes the produced assets.
-BUILDER_VERSION = 2
+# Bump when the build steps change in a way that changes the produced assets (3: the kernel asset
+# is the uncompressed ELF kernel, see kernel.py).
+BUILDER_VERSION = 3
+# Bump when the rootfs build steps change in a way that changes the rootfs (part of its cache key,
+# separate from BUILDER_VERSION so that a change elsewhere does not rebuild the rootfs).
+ROOTFS_VERSION = 2
 
 SUITE = "bookworm"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -68,7 +72,7 @@ class Recipe:
 
     def rootfs_key(self) -> str:
         """Mirror-independent: the same packages from another mirror are the same rootfs."""
-        return digest_of({"builder": BUILDER_VERSION, "suite": self.suite,
+        return digest_of({"builder": ROOTFS_VERSION, "suite": self.suite,
                           "packages": list(self.packages), "pip": list(self.pip)})
 
 

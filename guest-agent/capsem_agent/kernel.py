@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +53,13 @@ os.environ.clear(); os.environ.update(p["env"])
 sys.argv = ["ipykernel_launcher", "-f", p["connection_file"]]
 app.launch_new_instance()
 """
+
+
+def _rmtree(path: str) -> None:
+    # shutil only here: it imports zlib, bz2 and lzma (with their shared libraries), a noticeable
+    # part of the agent's start-up under TCG, for a clean-up that runs when a kernel ends.
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def kernel_python() -> str:
@@ -154,7 +160,7 @@ class KernelManager:
         try:
             proc, warm = self._launch(conn_file, cwd, full_env, uid, gid)
         except BaseException:
-            shutil.rmtree(conn_dir, ignore_errors=True)
+            _rmtree(conn_dir)
             raise
         kernel = Kernel(proc, ports, conn_dir, warm)
         self.current = kernel
@@ -209,7 +215,7 @@ class KernelManager:
                 os.chown(path, *owner)
                 os.chown(conn_dir, *owner)
         except BaseException:
-            shutil.rmtree(conn_dir, ignore_errors=True)
+            _rmtree(conn_dir)
             raise
         return conn_dir, path
 
@@ -270,7 +276,7 @@ class KernelManager:
             collector.cancel()
             transport.close()
             kernel.close_relays()
-            shutil.rmtree(kernel.conn_dir, ignore_errors=True)
+            _rmtree(kernel.conn_dir)
             if self.current is kernel:
                 self.current = None
         await self._send({"t": "kernel_exit", "pid": kernel.pid, **procs.exit_fields(returncode),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 MS_RDONLY = 1
@@ -16,6 +15,7 @@ _libc = None
 def libc():
     global _libc
     if _libc is None:
+        import ctypes  # here, not at import time: the service imports this module at boot
         # not ctypes.util.find_library: it spawns ldconfig, slow under TCG and pointless here
         try:
             _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -30,6 +30,7 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | Non
     rc = libc().mount(source.encode(), target.encode(), fstype.encode(), flags,
                       data.encode() if data is not None else None)
     if rc != 0:
+        import ctypes
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
 

@@ -45,7 +45,13 @@ Control messages (host requests carry an integer "id"; replies and events repeat
     guest -> host
       hello       {v, agent, boot: {kernel_s, init_s, agent_s}}       once, first frame; boot
                                                                         values are guest uptimes
-                                                                        (s) or null if unknown
+                                                                        (s) or null if unknown:
+                                                                        /init started, /init
+                                                                        handed over, hello sent;
+                                                                        optional extra steps:
+                                                                        python_s (agent code
+                                                                        runs), imports_s (service
+                                                                        modules imported)
       ok          {id, ...}                                             request succeeded
       error       {id?, code, message}                                  request failed / bad frame
       pong        {id}

@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal as _signal
 
-from . import __version__, execs, kernel as kernel_mod, mounts, protocol, relay, sysinit, transport
+from . import BOOT_MARKS, __version__, execs, kernel as kernel_mod, mounts, protocol, relay, sysinit, transport
 
 READ_CHUNK = 64 * 1024
 MOUNT_TIMEOUT = 30.0
@@ -33,7 +33,7 @@ def boot_times() -> dict:
         kernel_s, init_s = vals[0], vals[1]
     except (OSError, ValueError, IndexError):
         pass
-    return {"kernel_s": kernel_s, "init_s": init_s, "agent_s": _uptime()}
+    return {"kernel_s": kernel_s, "init_s": init_s, **BOOT_MARKS, "agent_s": _uptime()}
 
 
 def _wants_prewarm() -> bool:

@@ -4,11 +4,14 @@ power off when the service ends.
 PID 1 must never die (the kernel panics) and must reap orphans (zombies would pile up). So the
 supervisor does as little as possible: no threads, no asyncio, no imports it does not need.
 Outside a VM (not PID 1) the service simply runs in-process, which is how host tests run it.
+
+Boot order: PID 1 forks the service first, so that the service imports its modules (most of the
+agent's start-up time under TCG) while PID 1 sets up the system (sysinit) on another vCPU. The
+service waits for the end of that setup (EOF on a pipe) before it connects to the host.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -22,8 +25,15 @@ _IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal
             signal.SIGUSR2, signal.SIGPIPE, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-def _run_service() -> int:
-    from . import service
+def _run_service(setup_done: int | None = None) -> int:
+    from . import boot_mark, service
+    boot_mark("imports_s")
+    if setup_done is not None:
+        while os.read(setup_done, 1):  # EOF: PID 1 finished sysinit.setup()
+            pass
+        os.close(setup_done)
+        from . import sysinit
+        sysinit.process_defaults()  # the environment and umask setup() gave PID 1
     return service.main()
 
 
@@ -50,6 +60,7 @@ def _power_off() -> None:
                 time.sleep(0.02)
     os.sync()
     try:
+        import ctypes  # only here: keep it off the boot path
         libc = ctypes.CDLL(None, use_errno=True)
         libc.reboot(ctypes.c_int(RB_POWER_OFF))
         libc.reboot(ctypes.c_int(RB_HALT_SYSTEM))
@@ -60,24 +71,24 @@ def _power_off() -> None:
 
 
 def _supervise() -> None:
-    from . import sysinit
-
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
-    sysinit.setup()
+    setup_done, setup_signal = os.pipe()
     try:
         service_pid = os.fork()
     except OSError as exc:
-        sysinit.log(f"fork failed: {exc}")
+        sys.stderr.write(f"capsem-agent: fork failed: {exc}\n")
         _power_off()
     if service_pid == 0:
         code = 1
         try:
+            os.close(setup_signal)
             _restore_child_signals()
-            code = _run_service()
+            code = _run_service(setup_done)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException as exc:  # noqa: BLE001 - report, then let PID 1 power off
+            from . import sysinit
             sysinit.log(f"service crashed: {exc!r}")
         finally:
             try:
@@ -86,6 +97,12 @@ def _supervise() -> None:
             except Exception:  # noqa: BLE001
                 pass
             os._exit(code)
+    os.close(setup_done)
+    from . import sysinit
+    try:
+        sysinit.setup()
+    finally:
+        os.close(setup_signal)  # the service goes ahead (whatever setup managed to do)
     # Reap every child (ours and reparented orphans) until the service is gone.
     while True:
         try:

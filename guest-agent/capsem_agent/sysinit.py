@@ -6,10 +6,7 @@ is useless and the host will notice what does not work.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import socket
-import struct
 import sys
 
 from . import mounts
@@ -37,10 +34,18 @@ def log(msg: str) -> None:
 
 def loopback_up() -> None:
     """ipykernel binds 127.0.0.1: the loopback interface must be up (no iproute2 needed)."""
+    import fcntl
+    import socket
+    import struct
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifr = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _hostname() -> None:
+    import socket
+    socket.sethostname("capsem")
 
 
 def _mount_if_missing(target, fstype, source, flags=0, data=None, mode=0o755):
@@ -50,11 +55,16 @@ def _mount_if_missing(target, fstype, source, flags=0, data=None, mode=0o755):
     mounts.mount(source, target, fstype, flags, data)
 
 
-def setup() -> None:
+def process_defaults() -> None:
+    """The per-process part of setup(): PID 1 runs it, and so does the service it forked early."""
     global IN_VM
     IN_VM = True
     os.environ.update(BASE_ENV)
     os.umask(0o022)
+
+
+def setup() -> None:
+    process_defaults()
     nosuid_nodev = mounts.MS_NOSUID | mounts.MS_NODEV
     steps = [
         ("proc", lambda: _mount_if_missing("/proc", "proc", "proc", nosuid_nodev | mounts.MS_NOEXEC)),
@@ -68,7 +78,7 @@ def setup() -> None:
                                              "newinstance,ptmxmode=0666,mode=0620,gid=5")),
         ("shm", lambda: _mount_if_missing("/dev/shm", "tmpfs", "tmpfs", nosuid_nodev, "mode=1777,size=10%")),
         ("devlinks", _dev_links),
-        ("hostname", lambda: socket.sethostname("capsem")),
+        ("hostname", _hostname),
         ("loopback", loopback_up),
     ]
     for name, step in steps:
