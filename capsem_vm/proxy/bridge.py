@@ -43,6 +43,7 @@ from .synthetic import SyntheticPool
 log = logging.getLogger(__name__)
 
 CONNECT_FRAME_MAX = 4096
+SPLICE_HIGH_WATER = 256 * 1024  # bytes buffered towards a slow reader before the pump waits
 
 
 class EgressBridge:
@@ -279,8 +280,12 @@ async def _splice(ra, wa, rb, wb, idle_timeout: float) -> None:
                         w.write_eof()
                     return
                 last[0] = time.monotonic()
+                if w.transport.is_closing():
+                    return
                 w.write(data)
-                await w.drain()
+                # why: drain() is a coroutine per chunk; only wait when the other side is slow
+                if w.transport.get_write_buffer_size() > SPLICE_HIGH_WATER:
+                    await w.drain()
         except (ConnectionError, OSError):
             return
 
