@@ -186,3 +186,21 @@ def test_cached_dispatch_calls_handlers_in_order_and_fails_closed():
                          cwd=REPO_ROOT, env={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'guest-agent'}",
                                              "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+async def test_sigterm_shuts_the_service_down_in_order(tmp_path, monkeypatch):
+    """SIGTERM (also what the parent's death sends) takes the same path as a stop request: the
+    process closes its audit log (writing queued rows) and exits 0 instead of dying on the signal."""
+    import asyncio
+    import signal
+
+    from capsem_vm.proxy import ProxyService
+    monkeypatch.setenv("CAPSEM_DATA_DIR", str(tmp_path / "data"))
+    service = ProxyService(audit_db=tmp_path / "audit.sqlite3", log_path=tmp_path / "proxy.log", workers=1)
+    await service.start()
+    proc = service.workers[0].proc
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        await service.close()
