@@ -35,7 +35,6 @@ class CachedAddonManager(AddonManager):
         self._handlers.clear()
 
     def remove(self, addon):
-        self._handlers.clear()
         super().remove(addon)
         self._handlers.clear()
 

@@ -7,14 +7,11 @@ or audited. Measured with bench/proxy.py.
 from __future__ import annotations
 
 import asyncio
-import logging
-
-log = logging.getLogger("capsem.tuning")
 
 
 def skip_message_typecheck() -> None:
-    """mitmproxy type-checks every field of every Request/Response it builds (a debugging aid, ~5%
-    of the service's CPU per request). Our messages come from mitmproxy's own parsers."""
+    """mitmproxy type-checks every field of every Request/Response it builds (its own `if __debug__`
+    aid, ~5% of the service's CPU per request). Our messages come from mitmproxy's own parsers."""
     from mitmproxy import http
     http.MessageData.__post_init__ = lambda self: None
 
