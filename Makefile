@@ -37,7 +37,7 @@ venv: $(VENV)/.installed
 $(PROXY_VENV)/.installed: pyproject.toml
 	python3 -m venv $(PROXY_VENV)
 	$(PROXY_VENV)/bin/pip install -q --upgrade pip
-	$(PROXY_VENV)/bin/pip install -q 'mitmproxy==11.0.2' 'platformdirs>=3'
+	$(PROXY_VENV)/bin/pip install -q 'mitmproxy==11.0.2' 'platformdirs>=3' 'uvloop>=0.19'
 	touch $@
 
 proxy-venv: $(PROXY_VENV)/.installed

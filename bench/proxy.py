@@ -10,6 +10,8 @@ Small bodies (1 KiB): requests/s and p50/p99 latency at concurrency 1, 16, 64 ov
 connections. Large bodies (10 MiB): MiB/s at concurrency 1 and 4. Everything (client, bridge,
 proxy, upstream) shares this host's cores, so absolute numbers understate a dedicated proxy.
 Reference (a Rust MITM proxy in this field): ~2,550 req/s at c=64 and ~31 MiB/s for 10 MiB bodies.
+Small-body lines also give the CPU milliseconds per request of each process (Linux): on a host shared
+with other work, requests/s follow the other tenants' load; CPU per request much less so.
 """
 
 from __future__ import annotations
@@ -69,6 +71,37 @@ asyncio.run(main())
 '''
 
 
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU time of a process (Linux /proc), or 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class CpuMeter:
+    """CPU time per request of each process of the path: on a shared host requests/s follow the
+    load of other tenants, CPU per request much less."""
+
+    def __init__(self, pids: dict[str, list[int]]):
+        self.pids = pids
+
+    def _now(self) -> dict[str, float]:
+        return {k: sum(cpu_seconds(p) for p in pids) for k, pids in self.pids.items()}
+
+    def start(self):
+        self.t0 = self._now()
+
+    def per_request_ms(self, n: int) -> dict[str, float]:
+        return {k: (v - self.t0[k]) * 1e3 / max(n, 1) for k, v in self._now().items()}
+
+
+def fmt_cpu(ms: dict[str, float]) -> str:
+    return "cpu/req " + " ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f" = {sum(ms.values()):.2f} ms"
+
+
 class Conn:
     """One keep-alive HTTPS connection, direct or through the bridge."""
 
@@ -108,8 +141,9 @@ class Conn:
         self.w.close()
 
 
-async def run_small(make, conc: int, seconds: float):
+async def run_small(make, conc: int, seconds: float, meter: CpuMeter):
     conns = [await make() for _ in range(conc)]
+    meter.start()  # steady state: connections are set up
     lat: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -121,11 +155,12 @@ async def run_small(make, conc: int, seconds: float):
     t0 = time.monotonic()
     await asyncio.gather(*(worker(c) for c in conns))
     elapsed = time.monotonic() - t0
+    cpu = meter.per_request_ms(len(lat))
     for c in conns:
         c.close()
     lat.sort()
     return {"rps": len(lat) / elapsed, "p50_ms": lat[len(lat) // 2] * 1e3,
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, "n": len(lat)}
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, "n": len(lat), "cpu": cpu}
 
 
 async def run_big(make, conc: int, count: int):
@@ -171,13 +206,16 @@ async def main(args) -> None:
     direct_ctx = ssl.create_default_context(cafile=upstream_ca)
     proxy_ctx = ssl.create_default_context(cadata=ca_cert_pem().decode())
     paths = {"direct": lambda: Conn.direct(port, direct_ctx), "proxy": lambda: Conn.proxied(egress, port, proxy_ctx)}
+    meters = {"direct": CpuMeter({"client": [os.getpid()], "upstream": [up.pid]}),
+              # the bridge runs in this process, with the client
+              "proxy": CpuMeter({"client+bridge": [os.getpid()], "proxy": service.pids, "upstream": [up.pid]})}
     results = {}
     try:
         for conc in (1, 16, 64):
             for name, make in paths.items():
-                results[("small", conc, name)] = r = await run_small(make, conc, args.seconds)
+                results[("small", conc, name)] = r = await run_small(make, conc, args.seconds, meters[name])
                 print(f"1 KiB  c={conc:<3} {name:6}  {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
-                      f"p99 {r['p99_ms']:7.2f} ms  (n={r['n']})", flush=True)
+                      f"p99 {r['p99_ms']:7.2f} ms  (n={r['n']})  {fmt_cpu(r['cpu'])}", flush=True)
         for conc in (1, 4):
             for name, make in paths.items():
                 results[("big", conc, name)] = r = await run_big(make, conc, args.big_count)

@@ -28,6 +28,7 @@ SCHEMES = ("http", "https", "ws", "wss", "tcp")
 WEB_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 DEFAULT_PORT = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 ALLOW, DENY = "allow", "deny"
+HOST_CACHE_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,16 @@ class Policy:
     credentials: tuple[Credential, ...] = ()
     source: str = "<default>"
     text: str = ""  # the TOML it came from (sent to the proxy service verbatim)
+    # host -> the rules whose host pattern matches it, in order (decide() runs per request)
+    _by_host: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _rules_for(self, host: str, ip) -> tuple[Rule, ...]:
+        rules = self._by_host.get(host)
+        if rules is None:
+            if len(self._by_host) >= HOST_CACHE_MAX:
+                self._by_host.clear()
+            rules = self._by_host[host] = tuple(r for r in self.rules if r.host.matches(host, ip))
+        return rules
 
     # --- decisions ------------------------------------------------------------------------------
 
@@ -183,7 +194,7 @@ class Policy:
         path = None if scheme == "tcp" else (parts.path or "/")
         method = (method or "").upper()
         ip = parse_ip(host)
-        for rule in self.rules:
+        for rule in self._rules_for(host, ip):
             if rule.matches(method, scheme, host, port, path, ip):
                 if rule.paths and path is not None and path_is_ambiguous(path):
                     return Decision(DENY, "ambiguous-path", "path has dot segments or encoded '/', '.', '\\': "

@@ -38,6 +38,7 @@ from . import socks5
 from .audit import AuditLog
 from .dns_responder import DnsResponder
 from .service import ProxyEndpoint
+from .splice import splice
 from .synthetic import SyntheticPool
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class EgressBridge:
                 return
             writer.write(protocol.encode({"t": "connected"}))
             await writer.drain()
-            await _splice(reader, writer, up_reader, up_writer, self.idle_timeout)
+            await splice(reader, writer, up_reader, up_writer, self.idle_timeout)
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - a bug must not kill the VM owner's loop
@@ -264,34 +265,3 @@ async def _refuse(writer: asyncio.StreamWriter, reason: str, rule: str) -> None:
     except (ConnectionError, asyncio.TimeoutError):
         pass
     writer.close()
-
-
-async def _splice(ra, wa, rb, wb, idle_timeout: float) -> None:
-    """Copy both ways with backpressure; half-close is forwarded; idle streams are closed."""
-    last = [time.monotonic()]
-
-    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter):
-        try:
-            while True:
-                data = await r.read(65536)
-                if not data:
-                    if w.can_write_eof():
-                        w.write_eof()
-                    return
-                last[0] = time.monotonic()
-                w.write(data)
-                await w.drain()
-        except (ConnectionError, OSError):
-            return
-
-    tasks = [asyncio.ensure_future(pump(ra, wb)), asyncio.ensure_future(pump(rb, wa))]
-    try:
-        while tasks:
-            _, pending = await asyncio.wait(tasks, timeout=min(30.0, idle_timeout))
-            tasks = list(pending)
-            if tasks and time.monotonic() - last[0] > idle_timeout:
-                break
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -122,6 +122,7 @@ async def run(out) -> int:
     from .addons.limits import Limits
     from .addons.state import State
     from .addons.streams import Streams
+    from . import dispatch
 
     def send(msg: dict) -> None:
         out.write(protocol.encode(msg))
@@ -147,6 +148,7 @@ async def run(out) -> int:
     control = Control(state, out)
     opts = options.Options()
     master = Master(opts)
+    dispatch.install(master)
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         disable_h2c.DisableH2C(),
@@ -177,6 +179,8 @@ async def run(out) -> int:
         send({"t": "fatal", "message": f"{exc.__class__.__name__}: {exc}"})
         master.shutdown()
         return 2
+    # SIGTERM (also what PR_SET_PDEATHSIG sends) shuts down like EOF: queued audit rows get written
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, reader.feed_eof)
     send({"t": "ready", "socks": [addrs[0][0], addrs[0][1]]})
     log.info("proxy service ready on %s:%s", addrs[0][0], addrs[0][1])
 
@@ -206,7 +210,9 @@ def main() -> int:
     sys.stdout = sys.stderr
     logging.basicConfig(level=os.environ.get("CAPSEM_PROXY_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return asyncio.run(run(out))
+    from . import tuning
+    tuning.skip_message_typecheck()
+    return tuning.event_loop_runner()(run(out))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,4 @@ class KernelAuth:
             log.warning("rejected SOCKS5 credentials from %s", data.client_conn.peername)
 
     def client_disconnected(self, client) -> None:
-        sess = self.state.sessions.pop(client.id, None)
-        if sess is not None and sess.deadline_task is not None:
-            sess.deadline_task.cancel()
+        self.state.sessions.pop(client.id, None)  # its header deadline goes with it

@@ -58,33 +58,52 @@ class Limits:
                           "Largest HTTP/1 request head accepted (431 above).")
         patch_http1_header_limit(lambda: ctx.options.capsem_max_header_bytes)
 
-    # deadline bookkeeping -----------------------------------------------------------------------
+    # deadline bookkeeping: a timestamp per session, checked by one sweep task per worker.
+    # why not call_later per request: arming and cancelling a timer on every keep-alive request
+    # was a few % of the worker's CPU per request; a sweep costs O(connections) a tick.
+
+    def running(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def done(self) -> None:
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, ctx.options.capsem_header_timeout / 4))
+            now = loop.time()
+            expired = [cid for cid, sess in self.state.sessions.items()
+                       if sess.deadline is not None and sess.deadline <= now]
+            for cid in expired:
+                try:
+                    self._expire(cid)
+                except Exception:  # pragma: no cover - one bad connection must not stop the sweep
+                    log.exception("closing connection %s after its header deadline failed", cid)
 
     def _arm(self, client) -> None:
         sess = self.state.session(client)
-        if sess is None:
-            return
-        self._disarm(client)
-        timeout = ctx.options.capsem_header_timeout
-        sess.deadline_task = asyncio.get_running_loop().call_later(timeout, self._expire, client.id)
+        if sess is not None:
+            sess.deadline = asyncio.get_running_loop().time() + ctx.options.capsem_header_timeout
 
     def _disarm(self, client) -> None:
         sess = self.state.session(client)
-        if sess is not None and sess.deadline_task is not None:
-            sess.deadline_task.cancel()
-            sess.deadline_task = None
+        if sess is not None:
+            sess.deadline = None
 
     def _expire(self, client_id: str) -> None:
+        sess = self.state.sessions.get(client_id)
+        if sess is not None:
+            sess.deadline = None
         server = ctx.master.addons.get("proxyserver")
         handler = server.connections.get(client_id)
         if handler is None:
             return
         log.info("closing connection %s: request headers not complete in time", client_id)
-        sess = self.state.sessions.get(client_id)
-        if sess is not None:
-            sess.deadline_task = None
-            if self.state.audit is not None:
-                self.state.audit.timeout(sess, ctx.options.capsem_header_timeout)
+        if sess is not None and self.state.audit is not None:
+            self.state.audit.timeout(sess, ctx.options.capsem_header_timeout)
         handler.close_connection(handler.client)
 
     def server_connected(self, data) -> None:

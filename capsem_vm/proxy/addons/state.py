@@ -34,7 +34,7 @@ class Session:
     mismatch: str | None = None        # SNI differs from the destination: every request is denied
     requests: int = 0
     inflight: int = 0
-    deadline_task: object = None
+    deadline: float | None = None      # loop time by which request headers must be complete
 
 
 class State:
