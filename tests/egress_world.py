@@ -22,6 +22,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -275,6 +276,16 @@ guest_env = "SVC_TOKEN"
             return []
         return [r for r in read_events(self.audit_db, limit=100000) if all(
             (v(r[k]) if callable(v) else r[k] == v) for k, v in match.items())]
+
+    def wait_rows(self, timeout: float = 15.0, **match) -> list[dict]:
+        """rows(**match), waiting up to `timeout` s for them: audit rows are written asynchronously
+        (the bridge may record a refusal just after the guest has read it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.rows(**match)
+            if got or time.monotonic() > deadline:
+                return got
+            time.sleep(0.3)
 
     async def close(self) -> None:
         import capsem_vm.egress as host_egress

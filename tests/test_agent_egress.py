@@ -167,7 +167,7 @@ async def test_connect_denied_gives_403_with_reason(world):
     assert "403" in out.stderr and 'X-Capsem-Policy: deny; rule="default"' in out.stderr
     out = await run(w, ["curl", "-sS", "-i", "--max-time", "30", "http://evil.example.org/x"])
     assert out.stdout.startswith("HTTP/1.1 403") and "rule: default" in out.stdout
-    rows = await asyncio.to_thread(w.rows, kernel=KID, kind="connect", host="evil.example.org", decision="deny")
+    rows = await asyncio.to_thread(w.wait_rows, kernel=KID, kind="connect", host="evil.example.org", decision="deny")
     assert rows
 
 
