@@ -27,6 +27,7 @@ from . import procs, protocol
 
 ENV_PYTHON = "CAPSEM_AGENT_KERNEL_PYTHON"
 ENV_RUNDIR = "CAPSEM_AGENT_RUNDIR"
+WARM_MARKER = b"capsem-warm-ready\n"  # the warm process wrote it: its imports are done
 TAIL_BYTES = 8192  # kernel stdout/stderr kept for diagnostics (sent with kernel_exit)
 MAX_KEY = 4096
 _SCHEME = re.compile(r"^hmac-[a-z0-9]{1,16}$")
@@ -40,6 +41,7 @@ if sys.path and sys.path[0] == "":
     del sys.path[0]
 from ipykernel import kernelapp as app
 import ipykernel.ipkernel, ipykernel.zmqshell, IPython.core.interactiveshell  # noqa
+os.write(1, b"capsem-warm-ready\n")
 line = sys.stdin.buffer.readline(1 << 20)
 if not line:
     os._exit(0)
@@ -120,6 +122,7 @@ class KernelManager:
         self.current: Kernel | None = None
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
+        self._warm_ready: threading.Event | None = None
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
 
@@ -133,7 +136,17 @@ class KernelManager:
             [kernel_python(), "-c", WARM_BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, cwd="/", env=env, start_new_session=True, close_fds=True)
         self._warm_env = env
+        self._warm_ready = threading.Event()
+        threading.Thread(target=_read_marker, args=(self._warm, self._warm_ready), daemon=True).start()
         return self._warm.pid
+
+    async def wait_warm(self, timeout: float) -> bool:
+        """True once the warm process finished its imports (within `timeout` seconds)."""
+        ready = self._warm_ready
+        if ready is None or self._warm is None:
+            return False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, ready.wait, timeout)
 
     async def start(self, msg: dict) -> Kernel:
         key = protocol.req_str(msg, "key", max_len=MAX_KEY)
@@ -275,6 +288,21 @@ class KernelManager:
                 self.current = None
         await self._send({"t": "kernel_exit", "pid": kernel.pid, **procs.exit_fields(returncode),
                           "tail": kernel.tail.decode("utf-8", "replace")})
+
+
+def _read_marker(proc: subprocess.Popen, ready: threading.Event) -> None:
+    """Read exactly the marker's bytes (unbuffered: the rest of the pipe is the kernel's output)."""
+    got = b""
+    try:
+        while len(got) < len(WARM_MARKER):
+            chunk = os.read(proc.stdout.fileno(), len(WARM_MARKER) - len(got))
+            if not chunk:
+                return
+            got += chunk
+    except (OSError, ValueError):
+        return
+    if got == WARM_MARKER:
+        ready.set()
 
 
 class KernelRunning(Exception):

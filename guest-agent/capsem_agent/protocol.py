@@ -75,12 +75,14 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         for kernel_exit first
       egress_setup {id, ca_pem: str, env?: {str: str}}                  -> ok {id, proxy, dns,
                                                                         capture, seconds}: see below
-      kernel_prewarm {id}                                               -> ok {id, pid}: start a
+      kernel_prewarm {id, wait?: int}                                   -> ok {id, pid, ready?}: start a
                                                                         process that imports
                                                                         ipykernel now, so the next
                                                                         kernel_start is fast (also
                                                                         at boot with kernel cmdline
-                                                                        capsem.prewarm=1)
+                                                                        capsem.prewarm=1); with
+                                                                        wait (s), reply once its
+                                                                        imports are done (ready)
       shutdown    {id}                                                  -> ok, then the agent ends
                                                                         and the VM powers off
 

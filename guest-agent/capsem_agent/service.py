@@ -259,13 +259,17 @@ class Service:
 
     async def _kernel_prewarm(self, msg):
         pid = self.kernels.prewarm()
-        await self.send({"t": "ok", "id": msg["id"], "pid": pid})
+        reply = {"t": "ok", "id": msg["id"], "pid": pid}
+        wait = protocol.req_int(msg, "wait", optional=True, lo=0, hi=600)
+        if wait:  # seconds to wait for the warm process's imports
+            reply["ready"] = await self.kernels.wait_warm(float(wait))
+        await self.send(reply)
 
     async def _shutdown(self, msg):
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
-    SLOW = frozenset({"mount", "egress_setup"})  # may block (device, subprocesses): own task
+    SLOW = frozenset({"mount", "egress_setup", "kernel_prewarm"})  # may block or wait: own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
         "mount": _mount, "egress_setup": _egress_setup, "kernel_start": _kernel_start,
