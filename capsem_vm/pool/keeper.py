@@ -82,8 +82,11 @@ class Keeper:
 
     async def _boot(self) -> None:
         await self.vm.start()
-        reply = await self.vm.control.request({"t": "kernel_prewarm", "wait": PREWARM_WAIT},
-                                              timeout=PREWARM_WAIT + 30)
+        # the warm kernel process's imports, and egress_setup's policy-independent part (listeners,
+        # nftables; nothing gets out before the claimer listens on the egress ports)
+        reply, _ = await asyncio.gather(
+            self.vm.control.request({"t": "kernel_prewarm", "wait": PREWARM_WAIT}, timeout=PREWARM_WAIT + 30),
+            self.vm.control.request({"t": "egress_prepare"}, timeout=PREWARM_WAIT))
         self.warm = bool(reply.get("ready"))
         if not self.warm:
             log.warning("the guest's warm kernel process did not finish its imports")

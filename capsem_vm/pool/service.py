@@ -38,6 +38,7 @@ from .keeper import PREWARM_WAIT, qemu_rss_kb
 
 log = logging.getLogger("capsem.pool")
 REQUEST_TIMEOUT = 10.0
+STALE_CHECK_S = 10.0
 
 
 def pool_dir() -> Path:
@@ -115,6 +116,7 @@ class Pool:
         log.info("pool serving on %s (size %d, %d MB, %d CPUs)", path, self.config.size,
                  self.config.memory_mb, self.config.cpus)
         self.refill()
+        self._spawn(self._retire_stale())
         accept = None
         try:
             while not self.stopping.is_set():
@@ -204,6 +206,29 @@ class Pool:
         self.handed_out.discard(proc)
 
     # --- the VMs -----------------------------------------------------------------------------
+
+    async def _retire_stale(self) -> None:
+        """VMs booted from an image that is no longer the current one (rebuilt, new default) can
+        serve no claim: let them go, the refill boots the current image."""
+        from ..image.store import resolve_image
+        from ..image.verify import read_manifest
+        while not self.stopping.is_set():
+            await asyncio.sleep(STALE_CHECK_S)
+            try:
+                digest = (await asyncio.to_thread(read_manifest, resolve_image(self.config.image)))[1]
+            except Exception as exc:  # noqa: BLE001 - image gone or broken: boots will say why
+                log.warning("cannot read the pool's image: %s", exc)
+                continue
+            for vm in list(self.vms.values()):
+                fl = vm.ready.get("flavour")
+                if vm.state == "ready" and fl and fl.get("image_digest") != digest:
+                    log.info("retiring pooled VM %s: its image is not the current one", vm.id)
+                    del self.vms[vm.id]
+                    if vm.watch:
+                        vm.watch.cancel()
+                    vm.owner.close()
+                    self._spawn(vm.proc.stop(grace=30))
+            self.refill()
 
     def refill(self) -> None:
         if self.stopping.is_set():

@@ -75,6 +75,10 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         for kernel_exit first
       egress_setup {id, ca_pem: str, env?: {str: str}}                  -> ok {id, proxy, dns,
                                                                         capture, seconds}: see below
+      egress_prepare {id}                                               -> ok {id, seconds, steps}:
+                                                                        egress_setup's listeners and
+                                                                        network plumbing ahead of
+                                                                        time (no CA, no env)
       kernel_prewarm {id, wait?: int}                                   -> ok {id, pid, ready?}: start a
                                                                         process that imports
                                                                         ipykernel now, so the next

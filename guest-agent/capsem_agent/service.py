@@ -253,6 +253,18 @@ class Service:
             return
         await self.send({"t": "ok", "id": msg["id"], **info})
 
+    async def _egress_prepare(self, msg):
+        from . import egress
+        if self.egress is None:
+            self.egress = egress.Egress()
+        loop = asyncio.get_running_loop()
+        try:
+            info = await asyncio.wait_for(loop.run_in_executor(None, self.egress.prepare), EGRESS_TIMEOUT)
+        except egress.netsetup.NetSetupError as exc:
+            await self.send(protocol.error("egress_failed", str(exc), msg["id"]))
+            return
+        await self.send({"t": "ok", "id": msg["id"], **info})
+
     async def _kernel_start(self, msg):
         k = await self.kernels.start(msg)
         await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm})
@@ -269,10 +281,10 @@ class Service:
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
-    SLOW = frozenset({"mount", "egress_setup", "kernel_prewarm"})  # may block or wait: own task
+    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm"})  # may block or wait: own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
-        "mount": _mount, "egress_setup": _egress_setup, "kernel_start": _kernel_start,
+        "mount": _mount, "egress_setup": _egress_setup, "egress_prepare": _egress_prepare, "kernel_start": _kernel_start,
         "kernel_prewarm": _kernel_prewarm,
         "shutdown": _shutdown,
     }
