@@ -14,7 +14,8 @@ pool closes its copy, so ownership moves without the keeper noticing. When the o
 
 The keeper boots the VM with VM.start() (so the image is verified through the fds QEMU reads, as
 for a cold VM), with no share, no egress and no kernel key; the guest agent pre-imports ipykernel
-(kernel cmdline capsem.prewarm=1) and the keeper reports ready once that import is done.
+(kernel_prewarm {preinit}: imported and initialised, see capsem_agent.kernel) and the keeper
+reports ready once that is done; egress_prepare sets up the policy-independent part of egress.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Keeper:
         # the warm kernel process's imports, and egress_setup's policy-independent part (listeners,
         # nftables; nothing gets out before the claimer listens on the egress ports)
         reply, _ = await asyncio.gather(
-            self.vm.control.request({"t": "kernel_prewarm", "wait": PREWARM_WAIT}, timeout=PREWARM_WAIT + 30),
+            self.vm.control.request({"t": "kernel_prewarm", "wait": PREWARM_WAIT, "preinit": True},
+                                    timeout=PREWARM_WAIT + 30),
             self.vm.control.request({"t": "egress_prepare"}, timeout=PREWARM_WAIT))
         self.warm = bool(reply.get("ready"))
         if not self.warm:
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     owner.setblocking(False)
     config = VMConfig(memory_mb=args.memory, cpus=args.cpus, accel=args.accel, image=args.image,
-                      kernel_args=("capsem.prewarm=1",), boot_timeout=args.boot_timeout)
+                      boot_timeout=args.boot_timeout)
     return asyncio.run(Keeper(owner, config).run())
 
 

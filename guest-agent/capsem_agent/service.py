@@ -270,7 +270,7 @@ class Service:
         await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm})
 
     async def _kernel_prewarm(self, msg):
-        pid = self.kernels.prewarm()
+        pid = self.kernels.prewarm(preinit=protocol.req_bool(msg, "preinit"))
         reply = {"t": "ok", "id": msg["id"], "pid": pid}
         wait = protocol.req_int(msg, "wait", optional=True, lo=0, hi=600)
         if wait:  # seconds to wait for the warm process's imports
