@@ -90,8 +90,11 @@ class CapsemProvisioner(KernelProvisionerBase):
     def _vm_config(self, cwd: str) -> VMConfig:
         share = Share(Path(cwd).resolve(), "notebook", readonly=self.share_mode == "ro")
         egress = EgressConfig(policy=self.policy or None, kernel_id=self.kernel_id)
+        # capsem.prewarm=preinit: the agent imports ipykernel and initialises its app as soon as it
+        # runs, in parallel with egress setup and the mount (kernel_start then hands over the key)
         return VMConfig(memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel, image=self.image,
-                        shares=(share,), boot_timeout=self.boot_timeout, egress=egress)
+                        shares=(share,), boot_timeout=self.boot_timeout, egress=egress,
+                        kernel_args=("capsem.prewarm=preinit",))
 
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
         guest = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}

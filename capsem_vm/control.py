@@ -79,13 +79,7 @@ class ControlConnection:
         process to adopt(). Only between requests: refused if anything is pending or buffered."""
         if self._waiters or self._exec_queues:
             raise VMError("control connection busy: cannot hand it over")
-        if self._reader_task:
-            self._reader_task.cancel()
-            try:
-                await self._reader_task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._reader_task = None
+        await self._stop_reader()
         buffered = len(getattr(self.reader, "_buffer", b""))  # StreamReader keeps no public size
         if self._pending or self._decoder.pending or buffered:
             raise VMError("the guest sent data during the hand-over: not handing over a desynchronised stream")
@@ -96,13 +90,17 @@ class ControlConnection:
         self.closed.set()
         return fd
 
-    async def close(self) -> None:
+    async def _stop_reader(self) -> None:
         if self._reader_task:
             self._reader_task.cancel()
             try:
                 await self._reader_task
             except (asyncio.CancelledError, Exception):
                 pass
+            self._reader_task = None
+
+    async def close(self) -> None:
+        await self._stop_reader()
         self.writer.close()
         self._fail_all(VMError("control connection closed"))
         self.closed.set()

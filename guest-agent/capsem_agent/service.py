@@ -36,14 +36,19 @@ def boot_times() -> dict:
     return {"kernel_s": kernel_s, "init_s": init_s, "agent_s": _uptime()}
 
 
-def _wants_prewarm() -> bool:
-    if os.environ.get("CAPSEM_AGENT_PREWARM") == "1":
-        return True
+def _wants_prewarm() -> str | None:
+    """None, "1" (import ipykernel at boot) or "preinit" (also initialise the kernel app)."""
+    if os.environ.get("CAPSEM_AGENT_PREWARM") in ("1", "preinit"):
+        return os.environ["CAPSEM_AGENT_PREWARM"]
     try:
         with open("/proc/cmdline") as f:
-            return "capsem.prewarm=1" in f.read(4096).split()
+            words = f.read(4096).split()
     except OSError:
-        return False
+        return None
+    for mode in ("1", "preinit"):
+        if f"capsem.prewarm={mode}" in words:
+            return mode
+    return None
 
 
 class Service:
@@ -79,9 +84,9 @@ class Service:
             relay.ChannelServer(listener, lambda: self.kernels.current).start()
         except OSError as exc:
             sysinit.log(f"channel listener unavailable: {exc}")
-        if _wants_prewarm():
+        if mode := _wants_prewarm():
             try:
-                self.kernels.prewarm()
+                self.kernels.prewarm(preinit=mode == "preinit")
             except OSError as exc:
                 sysinit.log(f"prewarm failed: {exc}")
         loop = asyncio.get_running_loop()
