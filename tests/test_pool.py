@@ -71,13 +71,15 @@ def start_pool(size=SIZE):
     return status()
 
 
-def start_kernel(cwd, name=kh.KERNEL):
+def start_kernel(cwd, name=kh.KERNEL, **provisioner):
     from jupyter_client.manager import KernelManager
     from traitlets.config import Config
     c = Config()
     c.CapsemProvisioner.use_pool = True
     c.CapsemProvisioner.memory_mb = MEMORY
     c.CapsemProvisioner.cpus = CPUS
+    for key, value in provisioner.items():
+        setattr(c.CapsemProvisioner, key, value)
     t0 = time.monotonic()
     km = KernelManager(kernel_name=name, config=c)
     km.start_kernel(cwd=str(cwd))
@@ -192,26 +194,37 @@ def test_pool_death_keeps_claimed_kernels_then_cold_start(pool, folder, caplog):
         assert kh.run_ok(kc, "print(6 * 7)") == "42\n"  # the claimed one lives on
         assert km.is_alive()
         caplog.set_level("WARNING")
-        km2, kc2 = start_kernel(folder)
+        km2, kc2 = start_kernel(folder, pool_autostart=True, pool_size=1)
         assert km2.provisioner.kernel_vm.info()["pooled"] is False
         assert any("no warm VM pool" in r.getMessage() for r in caplog.records)
+        deadline = time.monotonic() + 60  # pool_autostart: a new pool (this flavour) for later kernels
+        while True:
+            out = capsem("pool", "status", "--json")
+            if out.returncode == 0:
+                new = json.loads(out.stdout)
+                break
+            assert time.monotonic() < deadline, out.stderr
+            time.sleep(0.5)
+        assert new["pid"] != st["pid"] and (new["size"], new["memory_mb"], new["cpus"]) == (1, MEMORY, CPUS)
         assert kh.run_ok(kc2, "print(open('data.txt').read().strip())") == "from the host\n"
         assert kh.run_ok(kc, "print('still here')") == "still here\n"
     finally:
+        dirs = [k.provisioner.kernel_vm.info()["runtime_dir"] for k in (km, km2) if k is not None]
         kh.stop_kernel(km, kc)
         if km2 is not None:
             kh.stop_kernel(km2, kc2)
-    kh.wait_gone(timeout=60)
-    assert keeper_pids() == []
+    for d in dirs:  # the autostarted pool's VM is still booting: only these two must be gone
+        kh.wait_gone(d, timeout=60)
+        assert not Path(d).exists()
 
 
 def test_pool_stop_leaves_no_processes():
-    st = start_pool(size=1)
+    st = status() if capsem("pool", "status").returncode == 0 else start_pool(size=1)  # the autostarted one
     deadline = time.monotonic() + 300
     while not kh.vm_processes():  # stop it while its VM boots (the harder case)
         assert time.monotonic() < deadline, status()
         time.sleep(0.5)
-    assert keeper_pids()
+    assert len(keeper_pids()) == 1  # the claimed VMs' keepers are gone with their kernels
     out = capsem("pool", "stop")
     assert out.returncode == 0, out.stderr
     kh.wait_gone(timeout=60)

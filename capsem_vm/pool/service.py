@@ -14,7 +14,8 @@ started without PDEATHSIG (that would kill claimed VMs with the pool) in their o
 pool reaps them while it lives.
 
 Refill: after a claim or a lost VM, boot more until `size` (at most `parallel` boots at once,
-never beyond the memory budget: pooled VMs x their memory <= budget_mb).
+never beyond the memory budget: pooled VMs x their memory <= budget_mb). Boots that fail before
+ready back off exponentially (up to BACKOFF_MAX_S); `capsem pool status` shows the VMs meanwhile.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .keeper import PREWARM_WAIT, qemu_rss_kb
 log = logging.getLogger("capsem.pool")
 REQUEST_TIMEOUT = 10.0
 STALE_CHECK_S = 10.0
+BACKOFF_MAX_S = 120.0
 
 
 def pool_dir() -> Path:
@@ -90,6 +92,8 @@ class Pool:
         self._seq = 0
         self._tasks: set[asyncio.Task] = set()
         self.started = time.monotonic()
+        self.failures = 0            # boots in a row that never became ready
+        self._hold_until = 0.0       # no new boots before this (backoff after failures)
 
     # --- serving -----------------------------------------------------------------------------
 
@@ -231,7 +235,7 @@ class Pool:
             self.refill()
 
     def refill(self) -> None:
-        if self.stopping.is_set():
+        if self.stopping.is_set() or time.monotonic() < self._hold_until:
             return
         ready = sum(v.state == "ready" for v in self.vms.values())
         booting = len(self.vms) - ready
@@ -270,12 +274,19 @@ class Pool:
                 try:
                     wire.Flavour.from_wire(msg["flavour"])
                     vm.ready, vm.state = msg, "ready"
+                    self.failures = 0
                     log.info("pooled VM %s ready after %.1f s", vm.id, time.monotonic() - vm.born)
                     self.refill()
                     await seqpacket.wait_closed(vm.owner)
                 except wire.WireError as exc:
                     log.warning("pooled VM %s: bad ready message: %s", vm.id, exc)
             log.warning("pooled VM %s went away", vm.id)
+            if vm.state != "ready":  # a failing boot (bad image, no resources): back off
+                self.failures += 1
+                delay = min(BACKOFF_MAX_S, 2.0 ** self.failures)
+                self._hold_until = time.monotonic() + delay
+                asyncio.get_running_loop().call_later(delay + 0.1, self.refill)
+                log.warning("%d pooled boot(s) failed in a row: next boot in %.0f s", self.failures, delay)
         except asyncio.CancelledError:
             raise
         if self.vms.get(vm.id) is vm:  # not claimed: gone for good
