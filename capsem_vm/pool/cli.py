@@ -50,6 +50,12 @@ def cmd_start(args) -> int:
     from . import client
     from .service import pool_dir, run_foreground
     config = _config(args)
+    try:
+        st = asyncio.run(client.status())
+        raise VMError(f"a capsem pool already runs for this user (pid {st.get('pid')})",
+                      "capsem pool status / capsem pool stop")
+    except client.PoolUnavailable:
+        pass
     if args.foreground:
         return run_foreground(config)
     argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", "--foreground",
