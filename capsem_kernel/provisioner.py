@@ -16,6 +16,9 @@ Contract notes:
   VM died. Restarts get a fresh VM: nothing survives.
 - Only the kernelspec's own env and JPY_SESSION_NAME reach the guest: the host's environment
   (tokens, credentials) never does.
+- Warm pool (`use_pool`, `pool_autostart`; see capsem_vm/pool/): claim a booted VM of this
+  kernel's flavour from `capsem pool` and attach the folder, policy and key to it at claim time;
+  no pool, no match or a failed claim: cold start, with a warning.
 - Egress: the guest reaches the outside only through the policy proxy, with the policy of the
   `policy` trait (kernelspec / Jupyter config), else the user's config dir, else deny-all; flows
   are audited under this kernel's id (`capsem audit --kernel ID`).
