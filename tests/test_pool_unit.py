@@ -171,3 +171,9 @@ def test_control_connection_hand_over_keeps_the_stream():
         await second.close()
         g_writer.close()
     asyncio.run(main())
+
+
+@given(st.integers(-5, 10000))
+def test_backoff_grows_and_is_capped(n):
+    assert wire.backoff(n) == (0.0 if n <= 0 else min(120.0, 2.0 ** min(n, 16)))
+    assert 0 <= wire.backoff(n) <= 120 and wire.backoff(n) <= wire.backoff(n + 1)

@@ -283,7 +283,7 @@ class Pool:
             log.warning("pooled VM %s went away", vm.id)
             if vm.state != "ready":  # a failing boot (bad image, no resources): back off
                 self.failures += 1
-                delay = min(BACKOFF_MAX_S, 2.0 ** self.failures)
+                delay = wire.backoff(self.failures, BACKOFF_MAX_S)
                 self._hold_until = time.monotonic() + delay
                 asyncio.get_running_loop().call_later(delay + 0.1, self.refill)
                 log.warning("%d pooled boot(s) failed in a row: next boot in %.0f s", self.failures, delay)

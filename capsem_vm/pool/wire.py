@@ -122,3 +122,8 @@ def to_boot(size: int, ready: int, booting: int, memory_mb: int, budget_mb: int,
     by_parallel = max_parallel - booting
     by_budget = budget_mb // memory_mb - ready - booting if memory_mb > 0 else 0
     return max(0, min(want, by_parallel, by_budget))
+
+
+def backoff(failures: int, cap: float = 120.0) -> float:
+    """Seconds to wait before the next boot after `failures` boots in a row never became ready."""
+    return 0.0 if failures <= 0 else min(cap, 2.0 ** min(failures, 16))
