@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", metavar="FILE", help="egress policy file (host-side; absolute path stored)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="accelerator (default auto)")
     p.add_argument("--image", metavar="DIR", help="VM image directory (default: the built default image)")
+    p.add_argument("--pool", action="store_true", help="claim warm VMs from `capsem pool` (use_pool)")
+    p.add_argument("--pool-autostart", action="store_true",
+                   help="with --pool: start the pool service on demand (pool_autostart)")
     p.set_defaults(func=cmd_install)
     kernel.set_defaults(func=lambda args: kernel.print_help() or 2)
 
@@ -48,6 +51,10 @@ def cmd_install(args) -> int:
         config["policy"] = str(policy)
     if args.image:
         config["image"] = str(Path(args.image).resolve())
+    if args.pool or args.pool_autostart:
+        config["use_pool"] = True
+    if args.pool_autostart:
+        config["pool_autostart"] = True
     prefix = kernelspec.sys_prefix() if args.sys_prefix else args.prefix
     path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix, provisioner_config=config)
     print(f"installed kernelspec {args.name!r} in {path}")

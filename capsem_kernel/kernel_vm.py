@@ -29,8 +29,10 @@ LISTEN_TIMEOUT = 900.0  # ipykernel's start under a loaded TCG host can take min
 
 
 class KernelVM:
-    def __init__(self, config: VMConfig, *, vsock: str = "auto", progress=None):
-        self.vm = VM(config, vsock=vsock, progress=progress)
+    def __init__(self, config: VMConfig, *, vsock: str = "auto", progress=None, vm=None):
+        """vm: a claimed pooled VM (capsem_vm.pool.claimed.ClaimedVM) instead of a cold one."""
+        self.vm = vm if vm is not None else VM(config, vsock=vsock, progress=progress)
+        self.pooled = vm is not None
         self.forwarder: ChannelForwarder | None = None
         self.kernel_pid: int | None = None
         self.exit_code: int | None = None
@@ -159,4 +161,5 @@ class KernelVM:
             "started_at": self.started_at,
             "ready_at": self.ready_at,
             "egress": vm.egress.info() if vm.egress else None,
+            "pooled": self.pooled,
         }

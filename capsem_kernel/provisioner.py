@@ -16,6 +16,9 @@ Contract notes:
   VM died. Restarts get a fresh VM: nothing survives.
 - Only the kernelspec's own env and JPY_SESSION_NAME reach the guest: the host's environment
   (tokens, credentials) never does.
+- Warm pool (`use_pool`, `pool_autostart`; see capsem_vm/pool/): claim a booted VM of this
+  kernel's flavour from `capsem pool` and attach the folder, policy and key to it at claim time;
+  no pool, no match or a failed claim: cold start, with a warning.
 - Egress: the guest reaches the outside only through the policy proxy, with the policy of the
   `policy` trait (kernelspec / Jupyter config), else the user's config dir, else deny-all; flows
   are audited under this kernel's id (`capsem audit --kernel ID`).
@@ -32,7 +35,7 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.localinterfaces import is_local_ip
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import CaselessStrEnum, Float, Int, Unicode
+from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
 
@@ -55,6 +58,13 @@ class CapsemProvisioner(KernelProvisionerBase):
                      help="Egress policy file (host-side). Empty: the user's config dir policy.toml "
                           "if it exists, else deny everything. Never read from the notebook folder.")
     boot_timeout = Float(180.0, config=True, help="Seconds to wait for the guest agent (TCG is slow).")
+    use_pool = Bool(False, config=True,
+                    help="Claim a warm VM from this user's pool (`capsem pool start`) when one of this "
+                         "kernel's flavour (memory, CPUs, image) is ready; else cold start, with a warning.")
+    pool_autostart = Bool(False, config=True,
+                          help="With use_pool: start the pool service (this kernel's flavour) when none "
+                               "answers. This kernel cold-starts; later ones find warm VMs.")
+    pool_size = Int(2, config=True, help="Warm VMs the pool keeps when pool_autostart starts it.")
 
     kernel_vm: KernelVM | None = None
     ports_cached = False
@@ -83,8 +93,11 @@ class CapsemProvisioner(KernelProvisionerBase):
     def _vm_config(self, cwd: str) -> VMConfig:
         share = Share(Path(cwd).resolve(), "notebook", readonly=self.share_mode == "ro")
         egress = EgressConfig(policy=self.policy or None, kernel_id=self.kernel_id)
+        # capsem.prewarm=preinit: the agent imports ipykernel and initialises its app as soon as it
+        # runs, in parallel with egress setup and the mount (kernel_start then hands over the key)
         return VMConfig(memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel, image=self.image,
-                        shares=(share,), boot_timeout=self.boot_timeout, egress=egress)
+                        shares=(share,), boot_timeout=self.boot_timeout, egress=egress,
+                        kernel_args=("capsem.prewarm=preinit",))
 
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
         guest = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}
@@ -95,12 +108,63 @@ class CapsemProvisioner(KernelProvisionerBase):
         cwd = kwargs.get("cwd") or os.getcwd()
         env = kwargs.get("env") or {}
         config = self._vm_config(cwd)
-        kernel_vm = KernelVM(config, vsock=self.vsock, progress=lambda m: self.log.info("capsem: %s", m))
+        progress = lambda m: self.log.info("capsem: %s", m)  # noqa: E731
+        claimed = await loop_thread.run(self._claim_pooled(config)) if self.use_pool else None
+        if claimed is not None:
+            kernel_vm = KernelVM(config, vm=claimed)
+            self.kernel_vm = kernel_vm
+            self.log.info("capsem: starting a kernel in a warm pooled VM for %s", cwd)
+            try:
+                await loop_thread.run(kernel_vm.start(self.connection_info, str(config.shares[0].host_path),
+                                                      self._guest_env(env)))
+                return self.connection_info
+            except Exception as exc:  # noqa: BLE001 - the pooled VM is gone (stop()); boot a cold one
+                self.log.warning("capsem: the claimed warm VM failed (%s); cold start", exc)
+        kernel_vm = KernelVM(config, vsock=self.vsock, progress=progress)
         self.kernel_vm = kernel_vm
         self.log.info("capsem: starting a kernel VM for %s", cwd)
         await loop_thread.run(kernel_vm.start(self.connection_info, str(config.shares[0].host_path),
                                               self._guest_env(env)))
         return self.connection_info
+
+    async def _claim_pooled(self, config: VMConfig):
+        """A ClaimedVM of this kernel's flavour from the user's pool, or None (with a warning)."""
+        from capsem_vm.errors import CapsemError
+        from capsem_vm.image.store import resolve_image
+        from capsem_vm.image.verify import read_manifest
+        from capsem_vm.pool import client, wire
+        from capsem_vm.pool.claimed import ClaimedVM
+        if self.vsock == "kernel":
+            self.log.warning("capsem: pooled VMs use the vhost-user vsock backend, this kernel asks for "
+                             "'kernel': cold start")
+            return None
+        try:
+            digest = read_manifest(resolve_image(self.image))[1]
+            flavour = wire.Flavour(self.memory_mb, self.cpus, digest, self.accel)
+            claim, why = await client.claim(flavour)
+        except client.PoolUnavailable as exc:
+            self.log.warning("capsem: no warm VM pool (%s): cold start", exc.message)
+            if self.pool_autostart:
+                await self._start_pool()
+            return None
+        except (CapsemError, OSError, wire.WireError) as exc:
+            self.log.warning("capsem: claiming a warm VM failed (%s): cold start", exc)
+            return None
+        if claim is None:
+            self.log.warning("capsem: the pool has no warm VM for this kernel (%s): cold start", why)
+            return None
+        return ClaimedVM(config, claim, progress=lambda m: self.log.info("capsem: %s", m))
+
+    async def _start_pool(self) -> None:
+        import sys
+        argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", "--size", str(self.pool_size),
+                "--memory", str(self.memory_mb), "--cpus", str(self.cpus), "--accel", self.accel]
+        argv += ["--image", self.image] if self.image else []
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        self.log.info("capsem: starting the warm VM pool (pid %d) for later kernels", proc.pid)
+        asyncio.get_running_loop().create_task(proc.wait())  # reaped; `capsem pool start` daemonizes
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from .errors import CapsemError
 _GROUPS = (
     "capsem_vm.image.cli",
     "capsem_vm.vm_cli",
+    "capsem_vm.pool.cli",
     "capsem_vm.doctor",
     "capsem_vm.policy.cli",
     "capsem_vm.proxy.cli",

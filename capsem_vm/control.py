@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -64,17 +65,42 @@ class ControlConnection:
         if msg["v"] != protocol.PROTOCOL_VERSION:
             raise ProtocolError(f"guest agent speaks protocol v{msg['v']}, host speaks v{protocol.PROTOCOL_VERSION}",
                                 "rebuild the image with `capsem image build`")
-        self.hello = msg
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+        self.adopt(msg)
         return msg
 
-    async def close(self) -> None:
+    def adopt(self, hello: dict) -> None:
+        """Start serving a connection whose hello was read elsewhere (a pooled VM's keeper read
+        it, then passed the connection's fd over: see capsem_vm.pool)."""
+        self.hello = hello
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def detach(self) -> int:
+        """Stop using this connection and return a duplicate of its socket's fd, for another
+        process to adopt(). Only between requests: refused if anything is pending or buffered."""
+        if self._waiters or self._exec_queues:
+            raise VMError("control connection busy: cannot hand it over")
+        await self._stop_reader()
+        buffered = len(getattr(self.reader, "_buffer", b""))  # StreamReader keeps no public size
+        if self._pending or self._decoder.pending or buffered:
+            raise VMError("the guest sent data during the hand-over: not handing over a desynchronised stream")
+        sock = self.writer.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        self.on_event = None
+        self.writer.close()  # closes our copy only: no shutdown(), the guest sees nothing
+        self.closed.set()
+        return fd
+
+    async def _stop_reader(self) -> None:
         if self._reader_task:
             self._reader_task.cancel()
             try:
                 await self._reader_task
             except (asyncio.CancelledError, Exception):
                 pass
+            self._reader_task = None
+
+    async def close(self) -> None:
+        await self._stop_reader()
         self.writer.close()
         self._fail_all(VMError("control connection closed"))
         self.closed.set()

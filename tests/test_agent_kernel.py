@@ -264,6 +264,46 @@ def test_warm_kernel_start(tmp_path, how):
         a.stop()
 
 
+def test_preinit_kernel_takes_the_real_key_cwd_and_env(tmp_path):
+    """kernel_prewarm {preinit}: the kernel app is initialised before the key exists (a pooled VM);
+    kernel_start then gives it the real key (a client signing with it works), cwd and env."""
+    a = Agent(tmp_path)
+    try:
+        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
+        assert r["t"] == "ok" and r["ready"] is True
+        conn = glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))
+        assert len(conn) == 1
+        placeholder = json.loads(Path(conn[0]).read_text())["key"]
+        t0 = time.monotonic()
+        r, key = start_kernel(a, env={"CAPSEM_TEST_VAR": "from-the-host"})
+        assert r["t"] == "ok" and r["warm"] is True
+        assert placeholder != key and json.loads(Path(conn[0]).read_text())["key"] == key
+        c = Client(a, key)
+        ready = time.monotonic() - t0
+        try:
+            _, out = c.run("import os; print(os.getcwd(), os.environ.get('CAPSEM_TEST_VAR'), "
+                           "os.environ.get('MPLBACKEND', '').startswith('module://'))")
+            assert out.strip() == f"{a.tmp} from-the-host True"
+        finally:
+            c.close()
+        print(f"preinit kernel_start -> ready: {ready:.3f}s")
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("env", [{"PYTHONPATH": "/nonexistent"}, {"JUPYTER_CONFIG_DIR": "/nonexistent"}])
+def test_preinit_kernel_discarded_for_env_read_at_init(tmp_path, env):
+    a = Agent(tmp_path)
+    try:
+        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
+        assert r["ready"] is True
+        r, key = start_kernel(a, env=env)
+        assert r["t"] == "ok" and r["warm"] is False
+        assert len(glob.glob(str(a.rundir / "kernels" / "*"))) == 1  # the preinit one's dir is gone
+    finally:
+        a.stop()
+
+
 def test_warm_kernel_skipped_when_python_env_differs(tmp_path):
     a = Agent(tmp_path, {"CAPSEM_AGENT_PREWARM": "1"})
     try:

@@ -10,6 +10,11 @@ started afterwards gets the proxy and CA variables plus the host's `env` (e.g. c
 placeholders) in its environment (procs.EGRESS_ENV). Idempotent: a second call replaces the CA
 and env and re-applies the rules; the listeners keep running.
 
+egress_prepare {id} (a pooled VM, before it is claimed) does the policy-independent part ahead of
+time: the listeners and the network plumbing. Nothing gets out through them until the host
+listens on its egress ports, which it does only at claim time; egress_setup then only trusts the
+CA and sets the env.
+
 Outside a VM (host-side tests of the agent) nothing system-wide is touched: no netsetup, the CA
 goes to a file under the run dir, and the listeners take free ports.
 """
@@ -31,6 +36,21 @@ class Egress:
         self._lock = threading.Lock()
         self.servers: dict[str, object] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.prepared = False
+
+    def prepare(self) -> dict:
+        """Listeners and network plumbing, no CA and no env (blocking: run it in a thread)."""
+        t0 = time.monotonic()
+        steps: dict[str, float] = {}
+        with self._lock:
+            if not self.prepared:
+                in_vm = sysinit.IN_VM
+                self._start_servers(in_vm)
+                steps["listeners"] = round(time.monotonic() - t0, 3)
+                if in_vm:
+                    steps.update(netsetup.setup())
+                self.prepared = True
+        return {"seconds": round(time.monotonic() - t0, 3), "steps": steps}
 
     def setup(self, msg: dict) -> dict:
         """Blocking (subprocesses, files): run it in a thread. Raises on failure."""
@@ -55,10 +75,11 @@ class Egress:
             except trust.TrustError as exc:
                 raise protocol.MessageError(f"egress_setup: {exc}", msg["id"]) from None
             steps["trust"] = round(time.monotonic() - t0, 3)
-            self._start_servers(in_vm)
-            steps["listeners"] = round(time.monotonic() - t0 - steps["trust"], 3)
-            if in_vm:
-                steps.update(netsetup.setup())
+            if not self.prepared:  # else egress_prepare did it (a pooled VM)
+                self._start_servers(in_vm)
+                steps["listeners"] = round(time.monotonic() - t0 - steps["trust"], 3)
+                if in_vm:
+                    steps.update(netsetup.setup())
             proxy = "http://%s:%d" % self.addresses["proxy"]
             env = {
                 "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,

@@ -8,6 +8,14 @@ Start paths:
   warm  a process started earlier (kernel_prewarm) that already imported ipykernel and blocks on
         a pipe for its parameters; kernel_start hands them over and it becomes the kernel. It is
         still our direct child, so waiting and signalling work as for a cold kernel.
+  preinit  (kernel_prewarm {preinit: true}, pooled VMs) a warm process that went further: the
+        kernel application is initialised (ports bound, shell built) with a throw-away key in its
+        connection file. kernel_start rewrites the file with the real key and sends key, scheme,
+        cwd and env; the process sets the session's key, changes directory and environment (keeping
+        what the shell's initialisation added to it) and starts the kernel's loop. Only for a
+        kernel running as root (no uid: the shell was built as root) with no PYTHON*/IPYTHON*/
+        JUPYTER*/MPL* variables in its env (read during initialisation); otherwise that process is
+        discarded and the kernel starts cold.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -26,6 +35,7 @@ from . import procs, protocol
 
 ENV_PYTHON = "CAPSEM_AGENT_KERNEL_PYTHON"
 ENV_RUNDIR = "CAPSEM_AGENT_RUNDIR"
+WARM_MARKER = b"capsem-warm-ready\n"  # the warm process wrote it: its imports are done
 TAIL_BYTES = 8192  # kernel stdout/stderr kept for diagnostics (sent with kernel_exit)
 MAX_KEY = 4096
 _SCHEME = re.compile(r"^hmac-[a-z0-9]{1,16}$")
@@ -39,6 +49,7 @@ if sys.path and sys.path[0] == "":
     del sys.path[0]
 from ipykernel import kernelapp as app
 import ipykernel.ipkernel, ipykernel.zmqshell, IPython.core.interactiveshell  # noqa
+os.write(1, b"capsem-warm-ready\n")
 line = sys.stdin.buffer.readline(1 << 20)
 if not line:
     os._exit(0)
@@ -60,6 +71,41 @@ def _rmtree(path: str) -> None:
     # part of the agent's start-up under TCG, for a clean-up that runs when a kernel ends.
     import shutil
     shutil.rmtree(path, ignore_errors=True)
+
+
+# The preinit process: initialise the kernel app now, wait for key/cwd/env, then start it.
+# Its fds 0/1 are saved first: ipykernel captures fd 1 (and 2) into the kernel's output stream.
+PREINIT_BOOTSTRAP = r"""
+import json, os, sys
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+out_fd, in_fd = os.dup(1), os.dup(0)
+from ipykernel import kernelapp
+env0 = dict(os.environ)
+conn = sys.argv[1]
+sys.argv = ["ipykernel_launcher", "-f", conn]
+app = kernelapp.IPKernelApp.instance()
+app.initialize(["-f", conn])
+added = {k: v for k, v in os.environ.items() if env0.get(k) != v}
+try:  # run the first-time code paths now (slow under emulation): kernel_info, signing, a silent cell
+    app.session.serialize(app.session.msg("kernel_info_reply", app.kernel.kernel_info))
+    app.shell.run_cell("pass", store_history=False, silent=True)
+except Exception:
+    pass
+os.write(out_fd, b"capsem-warm-ready\n")
+os.close(out_fd)
+line = os.fdopen(in_fd, "rb").readline(1 << 20)
+if not line:
+    os._exit(0)
+p = json.loads(line)
+fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
+os.chdir(p["cwd"])
+os.environ.clear(); os.environ.update(p["env"]); os.environ.update(added)
+app.session.signature_scheme = p["signature_scheme"]
+app.session.key = p["key"].encode()
+app.start()
+"""
+PREINIT_ENV_PREFIXES = ("PYTHON", "IPYTHON", "JUPYTER", "MPL")
 
 
 def kernel_python() -> str:
@@ -126,20 +172,42 @@ class KernelManager:
         self.current: Kernel | None = None
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
+        self._warm_ready: threading.Event | None = None
+        self._preinit: tuple[dict, str, str] | None = None  # the warm process's ports, conn dir, file
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
 
     # --- requests ----------------------------------------------------------------------------
-    def prewarm(self) -> int:
+    def prewarm(self, preinit: bool = False) -> int:
         """Start (or keep) a warm process; returns its pid."""
         if self._warm is not None and self._warm.poll() is None:
-            return self._warm.pid
+            if preinit == (self._preinit is not None):
+                return self._warm.pid
+            self._discard_warm()
         env = self._env(None, {})
+        argv = [kernel_python(), "-c", WARM_BOOTSTRAP]
+        self._preinit = None
+        if preinit:
+            ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
+            conn_dir, conn_file = self._write_connection_file(ports, secrets.token_hex(32), "hmac-sha256",
+                                                              None, None)
+            self._preinit = (ports, conn_dir, conn_file)
+            argv = [kernel_python(), "-c", PREINIT_BOOTSTRAP, conn_file]
         self._warm = subprocess.Popen(
-            [kernel_python(), "-c", WARM_BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, cwd="/", env=env, start_new_session=True, close_fds=True)
         self._warm_env = env
+        self._warm_ready = threading.Event()
+        threading.Thread(target=_read_marker, args=(self._warm, self._warm_ready), daemon=True).start()
         return self._warm.pid
+
+    async def wait_warm(self, timeout: float) -> bool:
+        """True once the warm process finished its imports (within `timeout` seconds)."""
+        ready = self._warm_ready
+        if ready is None or self._warm is None:
+            return False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, ready.wait, timeout)
 
     async def start(self, msg: dict) -> Kernel:
         key = protocol.req_str(msg, "key", max_len=MAX_KEY)
@@ -155,14 +223,26 @@ class KernelManager:
         if gid is None and uid is not None:
             gid = procs.credentials(uid, None)["group"]
         full_env = self._env(uid, env)
-        ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
-        conn_dir, conn_file = self._write_connection_file(ports, key, scheme, uid, gid)
-        try:
-            proc, warm = self._launch(conn_file, cwd, full_env, uid, gid)
-        except BaseException:
-            _rmtree(conn_dir)
-            raise
-        kernel = Kernel(proc, ports, conn_dir, warm)
+        pre = self._take_preinit(uid, env)
+        if pre is not None:
+            proc, (ports, conn_dir, conn_file) = pre
+            try:
+                self._start_preinit(proc, conn_file, key, scheme, cwd, full_env)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                _rmtree(conn_dir)
+                raise
+            kernel = Kernel(proc, ports, conn_dir, True)
+        else:
+            ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
+            conn_dir, conn_file = self._write_connection_file(ports, key, scheme, uid, gid)
+            try:
+                proc, warm = self._launch(conn_file, cwd, full_env, uid, gid)
+            except BaseException:
+                _rmtree(conn_dir)
+                raise
+            kernel = Kernel(proc, ports, conn_dir, warm)
         self.current = kernel
         task = asyncio.ensure_future(self._watch(kernel))
         self._tasks.add(task)
@@ -238,6 +318,43 @@ class KernelManager:
             env=env, start_new_session=True, close_fds=True, **procs.credentials(uid, gid))
         return proc, False
 
+    def _discard_warm(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None and warm.poll() is None:
+            warm.kill()
+            warm.wait()
+        if self._preinit is not None:
+            _rmtree(self._preinit[1])
+            self._preinit = None
+
+    def _take_preinit(self, uid, env) -> tuple[subprocess.Popen, tuple] | None:
+        """The preinit process with its (ports, conn_dir, conn_file), if alive and usable for a
+        kernel of this uid and env; an unusable one is discarded (the kernel then starts cold)."""
+        if self._preinit is None:
+            return None
+        if (self._warm is None or self._warm.poll() is not None or uid is not None
+                or any(k.startswith(PREINIT_ENV_PREFIXES) for k in env)):
+            self._discard_warm()
+            return None
+        taken = (self._warm, self._preinit)
+        self._warm, self._preinit = None, None
+        return taken
+
+    @staticmethod
+    def _start_preinit(proc, conn_file, key, scheme, cwd, env) -> None:
+        if not os.path.isdir(cwd):
+            raise FileNotFoundError(f"kernel cwd {cwd!r} does not exist")
+        with open(conn_file) as f:
+            info = json.load(f)
+        info.update(key=key, signature_scheme=scheme)
+        tmp = conn_file + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, conn_file)
+        proc.stdin.write(json.dumps({"key": key, "signature_scheme": scheme, "cwd": cwd, "env": env}).encode() + b"\n")
+        proc.stdin.close()
+
     def _take_warm(self, env) -> subprocess.Popen | None:
         """The warm process, if alive and its interpreter was started with the same PYTHON* env."""
         warm, self._warm = self._warm, None
@@ -281,6 +398,26 @@ class KernelManager:
                 self.current = None
         await self._send({"t": "kernel_exit", "pid": kernel.pid, **procs.exit_fields(returncode),
                           "tail": kernel.tail.decode("utf-8", "replace")})
+
+
+def _read_marker(proc: subprocess.Popen, ready: threading.Event, limit: int = 1 << 16) -> None:
+    """Read the warm process's output up to its marker (start-up banners may come first; at most
+    `limit` bytes). Unbuffered, and the process writes nothing after the marker until it gets its
+    parameters, so what the kernel prints later is left to the kernel's watcher."""
+    seen = b""
+    total = 0
+    try:
+        while total < limit:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                return
+            total += len(chunk)
+            seen = (seen + chunk)[-(len(WARM_MARKER) + 4096):]
+            if WARM_MARKER in seen:
+                ready.set()
+                return
+    except (OSError, ValueError):
+        return
 
 
 class KernelRunning(Exception):

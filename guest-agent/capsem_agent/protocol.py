@@ -81,12 +81,20 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         for kernel_exit first
       egress_setup {id, ca_pem: str, env?: {str: str}}                  -> ok {id, proxy, dns,
                                                                         capture, seconds}: see below
-      kernel_prewarm {id}                                               -> ok {id, pid}: start a
+      egress_prepare {id}                                               -> ok {id, seconds, steps}:
+                                                                        egress_setup's listeners and
+                                                                        network plumbing ahead of
+                                                                        time (no CA, no env)
+      kernel_prewarm {id, wait?: int, preinit?: bool}                   -> ok {id, pid, ready?}: start a
                                                                         process that imports
                                                                         ipykernel now, so the next
                                                                         kernel_start is fast (also
                                                                         at boot with kernel cmdline
-                                                                        capsem.prewarm=1)
+                                                                        capsem.prewarm=1); with
+                                                                        wait (s), reply once its
+                                                                        imports are done (ready);
+                                                                        preinit: the kernel app is
+                                                                        also initialised (kernel.py)
       shutdown    {id}                                                  -> ok, then the agent ends
                                                                         and the VM powers off
 

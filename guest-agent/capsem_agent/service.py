@@ -36,14 +36,19 @@ def boot_times() -> dict:
     return {"kernel_s": kernel_s, "init_s": init_s, **BOOT_MARKS, "agent_s": _uptime()}
 
 
-def _wants_prewarm() -> bool:
-    if os.environ.get("CAPSEM_AGENT_PREWARM") == "1":
-        return True
+def _wants_prewarm() -> str | None:
+    """None, "1" (import ipykernel at boot) or "preinit" (also initialise the kernel app)."""
+    if os.environ.get("CAPSEM_AGENT_PREWARM") in ("1", "preinit"):
+        return os.environ["CAPSEM_AGENT_PREWARM"]
     try:
         with open("/proc/cmdline") as f:
-            return "capsem.prewarm=1" in f.read(4096).split()
+            words = f.read(4096).split()
     except OSError:
-        return False
+        return None
+    for mode in ("1", "preinit"):
+        if f"capsem.prewarm={mode}" in words:
+            return mode
+    return None
 
 
 class Service:
@@ -79,9 +84,9 @@ class Service:
             relay.ChannelServer(listener, lambda: self.kernels.current).start()
         except OSError as exc:
             sysinit.log(f"channel listener unavailable: {exc}")
-        if _wants_prewarm():
+        if mode := _wants_prewarm():
             try:
-                self.kernels.prewarm()
+                self.kernels.prewarm(preinit=mode == "preinit")
             except OSError as exc:
                 sysinit.log(f"prewarm failed: {exc}")
         loop = asyncio.get_running_loop()
@@ -253,22 +258,38 @@ class Service:
             return
         await self.send({"t": "ok", "id": msg["id"], **info})
 
+    async def _egress_prepare(self, msg):
+        from . import egress
+        if self.egress is None:
+            self.egress = egress.Egress()
+        loop = asyncio.get_running_loop()
+        try:
+            info = await asyncio.wait_for(loop.run_in_executor(None, self.egress.prepare), EGRESS_TIMEOUT)
+        except egress.netsetup.NetSetupError as exc:
+            await self.send(protocol.error("egress_failed", str(exc), msg["id"]))
+            return
+        await self.send({"t": "ok", "id": msg["id"], **info})
+
     async def _kernel_start(self, msg):
         k = await self.kernels.start(msg)
         await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm})
 
     async def _kernel_prewarm(self, msg):
-        pid = self.kernels.prewarm()
-        await self.send({"t": "ok", "id": msg["id"], "pid": pid})
+        pid = self.kernels.prewarm(preinit=protocol.req_bool(msg, "preinit"))
+        reply = {"t": "ok", "id": msg["id"], "pid": pid}
+        wait = protocol.req_int(msg, "wait", optional=True, lo=0, hi=600)
+        if wait:  # seconds to wait for the warm process's imports
+            reply["ready"] = await self.kernels.wait_warm(float(wait))
+        await self.send(reply)
 
     async def _shutdown(self, msg):
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
-    SLOW = frozenset({"mount", "egress_setup"})  # may block (device, subprocesses): own task
+    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm"})  # may block or wait: own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
-        "mount": _mount, "egress_setup": _egress_setup, "kernel_start": _kernel_start,
+        "mount": _mount, "egress_setup": _egress_setup, "egress_prepare": _egress_prepare, "kernel_start": _kernel_start,
         "kernel_prewarm": _kernel_prewarm,
         "shutdown": _shutdown,
     }

@@ -1,0 +1,273 @@
+"""Benchmark: kernel start -> first kernel_info_reply, local ipykernel vs capsem cold vs capsem warm
+(pool), all in one run.
+
+    python bench/start.py [--starts 10] [--cold-starts N] [--pool 10] [--memory 512] [--cpus 1] [--json FILE]
+
+1. local    kernel "python3" (ipykernel on the host): KernelManager.start_kernel -> wait_for_ready
+2. cold     capsem kernel, no pool: boots a VM per kernel; breakdown by stage from the kernel's
+            facts (KernelVM.info): image verification, QEMU start -> agent hello (with the guest's
+            own clock: kernel start, /init, handover, agent), egress + share, ipykernel start
+            (kernel_start -> listening), first kernel_info round trip
+3. burst    --pool kernels started at once (threads) from a full pool of --pool VMs
+4. warm     then capsem kernels one after the other, each claiming a warm VM while the pool refills
+            in the background (at most two boots at a time; each start waits for one ready VM and
+            records how many were booting)
+5. memory   host memory per pooled VM (PSS of its QEMU, vsock backend and keeper) while idle
+
+Medians over the starts, ratios warm/local and cold/local. Uses a private runtime dir and a
+kernelspec in a temp prefix; the load average is recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from jupyter_client import KernelManager
+from traitlets.config import Config
+
+STARTUP_TIMEOUT = 900
+CLI = [sys.executable, "-m", "capsem_vm.cli"]
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def start_one(kernel_name: str, config: Config | None, cwd: str) -> tuple[float, KernelManager, object]:
+    t0 = time.perf_counter()
+    km = KernelManager(kernel_name=kernel_name, config=config or Config())
+    km.bench_t0_wall = time.time()
+    km.start_kernel(cwd=cwd)
+    km.bench_launched_s = time.perf_counter() - t0  # start_kernel returned
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=STARTUP_TIMEOUT)  # sends kernel_info_request, waits for the reply
+    return time.perf_counter() - t0, km, kc
+
+
+def stop(km, kc) -> None:
+    try:
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+
+
+def capsem_config(args, pool: bool) -> Config:
+    c = Config()
+    c.CapsemProvisioner.use_pool = pool
+    c.CapsemProvisioner.memory_mb = args.memory
+    c.CapsemProvisioner.cpus = args.cpus
+    return c
+
+
+def stages(km, total: float) -> dict:
+    info = km.provisioner.kernel_vm.info()
+    t = info["timings"]
+    boot = info.get("boot") or {}
+    kernel_start = info["ready_at"] - info["started_at"]
+    out = {"total_s": total, "pooled": info["pooled"]}
+    if info["pooled"]:
+        out.update(claim_s=t.get("pool_claim_s"), hotplug_s=t.get("hotplug_s"), mount_s=t.get("mount_s"),
+                   egress_s=t.get("egress_s"), attach_s=t.get("ready_s"),
+                   ipykernel_s=kernel_start - t.get("ready_s", 0))
+    else:
+        out.update(verify_s=t.get("verify_s"), qemu_to_hello_s=t.get("hello_s"),
+                   guest_kernel_s=boot.get("kernel_s"), guest_init_done_s=boot.get("init_s"),
+                   guest_agent_s=boot.get("agent_s"),
+                   egress_share_s=t.get("ready_s", 0) - t.get("hello_s", 0) - t.get("verify_s", 0),
+                   ipykernel_s=kernel_start - t.get("ready_s", 0))
+    # before the VM part: KernelManager, connection file, (claim); after it: the channels and the
+    # first kernel_info round trip (jupyter_client's wait_for_ready also drains iopub for 0.2 s)
+    out["before_vm_s"] = info["started_at"] - km.bench_t0_wall
+    out["kernel_info_s"] = total - (info["ready_at"] - km.bench_t0_wall)
+    return out
+
+
+def med(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def pool_status() -> dict:
+    out = subprocess.run(CLI + ["pool", "status", "--json"], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout)
+
+
+def wait_ready(n: int, timeout: float = 3600) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = pool_status()
+        if sum(v["state"] == "ready" for v in st["vms"]) >= n:
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pool not filled to {n}: {st}")
+        time.sleep(2)
+
+
+def pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def pooled_memory(st: dict) -> dict:
+    per = []
+    for v in st["vms"]:
+        if v["state"] != "ready":
+            continue
+        pids = [v["keeper_pid"]] + descendants(v["keeper_pid"])
+        per.append({"total_mb": sum(pss_kb(p) for p in pids) / 1024, "qemu_mb": pss_kb(v["qemu_pid"]) / 1024,
+                    "keeper_mb": pss_kb(v["keeper_pid"]) / 1024, "qemu_rss_mb": v["rss_mb"]})
+    return {k: round(statistics.median(r[k] for r in per), 1) for k in per[0]} if per else {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--starts", type=int, default=10)
+    ap.add_argument("--cold-starts", type=int, default=None, help="default: --starts")
+    ap.add_argument("--pool", type=int, default=10, help="pool size, and kernels started at once")
+    ap.add_argument("--memory", type=int, default=512)
+    ap.add_argument("--cpus", type=int, default=1)
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    cold_n = args.starts if args.cold_starts is None else args.cold_starts
+
+    base = Path(tempfile.mkdtemp(prefix="capsem-bench-start-"))
+    os.chmod(base, 0o755)
+    rt = base / "rt"
+    rt.mkdir(mode=0o700)
+    os.environ["CAPSEM_RUNTIME_DIR"] = str(rt)
+    prefix = base / "prefix"
+    subprocess.run(CLI + ["kernel", "install", "--prefix", str(prefix)], check=True, capture_output=True)
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(prefix / "share" / "jupyter")] +
+                                                 ([os.environ["JUPYTER_PATH"]] if os.environ.get("JUPYTER_PATH") else []))
+    nb = base / "nb"
+    nb.mkdir()
+    results: dict = {"args": vars(args), "load_start": load()}
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')} load {load()}] {msg}", flush=True)
+
+    # 1. local
+    local = []
+    for i in range(args.starts):
+        t, km, kc = start_one("python3", None, str(nb))
+        stop(km, kc)
+        local.append(t)
+        log(f"local {i + 1}/{args.starts}: {t:.3f} s")
+    results["local_s"] = local
+
+    # 2. cold
+    cold = []
+    for i in range(cold_n):
+        t, km, kc = start_one("capsem", capsem_config(args, False), str(nb))
+        cold.append(stages(km, t))
+        stop(km, kc)
+        log(f"cold {i + 1}/{cold_n}: {t:.2f} s {cold[-1]}")
+    results["cold"] = cold
+
+    # 3. the pool: fill it, then a burst, then sequential warm starts
+    out = subprocess.run(CLI + ["pool", "start", "--size", str(args.pool), "--memory", str(args.memory),
+                                "--cpus", str(args.cpus), "--parallel", "2"], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    try:
+        t_fill = time.monotonic()
+        st = wait_ready(args.pool)
+        results["pool_fill_s"] = time.monotonic() - t_fill
+        results["memory_per_pooled_vm"] = pooled_memory(st)
+        log(f"pool of {args.pool} full after {results['pool_fill_s']:.0f} s; per VM {results['memory_per_pooled_vm']}")
+        # 3a. burst: all at once from the full pool
+        log(f"burst: {args.pool} kernels at once")
+        burst: list = [None] * args.pool
+        def run(i):
+            try:
+                burst[i] = start_one("capsem", capsem_config(args, True), str(nb))
+            except Exception as exc:  # noqa: BLE001 - reported
+                burst[i] = exc
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(args.pool)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t0
+        ok = [b for b in burst if isinstance(b, tuple)]
+        results["burst"] = {"kernels": args.pool, "all_ready_s": wall, "ok": len(ok),
+                            "errors": [repr(b) for b in burst if not isinstance(b, tuple)],
+                            "per_kernel": [stages(km, t) for t, km, kc in ok]}
+        for t, km, kc in ok:
+            stop(km, kc)
+        log(f"burst: {len(ok)}/{args.pool} ready, all after {wall:.2f} s")
+        # 3b. sequential warm starts while the pool refills (each waits for one ready VM)
+        warm = []
+        for i in range(args.starts):
+            st = wait_ready(1)
+            booting = sum(v["state"] == "booting" for v in st["vms"])
+            t, km, kc = start_one("capsem", capsem_config(args, True), str(nb))
+            warm.append({**stages(km, t), "pool_booting": booting})
+            stop(km, kc)
+            log(f"warm {i + 1}/{args.starts}: {t:.2f} s {warm[-1]}")
+        results["warm"] = warm
+
+    finally:
+        subprocess.run(CLI + ["pool", "stop"], capture_output=True)
+    results["load_end"] = load()
+
+    lm = statistics.median(local)
+    cm = med(cold, "total_s")
+    wm = med(results["warm"], "total_s")
+    print("\n=== kernel start -> kernel_info_reply (medians) ===")
+    print(f"local ipykernel     {lm:8.3f} s   (n={len(local)})")
+    if cm is not None:
+        print(f"capsem cold         {cm:8.3f} s   (n={len(cold)})  cold/local = {cm / lm:.1f}")
+        for k in ("before_vm_s", "verify_s", "qemu_to_hello_s", "guest_kernel_s", "guest_init_done_s",
+                  "guest_agent_s", "egress_share_s", "ipykernel_s", "kernel_info_s"):
+            print(f"    {k:<20} {med(cold, k)}")
+    print(f"capsem warm (pool)  {wm:8.3f} s   (n={len(results['warm'])})  warm/local = {wm / lm:.2f}")
+    for k in ("before_vm_s", "claim_s", "hotplug_s", "mount_s", "egress_s", "attach_s", "ipykernel_s",
+              "kernel_info_s"):
+        print(f"    {k:<20} {med(results['warm'], k)}")
+    b = results["burst"]
+    print(f"{b['kernels']} at once from a pool of {args.pool}: {b['ok']} ok, all ready after {b['all_ready_s']:.2f} s, "
+          f"median per kernel {med(b['per_kernel'], 'total_s')} s, "
+          f"{sum(1 for k in b['per_kernel'] if k['pooled'])} of them on pooled VMs")
+    print(f"host memory per pooled VM (PSS, idle): {results['memory_per_pooled_vm']}")
+    print(f"load average: start {results['load_start']}, end {results['load_end']}")
+    results["summary"] = {"local_median_s": lm, "cold_median_s": cm, "warm_median_s": wm,
+                          "warm_over_local": wm / lm, "cold_over_local": cm / lm if cm else None}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    subprocess.run(["rm", "-rf", str(base)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

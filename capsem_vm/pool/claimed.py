@@ -1,0 +1,233 @@
+"""A claimed pooled VM, driven like a cold `VM` (same attributes KernelVM uses), whose start()
+does only what is decided per kernel, at claim time:
+
+- adopt the agent's control connection the keeper handed over (fd passing; no new hello);
+- egress: load this kernel's policy and listen on the guest's egress ports (the guest had no way
+  out until now: its egress_setup was never sent), audit rows under this kernel's id;
+- the notebook folder: start virtiofsd for it (confined as for a cold VM), hot-plug a
+  vhost-user-fs-pci device on the spare root port rp1 through QMP, have the agent mount it at the
+  same absolute path with the share's mode (read-only is enforced on the host, by virtiofsd);
+- egress_setup, in parallel with the mount.
+
+Ownership: we hold the owner end of the keeper's socket (client.Claim): while we hold it the VM
+lives; stop() asks the agent to power off, closes it (the keeper tears QEMU and its helpers down)
+and waits for the keeper to exit. If this process dies, the socket closes and the keeper does the
+same. virtiofsd is ours (PDEATHSIG, process.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from .. import paths as capsem_paths
+from .. import runtime
+from ..config import RuntimePaths, VMConfig
+from ..control import ControlConnection, RemoteError
+from ..errors import VMError
+from ..process import Identity, ManagedProcess
+from ..qmp import QMP
+from ..virtiofs import start_virtiofsd
+from ..vm import VM
+from ..vsock.vhost_user import VhostUserTransport
+from . import seqpacket
+from .client import Claim
+
+log = logging.getLogger(__name__)
+MOUNT_WAIT = 60.0  # s: the guest sees a hot-plugged device about a second later (more under load)
+HOTPLUG_BUS = "rp1"  # qemu.py's spare pcie-root-port
+
+
+class KeeperWatch:
+    """Stands in for VM.qemu: the VM lives while its keeper does (the keeper exits when QEMU does)."""
+
+    def __init__(self, owner: socket.socket, keeper_pid: int, qemu_pid: int):
+        self.owner = owner
+        self.pid = qemu_pid
+        self.keeper_pid = keeper_pid
+        self.returncode: int | None = None
+        self._gone = asyncio.Event()
+        try:
+            self._pidfd = os.pidfd_open(keeper_pid)
+        except OSError:  # already gone
+            self._pidfd = -1
+            self._set_gone()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._pidfd >= 0:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._pidfd, self._set_gone)
+            self._task = asyncio.ensure_future(self._watch_owner())
+
+    async def _watch_owner(self) -> None:
+        await seqpacket.wait_closed(self.owner)
+        self._set_gone()
+
+    def _set_gone(self) -> None:
+        if not self._gone.is_set():
+            self.returncode = -9
+            self._gone.set()
+        if self._pidfd >= 0:
+            try:
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            except RuntimeError:
+                pass
+
+    def alive(self) -> bool:
+        return not self._gone.is_set()
+
+    async def wait(self) -> int:
+        await self._gone.wait()
+        return self.returncode
+
+    async def release(self, grace: float) -> None:
+        """Close our end (the keeper then stops the VM) and wait for the keeper to exit."""
+        if self._task:
+            self._task.cancel()
+        self.owner.close()
+        if self._pidfd >= 0 and not self._gone.is_set():
+            try:
+                await asyncio.wait_for(self._gone.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("pooled VM's keeper %d did not exit within %.0f s", self.keeper_pid, grace)
+        self._set_gone()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def _vm_dir(info: dict) -> Path:
+    """The keeper's VM dir, which must be one of ours (the claimer writes sockets into it)."""
+    raw = info.get("vm_dir")
+    if not isinstance(raw, str):
+        raise VMError("the pooled VM did not say where its runtime dir is")
+    p = Path(raw)
+    if p.parent != capsem_paths.runtime_dir() or not p.name.startswith(runtime.PREFIX) or p.is_symlink():
+        raise VMError(f"the pooled VM's runtime dir {raw!r} is not under this user's runtime dir")
+    return p
+
+
+class ClaimedVM:
+    def __init__(self, config: VMConfig, claim: Claim, progress=None):
+        if len(config.shares) > 1:
+            raise VMError("a pooled VM has one hot-plug slot: at most one shared folder")
+        info = claim.info
+        self.config = config
+        self.claim = claim
+        self.progress = progress or (lambda msg: None)
+        self.paths = RuntimePaths(_vm_dir(info))
+        flavour = info["flavour"]
+        self.accel = SimpleNamespace(accel=flavour["accel"])
+        self.image_digest = flavour["image_digest"]
+        self.hello = info.get("hello") if isinstance(info.get("hello"), dict) else {}
+        uid, gid = info.get("uid"), info.get("gid")
+        self.identity = Identity(uid, gid, ()) if isinstance(uid, int) and isinstance(gid, int) else None
+        self.transport = VhostUserTransport(self.paths)
+        self.transport.identity = self.identity
+        self.qemu = KeeperWatch(claim.owner, int(info["keeper_pid"]), int(info["qemu_pid"]))
+        self.helpers: list[ManagedProcess] = []
+        self.control: ControlConnection | None = None
+        self.egress = None
+        self.on_event = None
+        self.timings: dict[str, float] = {"pool_claim_s": claim.claim_s}
+        self._stopped = False
+
+    async def start(self) -> "ClaimedVM":
+        t0 = time.monotonic()
+        try:
+            sock = socket.socket(fileno=self.claim.control_fd)
+            self.claim.control_fd = -1
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+            self.control = ControlConnection(reader, writer)
+            self.control.on_event = self._on_event
+            self.control.adopt(self.hello)
+            self.qemu.start()
+            if self.config.egress is not None:
+                from ..egress import Egress
+                self.egress = Egress(self.config.egress, [str(s.host_path) for s in self.config.shares])
+                await self.egress.start(self.transport)
+            for share in self.config.shares:
+                t = time.monotonic()
+                self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
+                await self._hotplug(share)
+                self.timings["hotplug_s"] = time.monotonic() - t
+            await asyncio.gather(self._setup_egress(), *(self._mount(s) for s in self.config.shares))
+            self.timings["ready_s"] = time.monotonic() - t0
+            self.progress(f"claimed a warm VM; attached in {self.timings['ready_s']:.2f} s")
+        except BaseException:
+            await self.stop(grace=1)
+            raise
+        return self
+
+    async def _hotplug(self, share) -> None:
+        chardev = f"fs-{share.tag}"
+        qmp = await QMP.connect(str(self.paths.qmp))
+        try:
+            # relative: QEMU's cwd is the VM dir (qemu.py)
+            await qmp.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": self.paths.fs_socket(share.tag).name}},
+                "server": False}}})
+            await qmp.execute("device_add", {"driver": "vhost-user-fs-pci", "id": f"{chardev}-dev",
+                                             "chardev": chardev, "tag": share.tag, "bus": HOTPLUG_BUS})
+        finally:
+            qmp.close()
+
+    async def _mount(self, share) -> None:
+        t = time.monotonic()
+        deadline = t + MOUNT_WAIT
+        while True:
+            try:
+                await self.control.mount(share.tag, share.guest_path, share.readonly)
+                break
+            except RemoteError as exc:  # the device is not there yet
+                if time.monotonic() > deadline:
+                    raise VMError(f"the guest could not mount the hot-plugged folder {share.guest_path}: {exc}")
+                await asyncio.sleep(0.05)
+        self.timings["mount_s"] = time.monotonic() - t
+
+    _setup_egress = VM._setup_egress  # same attributes: egress, control, timings
+
+    def _on_event(self, msg: dict) -> None:
+        if self.on_event:
+            self.on_event(msg)
+
+    def alive(self) -> bool:
+        return bool(self.qemu.alive() and self.control and not self.control.closed.is_set())
+
+    def diagnostics(self, limit: int = 3000) -> str:
+        text = (runtime.read_trusted(self.paths.console_log, limit, tail=True) or "").strip()
+        return f"--- console.log (last lines) ---\n{text}" if text else ""
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.alive():
+                try:
+                    await asyncio.wait_for(self.control.shutdown(), 5)
+                    await asyncio.wait_for(self.qemu.wait(), grace)
+                except (asyncio.TimeoutError, VMError, OSError):
+                    log.info("graceful guest shutdown did not finish; the keeper forces it")
+            if self.control:
+                await self.control.close()
+            await self.qemu.release(grace=30)
+            for proc in self.helpers:
+                await proc.stop(grace=3)
+            if self.egress:
+                await self.egress.close()
+            await self.transport.close()
+        finally:
+            self.claim.close()
+
+    def kill_now(self) -> None:
+        for proc in self.helpers:
+            proc.kill_now()
+        self.claim.close()
+        self._stopped = True

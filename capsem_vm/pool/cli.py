@@ -1,0 +1,132 @@
+"""`capsem pool start|stop|status`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+from ..config import DEFAULT_CPUS, DEFAULT_MEMORY_MB
+from ..errors import VMError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("pool", help="a pool of warm VMs for fast kernel starts")
+    psub = p.add_subparsers(dest="pool_command", metavar="ACTION")
+    start = psub.add_parser("start", help="start this user's pool service")
+    start.add_argument("--size", type=int, default=2, help="warm VMs to keep (default 2)")
+    start.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="guest memory in MB")
+    start.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="virtual CPUs per VM")
+    start.add_argument("--image", default=None, help="image name or dir (default: the default image)")
+    start.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    start.add_argument("--budget", type=int, default=0,
+                       help="memory budget in MB for pooled VMs (default size x memory)")
+    start.add_argument("--parallel", type=int, default=2, help="VMs booting at once (default 2)")
+    start.add_argument("--boot-timeout", type=float, default=300.0)
+    start.add_argument("--foreground", action="store_true", help="run in this process (logs to stderr)")
+    start.add_argument("--wait", action="store_true", help="return once the pool is full")
+    start.set_defaults(func=cmd_start)
+    stop = psub.add_parser("stop", help="stop the pool service (its unclaimed VMs go with it)")
+    stop.set_defaults(func=cmd_stop)
+    status = psub.add_parser("status", help="the pool's VMs, their age and memory")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _config(args):
+    from .service import PoolConfig
+    if args.size < 0 or args.parallel < 1:
+        raise VMError("--size must be >= 0 and --parallel >= 1")
+    return PoolConfig(size=args.size, memory_mb=args.memory, cpus=args.cpus, image=args.image,
+                      accel=args.accel, budget_mb=args.budget, parallel=args.parallel,
+                      boot_timeout=args.boot_timeout)
+
+
+def cmd_start(args) -> int:
+    from . import client
+    from .service import pool_dir, run_foreground
+    config = _config(args)
+    try:
+        st = asyncio.run(client.status())
+        raise VMError(f"a capsem pool already runs for this user (pid {st.get('pid')})",
+                      "capsem pool status / capsem pool stop")
+    except client.PoolUnavailable:
+        pass
+    if args.foreground:
+        return run_foreground(config)
+    argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", "--foreground",
+            "--size", str(config.size), "--memory", str(config.memory_mb), "--cpus", str(config.cpus),
+            "--accel", config.accel, "--budget", str(config.budget_mb), "--parallel", str(config.parallel),
+            "--boot-timeout", str(config.boot_timeout)] + (["--image", config.image] if config.image else [])
+    log_path = pool_dir() / "pool.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+                                close_fds=True)
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise VMError(f"the pool service exited with code {proc.returncode}", f"see {log_path}")
+        try:
+            st = asyncio.run(client.status())
+            if st.get("pid") == proc.pid:
+                break
+        except client.PoolUnavailable:
+            pass
+        if time.monotonic() > deadline:
+            raise VMError("the pool service did not answer within 30 s", f"see {log_path}")
+        time.sleep(0.2)
+    print(f"capsem pool started (pid {proc.pid}, {config.size} x {config.memory_mb} MB; log {log_path})")
+    if args.wait:
+        wait_full(config.size, timeout=config.boot_timeout + 600)
+    return 0
+
+
+def wait_full(size: int, timeout: float) -> dict:
+    from . import client
+    deadline = time.monotonic() + timeout
+    while True:
+        st = asyncio.run(client.status())
+        if sum(v["state"] == "ready" for v in st["vms"]) >= size:
+            return st
+        if time.monotonic() > deadline:
+            raise VMError(f"the pool did not fill up within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def cmd_stop(args) -> int:
+    from . import client
+    st = asyncio.run(client.status())
+    asyncio.run(client.stop())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{st['pid']}"):
+        try:
+            with open(f"/proc/{st['pid']}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except OSError:
+            break
+        time.sleep(0.2)
+    print("capsem pool stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import client
+    st = asyncio.run(client.status())
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"pool pid {st['pid']}: size {st['size']}, {st['memory_mb']} MB x {st['cpus']} CPUs, "
+          f"budget {st['budget_mb']} MB, {st['claims']} claimed so far ({st['claimed_alive']} still running), "
+          f"up {st['uptime_s']:.0f} s")
+    for v in st["vms"]:
+        rss = f"{v['rss_mb']:.0f} MB resident" if v.get("rss_mb") else "-"
+        print(f"  {v['id']:<16} {v['state']:<8} age {v['age_s']:>7.1f} s  {v['memory_mb']} MB  {rss}")
+    return 0

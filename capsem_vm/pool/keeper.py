@@ -1,0 +1,166 @@
+"""The keeper: a small process that owns one pooled VM (QEMU and its helpers are its children,
+with PDEATHSIG) and lives exactly as long as its *owner socket* has a peer.
+
+    python -m capsem_vm.pool.keeper --fd N --memory MB --cpus N [--image I] [--accel A]
+
+fd N is one end of a SOCK_SEQPACKET socketpair; whoever holds the other end owns the VM. The pool
+creates the pair and keeps its end; a claim passes that end to the claimer (SCM_RIGHTS) and the
+pool closes its copy, so ownership moves without the keeper noticing. When the owner end closes
+(owner exited, crashed or was killed) the keeper tears the VM down and exits. Messages on it:
+
+    keeper -> owner  ready {flavour, vm_dir, qemu_pid, uid, gid, hello, timings, warm}
+    owner -> keeper  handover            -> vm {..} + the agent's control connection (one fd)
+    owner -> keeper  info                -> info {rss_kb, age_s, claimed}
+
+The keeper boots the VM with VM.start() (so the image is verified through the fds QEMU reads, as
+for a cold VM), with no share, no egress and no kernel key; the guest agent pre-imports ipykernel
+(kernel_prewarm {preinit}: imported and initialised, see capsem_agent.kernel) and the keeper
+reports ready once that is done; egress_prepare sets up the policy-independent part of egress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from ..config import VMConfig
+from ..vm import VM
+from . import seqpacket, wire
+
+log = logging.getLogger("capsem.pool.keeper")
+PREWARM_WAIT = 600  # s: ipykernel's imports under a loaded TCG host
+
+
+def qemu_rss_kb(pid: int | None) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, TypeError):
+        pass
+    return None
+
+
+class Keeper:
+    def __init__(self, owner: socket.socket, config: VMConfig):
+        self.owner = owner
+        self.vm = VM(config, vsock="vhost-user")  # the claimer reaches it by paths (claimed.py)
+        self.born = time.monotonic()
+        self.claimed = False
+
+    async def run(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            boot = asyncio.ensure_future(self._boot())
+            gone = asyncio.ensure_future(seqpacket.wait_closed(self.owner))
+            stopped = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({boot, gone, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if boot not in done:
+                boot.cancel()
+                await asyncio.gather(boot, return_exceptions=True)
+                return 0
+            gone.cancel()
+            boot.result()  # raises a boot error
+            await seqpacket.send(self.owner, self._ready_msg())
+            await self._serve(stop, stopped)
+            return 0
+        except Exception as exc:  # noqa: BLE001 - reported, then the VM goes away
+            log.error("pooled VM failed: %s", exc)
+            return 1
+        finally:
+            await self.vm.stop(grace=3)
+            self.owner.close()
+
+    async def _boot(self) -> None:
+        await self.vm.start()
+        # the warm kernel process's imports, and egress_setup's policy-independent part (listeners,
+        # nftables; nothing gets out before the claimer listens on the egress ports)
+        reply, _ = await asyncio.gather(
+            self.vm.control.request({"t": "kernel_prewarm", "wait": PREWARM_WAIT, "preinit": True},
+                                    timeout=PREWARM_WAIT + 30),
+            self.vm.control.request({"t": "egress_prepare"}, timeout=PREWARM_WAIT))
+        self.warm = bool(reply.get("ready"))
+        if not self.warm:
+            log.warning("the guest's warm kernel process did not finish its imports")
+
+    def _ready_msg(self) -> dict:
+        vm = self.vm
+        ident = vm.identity
+        return {"t": "ready", "flavour": wire.Flavour(vm.config.memory_mb, vm.config.cpus, vm.image_digest,
+                                                      vm.accel.accel).to_wire(),
+                "vm_dir": str(vm.paths.root), "qemu_pid": vm.qemu.pid, "keeper_pid": os.getpid(),
+                "uid": ident.uid if ident else None, "gid": ident.gid if ident else None,
+                "hello": vm.hello, "timings": vm.timings, "warm": self.warm}
+
+    async def _serve(self, stop: asyncio.Event, stopped: asyncio.Future) -> None:
+        qemu_exit = asyncio.ensure_future(self.vm.qemu.wait())
+        try:
+            while True:
+                req = asyncio.ensure_future(seqpacket.recv(self.owner))
+                done, _ = await asyncio.wait({req, qemu_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if req not in done:
+                    req.cancel()
+                    await asyncio.gather(req, return_exceptions=True)
+                    if qemu_exit in done:
+                        log.warning("pooled VM's QEMU exited (code %s)", self.vm.qemu.returncode)
+                    return
+                try:
+                    msg, _ = req.result()
+                except (wire.WireError, OSError) as exc:
+                    log.warning("owner sent a bad message: %s", exc)
+                    return
+                if msg is None:
+                    return  # the owner is gone: so is the VM
+                await self._handle(msg)
+        finally:
+            qemu_exit.cancel()
+
+    async def _handle(self, msg: dict) -> None:
+        t = msg["t"]
+        if t == "handover" and not self.claimed:
+            self.claimed = True
+            fd = await self.vm.control.detach()
+            self.vm.control = None  # from now on the claimer speaks to the agent; we only keep QEMU
+            try:
+                await seqpacket.send(self.owner, {**self._ready_msg(), "t": "vm"}, fds=(fd,))
+            finally:
+                os.close(fd)
+        elif t == "info":
+            await seqpacket.send(self.owner, {"t": "info", "rss_kb": qemu_rss_kb(self.vm.qemu.pid),
+                                              "age_s": time.monotonic() - self.born, "claimed": self.claimed})
+        else:
+            await seqpacket.send(self.owner, {"t": "error", "message": f"unexpected {t!r}"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="capsem-pool-keeper")
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--memory", type=int, required=True)
+    p.add_argument("--cpus", type=int, required=True)
+    p.add_argument("--image", default=None)
+    p.add_argument("--accel", default="auto")
+    p.add_argument("--boot-timeout", type=float, default=300.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"capsem pool keeper {os.getpid()}: %(message)s")
+    owner = socket.socket(fileno=args.fd)
+    if owner.type != socket.SOCK_SEQPACKET:
+        print("keeper: --fd is not a seqpacket socket", file=sys.stderr)
+        return 2
+    owner.setblocking(False)
+    config = VMConfig(memory_mb=args.memory, cpus=args.cpus, accel=args.accel, image=args.image,
+                      boot_timeout=args.boot_timeout)
+    return asyncio.run(Keeper(owner, config).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

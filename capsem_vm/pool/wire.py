@@ -1,0 +1,129 @@
+"""The pool's messages, pure (no I/O): encode/decode, flavours, which VM a claim gets, how many
+VMs to boot. Carried one message per SOCK_SEQPACKET datagram (seqpacket.py), so there is no
+framing: a datagram is one JSON object of at most MAX_MESSAGE bytes, file descriptors ride
+along as SCM_RIGHTS.
+
+Everything decoded here may come from a hostile or broken peer (a keeper whose VM misbehaved,
+another process of the same user): sizes are bounded, types checked, unknown types refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+MAX_MESSAGE = 64 * 1024
+TYPES = frozenset({
+    "claim", "status", "stop",          # client -> pool
+    "vm", "none", "ok", "error",        # pool/keeper -> client
+    "ready", "handover", "info",        # keeper <-> owner
+})
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+ACCELS = ("auto", "kvm", "tcg")
+
+
+class WireError(ValueError):
+    """A message that is not one of ours (malformed, too big, wrong types)."""
+
+
+def encode(msg: dict) -> bytes:
+    if not isinstance(msg.get("t"), str) or msg["t"] not in TYPES:
+        raise WireError(f"unknown message type {msg.get('t')!r}")
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise WireError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes) -> dict:
+    if not data:
+        raise WireError("empty message")
+    if len(data) > MAX_MESSAGE:
+        raise WireError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        msg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise WireError("not a JSON object")
+    t = msg.get("t")
+    if not isinstance(t, str) or t not in TYPES:
+        raise WireError(f"unknown message type {str(t)[:40]!r}")
+    return msg
+
+
+def get_int(msg: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    v = msg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise WireError(f"{key!r} must be an integer in {lo}..{hi}")
+    return v
+
+
+def get_str(msg: dict, key: str, max_len: int = 4096, default: str | None = None) -> str:
+    v = msg.get(key, default)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise WireError(f"{key!r} must be a string of at most {max_len} characters")
+    return v
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """What a kernel asks of its VM. image_digest: sha256 of the image manifest (its identity)."""
+
+    memory_mb: int
+    cpus: int
+    image_digest: str
+    accel: str = "auto"
+
+    def to_wire(self) -> dict:
+        return {"memory_mb": self.memory_mb, "cpus": self.cpus, "image_digest": self.image_digest,
+                "accel": self.accel}
+
+    @classmethod
+    def from_wire(cls, d) -> "Flavour":
+        if not isinstance(d, dict):
+            raise WireError("flavour must be an object")
+        digest = get_str(d, "image_digest", 64)
+        if not _DIGEST.match(digest):
+            raise WireError("image_digest must be 64 lowercase hex digits")
+        accel = get_str(d, "accel", 8, "auto")
+        if accel not in ACCELS:
+            raise WireError(f"accel must be one of {ACCELS}")
+        return cls(get_int(d, "memory_mb", 256, 1 << 20), get_int(d, "cpus", 1, 64), digest, accel)
+
+    def serves(self, wanted: "Flavour") -> bool:
+        """Can a VM of this (booted: accel is kvm or tcg) flavour serve `wanted`?"""
+        return (self.memory_mb == wanted.memory_mb and self.cpus == wanted.cpus
+                and self.image_digest == wanted.image_digest
+                and wanted.accel in ("auto", self.accel))
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One pooled VM as the pool's bookkeeping sees it."""
+
+    id: str
+    state: str       # booting | ready
+    born: float      # monotonic seconds
+    flavour: Flavour | None = None  # known once ready
+
+
+def pick(slots: list[Slot], wanted: Flavour) -> str | None:
+    """The oldest ready VM that serves `wanted` (oldest first: its page cache is warmest)."""
+    ready = [s for s in slots if s.state == "ready" and s.flavour is not None and s.flavour.serves(wanted)]
+    return min(ready, key=lambda s: s.born).id if ready else None
+
+
+def to_boot(size: int, ready: int, booting: int, memory_mb: int, budget_mb: int, max_parallel: int) -> int:
+    """How many VMs to start booting now: fill up to `size`, never more than `max_parallel` boots
+    at once, and never beyond the memory budget (pooled VMs, booting or ready, x their memory)."""
+    want = size - ready - booting
+    by_parallel = max_parallel - booting
+    by_budget = budget_mb // memory_mb - ready - booting if memory_mb > 0 else 0
+    return max(0, min(want, by_parallel, by_budget))
+
+
+def backoff(failures: int, cap: float = 120.0) -> float:
+    """Seconds to wait before the next boot after `failures` boots in a row never became ready."""
+    return 0.0 if failures <= 0 else min(cap, 2.0 ** min(failures, 16))

@@ -1,0 +1,179 @@
+"""Pool logic without VMs: the wire format (hypothesis), flavour matching, claim choice, refill
+under a memory budget, seqpacket fd passing and peer credentials, control connection hand-over."""
+
+import asyncio
+import json
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from capsem_agent import protocol
+from capsem_vm.control import ControlConnection
+from capsem_vm.errors import VMError
+from capsem_vm.pool import seqpacket, wire
+
+DIGEST = "ab" * 32
+F = wire.Flavour(1024, 2, DIGEST, "tcg")
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+
+
+@given(st.binary(max_size=2048))
+def test_decode_arbitrary_bytes_only_raises_wire_error(data):
+    try:
+        msg = wire.decode(data)
+    except wire.WireError:
+        return
+    assert isinstance(msg, dict) and msg["t"] in wire.TYPES
+
+
+@given(st.sampled_from(sorted(wire.TYPES)), st.dictionaries(st.text(max_size=10).filter(lambda k: k != "t"),
+                                                              json_values, max_size=5))
+def test_encode_decode_roundtrip(t, rest):
+    msg = {"t": t, **rest}
+    assert wire.decode(wire.encode(msg)) == json.loads(json.dumps(msg))
+
+
+def test_decode_refuses_oversize_unknown_and_non_objects():
+    with pytest.raises(wire.WireError):
+        wire.decode(b"x" * (wire.MAX_MESSAGE + 1))
+    for bad in (b"", b"[1]", b'{"t": "rm -rf"}', b'{"t": 5}', b"\xff\xfe", b"{" * 100000):
+        with pytest.raises(wire.WireError):
+            wire.decode(bad)
+    with pytest.raises(wire.WireError):
+        wire.encode({"t": "claim", "pad": "x" * wire.MAX_MESSAGE})
+    with pytest.raises(wire.WireError):
+        wire.encode({"t": "nope"})
+
+
+@given(json_values)
+def test_flavour_from_wire_rejects_garbage(d):
+    try:
+        f = wire.Flavour.from_wire(d)
+    except wire.WireError:
+        return
+    assert 256 <= f.memory_mb and 1 <= f.cpus <= 64 and len(f.image_digest) == 64
+
+
+def test_flavour_roundtrip_and_bounds():
+    assert wire.Flavour.from_wire(F.to_wire()) == F
+    for bad in ({**F.to_wire(), "memory_mb": True}, {**F.to_wire(), "cpus": 0},
+                {**F.to_wire(), "image_digest": "AB" * 32}, {**F.to_wire(), "accel": "hvf"},
+                {**F.to_wire(), "memory_mb": "1024"}):
+        with pytest.raises(wire.WireError):
+            wire.Flavour.from_wire(bad)
+
+
+def test_serves_needs_same_memory_cpus_image_and_compatible_accel():
+    assert F.serves(wire.Flavour(1024, 2, DIGEST, "auto"))
+    assert F.serves(wire.Flavour(1024, 2, DIGEST, "tcg"))
+    assert not F.serves(wire.Flavour(1024, 2, DIGEST, "kvm"))
+    assert not F.serves(wire.Flavour(2048, 2, DIGEST, "auto"))
+    assert not F.serves(wire.Flavour(1024, 1, DIGEST, "auto"))
+    assert not F.serves(wire.Flavour(1024, 2, "cd" * 32, "auto"))
+
+
+def test_pick_oldest_ready_match_only():
+    other = wire.Flavour(512, 1, DIGEST, "tcg")
+    slots = [wire.Slot("booting", "booting", 0.0, None), wire.Slot("young", "ready", 5.0, F),
+             wire.Slot("old", "ready", 1.0, F), wire.Slot("small", "ready", 0.5, other)]
+    assert wire.pick(slots, wire.Flavour(1024, 2, DIGEST)) == "old"
+    assert wire.pick(slots, wire.Flavour(512, 1, DIGEST)) == "small"
+    assert wire.pick(slots, wire.Flavour(4096, 1, DIGEST)) is None
+    assert wire.pick([], F) is None
+
+
+@given(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), st.integers(256, 8192),
+       st.integers(0, 100000), st.integers(1, 8))
+def test_to_boot_respects_size_parallel_and_budget(size, ready, booting, mem, budget, parallel):
+    n = wire.to_boot(size, ready, booting, mem, budget, parallel)
+    assert n >= 0
+    if n:
+        assert ready + booting + n <= size
+        assert booting + n <= parallel
+        assert (ready + booting + n) * mem <= budget
+
+
+def test_to_boot_examples():
+    assert wire.to_boot(4, 0, 0, 1024, 4096, 2) == 2
+    assert wire.to_boot(4, 2, 2, 1024, 4096, 2) == 0
+    assert wire.to_boot(4, 3, 0, 1024, 4096, 2) == 1
+    assert wire.to_boot(4, 0, 0, 1024, 2048, 8) == 2  # the budget caps it
+
+
+def test_seqpacket_messages_fds_and_peer_uid():
+    async def main():
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a.setblocking(False), b.setblocking(False)
+        r, w = os.pipe()
+        await seqpacket.send(a, {"t": "vm", "x": 1}, fds=(r,))
+        await seqpacket.send(a, {"t": "ok"})
+        msg, fds = await seqpacket.recv(b, max_fds=1, timeout=5)
+        assert msg == {"t": "vm", "x": 1} and len(fds) == 1
+        os.write(w, b"hi")
+        assert os.read(fds[0], 2) == b"hi"  # the same pipe, passed over
+        msg2, fds2 = await seqpacket.recv(b, max_fds=1, timeout=5)
+        assert msg2 == {"t": "ok"} and fds2 == []
+        # unexpected fds are closed, not leaked
+        await seqpacket.send(a, {"t": "ok"}, fds=(r, w))
+        before = len(os.listdir("/proc/self/fd"))
+        msg3, fds3 = await seqpacket.recv(b, max_fds=0, timeout=5)
+        assert fds3 == [] and len(os.listdir("/proc/self/fd")) == before
+        # garbage is a WireError; EOF is None
+        a.send(b"\x00garbage")
+        with pytest.raises(wire.WireError):
+            await seqpacket.recv(b, timeout=5)
+        assert seqpacket.peer_uid(b) == os.geteuid()
+        with pytest.raises(asyncio.TimeoutError):
+            await seqpacket.recv(b, timeout=0.2)
+        a.close()
+        assert await seqpacket.recv(b, timeout=5) == (None, [])
+        for fd in (r, w, *fds):
+            os.close(fd)
+        b.close()
+    asyncio.run(main())
+
+
+def test_control_connection_hand_over_keeps_the_stream():
+    """detach() gives a dup of the socket that another ControlConnection adopts; the peer sees
+    one continuous stream. Refused while a request is pending or bytes are buffered."""
+    async def main():
+        host, guest = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=host)
+        g_reader, g_writer = await asyncio.open_connection(sock=guest)
+        g_writer.write(protocol.encode({"t": "hello", "v": protocol.PROTOCOL_VERSION, "agent": "t", "boot": {}}))
+        first = ControlConnection(reader, writer)
+        hello = await first.read_hello(timeout=5)
+        fd = await first.detach()
+        assert first.closed.is_set()
+        r2, w2 = await asyncio.open_connection(sock=socket.socket(fileno=fd))
+        second = ControlConnection(r2, w2)
+        second.adopt(hello)
+        req = asyncio.ensure_future(second.request({"t": "ping"}, timeout=5))
+        dec = protocol.FrameDecoder()
+        bodies = []
+        while not bodies:
+            bodies = dec.feed(await g_reader.read(4096))
+        msg = protocol.decode_body(bodies[0])
+        assert msg["t"] == "ping"
+        g_writer.write(protocol.encode({"t": "pong", "id": msg["id"]}))
+        assert (await req)["t"] == "pong"
+        # busy: a request waits for its reply
+        pending = asyncio.ensure_future(second.request({"t": "ping"}, timeout=5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(VMError):
+            await second.detach()
+        pending.cancel()
+        await second.close()
+        g_writer.close()
+    asyncio.run(main())
+
+
+@given(st.integers(-5, 10000))
+def test_backoff_grows_and_is_capped(n):
+    assert wire.backoff(n) == (0.0 if n <= 0 else min(120.0, 2.0 ** min(n, 16)))
+    assert 0 <= wire.backoff(n) <= 120 and wire.backoff(n) <= wire.backoff(n + 1)
