@@ -161,6 +161,10 @@ class World:
         os.environ["CAPSEM_DATA_DIR"] = str(tmp / "data")
         os.environ["CAPSEM_CONFIG_DIR"] = str(tmp / "config")  # empty: no user policy
         os.environ["CAPSEM_TEST_SECRET"] = SECRET
+        import capsem_vm.egress as host_egress
+        if host_egress._audit is not None:  # an earlier test's audit log writes into another data dir
+            host_egress._audit.close()
+            host_egress._audit = None
         ca_key, ca_cert = make_ca("capsem egress test upstream CA")
         w.upstream_ca = write_pem(tmp / "upstream-ca.pem", cert=ca_cert)
         leaf_key, leaf = make_leaf(ca_key, ca_cert, ["*.test.example", "test.example"], ["127.0.0.1"])
