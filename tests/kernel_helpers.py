@@ -8,12 +8,15 @@
 - `vm_processes(*markers)`: capsem helper processes (conftest.helper_processes) of this session
   (runtime dir) or of a given shared folder (virtiofsd's command line names the folder).
 - `execute(kc, code)`: run code, collect the iopub messages of that request until idle.
+- `vm_exec(vm, argv)`: run a command in a VM through the agent's exec (a command, not a cell).
 
 Timeouts are generous: under TCG the guest is ~10x slower than KVM, and the machine is shared.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import queue
 import shutil
@@ -177,6 +180,24 @@ def run_ok(kc, code: str, timeout: float = CELL_TIMEOUT) -> str:
     errors = [m["content"] for m in outputs if m["msg_type"] == "error"]
     assert reply["content"]["status"] == "ok", (reply["content"], errors, stdout_of(outputs, "stderr"))
     return stdout_of(outputs)
+
+
+def cell_json(kc, code: str, timeout: float = CELL_TIMEOUT):
+    """Execute `code`, assert it succeeded, parse the last line it printed as JSON."""
+    return json.loads(run_ok(kc, code, timeout).strip().splitlines()[-1])
+
+
+def vm_exec(vm, argv: list[str], timeout: float = 300, **exec_kw) -> tuple[int, str, str]:
+    """Run `argv` in `vm` through the agent's exec: (shell exit code, stdout, stderr)."""
+    from capsem_kernel import loop_thread
+
+    async def go():
+        proc = await vm.control.exec(argv, **exec_kw)
+        out, err = bytearray(), bytearray()
+        async for fd, data in proc.output():
+            (err if fd == 2 else out).extend(data)
+        return proc.result.shell_code, out.decode(errors="replace"), err.decode(errors="replace")
+    return loop_thread.run_sync(asyncio.wait_for(go(), timeout), timeout + 10)
 
 
 def start_kernel(kernel_name: str = KERNEL, cwd: str | os.PathLike | None = None, **kw):

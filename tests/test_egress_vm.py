@@ -25,6 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from egress_world import SECRET, SEEN, World  # noqa: E402
+from kernel_helpers import vm_exec  # noqa: E402
 
 from capsem_kernel import loop_thread  # noqa: E402
 
@@ -107,14 +108,7 @@ def run_ok(kc, code: str, timeout: float = CELL_TIMEOUT) -> str:
 def sh(e, script: str | list[str], timeout: float = 180, env: dict | None = None) -> tuple[int, str, str]:
     """Run a shell command (or an argv) in the kernel's VM (control exec: a command, not a cell)."""
     argv = ["sh", "-c", script] if isinstance(script, str) else script
-
-    async def go():
-        proc = await e.vm.control.exec(argv, env=env)
-        out, err = bytearray(), bytearray()
-        async for fd, data in proc.output():
-            (err if fd == 2 else out).extend(data)
-        return proc.result.shell_code, out.decode(errors="replace"), err.decode(errors="replace")
-    return loop_thread.run_sync(asyncio.wait_for(go(), timeout), timeout + 10)
+    return vm_exec(e.vm, argv, timeout, env=env)
 
 
 def cell_json(e, code: str, timeout: float = 300):

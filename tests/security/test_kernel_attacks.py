@@ -30,8 +30,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import guest_scripts as gs  # noqa: E402
-from kernel_helpers import (KERNEL, capsem_kernelspecs, run_ok, start_kernel,  # noqa: E402,F401,F811
-                            stop_kernel)
+from kernel_helpers import (KERNEL, capsem_kernelspecs, cell_json, run_ok, start_kernel,  # noqa: E402,F401,F811
+                            stop_kernel, vm_exec)
 
 from capsem_kernel import loop_thread  # noqa: E402
 
@@ -67,18 +67,7 @@ def k(capsem_kernelspecs, tmp_path_factory):
 def sh(e, script: str | list[str], timeout: float = 300) -> tuple[int, str, str]:
     """A command in the kernel's VM through the control connection (a shell script or an argv)."""
     argv = ["sh", "-c", script] if isinstance(script, str) else script
-
-    async def go():
-        proc = await e.vm.control.exec(argv)
-        out, err = bytearray(), bytearray()
-        async for fd, data in proc.output():
-            (err if fd == 2 else out).extend(data)
-        return proc.result.shell_code, out.decode(errors="replace"), err.decode(errors="replace")
-    return loop_thread.run_sync(asyncio.wait_for(go(), timeout), timeout + 10)
-
-
-def cell_json(e, code: str, timeout: float = 300):
-    return json.loads(run_ok(e.kc, code, timeout).strip().splitlines()[-1])
+    return vm_exec(e.vm, argv, timeout)
 
 
 def test_host_secrets_are_nowhere_in_the_guest(k):
@@ -91,9 +80,9 @@ def test_host_secrets_are_nowhere_in_the_guest(k):
     code = gs.FIND_TOKEN + (
         "import json\n"
         f"print(json.dumps([find_token(a + b, ({str(k.nb)!r},)) for a, b in {halves!r}]))\n")
-    found = cell_json(k, code)
+    found = cell_json(k.kc, code)
     assert found == [[], [], []], found
-    env = cell_json(k, "import os, json; print(json.dumps(sorted(os.environ)))")
+    env = cell_json(k.kc, "import os, json; print(json.dumps(sorted(os.environ)))")
     assert "JUPYTER_TOKEN" not in env and "OPENAI_API_KEY" not in env
 
 

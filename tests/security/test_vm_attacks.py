@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import guest_scripts as gs  # noqa: E402
 from conftest import helper_processes  # noqa: E402
+from kernel_helpers import vm_exec  # noqa: E402
 
 from capsem_kernel import loop_thread  # noqa: E402
 from capsem_vm import privsep  # noqa: E402
@@ -95,13 +96,7 @@ def env(tmp_path_factory, image_dir):
 
 
 def run(e, argv, timeout=300, cwd=None):
-    async def go():
-        proc = await e.vm.control.exec(argv, cwd=cwd)
-        out, err = bytearray(), bytearray()
-        async for fd, data in proc.output():
-            (err if fd == 2 else out).extend(data)
-        return proc.result.shell_code, out.decode(errors="replace"), err.decode(errors="replace")
-    return loop_thread.run_sync(asyncio.wait_for(go(), timeout), timeout + 10)
+    return vm_exec(e.vm, argv, timeout, cwd=cwd)
 
 
 def run_json(e, script, *args, timeout=300):
