@@ -28,6 +28,7 @@ from .proxy.audit import AuditLog
 from .proxy.bridge import EgressBridge
 from .proxy.ca import ca_cert_pem
 from .proxy.service import ProxyService
+from .vsock.hangup import hang_up
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Egress:
         except Exception as exc:  # noqa: BLE001 - the guest gets a reason, the stream closes
             writer.write(protocol.encode({"t": "refused", "rule": "proxy",
                                           "reason": f"the egress proxy is not available: {exc}"[:500]}))
-            writer.close()
+            await hang_up(reader, writer)
             return
         await bridge.handle_egress(reader, writer)
 
@@ -155,7 +156,7 @@ class Egress:
         try:
             bridge = await self._bridge()
         except Exception:  # noqa: BLE001
-            writer.close()
+            await hang_up(reader, writer)
             return
         await bridge.handle_dns(reader, writer)
 

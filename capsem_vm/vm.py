@@ -35,6 +35,7 @@ from .process import ManagedProcess, spawn
 from .qemu import BootAssets, build_command
 from .virtiofs import start_virtiofsd
 from .vsock import VsockTransport, select_transport
+from .vsock.hangup import hang_up
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,8 @@ class VM:
     async def _on_control_connection(self, reader, writer) -> None:
         # Exactly one control connection per VM: anything after the first is the guest misbehaving.
         if self._control_ready is None or self._control_ready.done():
-            writer.close()
             self._note_refused_control()
+            await hang_up(reader, writer)
             return
         self._control_ready.set_result((reader, writer))
 

@@ -40,6 +40,7 @@ from .dns_responder import DnsResponder
 from .service import ProxyEndpoint
 from .splice import splice
 from .synthetic import SyntheticPool
+from ..vsock.hangup import hang_up
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class EgressBridge:
         self._track()
         started = time.time()
         if self._streams >= self.max_streams:
-            await _refuse(writer, "too many concurrent connections from this VM", "limit")
+            await _refuse(reader, writer, "too many concurrent connections from this VM", "limit")
             self._audit_limit("connect", "too many concurrent streams")
             return
         self._streams += 1
@@ -198,26 +199,26 @@ class EgressBridge:
                 return
             if msg is None or msg.get("t") != "connect":
                 self._audit_limit("connect", "egress stream with a malformed first frame", rule="protocol")
-                await _refuse(writer, "first frame must be {\"t\": \"connect\", ...}", "protocol")
+                await _refuse(reader, writer, "first frame must be {\"t\": \"connect\", ...}", "protocol")
                 return
             host, port, error = self._destination(msg)
             target = f"{host}:{port}"
             if error:
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule="invalid-host",
                             reason=error)
-                await _refuse(writer, error, "invalid-host")
+                await _refuse(reader, writer, error, "invalid-host")
                 return
             decision = self.policy.decide_connect(host, port)
             if not decision.allowed:
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule=decision.rule,
                             reason=decision.reason)
-                await _refuse(writer, decision.reason, decision.rule)
+                await _refuse(reader, writer, decision.reason, decision.rule)
                 return
             if parse_ip(host) is not None and not decision.address_allowed(host):
                 reason = "this address is loopback, private, link-local or multicast and no rule names it"
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule="address",
                             reason=reason)
-                await _refuse(writer, reason, "address")
+                await _refuse(reader, writer, reason, "address")
                 return
             try:
                 port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
@@ -229,7 +230,7 @@ class EgressBridge:
             except (OSError, socks5.Socks5Error, asyncio.TimeoutError) as exc:
                 # the proxy service audits its own refusals in detail (address checks, upstream errors)
                 reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
-                await _refuse(writer, reason[:500], "proxy")
+                await _refuse(reader, writer, reason[:500], "proxy")
                 return
             writer.write(protocol.encode({"t": "connected"}))
             await writer.drain()
@@ -258,10 +259,9 @@ async def _read_frame(reader: asyncio.StreamReader, max_len: int, timeout: float
     return await asyncio.wait_for(read(), timeout) if timeout else await read()
 
 
-async def _refuse(writer: asyncio.StreamWriter, reason: str, rule: str) -> None:
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, rule: str) -> None:
     try:
         writer.write(protocol.encode({"t": "refused", "reason": reason[:1000], "rule": rule}))
-        await asyncio.wait_for(writer.drain(), 5)
-    except (ConnectionError, asyncio.TimeoutError):
+    except ConnectionError:
         pass
-    writer.close()
+    await hang_up(reader, writer)  # drains the frame, then closes so that the guest sees EOF
