@@ -71,7 +71,11 @@ class KernelVM:
             }, timeout=120)
             self.kernel_pid = reply.get("pid")
             self._qemu_watch = asyncio.ensure_future(self._watch_qemu())
-            self._gate = asyncio.ensure_future(self._open_channels_when_listening())
+            if reply.get("listening") is True:  # a pre-started kernel that took the key: no probe
+                self._listening.set()
+                self.ready_at = time.time()
+            else:
+                self._gate = asyncio.ensure_future(self._open_channels_when_listening())
         except BaseException:
             await self.stop()
             raise

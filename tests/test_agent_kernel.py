@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import pwd
+import queue
 import secrets
 import signal
 import socket
@@ -276,7 +277,7 @@ def test_preinit_kernel_takes_the_real_key_cwd_and_env(tmp_path):
         placeholder = json.loads(Path(conn[0]).read_text())["key"]
         t0 = time.monotonic()
         r, key = start_kernel(a, env={"CAPSEM_TEST_VAR": "from-the-host"})
-        assert r["t"] == "ok" and r["warm"] is True
+        assert r["t"] == "ok" and r["warm"] is True and r["listening"] is True
         assert placeholder != key and json.loads(Path(conn[0]).read_text())["key"] == key
         c = Client(a, key)
         ready = time.monotonic() - t0
@@ -284,9 +285,43 @@ def test_preinit_kernel_takes_the_real_key_cwd_and_env(tmp_path):
             _, out = c.run("import os; print(os.getcwd(), os.environ.get('CAPSEM_TEST_VAR'), "
                            "os.environ.get('MPLBACKEND', '').startswith('module://'))")
             assert out.strip() == f"{a.tmp} from-the-host True"
+            # the throw-away key the kernel started with (and answered its own warm-up with) is dead
+            fw = ChannelForwarder(a.channels_path)
+            stale = BlockingKernelClient()
+            stale.load_connection_info(fw.connection_info(placeholder))
+            stale.start_channels(hb=False)
+            try:
+                stale.kernel_info()
+                with pytest.raises(queue.Empty):
+                    stale.get_shell_msg(timeout=5)
+            finally:
+                stale.stop_channels()
+                fw.close()
+            _, out = c.run("print('still here')")  # and the real client is unaffected
+            assert out.strip() == "still here"
         finally:
             c.close()
         print(f"preinit kernel_start -> ready: {ready:.3f}s")
+    finally:
+        a.stop()
+
+
+def test_preinit_kernel_started_before_its_warm_up_ends(tmp_path):
+    """A cold VM's kernel_start can come while the preinit process is still importing (boot-time
+    capsem.prewarm=preinit): the reply does not claim it listens, and the relay holds the host's
+    channels until the kernel has taken the real key, so the first kernel_info is answered."""
+    a = Agent(tmp_path)
+    try:
+        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True}, timeout=30)
+        assert r["t"] == "ok" and "ready" not in r
+        r, key = start_kernel(a)
+        assert r["t"] == "ok" and r["warm"] is True and r["listening"] is False
+        c = Client(a, key)
+        try:
+            _, out = c.run("import os; print(os.getcwd())")
+            assert out.strip() == str(a.tmp)
+        finally:
+            c.close()
     finally:
         a.stop()
 

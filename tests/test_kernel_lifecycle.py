@@ -20,6 +20,14 @@ from kernel_helpers import (KERNEL, KERNEL_RO, STARTUP_TIMEOUT, capsem_kernelspe
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]  # boots under a loaded TCG host take minutes
 
 
+def in_thread(fn, *args):
+    """Run a blocking jupyter_client call on a worker thread. Not asyncio.to_thread: that copies
+    this context into the thread, and with it jupyter_core's event-loop context variable, so two
+    threads (or a thread and an earlier test's sync call) would share one loop ("This event loop
+    is already running")."""
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
 def blocking_client(km) -> BlockingKernelClient:
     """A blocking client (usable from a thread) of an async manager. Its parent is the manager, so
     it asks the manager whether the kernel lives: a parentless client judges by the heartbeat, and
@@ -79,9 +87,9 @@ async def test_guest_kernel_death_is_restarted_and_vm_death_is_reported(capsem_k
     km.add_restart_callback(lambda: deaths.append(time.monotonic()), "dead")
     kc = blocking_client(km)
     try:
-        await asyncio.to_thread(kc.wait_for_ready, STARTUP_TIMEOUT)
+        await in_thread(kc.wait_for_ready, STARTUP_TIMEOUT)
         first_qemu = qemu_pid(km)
-        assert await asyncio.to_thread(run_ok, kc, "import os; print(os.getpid())")
+        assert await in_thread(run_ok, kc, "import os; print(os.getpid())")
 
         # The guest kernel dies: poll() reports its exit code, the restarter restarts it.
         kc.execute("import os; os._exit(1)")
@@ -98,8 +106,8 @@ async def test_guest_kernel_death_is_restarted_and_vm_death_is_reported(capsem_k
             await asyncio.sleep(0.5)
         kc.stop_channels()
         kc = blocking_client(km)  # the restarter may pick new ports: reconnect from the new info
-        await asyncio.to_thread(kc.wait_for_ready, STARTUP_TIMEOUT)
-        assert await asyncio.to_thread(run_ok, kc, "print('x' in dir())") == "False\n"
+        await in_thread(kc.wait_for_ready, STARTUP_TIMEOUT)
+        assert await in_thread(run_ok, kc, "print('x' in dir())") == "False\n"
         assert not pid_alive(first_qemu)
         assert len(restarts) == 1 and not deaths
         print(f"kernel death detected in {detect_s:.1f} s; restarted in {time.monotonic() - t0:.1f} s")
@@ -130,13 +138,13 @@ async def test_two_kernels_on_the_same_folder(capsem_kernelspecs, tmp_path):
     try:
         await asyncio.gather(*(km.start_kernel(cwd=str(tmp_path)) for km in kms))
         kcs = [blocking_client(km) for km in kms]
-        await asyncio.gather(*(asyncio.to_thread(kc.wait_for_ready, STARTUP_TIMEOUT) for kc in kcs))
+        await asyncio.gather(*(in_thread(kc.wait_for_ready, STARTUP_TIMEOUT) for kc in kcs))
         assert qemu_pid(kms[0]) != qemu_pid(kms[1])
         for i, kc in enumerate(kcs):
-            await asyncio.to_thread(run_ok, kc, f"open('from_{i}.txt', 'w').write('kernel {i}')")
+            await in_thread(run_ok, kc, f"open('from_{i}.txt', 'w').write('kernel {i}')")
         for i, kc in enumerate(kcs):
             other = 1 - i
-            out = await asyncio.to_thread(run_ok, kc, f"print(open('from_{other}.txt').read())")
+            out = await in_thread(run_ok, kc, f"print(open('from_{other}.txt').read())")
             assert out == f"kernel {other}\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["from_0.txt", "from_1.txt"]
     finally:

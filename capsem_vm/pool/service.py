@@ -13,9 +13,10 @@ nothing for it. Unclaimed VMs die with the pool (their owner end closes with it)
 started without PDEATHSIG (that would kill claimed VMs with the pool) in their own session; the
 pool reaps them while it lives.
 
-Refill: after a claim or a lost VM, boot more until `size` (at most `parallel` boots at once,
-never beyond the memory budget: pooled VMs x their memory <= budget_mb). Boots that fail before
-ready back off exponentially (up to BACKOFF_MAX_S); `capsem pool status` shows the VMs meanwhile.
+Refill: after a claim (REFILL_AFTER_CLAIM_S later) or a lost VM, boot more until `size` (at most
+`parallel` boots at once, never beyond the memory budget: pooled VMs x their memory <= budget_mb).
+Boots that fail before ready back off exponentially (up to BACKOFF_MAX_S); `capsem pool status`
+shows the VMs meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ log = logging.getLogger("capsem.pool")
 REQUEST_TIMEOUT = 10.0
 STALE_CHECK_S = 10.0
 BACKOFF_MAX_S = 120.0
+# A claim's refill waits this long: the claimed kernel attaches its folder and answers its first
+# messages in the next second or so, and a boot (a core's worth of emulated CPU) started at the
+# same moment slowed that down by half on a 2-core host.
+REFILL_AFTER_CLAIM_S = 3.0
 
 
 def pool_dir() -> Path:
@@ -202,7 +207,7 @@ class Pool:
             self._spawn(self._reap(vm.proc))
         finally:
             vm.owner.close()  # handed over (or, if sending failed, the VM goes away with it)
-            self.refill()
+            asyncio.get_running_loop().call_later(REFILL_AFTER_CLAIM_S, self.refill)
 
     async def _reap(self, proc: ManagedProcess) -> None:
         await proc.wait()

@@ -9,10 +9,11 @@ Start paths:
         a pipe for its parameters; kernel_start hands them over and it becomes the kernel. It is
         still our direct child, so waiting and signalling work as for a cold kernel.
   preinit  (kernel_prewarm {preinit: true}, pooled VMs) a warm process that went further: the
-        kernel application is initialised (ports bound, shell built) with a throw-away key in its
-        connection file. kernel_start rewrites the file with the real key and sends key, scheme,
-        cwd and env; the process sets the session's key, changes directory and environment (keeping
-        what the shell's initialisation added to it) and starts the kernel's loop. Only for a
+        kernel is initialised and running (ports bound, shell built, loop started, its first
+        messages answered) with a throw-away key in its connection file. kernel_start rewrites the
+        file with the real key and sends key, scheme, cwd and env; the kernel's loop sets the
+        session's key, changes directory and environment (keeping what the shell's initialisation
+        added to it) and acknowledges; until then the relay holds the host's channels. Only for a
         kernel running as root (no uid: the shell was built as root) with no PYTHON*/IPYTHON*/
         JUPYTER*/MPL* variables in its env (read during initialisation); otherwise that process is
         discarded and the kernel starts cold.
@@ -38,6 +39,7 @@ ENV_RUNDIR = "CAPSEM_AGENT_RUNDIR"
 WARM_MARKER = b"capsem-warm-ready\n"  # the warm process wrote it: its imports are done
 TAIL_BYTES = 8192  # kernel stdout/stderr kept for diagnostics (sent with kernel_exit)
 MAX_KEY = 4096
+ACK_WAIT = 10.0  # a running preinit kernel takes its key in milliseconds
 _SCHEME = re.compile(r"^hmac-[a-z0-9]{1,16}$")
 
 # The warm process: import everything heavy, then wait for one JSON line of parameters.
@@ -73,36 +75,69 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-# The preinit process: initialise the kernel app now, wait for key/cwd/env, then start it.
-# Its fds 0/1 are saved first: ipykernel captures fd 1 (and 2) into the kernel's output stream.
+# The preinit process: initialise the kernel app and start it with a throw-away key, warm up its
+# message path through its own shell port (first-time code runs slowly under emulation), then wait
+# for the real key, cwd and env. Those are applied on the kernel's loop, between messages; the
+# process then writes "ok" to the ack fd (argv[2]), and only then does the relay let the host's
+# channels through (Kernel.ready). Its fds 0/1 are saved first: ipykernel captures fd 1 (and 2)
+# into the kernel's output stream.
 PREINIT_BOOTSTRAP = r"""
-import json, os, sys
+import json, os, sys, threading
 if sys.path and sys.path[0] == "":
     del sys.path[0]
-out_fd, in_fd = os.dup(1), os.dup(0)
+out_fd, in_fd, ack_fd = os.dup(1), os.dup(0), int(sys.argv[2])
 from ipykernel import kernelapp
+from tornado import ioloop
 env0 = dict(os.environ)
 conn = sys.argv[1]
 sys.argv = ["ipykernel_launcher", "-f", conn]
 app = kernelapp.IPKernelApp.instance()
 app.initialize(["-f", conn])
 added = {k: v for k, v in os.environ.items() if env0.get(k) != v}
-try:  # run the first-time code paths now (slow under emulation): kernel_info, signing, a silent cell
-    app.session.serialize(app.session.msg("kernel_info_reply", app.kernel.kernel_info))
-    app.shell.run_cell("pass", store_history=False, silent=True)
-except Exception:
-    pass
-os.write(out_fd, b"capsem-warm-ready\n")
-os.close(out_fd)
-line = os.fdopen(in_fd, "rb").readline(1 << 20)
-if not line:
-    os._exit(0)
-p = json.loads(line)
-fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
-os.chdir(p["cwd"])
-os.environ.clear(); os.environ.update(p["env"]); os.environ.update(added)
-app.session.signature_scheme = p["signature_scheme"]
-app.session.key = p["key"].encode()
+loop = ioloop.IOLoop.current()
+
+def warm_up():
+    import zmq
+    from jupyter_client.session import Session
+    session = Session(key=app.session.key, signature_scheme=app.session.signature_scheme)
+    ctx = zmq.Context()
+    shell = ctx.socket(zmq.DEALER)
+    shell.linger = 0
+    shell.connect("tcp://127.0.0.1:%d" % app.shell_port)
+    try:
+        for msg_type, content in (("kernel_info_request", {}),
+                                  ("execute_request", {"code": "pass", "silent": True, "store_history": False,
+                                                       "user_expressions": {}, "allow_stdin": False})):
+            session.send(shell, msg_type, content)
+            if not shell.poll(600000):
+                return
+            session.recv(shell)
+    finally:
+        shell.close()
+        ctx.term()
+
+def take_over(p):
+    fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
+    os.chdir(p["cwd"])
+    os.environ.clear(); os.environ.update(p["env"]); os.environ.update(added)
+    app.session.signature_scheme = p["signature_scheme"]
+    app.session.key = p["key"].encode()
+    os.write(ack_fd, b"ok\n")
+    os.close(ack_fd)
+
+def handover():
+    try:
+        warm_up()
+    except Exception:
+        pass
+    os.write(out_fd, b"capsem-warm-ready\n")
+    os.close(out_fd)
+    line = os.fdopen(in_fd, "rb").readline(1 << 20)
+    if not line:
+        os._exit(0)
+    loop.add_callback(take_over, json.loads(line))
+
+threading.Thread(target=handover, daemon=True).start()
 app.start()
 """
 PREINIT_ENV_PREFIXES = ("PYTHON", "IPYTHON", "JUPYTER", "MPL")
@@ -133,13 +168,19 @@ def free_ports(n: int) -> list[int]:
 class Kernel:
     """A running kernel as seen by the relay threads (read from other threads: keep it simple)."""
 
-    def __init__(self, proc: subprocess.Popen, ports: dict[str, int], conn_dir: str, warm: bool):
+    def __init__(self, proc: subprocess.Popen, ports: dict[str, int], conn_dir: str, warm: bool,
+                 ready: bool = True):
         self.proc = proc
         self.pid = proc.pid
         self.ports = ports
         self.conn_dir = conn_dir
         self.warm = warm
         self.alive = True
+        self.listening = False  # known to accept connections already (kernel_start's reply says so)
+        # set once the kernel may be reached (a preinit kernel: it has taken the real key)
+        self.ready = threading.Event()
+        if ready:
+            self.ready.set()
         self.tail = bytearray()
         self._relays: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -159,6 +200,7 @@ class Kernel:
         with self._lock:
             self.alive = False
             relays, self._relays = self._relays, set()
+        self.ready.set()  # wakes relays waiting for it; they see alive is False
         for s in relays:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -173,7 +215,8 @@ class KernelManager:
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
         self._warm_ready: threading.Event | None = None
-        self._preinit: tuple[dict, str, str] | None = None  # the warm process's ports, conn dir, file
+        # the preinit process's ports, conn dir, connection file and the read end of its ack pipe
+        self._preinit: tuple[dict, str, str, int] | None = None
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
 
@@ -191,11 +234,16 @@ class KernelManager:
             ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
             conn_dir, conn_file = self._write_connection_file(ports, secrets.token_hex(32), "hmac-sha256",
                                                               None, None)
-            self._preinit = (ports, conn_dir, conn_file)
-            argv = [kernel_python(), "-c", PREINIT_BOOTSTRAP, conn_file]
-        self._warm = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, cwd="/", env=env, start_new_session=True, close_fds=True)
+            ack_r, ack_w = os.pipe()
+            self._preinit = (ports, conn_dir, conn_file, ack_r)
+            argv = [kernel_python(), "-c", PREINIT_BOOTSTRAP, conn_file, str(ack_w)]
+        try:
+            self._warm = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
+                env=env, start_new_session=True, close_fds=True, pass_fds=(ack_w,) if preinit else ())
+        finally:
+            if preinit:
+                os.close(ack_w)
         self._warm_env = env
         self._warm_ready = threading.Event()
         threading.Thread(target=_read_marker, args=(self._warm, self._warm_ready), daemon=True).start()
@@ -223,17 +271,23 @@ class KernelManager:
         if gid is None and uid is not None:
             gid = procs.credentials(uid, None)["group"]
         full_env = self._env(uid, env)
+        warmed_up = self._warm_ready is not None and self._warm_ready.is_set()
         pre = self._take_preinit(uid, env)
         if pre is not None:
-            proc, (ports, conn_dir, conn_file) = pre
+            proc, (ports, conn_dir, conn_file, ack_r) = pre
             try:
                 self._start_preinit(proc, conn_file, key, scheme, cwd, full_env)
             except BaseException:
+                os.close(ack_r)
                 proc.kill()
                 proc.wait()
                 _rmtree(conn_dir)
                 raise
-            kernel = Kernel(proc, ports, conn_dir, True)
+            kernel = Kernel(proc, ports, conn_dir, True, ready=False)
+            threading.Thread(target=_await_ack, args=(ack_r, kernel), daemon=True).start()
+            if warmed_up:  # its loop runs: the ack comes within moments, and then it listens too
+                await asyncio.get_running_loop().run_in_executor(None, kernel.ready.wait, ACK_WAIT)
+                kernel.listening = kernel.ready.is_set()
         else:
             ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
             conn_dir, conn_file = self._write_connection_file(ports, key, scheme, uid, gid)
@@ -325,10 +379,11 @@ class KernelManager:
             warm.wait()
         if self._preinit is not None:
             _rmtree(self._preinit[1])
+            os.close(self._preinit[3])
             self._preinit = None
 
     def _take_preinit(self, uid, env) -> tuple[subprocess.Popen, tuple] | None:
-        """The preinit process with its (ports, conn_dir, conn_file), if alive and usable for a
+        """The preinit process with its (ports, conn_dir, conn_file, ack_r), if alive and usable for a
         kernel of this uid and env; an unusable one is discarded (the kernel then starts cold)."""
         if self._preinit is None:
             return None
@@ -398,6 +453,18 @@ class KernelManager:
                 self.current = None
         await self._send({"t": "kernel_exit", "pid": kernel.pid, **procs.exit_fields(returncode),
                           "tail": kernel.tail.decode("utf-8", "replace")})
+
+
+def _await_ack(ack_r: int, kernel: Kernel) -> None:
+    """Mark a preinit kernel ready once it acknowledges the real key (it exits instead: the
+    kernel's watcher reports that, and the relays see it is not alive)."""
+    try:
+        if os.read(ack_r, 16).startswith(b"ok"):
+            kernel.ready.set()
+    except OSError:
+        pass
+    finally:
+        os.close(ack_r)
 
 
 def _read_marker(proc: subprocess.Popen, ready: threading.Event, limit: int = 1 << 16) -> None:

@@ -76,9 +76,12 @@ Control messages (host requests carry an integer "id"; replies and events repeat
       signal      {id, target: int (exec id) | "kernel", signum}        -> ok; sent to the whole
                                                                         process group
       mount       {id, tag, path, readonly?: bool}                      -> ok; VirtioFS, nosuid,nodev
-      kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    -> ok {id, pid, warm: bool}
-                                                                        one kernel at a time: wait
-                                                                        for kernel_exit first
+      kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    -> ok {id, pid, warm: bool,
+                                                                        listening: bool} one kernel
+                                                                        at a time: wait for
+                                                                        kernel_exit first;
+                                                                        listening: it already runs
+                                                                        with this key (preinit)
       egress_setup {id, ca_pem: str, env?: {str: str}}                  -> ok {id, proxy, dns,
                                                                         capture, seconds}: see below
       egress_prepare {id}                                               -> ok {id, seconds, steps}:

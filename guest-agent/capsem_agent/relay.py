@@ -125,8 +125,11 @@ class ChannelServer:
 
     @staticmethod
     def _connect(kernel, port: int) -> socket.socket | None:
-        """Connect to the kernel's port, waiting while the kernel is alive but not listening yet."""
+        """Connect to the kernel's port, waiting while the kernel is alive but not ready (a preinit
+        kernel taking its key) or not listening yet."""
         deadline = time.monotonic() + CONNECT_WAIT
+        if not kernel.ready.wait(CONNECT_WAIT):
+            return None
         delay = 0.005
         while kernel.alive and time.monotonic() < deadline:
             try:

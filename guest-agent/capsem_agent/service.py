@@ -272,7 +272,10 @@ class Service:
 
     async def _kernel_start(self, msg):
         k = await self.kernels.start(msg)
-        await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm})
+        # listening: the kernel runs with the host's key and accepts connections (a warmed-up
+        # preinit kernel); the host can then skip its probe for the kernel's ports
+        await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm,
+                         "listening": k.listening})
 
     async def _kernel_prewarm(self, msg):
         pid = self.kernels.prewarm(preinit=protocol.req_bool(msg, "preinit"))
@@ -286,7 +289,7 @@ class Service:
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
-    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm"})  # may block or wait: own task
+    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm", "kernel_start"})  # may block or wait: own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
         "mount": _mount, "egress_setup": _egress_setup, "egress_prepare": _egress_prepare, "kernel_start": _kernel_start,

@@ -67,6 +67,7 @@ class _Writer:
     def __init__(self):
         self.data = bytearray()
         self.closed = False
+        self.eof = False
 
     def write(self, b):
         self.data += b
@@ -77,11 +78,14 @@ class _Writer:
     def close(self):
         self.closed = True
 
+    def is_closing(self):
+        return self.closed
+
     def can_write_eof(self):
         return True
 
     def write_eof(self):
-        pass
+        self.eof = True
 
 
 async def _control_session(data: bytes):
@@ -202,9 +206,12 @@ async def test_egress_streams_per_vm_are_capped():
     task = asyncio.ensure_future(bridge.handle_egress(held, _Writer()))
     await asyncio.sleep(0.05)
     w = _Writer()
-    await bridge.handle_egress(asyncio.StreamReader(), w)
+    refused = asyncio.StreamReader()
+    refused.feed_eof()  # the guest closes once it has read the refusal
+    await asyncio.wait_for(bridge.handle_egress(refused, w), 10)
     reply = protocol.decode_body(protocol.FrameDecoder().feed(bytes(w.data))[0])
     assert reply == {"t": "refused", "reason": "too many concurrent connections from this VM", "rule": "limit"}
+    assert w.eof and w.closed  # EOF first, then closed (hang_up)
     held.feed_eof()
     await task
 
