@@ -4,7 +4,12 @@ under a memory budget, seqpacket fd passing and peer credentials, control connec
 import asyncio
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -177,3 +182,74 @@ def test_control_connection_hand_over_keeps_the_stream():
 def test_backoff_grows_and_is_capped(n):
     assert wire.backoff(n) == (0.0 if n <= 0 else min(120.0, 2.0 ** min(n, 16)))
     assert 0 <= wire.backoff(n) <= 120 and wire.backoff(n) <= wire.backoff(n + 1)
+
+
+# --- claims before refills (priority.py) --------------------------------------------------------
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, want: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _state(pid) != want:
+        assert time.monotonic() < deadline, f"pid {pid} stayed {_state(pid)!r}, wanted {want!r}"
+        time.sleep(0.02)
+
+
+def test_boot_pause_stops_the_trees_under_the_keepers_then_continues_them():
+    from capsem_vm.pool.priority import BootPause, descendants
+    # a "keeper" with a busy "QEMU" child and a grandchild, like keeper -> qemu / helpers
+    keeper = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys, time\n"
+                               "c = subprocess.Popen([sys.executable, '-c', 'import subprocess, sys; "
+                               "subprocess.Popen([sys.executable, \"-c\", \"while True: pass\"]); "
+                               "exec(\"while True: pass\")'])\n"
+                               "time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 20
+        while len(descendants(keeper.pid)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        tree = descendants(keeper.pid)
+        pause = BootPause(seconds=0.5)
+        pause.pause([keeper.pid])
+        assert pause.paused == sorted(tree)
+        for pid in tree:
+            _wait_state(pid, "T")
+        assert _state(keeper.pid) != "T"  # the keeper itself keeps running
+        assert pause.resume_if_due() is False  # not yet
+        time.sleep(0.6)
+        assert pause.resume_if_due() is True and pause.paused == []
+        for pid in tree:
+            _wait_state(pid, "R")
+    finally:
+        for pid in descendants(keeper.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        keeper.kill()
+        keeper.wait()
+
+
+def test_boot_pause_never_signals_a_process_that_ended():
+    from capsem_vm.pool.priority import BootPause
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                               "time.sleep(60)"])
+    try:
+        from capsem_vm.pool.priority import descendants
+        deadline = time.monotonic() + 20
+        while not descendants(parent.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (child,) = descendants(parent.pid)
+        pause = BootPause(seconds=0)
+        pause.pause([parent.pid])
+        os.kill(child, signal.SIGKILL)  # killing works on a stopped process
+        pause.resume()  # its pidfd refers to the dead process: no error, nothing else signalled
+        assert pause.paused == []
+    finally:
+        parent.kill()
+        parent.wait()

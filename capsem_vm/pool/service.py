@@ -35,17 +35,18 @@ from pathlib import Path
 from .. import paths
 from ..errors import VMError
 from ..process import ManagedProcess
-from . import seqpacket, wire
+from . import priority, seqpacket, wire
 from .keeper import PREWARM_WAIT, qemu_rss_kb
 
 log = logging.getLogger("capsem.pool")
 REQUEST_TIMEOUT = 10.0
 STALE_CHECK_S = 10.0
 BACKOFF_MAX_S = 120.0
-# A claim's refill waits this long: the claimed kernel attaches its folder and answers its first
-# messages in the next second or so, and a boot (a core's worth of emulated CPU) started at the
-# same moment slowed that down by half on a 2-core host.
-REFILL_AFTER_CLAIM_S = 3.0
+# A claim's refill waits this long, and boots under way pause as long (priority.py): the claimed
+# kernel attaches its folder and answers its first messages in the next second or so, and boots
+# (a core's worth of emulated CPU each) running at the same moment slowed that down by half on a
+# 2-core host.
+REFILL_AFTER_CLAIM_S = priority.PAUSE_S
 
 
 def pool_dir() -> Path:
@@ -98,6 +99,7 @@ class Pool:
         self._tasks: set[asyncio.Task] = set()
         self.started = time.monotonic()
         self.failures = 0            # boots in a row that never became ready
+        self.boot_pause = priority.BootPause(REFILL_AFTER_CLAIM_S)
         self._hold_until = 0.0       # no new boots before this (backoff after failures)
 
     # --- serving -----------------------------------------------------------------------------
@@ -207,7 +209,12 @@ class Pool:
             self._spawn(self._reap(vm.proc))
         finally:
             vm.owner.close()  # handed over (or, if sending failed, the VM goes away with it)
-            asyncio.get_running_loop().call_later(REFILL_AFTER_CLAIM_S, self.refill)
+            self.boot_pause.pause([v.proc.pid for v in self.vms.values() if v.state == "booting"])
+            asyncio.get_running_loop().call_later(REFILL_AFTER_CLAIM_S + 0.05, self._after_claim)
+
+    def _after_claim(self) -> None:
+        if self.boot_pause.resume_if_due():  # not due: a later claim moved the end of the pause
+            self.refill()
 
     async def _reap(self, proc: ManagedProcess) -> None:
         await proc.wait()
@@ -316,6 +323,7 @@ class Pool:
                 "claimed_alive": len(self.handed_out), "uptime_s": round(now - self.started, 1), "vms": vms}
 
     async def shutdown(self) -> None:
+        self.boot_pause.resume()  # stopped processes would not act on their teardown
         vms, self.vms = list(self.vms.values()), {}
         for v in vms:
             if v.watch:

@@ -76,8 +76,9 @@ def _rmtree(path: str) -> None:
 
 
 # The preinit process: initialise the kernel app and start it with a throw-away key, warm up its
-# message path through its own shell port (first-time code runs slowly under emulation), then wait
-# for the real key, cwd and env. Those are applied on the kernel's loop, between messages; the
+# message path through its own shell port (first-time code runs slowly under emulation; skipped
+# when the parameters are already waiting, as in a cold start), then wait for the real key, cwd
+# and env. Those are applied on the kernel's loop, between messages; the
 # process then writes "ok" to the ack fd (argv[2]), and only then does the relay let the host's
 # channels through (Kernel.ready). Its fds 0/1 are saved first: ipykernel captures fd 1 (and 2)
 # into the kernel's output stream.
@@ -126,10 +127,12 @@ def take_over(p):
     os.close(ack_fd)
 
 def handover():
-    try:
-        warm_up()
-    except Exception:
-        pass
+    import select
+    if not select.select([in_fd], [], [], 0)[0]:  # parameters already waiting (a cold start): no warm-up
+        try:
+            warm_up()
+        except Exception:
+            pass
     os.write(out_fd, b"capsem-warm-ready\n")
     os.close(out_fd)
     line = os.fdopen(in_fd, "rb").readline(1 << 20)
