@@ -13,9 +13,10 @@ pool closes its copy, so ownership moves without the keeper noticing. When the o
     owner -> keeper  info                -> info {rss_kb, age_s, claimed}
 
 The keeper boots the VM with VM.start() (so the image is verified through the fds QEMU reads, as
-for a cold VM), with no share, no egress and no kernel key; the guest agent pre-imports ipykernel
-(kernel_prewarm {preinit}: imported and initialised, see capsem_agent.kernel) and the keeper
-reports ready once that is done; egress_prepare sets up the policy-independent part of egress.
+for a cold VM), with no share, no egress and no kernel key; the guest agent pre-starts ipykernel
+(kernel_prewarm {preinit}: imported, initialised and running with a throw-away key, see
+capsem_agent.kernel) and the keeper reports ready once that is done; egress_prepare sets up the
+policy-independent part of egress.
 """
 
 from __future__ import annotations
