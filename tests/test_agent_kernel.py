@@ -326,6 +326,25 @@ def test_preinit_kernel_started_before_its_warm_up_ends(tmp_path):
         a.stop()
 
 
+def test_preinit_kernel_that_cannot_take_its_parameters_exits(tmp_path):
+    """A running pre-started kernel that fails to apply what kernel_start sent (here a signature
+    scheme the agent's format check lets through but no hash library has) must not stay up with
+    its throw-away key: it exits, and the host gets kernel_exit with the reason."""
+    a = Agent(tmp_path)
+    try:
+        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
+        assert r["ready"] is True
+        t0 = time.monotonic()
+        r = a.client.request({"t": "kernel_start", "id": 1, "key": secrets.token_hex(32),
+                              "signature_scheme": "hmac-nosuchhash", "cwd": str(a.tmp)}, timeout=60)
+        assert r["t"] == "ok" and r["warm"] is True and r["listening"] is False
+        assert time.monotonic() - t0 < 8, "the agent should not wait out the ack timeout for a dead kernel"
+        ex = wait_kernel_exit(a)
+        assert ex["code"] == 1 and "could not take its parameters" in ex["tail"], ex
+    finally:
+        a.stop()
+
+
 @pytest.mark.parametrize("env", [{"PYTHONPATH": "/nonexistent"}, {"JUPYTER_CONFIG_DIR": "/nonexistent"}])
 def test_preinit_kernel_discarded_for_env_read_at_init(tmp_path, env):
     a = Agent(tmp_path)

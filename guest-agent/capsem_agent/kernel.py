@@ -78,10 +78,10 @@ def _rmtree(path: str) -> None:
 # The preinit process: initialise the kernel app and start it with a throw-away key, warm up its
 # message path through its own shell port (first-time code runs slowly under emulation; skipped
 # when the parameters are already waiting, as in a cold start), then wait for the real key, cwd
-# and env. Those are applied on the kernel's loop, between messages; the
-# process then writes "ok" to the ack fd (argv[2]), and only then does the relay let the host's
-# channels through (Kernel.ready). Its fds 0/1 are saved first: ipykernel captures fd 1 (and 2)
-# into the kernel's output stream.
+# and env. Those are applied on the kernel's loop, between messages; the process then writes "ok"
+# to the ack fd (argv[2]), and only then does the relay let the host's channels through
+# (Kernel.ready). If they cannot be applied, the process exits. Its fds 0/1 are saved first:
+# ipykernel captures fd 1 (and 2) into the kernel's output stream.
 PREINIT_BOOTSTRAP = r"""
 import json, os, sys, threading
 if sys.path and sys.path[0] == "":
@@ -118,11 +118,15 @@ def warm_up():
         ctx.term()
 
 def take_over(p):
-    fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
-    os.chdir(p["cwd"])
-    os.environ.clear(); os.environ.update(p["env"]); os.environ.update(added)
-    app.session.signature_scheme = p["signature_scheme"]
-    app.session.key = p["key"].encode()
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
+        os.chdir(p["cwd"])
+        os.environ.clear(); os.environ.update(p["env"]); os.environ.update(added)
+        app.session.signature_scheme = p["signature_scheme"]
+        app.session.key = p["key"].encode()
+    except BaseException as exc:  # half taken over is no kernel to hand out: die, the host sees it
+        os.write(out_fd, ("capsem: the kernel could not take its parameters: %r\n" % (exc,)).encode())
+        os._exit(1)
     os.write(ack_fd, b"ok\n")
     os.close(ack_fd)
 
@@ -133,8 +137,7 @@ def handover():
             warm_up()
         except Exception:
             pass
-    os.write(out_fd, b"capsem-warm-ready\n")
-    os.close(out_fd)
+    os.write(out_fd, b"capsem-warm-ready\n")  # out_fd stays open: take_over's errors go there
     line = os.fdopen(in_fd, "rb").readline(1 << 20)
     if not line:
         os._exit(0)
@@ -180,6 +183,7 @@ class Kernel:
         self.warm = warm
         self.alive = True
         self.listening = False  # known to accept connections already (kernel_start's reply says so)
+        self.acked = False  # a preinit kernel acknowledged the real key
         # set once the kernel may be reached (a preinit kernel: it has taken the real key)
         self.ready = threading.Event()
         if ready:
@@ -290,7 +294,7 @@ class KernelManager:
             threading.Thread(target=_await_ack, args=(ack_r, kernel), daemon=True).start()
             if warmed_up:  # its loop runs: the ack comes within moments, and then it listens too
                 await asyncio.get_running_loop().run_in_executor(None, kernel.ready.wait, ACK_WAIT)
-                kernel.listening = kernel.ready.is_set()
+                kernel.listening = kernel.acked
         else:
             ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
             conn_dir, conn_file = self._write_connection_file(ports, key, scheme, uid, gid)
@@ -459,15 +463,15 @@ class KernelManager:
 
 
 def _await_ack(ack_r: int, kernel: Kernel) -> None:
-    """Mark a preinit kernel ready once it acknowledges the real key (it exits instead: the
-    kernel's watcher reports that, and the relays see it is not alive)."""
+    """Mark a preinit kernel ready once it acknowledged the real key. If it exits instead, its
+    watcher reports that; waiters are woken either way (relays then see it is not alive)."""
     try:
-        if os.read(ack_r, 16).startswith(b"ok"):
-            kernel.ready.set()
+        kernel.acked = os.read(ack_r, 16).startswith(b"ok")
     except OSError:
         pass
     finally:
         os.close(ack_r)
+        kernel.ready.set()
 
 
 def _read_marker(proc: subprocess.Popen, ready: threading.Event, limit: int = 1 << 16) -> None:
