@@ -12,15 +12,9 @@ from capsem_vm.vsock.hangup import hang_up
 
 
 async def _serve_once(tmp_path, on_connection):
-    """A Unix listener like the transport's; returns (backend-side socket, server, handler task)."""
-    accepted = asyncio.get_running_loop().create_future()
-
-    async def handler(reader, writer):
-        accepted.set_result(None)
-        await on_connection(reader, writer)
-
+    """A Unix listener like the transport's; returns (backend-side socket, server)."""
     path = str(tmp_path / "port_5000")
-    server = await asyncio.start_unix_server(handler, path=path)
+    server = await asyncio.start_unix_server(on_connection, path=path)
     backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     backend.connect(path)
     # The guest's bytes: more than asyncio's stream reader takes in before it pauses, so some
@@ -34,7 +28,21 @@ async def _serve_once(tmp_path, on_connection):
             await asyncio.sleep(0.05)
         except BrokenPipeError:  # the host has already closed (the capped path)
             break
-    return backend, server, accepted
+    return backend, server
+
+
+def _timed_hang_up(linger: float, delay: float = 0.0):
+    """A connection handler that hangs up (after `delay`) and an Event set when hang_up returned,
+    carrying how long it took (`elapsed`)."""
+    done = asyncio.Event()
+
+    async def refuse(reader, writer):
+        await asyncio.sleep(delay)
+        t = time.monotonic()
+        await hang_up(reader, writer, linger=linger)
+        done.elapsed = time.monotonic() - t
+        done.set()
+    return refuse, done
 
 
 async def _recv(sock, timeout=10.0):
@@ -50,7 +58,7 @@ async def test_plain_close_with_unread_bytes_reads_as_reset(tmp_path):
         writer.close()
         closed.set()
 
-    backend, server, _ = await _serve_once(tmp_path, close_at_once)
+    backend, server = await _serve_once(tmp_path, close_at_once)
     try:
         await asyncio.wait_for(closed.wait(), 10)
         with pytest.raises(ConnectionResetError):
@@ -61,16 +69,8 @@ async def test_plain_close_with_unread_bytes_reads_as_reset(tmp_path):
 
 
 async def test_hang_up_reads_as_eof_and_ends_when_the_peer_closes(tmp_path):
-    done = asyncio.Event()
-
-    async def refuse(reader, writer):
-        await asyncio.sleep(0.2)
-        t = time.monotonic()
-        await hang_up(reader, writer, linger=30)
-        done.elapsed = time.monotonic() - t
-        done.set()
-
-    backend, server, _ = await _serve_once(tmp_path, refuse)
+    refuse, done = _timed_hang_up(linger=30, delay=0.2)
+    backend, server = await _serve_once(tmp_path, refuse)
     try:
         assert await _recv(backend) == b""  # EOF, not ECONNRESET
         backend.close()  # the backend passes EOF on; the guest closes; the backend drops its end
@@ -83,15 +83,8 @@ async def test_hang_up_reads_as_eof_and_ends_when_the_peer_closes(tmp_path):
 
 
 async def test_hang_up_gives_up_after_linger_when_the_peer_never_closes(tmp_path):
-    done = asyncio.Event()
-
-    async def refuse(reader, writer):
-        t = time.monotonic()
-        await hang_up(reader, writer, linger=0.5)
-        done.elapsed = time.monotonic() - t
-        done.set()
-
-    backend, server, _ = await _serve_once(tmp_path, refuse)
+    refuse, done = _timed_hang_up(linger=0.5)
+    backend, server = await _serve_once(tmp_path, refuse)
     try:
         assert await _recv(backend) == b""
         backend.setblocking(True)
@@ -106,15 +99,8 @@ async def test_hang_up_gives_up_after_linger_when_the_peer_never_closes(tmp_path
 
 async def test_past_the_cap_streams_are_closed_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(hangup, "_lingering", hangup.MAX_LINGERING)
-    done = asyncio.Event()
-
-    async def refuse(reader, writer):
-        t = time.monotonic()
-        await hang_up(reader, writer, linger=30)
-        done.elapsed = time.monotonic() - t
-        done.set()
-
-    backend, server, _ = await _serve_once(tmp_path, refuse)
+    refuse, done = _timed_hang_up(linger=30)
+    backend, server = await _serve_once(tmp_path, refuse)
     try:
         await asyncio.wait_for(done.wait(), 10)
         assert done.elapsed < 1
