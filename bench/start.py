@@ -34,6 +34,8 @@ from pathlib import Path
 from jupyter_client import KernelManager
 from traitlets.config import Config
 
+from capsem_vm.pool.priority import descendants
+
 STARTUP_TIMEOUT = 900
 CLI = [sys.executable, "-m", "capsem_vm.cli"]
 
@@ -123,18 +125,6 @@ def pss_kb(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def descendants(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return kids + [d for k in kids for d in descendants(k)]
 
 
 def pooled_memory(st: dict) -> dict:
