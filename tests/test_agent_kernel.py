@@ -345,6 +345,49 @@ def test_preinit_kernel_that_cannot_take_its_parameters_exits(tmp_path):
         a.stop()
 
 
+def _kernel_side_peers(ports: dict[str, int]) -> dict[str, set[int]]:
+    """For each kernel port: the peer ports of its established TCP connections (from /proc/net/tcp)."""
+    by_port = {port: name for name, port in ports.items()}
+    peers: dict[str, set[int]] = {name: set() for name in ports}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        port = int(local.split(":")[1], 16)
+        if state == "01" and port in by_port:
+            peers[by_port[port]].add(int(remote.split(":")[1], 16))
+    return peers
+
+
+def test_first_streams_use_the_spare_connections_made_before_the_claim(tmp_path):
+    """The agent connects to a pre-started kernel's five ports once it is warm (SpareConnections);
+    the host's first stream on each channel is paired with that connection instead of a new one.
+    They must survive an idle pool VM's wait: here longer than ZMQ's default 30 s handshake
+    interval, which the pre-started kernel turns off."""
+    a = Agent(tmp_path)
+    try:
+        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
+        assert r["ready"] is True
+        conn = json.loads(Path(glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))[0]).read_text())
+        ports = {name: conn[f"{name}_port"] for name in ("shell", "iopub", "stdin", "control", "hb")}
+        spares = _kernel_side_peers(ports)  # (shell also has the kernel's own debugger socket)
+        assert all(spares.values()), spares
+        time.sleep(35)
+        assert _kernel_side_peers(ports) == spares, "the kernel dropped the idle spare connections"
+        r, key = start_kernel(a)
+        assert r["t"] == "ok" and r["listening"] is True
+        c = Client(a, key)
+        try:
+            _, out = c.run("print('through the spares')")
+            assert out.strip() == "through the spares"
+            c.kc.control_channel.send(c.kc.session.msg("kernel_info_request"))
+            assert c.kc.get_control_msg(timeout=30)["msg_type"] == "kernel_info_reply"
+            assert c.kc.is_alive()
+            assert _kernel_side_peers(ports) == spares, "the first streams made new connections"
+        finally:
+            c.close()
+    finally:
+        a.stop()
+
+
 @pytest.mark.parametrize("env", [{"PYTHONPATH": "/nonexistent"}, {"JUPYTER_CONFIG_DIR": "/nonexistent"}])
 def test_preinit_kernel_discarded_for_env_read_at_init(tmp_path, env):
     a = Agent(tmp_path)

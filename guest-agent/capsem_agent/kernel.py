@@ -13,7 +13,8 @@ Start paths:
         messages answered) with a throw-away key in its connection file. kernel_start rewrites the
         file with the real key and sends key, scheme, cwd and env; the kernel's loop sets the
         session's key, changes directory and environment (keeping what the shell's initialisation
-        added to it) and acknowledges; until then the relay holds the host's channels. Only for a
+        added to it) and acknowledges; until then the relay holds the host's channels (and the
+        connections the agent made to the kernel's ports in advance: SpareConnections). Only for a
         kernel running as root (no uid: the shell was built as root) with no PYTHON*/IPYTHON*/
         JUPYTER*/MPL* variables in its env (read during initialisation); otherwise that process is
         discarded and the kernel starts cold.
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import select
 import socket
 import subprocess
 import sys
@@ -93,12 +95,20 @@ env0 = dict(os.environ)
 conn = sys.argv[1]
 sys.argv = ["ipykernel_launcher", "-f", conn]
 app = kernelapp.IPKernelApp.instance()
-app.initialize(["-f", conn])
+import zmq
+class PatientContext(zmq.Context):  # no handshake timeout: the agent's spare connections wait
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.setsockopt(zmq.HANDSHAKE_IVL, 0)
+zmq.Context, plain_context = PatientContext, zmq.Context
+try:
+    app.initialize(["-f", conn])
+finally:
+    zmq.Context = plain_context
 added = {k: v for k, v in os.environ.items() if env0.get(k) != v}
 loop = ioloop.IOLoop.current()
 
 def warm_up():
-    import zmq
     from jupyter_client.session import Session
     session = Session(key=app.session.key, signature_scheme=app.session.signature_scheme)
     ctx = zmq.Context()
@@ -171,12 +181,63 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+class SpareConnections:
+    """One TCP connection per channel, made to a pre-started kernel's ports while it waits to be
+    claimed, so that the host's first stream on each channel finds the kernel's side connected
+    and its ZMTP greeting already sent (under emulation the connect, the kernel's accept and its
+    greeting took 0.1-0.2 s with all five channels arriving at once). Nothing passes through a
+    spare before the relay pairs it with a host stream, which it does only once the kernel is
+    ready. The kernel has no ZMTP handshake timeout for them (PREINIT_BOOTSTRAP): a pooled VM
+    may wait for its claim for hours."""
+
+    def __init__(self):
+        self._socks: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def connect(self, ports: dict[str, int]) -> None:
+        for name, port in ports.items():
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:
+                continue  # the relay connects as usual
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if self._closed or name in self._socks:
+                    sock.close()
+                    continue
+                self._socks[name] = sock
+
+    def take(self, name: str) -> socket.socket | None:
+        """The spare for this channel if it is still open (each is handed out once)."""
+        with self._lock:
+            sock = self._socks.pop(name, None)
+        if sock is None:
+            return None
+        try:
+            if select.select([sock], [], [], 0)[0] and not sock.recv(1, socket.MSG_PEEK):
+                raise OSError("closed by the kernel")
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            socks, self._socks = self._socks, {}
+        for sock in socks.values():
+            sock.close()
+
+
 class Kernel:
     """A running kernel as seen by the relay threads (read from other threads: keep it simple)."""
 
     def __init__(self, proc: subprocess.Popen, ports: dict[str, int], conn_dir: str, warm: bool,
-                 ready: bool = True):
+                 ready: bool = True, spares: "SpareConnections | None" = None):
         self.proc = proc
+        self.spares = spares if spares is not None else SpareConnections()
         self.pid = proc.pid
         self.ports = ports
         self.conn_dir = conn_dir
@@ -208,6 +269,7 @@ class Kernel:
             self.alive = False
             relays, self._relays = self._relays, set()
         self.ready.set()  # wakes relays waiting for it; they see alive is False
+        self.spares.close()
         for s in relays:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -222,7 +284,8 @@ class KernelManager:
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
         self._warm_ready: threading.Event | None = None
-        # the preinit process's ports, conn dir, connection file and the read end of its ack pipe
+        # the preinit process's ports, conn dir, connection file, the read end of its ack pipe and
+        # its spare connections
         self._preinit: tuple[dict, str, str, int] | None = None
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
@@ -242,7 +305,8 @@ class KernelManager:
             conn_dir, conn_file = self._write_connection_file(ports, secrets.token_hex(32), "hmac-sha256",
                                                               None, None)
             ack_r, ack_w = os.pipe()
-            self._preinit = (ports, conn_dir, conn_file, ack_r)
+            spares = SpareConnections()
+            self._preinit = (ports, conn_dir, conn_file, ack_r, spares)
             argv = [kernel_python(), "-c", PREINIT_BOOTSTRAP, conn_file, str(ack_w)]
         try:
             self._warm = subprocess.Popen(
@@ -253,7 +317,8 @@ class KernelManager:
                 os.close(ack_w)
         self._warm_env = env
         self._warm_ready = threading.Event()
-        threading.Thread(target=_read_marker, args=(self._warm, self._warm_ready), daemon=True).start()
+        then = (lambda: spares.connect(ports)) if preinit else None  # its ports are bound by then
+        threading.Thread(target=_read_marker, args=(self._warm, self._warm_ready, then), daemon=True).start()
         return self._warm.pid
 
     async def wait_warm(self, timeout: float) -> bool:
@@ -281,16 +346,17 @@ class KernelManager:
         warmed_up = self._warm_ready is not None and self._warm_ready.is_set()
         pre = self._take_preinit(uid, env)
         if pre is not None:
-            proc, (ports, conn_dir, conn_file, ack_r) = pre
+            proc, (ports, conn_dir, conn_file, ack_r, spares) = pre
             try:
                 self._start_preinit(proc, conn_file, key, scheme, cwd, full_env)
             except BaseException:
                 os.close(ack_r)
+                spares.close()
                 proc.kill()
                 proc.wait()
                 _rmtree(conn_dir)
                 raise
-            kernel = Kernel(proc, ports, conn_dir, True, ready=False)
+            kernel = Kernel(proc, ports, conn_dir, True, ready=False, spares=spares)
             threading.Thread(target=_await_ack, args=(ack_r, kernel), daemon=True).start()
             if warmed_up:  # its loop runs: the ack comes within moments, and then it listens too
                 await asyncio.get_running_loop().run_in_executor(None, kernel.ready.wait, ACK_WAIT)
@@ -387,10 +453,11 @@ class KernelManager:
         if self._preinit is not None:
             _rmtree(self._preinit[1])
             os.close(self._preinit[3])
+            self._preinit[4].close()
             self._preinit = None
 
     def _take_preinit(self, uid, env) -> tuple[subprocess.Popen, tuple] | None:
-        """The preinit process with its (ports, conn_dir, conn_file, ack_r), if alive and usable for a
+        """The preinit process with its (ports, conn_dir, conn_file, ack_r, spares), if alive and usable for a
         kernel of this uid and env; an unusable one is discarded (the kernel then starts cold)."""
         if self._preinit is None:
             return None
@@ -474,10 +541,11 @@ def _await_ack(ack_r: int, kernel: Kernel) -> None:
         kernel.ready.set()
 
 
-def _read_marker(proc: subprocess.Popen, ready: threading.Event, limit: int = 1 << 16) -> None:
+def _read_marker(proc: subprocess.Popen, ready: threading.Event, then=None, limit: int = 1 << 16) -> None:
     """Read the warm process's output up to its marker (start-up banners may come first; at most
     `limit` bytes). Unbuffered, and the process writes nothing after the marker until it gets its
-    parameters, so what the kernel prints later is left to the kernel's watcher."""
+    parameters, so what the kernel prints later is left to the kernel's watcher. `then` runs
+    before `ready` is set."""
     seen = b""
     total = 0
     try:
@@ -488,6 +556,8 @@ def _read_marker(proc: subprocess.Popen, ready: threading.Event, limit: int = 1 
             total += len(chunk)
             seen = (seen + chunk)[-(len(WARM_MARKER) + 4096):]
             if WARM_MARKER in seen:
+                if then is not None:
+                    then()
                 ready.set()
                 return
     except (OSError, ValueError):

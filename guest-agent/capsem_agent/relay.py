@@ -105,7 +105,7 @@ class ChannelServer:
             kernel = self._current()
             if kernel is None:
                 return
-            tcp = self._connect(kernel, kernel.ports[name])
+            tcp = self._connect(kernel, name)
             if tcp is None or not kernel.add_relay(sock):
                 return
             sock.settimeout(None)
@@ -124,12 +124,16 @@ class ChannelServer:
             self._slots.release()
 
     @staticmethod
-    def _connect(kernel, port: int) -> socket.socket | None:
-        """Connect to the kernel's port, waiting while the kernel is alive but not ready (a preinit
-        kernel taking its key) or not listening yet."""
+    def _connect(kernel, name: str) -> socket.socket | None:
+        """Connect to the kernel's port for this channel (or take the spare connection made before
+        the claim), waiting while the kernel is alive but not ready (a preinit kernel taking its
+        key) or not listening yet."""
         deadline = time.monotonic() + CONNECT_WAIT
-        if not kernel.ready.wait(CONNECT_WAIT):
+        if not kernel.ready.wait(CONNECT_WAIT) or not kernel.alive:
             return None
+        if (spare := kernel.spares.take(name)) is not None:
+            return spare
+        port = kernel.ports[name]
         delay = 0.005
         while kernel.alive and time.monotonic() < deadline:
             try:
