@@ -192,8 +192,10 @@ class ControlConnection:
     async def ping(self, timeout: float = 10.0) -> None:
         await self.request({"t": "ping"}, timeout)
 
-    async def mount(self, tag: str, path: str, readonly: bool) -> None:
-        await self.request({"t": "mount", "tag": tag, "path": path, "readonly": readonly})
+    async def mount(self, tag: str, path: str, readonly: bool, wait: int = 0) -> None:
+        """wait: seconds the agent waits for a hot-plugged device with this tag to show up."""
+        await self.request({"t": "mount", "tag": tag, "path": path, "readonly": readonly, "wait": wait},
+                           timeout=60.0 + wait)
 
     async def shutdown(self) -> None:
         await self.request({"t": "shutdown"}, timeout=10)

@@ -361,3 +361,33 @@ def wait_for_list(lst, timeout):
     deadline = time.monotonic() + timeout
     while not lst and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+async def test_ca_trusted_at_prepare_is_not_written_again_at_setup(tmp_path, monkeypatch):
+    """A pooled VM trusts the user's CA in egress_prepare (before the claim); egress_setup with the
+    same CA leaves the bundle alone, and a different CA replaces it."""
+    from capsem_vm.proxy.ca import _generate
+    monkeypatch.setenv("CAPSEM_AGENT_RUNDIR", str(tmp_path / "run"))
+    agent = agent_egress.Egress()
+    saved_env = dict(procs.EGRESS_ENV)
+    try:
+        ca = ca_cert_pem().decode()
+        prep = await asyncio.to_thread(agent.prepare, ca)
+        assert "trust" in prep["steps"]
+        bundle = tmp_path / "run" / "egress" / "ca-bundle.crt"
+        assert bundle.read_text().count(ca.strip()) == 1
+        before = bundle.stat()
+        reply = await asyncio.to_thread(agent.setup, {"t": "egress_setup", "id": 1, "ca_pem": ca})
+        after = bundle.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert procs.EGRESS_ENV["SSL_CERT_FILE"] == str(bundle) and reply["proxy"].startswith("http://127.0.0.1:")
+        other = _generate("another capsem CA")[1].decode()
+        await asyncio.to_thread(agent.setup, {"t": "egress_setup", "id": 2, "ca_pem": other})
+        text = bundle.read_text()
+        assert other.strip() in text and ca.strip() not in text
+    finally:
+        procs.EGRESS_ENV.clear()
+        procs.EGRESS_ENV.update(saved_env)
+        for s in agent.servers.values():
+            for srv in (s if isinstance(s, tuple) else (s,)):
+                srv.close()

@@ -41,6 +41,7 @@ from .client import Claim
 log = logging.getLogger(__name__)
 MOUNT_WAIT = 60.0  # s: the guest sees a hot-plugged device about a second later (more under load)
 HOTPLUG_BUS = "rp1"  # qemu.py's spare pcie-root-port
+MOUNT_AGENT_WAIT = 20  # s per mount request; the loop below retries up to MOUNT_WAIT
 
 
 class KeeperWatch:
@@ -182,8 +183,8 @@ class ClaimedVM:
         t = time.monotonic()
         deadline = t + MOUNT_WAIT
         while True:
-            try:
-                await self.control.mount(share.tag, share.guest_path, share.readonly)
+            try:  # the agent waits for the device itself (mounts.mount_virtiofs_when_present)
+                await self.control.mount(share.tag, share.guest_path, share.readonly, wait=MOUNT_AGENT_WAIT)
                 break
             except RemoteError as exc:  # the device is not there yet
                 if time.monotonic() > deadline:

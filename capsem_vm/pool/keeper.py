@@ -31,6 +31,7 @@ import sys
 import time
 
 from ..config import VMConfig
+from ..proxy.ca import ca_cert_pem
 from ..vm import VM
 from . import seqpacket, wire
 
@@ -85,11 +86,13 @@ class Keeper:
     async def _boot(self) -> None:
         await self.vm.start()
         # the warm kernel process's imports, and egress_setup's policy-independent part (listeners,
-        # nftables; nothing gets out before the claimer listens on the egress ports)
+        # nftables; nothing gets out before the claimer listens on the egress ports) with the
+        # user's CA certificate (public, the same for every kernel: egress_setup then skips it)
+        ca_pem = (await asyncio.to_thread(ca_cert_pem)).decode()
         reply, _ = await asyncio.gather(
             self.vm.control.request({"t": "kernel_prewarm", "wait": PREWARM_WAIT, "preinit": True},
                                     timeout=PREWARM_WAIT + 30),
-            self.vm.control.request({"t": "egress_prepare"}, timeout=PREWARM_WAIT))
+            self.vm.control.request({"t": "egress_prepare", "ca_pem": ca_pem}, timeout=PREWARM_WAIT))
         self.warm = bool(reply.get("ready"))
         if not self.warm:
             log.warning("the guest's warm kernel process did not finish its imports")

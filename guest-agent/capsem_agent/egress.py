@@ -10,10 +10,11 @@ started afterwards gets the proxy and CA variables plus the host's `env` (e.g. c
 placeholders) in its environment (procs.EGRESS_ENV). Idempotent: a second call replaces the CA
 and env and re-applies the rules; the listeners keep running.
 
-egress_prepare {id} (a pooled VM, before it is claimed) does the policy-independent part ahead of
-time: the listeners and the network plumbing. Nothing gets out through them until the host
-listens on its egress ports, which it does only at claim time; egress_setup then only trusts the
-CA and sets the env.
+egress_prepare {id, ca_pem?} (a pooled VM, before it is claimed) does the policy-independent part
+ahead of time: the listeners, the network plumbing and, given the host's CA certificate (public;
+the same for all kernels of the user), the trust. Nothing gets out through them until the host
+listens on its egress ports, which it does only at claim time; egress_setup then sets the env
+(and installs the CA only if it differs from the one prepared).
 
 Outside a VM (host-side tests of the agent) nothing system-wide is touched: no netsetup, the CA
 goes to a file under the run dir, and the listeners take free ports.
@@ -37,12 +38,17 @@ class Egress:
         self.servers: dict[str, object] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
         self.prepared = False
+        self.trusted: tuple[str, str, str] | None = None  # (PEM, bundle, CA file) installed
 
-    def prepare(self) -> dict:
-        """Listeners and network plumbing, no CA and no env (blocking: run it in a thread)."""
+    def prepare(self, ca_pem: str | None = None) -> dict:
+        """Listeners and network plumbing, no env; the CA too if given (blocking: run it in a
+        thread). Raises trust.TrustError for a bad CA."""
         t0 = time.monotonic()
         steps: dict[str, float] = {}
         with self._lock:
+            if ca_pem is not None:
+                self._trust(ca_pem)
+                steps["trust"] = round(time.monotonic() - t0, 3)
             if not self.prepared:
                 in_vm = sysinit.IN_VM
                 self._start_servers(in_vm)
@@ -64,14 +70,7 @@ class Egress:
         steps: dict[str, float] = {}
         with self._lock:
             try:
-                if in_vm:
-                    bundle = trust.BUNDLE
-                    ca_file = trust.install(pem)
-                else:
-                    d = os.path.join(kernel.rundir(), "egress")
-                    os.makedirs(d, mode=0o755, exist_ok=True)
-                    bundle = os.path.join(d, "ca-bundle.crt")
-                    ca_file = trust.install(pem, bundle=bundle, cert_file=os.path.join(d, "capsem-egress.crt"))
+                bundle, ca_file = self._trust(pem)
             except trust.TrustError as exc:
                 raise protocol.MessageError(f"egress_setup: {exc}", msg["id"]) from None
             steps["trust"] = round(time.monotonic() - t0, 3)
@@ -93,6 +92,23 @@ class Egress:
         return {"proxy": proxy, "dns": "%s:%d" % self.addresses["dns"],
                 "capture": "%s:%d" % self.addresses["capture"], "seconds": round(time.monotonic() - t0, 3),
                 "steps": steps}
+
+    def _trust(self, pem: str) -> tuple[str, str]:
+        """Install the CA (bundle path, CA file path); a CA already installed by egress_prepare
+        is not written again (that is most of egress_setup's time in a just-claimed VM)."""
+        pem = trust.check_pem(pem)
+        if self.trusted is not None and self.trusted[0] == pem:
+            return self.trusted[1], self.trusted[2]
+        if sysinit.IN_VM:
+            bundle = trust.BUNDLE
+            ca_file = trust.install(pem)
+        else:
+            d = os.path.join(kernel.rundir(), "egress")
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            bundle = os.path.join(d, "ca-bundle.crt")
+            ca_file = trust.install(pem, bundle=bundle, cert_file=os.path.join(d, "capsem-egress.crt"))
+        self.trusted = (pem, bundle, ca_file)
+        return bundle, ca_file
 
     def _start_servers(self, in_vm: bool) -> None:
         if self.servers:

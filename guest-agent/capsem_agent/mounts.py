@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -47,3 +49,34 @@ def mount_virtiofs(tag: str, path: str, readonly: bool = False) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
     flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
     mount(tag, path, "virtiofs", flags)
+
+
+VIRTIOFS_DEVICES = "/sys/bus/virtio/drivers/virtiofs"
+NOT_THERE_YET = (errno.EINVAL, errno.ENOENT, errno.ENODEV)  # virtiofs: "tag <...> not found" is EINVAL
+
+
+def _bound_virtiofs_devices() -> frozenset[str]:
+    try:
+        return frozenset(n for n in os.listdir(VIRTIOFS_DEVICES) if n.startswith("virtio"))
+    except OSError:
+        return frozenset()
+
+
+def mount_virtiofs_when_present(tag: str, path: str, readonly: bool, wait: float,
+                                poll: float = 0.005) -> None:
+    """mount_virtiofs for a device that is being hot-plugged: retry whenever the set of devices
+    bound to the virtiofs driver changes (a stat-like poll of sysfs, no kernel log line per try),
+    for at most `wait` seconds. Waiting here rather than in the host's retries saves their
+    round trips and sleeps (~0.1 s of a warm start)."""
+    deadline = time.monotonic() + wait
+    seen = _bound_virtiofs_devices()
+    while True:
+        try:
+            mount_virtiofs(tag, path, readonly)
+            return
+        except OSError as exc:
+            if exc.errno not in NOT_THERE_YET or time.monotonic() >= deadline:
+                raise
+        while time.monotonic() < deadline and _bound_virtiofs_devices() == seen:
+            time.sleep(poll)
+        seen = _bound_virtiofs_devices()

@@ -75,7 +75,9 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         unless error
       signal      {id, target: int (exec id) | "kernel", signum}        -> ok; sent to the whole
                                                                         process group
-      mount       {id, tag, path, readonly?: bool}                      -> ok; VirtioFS, nosuid,nodev
+      mount       {id, tag, path, readonly?: bool, wait?: int}          -> ok; VirtioFS, nosuid,nodev;
+                                                                        wait: seconds (<= 25) for a
+                                                                        hot-plugged device to show
       kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    -> ok {id, pid, warm: bool,
                                                                         listening: bool} one kernel
                                                                         at a time: wait for
@@ -84,10 +86,11 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         with this key (preinit)
       egress_setup {id, ca_pem: str, env?: {str: str}}                  -> ok {id, proxy, dns,
                                                                         capture, seconds}: see below
-      egress_prepare {id}                                               -> ok {id, seconds, steps}:
+      egress_prepare {id, ca_pem?: str}                                 -> ok {id, seconds, steps}:
                                                                         egress_setup's listeners and
-                                                                        network plumbing ahead of
-                                                                        time (no CA, no env)
+                                                                        network plumbing (and the
+                                                                        CA, if given) ahead of time
+                                                                        (no env)
       kernel_prewarm {id, wait?: int, preinit?: bool}                   -> ok {id, pid, ready?}: start a
                                                                         process that imports
                                                                         ipykernel now, so the next

@@ -239,11 +239,12 @@ class Service:
         tag = protocol.req_str(msg, "tag", max_len=36)  # virtio-fs tags are at most 36 bytes
         path = protocol.req_str(msg, "path", max_len=4096)
         readonly = protocol.req_bool(msg, "readonly")
+        wait = protocol.req_int(msg, "wait", optional=True, lo=0, hi=int(MOUNT_TIMEOUT) - 5) or 0
         if not path.startswith("/"):
             raise protocol.MessageError("mount: 'path' must be absolute", msg["id"])
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.run_in_executor(None, mounts.mount_virtiofs, tag, path, readonly),
-                               MOUNT_TIMEOUT)
+        await asyncio.wait_for(loop.run_in_executor(None, mounts.mount_virtiofs_when_present, tag, path,
+                                                    readonly, float(wait)), MOUNT_TIMEOUT)
         await self.send({"t": "ok", "id": msg["id"]})
 
     async def _egress_setup(self, msg):
@@ -262,9 +263,12 @@ class Service:
         from . import egress
         if self.egress is None:
             self.egress = egress.Egress()
+        ca_pem = protocol.req_str(msg, "ca_pem", optional=True, max_len=egress.trust.MAX_PEM)
         loop = asyncio.get_running_loop()
         try:
-            info = await asyncio.wait_for(loop.run_in_executor(None, self.egress.prepare), EGRESS_TIMEOUT)
+            info = await asyncio.wait_for(loop.run_in_executor(None, self.egress.prepare, ca_pem), EGRESS_TIMEOUT)
+        except egress.trust.TrustError as exc:
+            raise protocol.MessageError(f"egress_prepare: {exc}", msg["id"]) from None
         except egress.netsetup.NetSetupError as exc:
             await self.send(protocol.error("egress_failed", str(exc), msg["id"]))
             return
