@@ -161,12 +161,19 @@ def test_pty_exec_and_resize(agent):
 
 def test_pty_ctrl_c_interrupts_foreground(agent):
     c = agent.client
-    c.send({"t": "exec", "id": 1, "argv": ["sh", "-c", "sleep 30; echo after"], "pty": True})
+    c.send({"t": "exec", "id": 1, "argv": ["sh", "-c", "echo ready; sleep 30; echo after"], "pty": True})
     assert c.recv(lambda m: m.get("id") == 1)["t"] == "started"
-    time.sleep(0.3)
+    # ^C only once the shell runs on its terminal (a fixed 0.3 s was too short on a loaded host:
+    # a ^C before the child made the pty its controlling terminal goes nowhere)
+    seen = b""
+    while b"ready" not in seen:
+        m = c.recv(lambda m: m.get("id") == 1, timeout=30)
+        assert m["t"] == "out", m
+        seen += base64.b64decode(m["data"])
     c.send({"t": "stdin", "id": 1, "data": protocol.b64(b"\x03")})  # ^C through the line discipline
     ex, out, _ = c.collect(1, timeout=10)
     assert ex["signal"] == signal.SIGINT or ex["code"] == 128 + signal.SIGINT, (ex, out)
+    assert b"after" not in out
 
 
 def test_signal_reaches_process_group(agent):
