@@ -125,6 +125,9 @@ def main() -> None:
             _supervise()
         finally:
             _power_off()  # whatever happened, never return from PID 1
+    # Not PID 1 (host-side tests): start from default dispositions too, not from whatever the
+    # launcher ignored (a shell's background job ignores SIGINT, and execs would inherit it).
+    _restore_child_signals()
     sys.exit(_run_service())
 
 
