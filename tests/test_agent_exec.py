@@ -163,8 +163,7 @@ def test_pty_ctrl_c_interrupts_foreground(agent):
     c = agent.client
     c.send({"t": "exec", "id": 1, "argv": ["sh", "-c", "echo ready; sleep 30; echo after"], "pty": True})
     assert c.recv(lambda m: m.get("id") == 1)["t"] == "started"
-    # ^C only once the shell runs on its terminal (a fixed 0.3 s was too short on a loaded host:
-    # a ^C before the child made the pty its controlling terminal goes nowhere)
+    # ^C once the shell runs on its terminal, rather than after a guessed sleep
     seen = b""
     while b"ready" not in seen:
         m = c.recv(lambda m: m.get("id") == 1, timeout=30)
@@ -225,3 +224,21 @@ def test_mount_errors_are_reported(agent, tmp_path):
 def test_shutdown_ends_service(agent):
     assert agent.client.request({"t": "shutdown", "id": 5}) == {"t": "ok", "id": 5}
     assert agent.proc.wait(10) == 0
+
+
+def test_execs_start_with_sigint_at_its_default_whatever_the_agent_inherited(tmp_path):
+    """Started by a launcher that ignores SIGINT (a shell's background job does), the agent still
+    gives its execs the default disposition, so ^C in a pty reaches them."""
+    from test_agent_harness import Agent
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        a = Agent(tmp_path)  # inherits the ignored SIGINT
+    finally:
+        signal.signal(signal.SIGINT, old)
+    try:
+        ex, out, _ = a.client.run(1, ["sh", "-c", "grep SigIgn /proc/self/status"], timeout=15)
+        assert ex["code"] == 0
+        ignored = int(out.split()[1], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1)), out
+    finally:
+        a.stop()

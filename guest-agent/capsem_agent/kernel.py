@@ -181,6 +181,14 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def connect_local(port: int) -> socket.socket:
+    """A blocking TCP connection to 127.0.0.1:port with Nagle off (the kernel's channels)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class SpareConnections:
     """One TCP connection per channel, made to a pre-started kernel's ports while it waits to be
     claimed, so that the host's first stream on each channel finds the kernel's side connected
@@ -198,11 +206,9 @@ class SpareConnections:
     def connect(self, ports: dict[str, int]) -> None:
         for name, port in ports.items():
             try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock = connect_local(port)
             except OSError:
                 continue  # the relay connects as usual
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 if self._closed or name in self._socks:
                     sock.close()

@@ -77,6 +77,6 @@ def mount_virtiofs_when_present(tag: str, path: str, readonly: bool, wait: float
         except OSError as exc:
             if exc.errno not in NOT_THERE_YET or time.monotonic() >= deadline:
                 raise
-        while time.monotonic() < deadline and _bound_virtiofs_devices() == seen:
+        while (current := _bound_virtiofs_devices()) == seen and time.monotonic() < deadline:
             time.sleep(poll)
-        seen = _bound_virtiofs_devices()
+        seen = current

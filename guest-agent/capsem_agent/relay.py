@@ -14,6 +14,7 @@ import threading
 import time
 
 from . import protocol
+from .kernel import connect_local
 
 CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
@@ -137,12 +138,8 @@ class ChannelServer:
         delay = 0.005
         while kernel.alive and time.monotonic() < deadline:
             try:
-                tcp = socket.create_connection(("127.0.0.1", port), timeout=5)
+                return connect_local(port)
             except OSError:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
-                continue
-            tcp.settimeout(None)
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return tcp
         return None
