@@ -3,6 +3,8 @@
 The front end connects to the ports of the connection info, on the host's loopback. Each TCP
 connection becomes one vsock stream to guest port 5001 whose first frame names the channel; the
 agent joins it to the kernel's socket for that channel. ZMQ reconnects are just new connections.
+A pooled VM comes with one such stream per channel opened before the claim (`early_streams`,
+see capsem_vm.pool.keeper): the first connection on each channel takes it instead of a new one.
 
 With `ready` set (an asyncio.Event the owner sets once the guest kernel listens), a connection is
 held on the host until then, its first bytes kept, and one that the front end gives up on before
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import time
 
@@ -62,8 +65,10 @@ class RateLimit:
 
 class ChannelForwarder:
     def __init__(self, transport, ip: str, ports: dict[str, int], *, max_rate: float = OUTPUT_RATE,
-                 burst: float = OUTPUT_BURST):
+                 burst: float = OUTPUT_BURST, early_streams=None):
         self.transport = transport
+        self.early_streams = early_streams  # (name) -> socket | None: a stream named and open already
+        self.early_streams_used = 0
         self.ip = ip
         self.ports = ports  # channel name -> host TCP port
         self.ready: asyncio.Event | None = None  # see the module doc; None: forward at once
@@ -88,8 +93,8 @@ class ChannelForwarder:
             held = await self._hold(reader)
             if held is None:
                 return  # the front end hung up before the kernel listened: nothing for the guest
-            g_reader, g_writer = await self.transport.connect(protocol.PORT_CHANNELS, timeout=30)
-            g_writer.write(protocol.encode({"t": "channel", "name": name}) + held)
+            g_reader, g_writer = await self._open_stream(name)
+            g_writer.write(held)
             await _both(_pipe(reader, g_writer), _pipe(g_reader, writer, ZmtpGuard(), self.rate))
         except ZmtpViolation as exc:
             if len(self.violations) < 100:
@@ -104,6 +109,18 @@ class ChannelForwarder:
                 if w is not None:
                     w.close()
             self._tasks.discard(task)
+
+    async def _open_stream(self, name: str):
+        """A vsock stream to the guest's relay, its first frame (the channel's name) sent."""
+        sock = self.early_streams(name) if self.early_streams else None
+        if sock is not None:
+            if not _hung_up(sock):
+                self.early_streams_used += 1
+                return await asyncio.open_connection(sock=sock)
+            sock.close()
+        g_reader, g_writer = await self.transport.connect(protocol.PORT_CHANNELS, timeout=30)
+        g_writer.write(protocol.encode({"t": "channel", "name": name}))
+        return g_reader, g_writer
 
     async def _hold(self, reader: asyncio.StreamReader) -> bytes | None:
         """Wait for `ready`, keeping what the front end sends meanwhile (its ZMTP greeting).
@@ -152,6 +169,14 @@ async def _both(*coros) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer closed its side (readable, and nothing but EOF). Bytes waiting are no hang-up."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) and not sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return True
 
 
 def _nodelay(writer) -> None:

@@ -58,7 +58,8 @@ class KernelVM:
         self._booted = True
         try:
             ports = {name: int(connection_info[key]) for name, key in PORT_KEYS.items()}
-            self.forwarder = ChannelForwarder(self.vm.transport, connection_info["ip"], ports)
+            self.forwarder = ChannelForwarder(self.vm.transport, connection_info["ip"], ports,
+                                              early_streams=self.vm.take_channel_stream)
             self.forwarder.ready = self._listening
             await self.forwarder.start()
             key = connection_info["key"]

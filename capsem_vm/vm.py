@@ -194,6 +194,11 @@ class VM:
 
     # --- state -------------------------------------------------------------------------------
 
+    def take_channel_stream(self, name: str):
+        """None: a cold VM has no channel stream opened early (a pooled one does, see
+        capsem_vm.pool.claimed)."""
+        return None
+
     def alive(self) -> bool:
         return bool(self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set())
 

@@ -412,18 +412,48 @@ def test_warm_kernel_skipped_when_python_env_differs(tmp_path):
 
 # --- relay mechanics with a stand-in echo kernel ---------------------------------------------
 
-@pytest.fixture
-def echo_agent(tmp_path):
+def _agent_with_echo_kernel(tmp_path) -> Agent:
     script = tmp_path / "echo_kernel.py"
     script.write_text(ECHO_KERNEL)
     wrapper = tmp_path / "fake-python"
     wrapper.write_text(f'#!/bin/sh\nshift 2\nexec "{sys.executable}" "{script}" "$@"\n')  # drop -m ipykernel_launcher
     wrapper.chmod(0o755)
-    a = Agent(tmp_path, {"CAPSEM_AGENT_KERNEL_PYTHON": str(wrapper)})
+    return Agent(tmp_path, {"CAPSEM_AGENT_KERNEL_PYTHON": str(wrapper)})
+
+
+@pytest.fixture
+def echo_agent(tmp_path):
+    a = _agent_with_echo_kernel(tmp_path)
     r, _ = start_kernel(a)
     assert r["t"] == "ok"
     yield a
     a.stop()
+
+
+def test_stream_opened_before_the_first_kernel_waits_for_it(tmp_path):
+    """A pooled VM's host opens one stream per channel before the claim: the relay holds such a
+    stream (open, silent) until the first kernel starts, then carries it like any other. Once
+    that kernel is gone, a new stream is closed at once instead."""
+    a = _agent_with_echo_kernel(tmp_path)
+    try:
+        early = open_channel(a, "shell")
+        early.settimeout(1.5)
+        with pytest.raises(socket.timeout):  # neither closed nor answered while no kernel runs
+            early.recv(1)
+        r, _ = start_kernel(a)
+        assert r["t"] == "ok"
+        early.settimeout(30)
+        early.sendall(b"ping")
+        assert early.recv(4) == b"ping"
+        a.client.request({"t": "signal", "id": 2, "target": "kernel", "signum": signal.SIGKILL})
+        wait_kernel_exit(a)
+        late = open_channel(a, "shell")
+        late.settimeout(10)
+        t0 = time.monotonic()
+        assert late.recv(1) == b""
+        assert time.monotonic() - t0 < 5
+    finally:
+        a.stop()
 
 
 def _echo_ports(a: Agent) -> dict:

@@ -36,6 +36,26 @@ def test_retries_when_a_device_binds_and_not_before(fake_sysfs, monkeypatch):
     assert len(tries) == 2  # once at once, once when the device showed up: no busy retries
 
 
+def test_retries_while_a_bound_device_is_still_being_probed(fake_sysfs, monkeypatch):
+    """The driver core links the device into the driver's directory before the probe registered
+    its tag: a device already listed whose mount fails is tried again without any further change
+    in sysfs (this waited out the host's whole 20 s before)."""
+    (fake_sysfs / "virtio2").mkdir()
+    probed_at = time.monotonic() + 0.3
+    tries = []
+
+    def fake_mount(tag, path, readonly):
+        tries.append(time.monotonic())
+        if time.monotonic() < probed_at:
+            raise OSError(errno.EINVAL, "tag not found")
+
+    monkeypatch.setattr(mounts, "mount_virtiofs", fake_mount)
+    t0 = time.monotonic()
+    mounts.mount_virtiofs_when_present("notebook", "/nb", False, wait=10)
+    assert time.monotonic() - t0 < 0.3 + 3 * mounts.PROBE_RETRY
+    assert len(tries) <= 0.3 / mounts.PROBE_RETRY + 3  # paced, not a busy loop
+
+
 def test_gives_up_after_wait(fake_sysfs, monkeypatch):
     def fake_mount(tag, path, readonly):
         raise OSError(errno.EINVAL, "tag not found")

@@ -142,6 +142,8 @@ def test_claims_share_rw_ro_at_same_path_fresh_vm_each(pool, folder):
     try:
         info1 = km1.provisioner.kernel_vm.info()
         assert info1["pooled"] is True and info1["shares"] == [{"path": str(folder), "readonly": False}]
+        # the first connection on each channel went over the stream the keeper opened before the claim
+        assert km1.provisioner.kernel_vm.forwarder.early_streams_used == 5
         out = kh.run_ok(kc1, "import os; print(os.getcwd()); print(open('data.txt').read(), end='');"
                              "open('from_guest.txt','w').write('rw ok'); open('/root/leak','w').write('1');"
                              "os.environ['LEAK']='1'; print(os.path.exists('/root/leak'))")

@@ -198,6 +198,12 @@ class ClaimedVM:
         if self.on_event:
             self.on_event(msg)
 
+    def take_channel_stream(self, name: str) -> socket.socket | None:
+        """The stream for this kernel channel that the keeper opened before the claim (each is
+        taken once; the rest close with the claim)."""
+        fd = self.claim.channel_fds.pop(name, None)
+        return socket.socket(fileno=fd) if fd is not None else None
+
     def alive(self) -> bool:
         return bool(self.qemu.alive() and self.control and not self.control.closed.is_set())
 

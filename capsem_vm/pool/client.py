@@ -1,7 +1,8 @@
 """Talking to the pool service from a claimer (the kernel provisioner, `capsem pool status|stop`).
 
 claim() returns a `Claim`: the owner end of the VM's keeper socket (holding it keeps the VM alive;
-closing it tears the VM down), the agent's control connection fd, and what the keeper reported.
+closing it tears the VM down), the agent's control connection fd, the channel streams the keeper
+opened before the claim (by channel name), and what the keeper reported.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from capsem_agent import protocol
 
 from ..errors import VMError
 from . import seqpacket, wire
@@ -28,11 +31,15 @@ class Claim:
     control_fd: int
     info: dict  # the keeper's vm message: vm_dir, qemu_pid, uid, gid, hello, timings, flavour
     claim_s: float = 0.0
+    channel_fds: dict[str, int] = field(default_factory=dict)  # name -> stream to guest port 5001
 
     def close(self) -> None:
         if self.control_fd >= 0:
             os.close(self.control_fd)
             self.control_fd = -1
+        for fd in self.channel_fds.values():
+            os.close(fd)
+        self.channel_fds.clear()
         self.owner.close()
 
 
@@ -80,12 +87,16 @@ async def claim(flavour: wire.Flavour) -> tuple[Claim | None, str]:
             raise VMError("the pool handed over something that is not a keeper socket")
         owner.setblocking(False)
         await seqpacket.send(owner, {"t": "handover"})
-        msg, cfds = await seqpacket.recv(owner, max_fds=1, timeout=CLAIM_TIMEOUT)
-        if msg is None or msg["t"] != "vm" or len(cfds) != 1:
+        msg, cfds = await seqpacket.recv(owner, max_fds=1 + len(protocol.KERNEL_CHANNELS),
+                                         timeout=CLAIM_TIMEOUT)
+        names = msg.get("channels", []) if msg is not None else []
+        if (msg is None or msg["t"] != "vm" or not cfds or not isinstance(names, list)
+                or not all(isinstance(n, str) and n in protocol.KERNEL_CHANNELS for n in names)
+                or len(set(names)) != len(names) or len(cfds) != 1 + len(names)):
             for fd in cfds:
                 os.close(fd)
             raise VMError(f"the pooled VM's keeper refused the hand-over: {str(msg)[:300]}")
     except BaseException:
         owner.close()
         raise
-    return Claim(owner, cfds[0], msg, asyncio.get_running_loop().time() - t0), ""
+    return Claim(owner, cfds[0], msg, asyncio.get_running_loop().time() - t0, dict(zip(names, cfds[1:]))), ""

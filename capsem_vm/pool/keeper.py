@@ -9,14 +9,17 @@ pool closes its copy, so ownership moves without the keeper noticing. When the o
 (owner exited, crashed or was killed) the keeper tears the VM down and exits. Messages on it:
 
     keeper -> owner  ready {flavour, vm_dir, qemu_pid, uid, gid, hello, timings, warm}
-    owner -> keeper  handover            -> vm {..} + the agent's control connection (one fd)
+    owner -> keeper  handover            -> vm {.., channels: [names]} + the agent's control
+                                            connection, then one channel stream per name
     owner -> keeper  info                -> info {rss_kb, age_s, claimed}
 
 The keeper boots the VM with VM.start() (so the image is verified through the fds QEMU reads, as
 for a cold VM), with no share, no egress and no kernel key; the guest agent pre-starts ipykernel
 (kernel_prewarm {preinit}: imported, initialised and running with a throw-away key, see
 capsem_agent.kernel) and the keeper reports ready once that is done; egress_prepare sets up the
-policy-independent part of egress.
+policy-independent part of egress. It also opens one channel stream per kernel channel (vsock
+port 5001, the channel named): the agent holds each until the claimer's kernel starts, so the
+claimer's first connection on every channel needs no new stream (see capsem_kernel.channels).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import signal
 import socket
 import sys
 import time
+
+from capsem_agent import protocol
 
 from ..config import VMConfig
 from ..proxy.ca import ca_cert_pem
@@ -56,6 +61,7 @@ class Keeper:
         self.vm = VM(config, vsock="vhost-user")  # the claimer reaches it by paths (claimed.py)
         self.born = time.monotonic()
         self.claimed = False
+        self.channel_fds: dict[str, int] = {}  # channel name -> stream opened before the claim
 
     async def run(self) -> int:
         stop = asyncio.Event()
@@ -80,6 +86,7 @@ class Keeper:
             log.error("pooled VM failed: %s", exc)
             return 1
         finally:
+            self._close_channel_fds()
             await self.vm.stop(grace=3)
             self.owner.close()
 
@@ -96,6 +103,30 @@ class Keeper:
         self.warm = bool(reply.get("ready"))
         if not self.warm:
             log.warning("the guest's warm kernel process did not finish its imports")
+        await self._open_channel_streams()
+
+    async def _open_channel_streams(self) -> None:
+        """One named channel stream per kernel channel, kept as plain fds (never read here: what
+        the guest sends on them is the claimer's to check). Best effort: a channel without one
+        is connected at claim time as for a cold VM."""
+        for name in protocol.KERNEL_CHANNELS:
+            try:
+                reader, writer = await self.vm.transport.connect(protocol.PORT_CHANNELS, timeout=30)
+                writer.write(protocol.encode({"t": "channel", "name": name}))
+                await writer.drain()
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("could not open the %s channel stream before the claim: %s", name, exc)
+                continue
+            if len(getattr(reader, "_buffer", b"")):  # bytes behind the vsock handshake: not ours to drop
+                writer.close()
+                continue
+            self.channel_fds[name] = os.dup(writer.get_extra_info("socket").fileno())
+            writer.close()  # our duplicate stays open: nothing reaches the guest
+
+    def _close_channel_fds(self) -> None:
+        for fd in self.channel_fds.values():
+            os.close(fd)
+        self.channel_fds.clear()
 
     def _ready_msg(self) -> dict:
         vm = self.vm
@@ -135,10 +166,13 @@ class Keeper:
             self.claimed = True
             fd = await self.vm.control.detach()
             self.vm.control = None  # from now on the claimer speaks to the agent; we only keep QEMU
+            names = list(self.channel_fds)
             try:
-                await seqpacket.send(self.owner, {**self._ready_msg(), "t": "vm"}, fds=(fd,))
+                await seqpacket.send(self.owner, {**self._ready_msg(), "t": "vm", "channels": names},
+                                     fds=(fd, *(self.channel_fds[n] for n in names)))
             finally:
                 os.close(fd)
+                self._close_channel_fds()  # the claimer has its own copies now
         elif t == "info":
             await seqpacket.send(self.owner, {"t": "info", "rss_kb": qemu_rss_kb(self.vm.qemu.pid),
                                               "age_s": time.monotonic() - self.born, "claimed": self.claimed})

@@ -287,6 +287,7 @@ class KernelManager:
     def __init__(self, send):
         self._send = send
         self.current: Kernel | None = None
+        self.started = threading.Event()  # set by the first kernel_start (see relay.first_kernel)
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
         self._warm_ready: threading.Event | None = None
@@ -377,6 +378,7 @@ class KernelManager:
                 raise
             kernel = Kernel(proc, ports, conn_dir, warm)
         self.current = kernel
+        self.started.set()
         task = asyncio.ensure_future(self._watch(kernel))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -62,12 +62,18 @@ def _bound_virtiofs_devices() -> frozenset[str]:
         return frozenset()
 
 
+PROBE_RETRY = 0.05  # s between tries while a device is bound (see below)
+
+
 def mount_virtiofs_when_present(tag: str, path: str, readonly: bool, wait: float,
-                                poll: float = 0.005) -> None:
+                                poll: float = 0.01) -> None:
     """mount_virtiofs for a device that is being hot-plugged: retry whenever the set of devices
     bound to the virtiofs driver changes (a stat-like poll of sysfs, no kernel log line per try),
     for at most `wait` seconds. Waiting here rather than in the host's retries saves their
-    round trips and sleeps (~0.1 s of a warm start)."""
+    round trips and sleeps (~0.1 s of a warm start). The driver core links a device into the
+    driver's directory before the driver's probe has registered its tag, so while a device is
+    bound the mount is also retried every PROBE_RETRY (seen: the link there, the mount failing
+    with "tag not found", and no further change for the 20 s the host allowed)."""
     deadline = time.monotonic() + wait
     seen = _bound_virtiofs_devices()
     while True:
@@ -77,6 +83,7 @@ def mount_virtiofs_when_present(tag: str, path: str, readonly: bool, wait: float
         except OSError as exc:
             if exc.errno not in NOT_THERE_YET or time.monotonic() >= deadline:
                 raise
-        while (current := _bound_virtiofs_devices()) == seen and time.monotonic() < deadline:
+        retry_at = min(deadline, time.monotonic() + PROBE_RETRY) if seen else deadline
+        while (current := _bound_virtiofs_devices()) == seen and time.monotonic() < retry_at:
             time.sleep(poll)
         seen = current

@@ -9,6 +9,7 @@ reader stalls the writer; buffers stay at one CHUNK per direction).
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
 MAX_HELLO = 4096
 CONNECT_WAIT = 120.0  # the kernel may still be importing ipykernel (seconds under TCG)
+EARLY_CHECK = 30.0  # how often a stream waiting for the first kernel checks that the host kept it
 MAX_STREAMS = 64
 _STACK = 256 * 1024
 
@@ -69,10 +71,18 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
                 pass
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer closed its side (nothing to read but EOF). Bytes waiting are no hang-up."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) and not sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return True
+
+
 class ChannelServer:
-    def __init__(self, listener: socket.socket, current_kernel):
+    def __init__(self, listener: socket.socket, kernels):
         self._listener = listener
-        self._current = current_kernel  # () -> Kernel | None
+        self._kernels = kernels  # kernel.KernelManager: .current, .started
         self._slots = threading.BoundedSemaphore(MAX_STREAMS)
 
     def start(self) -> None:
@@ -103,7 +113,7 @@ class ChannelServer:
         try:
             sock.settimeout(HELLO_TIMEOUT)
             name = read_channel_name(sock)
-            kernel = self._current()
+            kernel = self._first_kernel(sock)
             if kernel is None:
                 return
             tcp = self._connect(kernel, name)
@@ -123,6 +133,16 @@ class ChannelServer:
                 if s is not None:
                     s.close()
             self._slots.release()
+
+    def _first_kernel(self, sock: socket.socket):
+        """The running kernel. A stream that comes before any kernel was started waits for the
+        first one while the host keeps it open: a pooled VM's host opens its channel streams
+        before the claim, so that none has to be opened (accepted, named, threaded) under the
+        claim's clock. Once a kernel was started, a stream with no kernel is closed at once."""
+        while not self._kernels.started.wait(EARLY_CHECK):
+            if _hung_up(sock):
+                return None
+        return self._kernels.current
 
     @staticmethod
     def _connect(kernel, name: str) -> socket.socket | None:

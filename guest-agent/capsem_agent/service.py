@@ -81,7 +81,7 @@ class Service:
     async def run(self) -> int:
         try:
             listener = transport.listen(transport.channels_address())
-            relay.ChannelServer(listener, lambda: self.kernels.current).start()
+            relay.ChannelServer(listener, self.kernels).start()
         except OSError as exc:
             sysinit.log(f"channel listener unavailable: {exc}")
         if mode := _wants_prewarm():
@@ -94,6 +94,9 @@ class Service:
         reader, self.writer = await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
         await self.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "agent": __version__,
                          "boot": boot_times()})
+        # mount(2) goes through ctypes, whose import takes ~75 ms under TCG: load it now, not
+        # under the clock of the first mount (a pooled VM's is at claim time)
+        loop.run_in_executor(None, mounts.libc)
         decoder = protocol.FrameDecoder()
         try:
             while not self._stop and not self.closed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import socket
 import struct
 import threading
 import time
@@ -24,8 +25,15 @@ from capsem_kernel.zmtp import ZmtpGuard, ZmtpViolation
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
 
 
+_threads_at_start: list[int] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _count_threads_at_start():
+    _threads_at_start.append(threading.active_count())
+
+
 def _free_ports(n):
-    import socket
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -42,6 +50,7 @@ class FakeTransport:
     def __init__(self, targets: dict[str, tuple[str, int]]):
         self.targets = targets
         self.server = None
+        self.connects = 0
 
     async def start(self):
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -49,7 +58,14 @@ class FakeTransport:
 
     async def connect(self, port, timeout=30):
         assert port == protocol.PORT_CHANNELS
+        self.connects += 1
         return await asyncio.open_connection("127.0.0.1", self.port)
+
+    def early_stream(self, name: str) -> socket.socket:
+        """A stream opened and named ahead of time (what a pooled VM's keeper hands over)."""
+        s = socket.create_connection(("127.0.0.1", self.port))
+        s.sendall(protocol.encode({"t": "channel", "name": name}))
+        return s
 
     async def _relay(self, reader, writer):
         (n,) = struct.unpack(">I", await reader.readexactly(4))
@@ -133,6 +149,62 @@ async def test_hostile_frames_are_cut_before_the_host_sees_them(attack, why):
         assert why in fwd.violations[0] or why == "greeting"
     finally:
         srv.close()
+        await fwd.close()
+        await transport.close()
+
+
+async def test_streams_opened_before_the_claim_are_used_first_and_still_guarded():
+    """A pooled VM comes with one named stream per channel opened before the claim (keeper.py):
+    the first connection on a channel takes it, later ones open their own, one the guest hung up
+    is skipped, and what the guest sends on one passes the ZMTP guard like on any other."""
+    ctx = zmq.Context.instance()
+    guest = ctx.socket(zmq.ROUTER)
+    gport = guest.bind_to_random_port("tcp://127.0.0.1")
+
+    async def evil(reader, writer):
+        writer.write(GREETING + b"\x02" + struct.pack(">Q", 1 << 40) + b"Z" * 1000)
+        await writer.drain()
+        await asyncio.sleep(30)
+    srv = await asyncio.start_server(evil, "127.0.0.1", 0)
+    fwd, transport, ports = await _forwarder({"shell": ("127.0.0.1", gport), "control": ("127.0.0.1", gport),
+                                              "iopub": ("127.0.0.1", srv.sockets[0].getsockname()[1])})
+    hung_up, guest_end = socket.socketpair()
+    guest_end.close()
+    early = {"shell": transport.early_stream("shell"), "iopub": transport.early_stream("iopub"),
+             "control": hung_up}
+    fwd.early_streams = lambda name: early.pop(name, None)
+    clients = []
+
+    def exchange(port):
+        client = ctx.socket(zmq.DEALER)
+        clients.append(client)
+        client.connect(f"tcp://127.0.0.1:{port}")
+        client.send_multipart([b"", b"ping"])
+        ident, *got = guest.recv_multipart()
+        guest.send_multipart([ident] + got + [b"pong"])
+        return client.recv_multipart()
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(exchange, ports["shell"]), 30) == [b"", b"ping", b"pong"]
+        assert (fwd.early_streams_used, transport.connects) == (1, 0)
+        assert await asyncio.wait_for(asyncio.to_thread(exchange, ports["shell"]), 30) == [b"", b"ping", b"pong"]
+        assert (fwd.early_streams_used, transport.connects) == (1, 1)  # the second one: its own
+        assert await asyncio.wait_for(asyncio.to_thread(exchange, ports["control"]), 30) == [b"", b"ping", b"pong"]
+        assert (fwd.early_streams_used, transport.connects) == (1, 2)  # the hung-up one: skipped
+        r, w = await asyncio.open_connection("127.0.0.1", ports["iopub"])
+        got = b""
+        while data := await asyncio.wait_for(r.read(65536), 20):
+            got += data
+        w.close()
+        assert fwd.early_streams_used == 2 and transport.connects == 2
+        assert b"Z" not in got and len(got) <= len(GREETING)
+        assert len(fwd.violations) == 1 and "iopub" in fwd.violations[0]
+    finally:
+        for c in clients:
+            c.close(0)
+        guest.close(0)
+        srv.close()
+        for s in early.values():
+            s.close()
         await fwd.close()
         await transport.close()
 
@@ -275,4 +347,7 @@ def test_guard_rejects_before_the_body_arrives():
 
 
 def test_threads_are_not_leaked():
-    assert threading.active_count() < 50
+    """The forwarder tests above leave no threads behind. Counted from this module's first test,
+    not absolutely: threads that other test files left in the same pytest process are not this
+    module's (after tests/test_agent_kernel.py there were already 56)."""
+    assert threading.active_count() - _threads_at_start[0] < 10
