@@ -41,6 +41,17 @@ class ExecResult:
         return 128 + self.signal if self.signal else self.code
 
 
+def detach_fd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int | None:
+    """A duplicate of the stream's socket fd, for another process (SCM_RIGHTS), and our asyncio
+    side closed: no shutdown(), so the peer sees nothing. None, with nothing closed, if the reader
+    already holds bytes of the stream: they would be lost to whoever takes the fd."""
+    if len(getattr(reader, "_buffer", b"")):  # StreamReader keeps no public size
+        return None
+    fd = os.dup(writer.get_extra_info("socket").fileno())
+    writer.close()
+    return fd
+
+
 class ControlConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
@@ -80,13 +91,10 @@ class ControlConnection:
         if self._waiters or self._exec_queues:
             raise VMError("control connection busy: cannot hand it over")
         await self._stop_reader()
-        buffered = len(getattr(self.reader, "_buffer", b""))  # StreamReader keeps no public size
-        if self._pending or self._decoder.pending or buffered:
+        fd = None if self._pending or self._decoder.pending else detach_fd(self.reader, self.writer)
+        if fd is None:
             raise VMError("the guest sent data during the hand-over: not handing over a desynchronised stream")
-        sock = self.writer.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
         self.on_event = None
-        self.writer.close()  # closes our copy only: no shutdown(), the guest sees nothing
         self.closed.set()
         return fd
 

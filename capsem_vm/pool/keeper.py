@@ -36,6 +36,7 @@ import time
 from capsem_agent import protocol
 
 from ..config import VMConfig
+from ..control import detach_fd
 from ..proxy.ca import ca_cert_pem
 from ..vm import VM
 from . import seqpacket, wire
@@ -117,11 +118,11 @@ class Keeper:
             except (OSError, asyncio.TimeoutError) as exc:
                 log.warning("could not open the %s channel stream before the claim: %s", name, exc)
                 continue
-            if len(getattr(reader, "_buffer", b"")):  # bytes behind the vsock handshake: not ours to drop
+            fd = detach_fd(reader, writer)  # the stream stays open for the claimer
+            if fd is None:  # bytes behind the vsock handshake: not ours to drop
                 writer.close()
                 continue
-            self.channel_fds[name] = os.dup(writer.get_extra_info("socket").fileno())
-            writer.close()  # our duplicate stays open: nothing reaches the guest
+            self.channel_fds[name] = fd
 
     def _close_channel_fds(self) -> None:
         for fd in self.channel_fds.values():

@@ -189,6 +189,14 @@ def connect_local(port: int) -> socket.socket:
     return sock
 
 
+def hung_up(sock: socket.socket) -> bool:
+    """The peer closed its side (readable, and nothing but EOF). Bytes waiting are no hang-up."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) and not sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return True
+
+
 class SpareConnections:
     """One TCP connection per channel, made to a pre-started kernel's ports while it waits to be
     claimed, so that the host's first stream on each channel finds the kernel's side connected
@@ -221,10 +229,7 @@ class SpareConnections:
             sock = self._socks.pop(name, None)
         if sock is None:
             return None
-        try:
-            if select.select([sock], [], [], 0)[0] and not sock.recv(1, socket.MSG_PEEK):
-                raise OSError("closed by the kernel")
-        except OSError:
+        if hung_up(sock):  # closed by the kernel
             sock.close()
             return None
         return sock
@@ -287,7 +292,7 @@ class KernelManager:
     def __init__(self, send):
         self._send = send
         self.current: Kernel | None = None
-        self.started = threading.Event()  # set by the first kernel_start (see relay.first_kernel)
+        self.started = threading.Event()  # set by the first kernel_start (see relay.ChannelServer._first_kernel)
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
         self._warm_ready: threading.Event | None = None

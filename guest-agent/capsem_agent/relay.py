@@ -9,13 +9,12 @@ reader stalls the writer; buffers stay at one CHUNK per direction).
 from __future__ import annotations
 
 import json
-import select
 import socket
 import threading
 import time
 
 from . import protocol
-from .kernel import connect_local
+from .kernel import connect_local, hung_up
 
 CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
@@ -69,14 +68,6 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """The peer closed its side (nothing to read but EOF). Bytes waiting are no hang-up."""
-    try:
-        return bool(select.select([sock], [], [], 0)[0]) and not sock.recv(1, socket.MSG_PEEK)
-    except OSError:
-        return True
 
 
 class ChannelServer:
@@ -140,7 +131,7 @@ class ChannelServer:
         before the claim, so that none has to be opened (accepted, named, threaded) under the
         claim's clock. Once a kernel was started, a stream with no kernel is closed at once."""
         while not self._kernels.started.wait(EARLY_CHECK):
-            if _hung_up(sock):
+            if hung_up(sock):
                 return None
         return self._kernels.current
 

@@ -25,12 +25,10 @@ from capsem_kernel.zmtp import ZmtpGuard, ZmtpViolation
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
 
 
-_threads_at_start: list[int] = []
-
-
 @pytest.fixture(autouse=True, scope="module")
-def _count_threads_at_start():
-    _threads_at_start.append(threading.active_count())
+def threads_at_start() -> int:
+    """Threads in the process when this module's first test starts."""
+    return threading.active_count()
 
 
 def _free_ports(n):
@@ -346,8 +344,8 @@ def test_guard_rejects_before_the_body_arrives():
         g.feed(b"\x00\x00")  # stays broken
 
 
-def test_threads_are_not_leaked():
+def test_threads_are_not_leaked(threads_at_start):
     """The forwarder tests above leave no threads behind. Counted from this module's first test,
     not absolutely: threads that other test files left in the same pytest process are not this
     module's (after tests/test_agent_kernel.py there were already 56)."""
-    assert threading.active_count() - _threads_at_start[0] < 10
+    assert threading.active_count() - threads_at_start < 10
