@@ -1,7 +1,7 @@
 """Benchmark: kernel start -> first kernel_info_reply, local ipykernel vs capsem cold vs capsem warm
 (pool), all in one run.
 
-    python bench/start.py [--starts 10] [--cold-starts N] [--pool 10] [--memory 512] [--cpus 1] [--json FILE]
+    python bench/start.py [--starts 10] [--cold-starts N] [--pool 10] [--memory 512] [--cpus 2] [--json FILE]
 
 1. local    kernel "python3" (ipykernel on the host): KernelManager.start_kernel -> wait_for_ready
 2. cold     capsem kernel, no pool: boots a VM per kernel; breakdown by stage from the kernel's
@@ -13,6 +13,16 @@
             in the background (at most two boots at a time; each start waits for one ready VM and
             records how many were booting)
 5. memory   host memory per pooled VM (PSS of its QEMU, vsock backend and keeper) while idle
+
+Each start is timed the way jupyter_client's users start a kernel (start_kernel, start_channels,
+wait_for_ready), to three points:
+  reply   the kernel_info_reply that wait_for_ready accepts (it takes one only once iopub delivers
+          too, else it asks again): the headline, "start -> kernel_info_reply";
+  ready   wait_for_ready returns: after that reply it waits for 0.2 s without iopub messages,
+          the same 0.2 s for every kernel;
+  execute the reply to a first execute (print the cwd, checked to be the notebook folder). A warm
+          kernel answers kernel_info while its folder is still being attached and holds other
+          requests until it is: this is what a notebook's first cell waits for.
 
 Medians over the starts, ratios warm/local and cold/local. Uses a private runtime dir and a
 kernelspec in a temp prefix; the load average is recorded with the numbers.
@@ -34,6 +44,7 @@ from pathlib import Path
 from jupyter_client import KernelManager
 from traitlets.config import Config
 
+from capsem_vm.config import DEFAULT_CPUS
 from capsem_vm.pool.priority import descendants
 
 STARTUP_TIMEOUT = 900
@@ -45,15 +56,35 @@ def load() -> str:
 
 
 def start_one(kernel_name: str, config: Config | None, cwd: str) -> tuple[float, KernelManager, object]:
+    """Start a kernel; returns (start -> accepted kernel_info_reply, manager, client), with the
+    other two points on the manager (bench_ready_s, bench_first_execute_s)."""
     t0 = time.perf_counter()
     km = KernelManager(kernel_name=kernel_name, config=config or Config())
     km.bench_t0_wall = time.time()
     km.start_kernel(cwd=cwd)
     km.bench_launched_s = time.perf_counter() - t0  # start_kernel returned
     kc = km.client()
+    reply_at = []
+    accept = kc._handle_kernel_info_reply  # wait_for_ready calls it once, for the reply it accepts
+
+    def accepted(msg):
+        reply_at.append(time.perf_counter() - t0)
+        return accept(msg)
+    kc._handle_kernel_info_reply = accepted
     kc.start_channels()
     kc.wait_for_ready(timeout=STARTUP_TIMEOUT)  # sends kernel_info_request, waits for the reply
-    return time.perf_counter() - t0, km, kc
+    km.bench_ready_s = time.perf_counter() - t0
+    if not reply_at:
+        raise RuntimeError("wait_for_ready returned without accepting a kernel_info_reply "
+                           "(jupyter_client changed: adapt start_one)")
+    t = reply_at[0]
+    out = []
+    reply = kc.execute_interactive("import os; print(os.getcwd())", timeout=STARTUP_TIMEOUT,
+                                   output_hook=lambda m: out.append(m["content"].get("text", "")))
+    if reply["content"]["status"] != "ok" or "".join(out).strip() != cwd:
+        raise RuntimeError(f"first execute: {reply['content']['status']}, cwd {''.join(out).strip()!r}, not {cwd!r}")
+    km.bench_first_execute_s = time.perf_counter() - t0
+    return t, km, kc
 
 
 def stop(km, kc) -> None:
@@ -76,10 +107,13 @@ def stages(km, total: float) -> dict:
     t = info["timings"]
     boot = info.get("boot") or {}
     kernel_start = info["ready_at"] - info["started_at"]
-    out = {"total_s": total, "pooled": info["pooled"]}
+    out = {"total_s": total, "ready_s": km.bench_ready_s, "first_execute_s": km.bench_first_execute_s,
+           "pooled": info["pooled"]}
     if info["pooled"]:
-        out.update(claim_s=t.get("pool_claim_s"), hotplug_s=t.get("hotplug_s"), mount_s=t.get("mount_s"),
-                   egress_s=t.get("egress_s"), attach_s=t.get("ready_s"),
+        # claim -> egress ready (start() returns) -> kernel_start with hold, the folder attaching
+        # meanwhile (virtiofsd + hot-plug, then the mount) until the kernel is released
+        out.update(claim_s=t.get("pool_claim_s"), egress_s=t.get("egress_s"), claimed_vm_s=t.get("ready_s"),
+                   hotplug_s=t.get("hotplug_s"), mount_s=t.get("mount_s"), attach_s=t.get("attach_s"),
                    ipykernel_s=kernel_start - t.get("ready_s", 0))
     else:
         out.update(verify_s=t.get("verify_s"), qemu_to_hello_s=t.get("hello_s"),
@@ -88,7 +122,7 @@ def stages(km, total: float) -> dict:
                    egress_share_s=t.get("ready_s", 0) - t.get("hello_s", 0) - t.get("verify_s", 0),
                    ipykernel_s=kernel_start - t.get("ready_s", 0))
     # before the VM part: KernelManager, connection file, (claim); after it: the channels and the
-    # first kernel_info round trip (jupyter_client's wait_for_ready also drains iopub for 0.2 s)
+    # first kernel_info round trip that wait_for_ready accepts
     out["before_vm_s"] = info["started_at"] - km.bench_t0_wall
     out["kernel_info_s"] = total - (info["ready_at"] - km.bench_t0_wall)
     return out
@@ -144,7 +178,7 @@ def main() -> int:
     ap.add_argument("--cold-starts", type=int, default=None, help="default: --starts")
     ap.add_argument("--pool", type=int, default=10, help="pool size, and kernels started at once")
     ap.add_argument("--memory", type=int, default=512)
-    ap.add_argument("--cpus", type=int, default=1)
+    ap.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="per VM (default: the kernelspec's)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     cold_n = args.starts if args.cold_starts is None else args.cold_starts
@@ -166,13 +200,18 @@ def main() -> int:
         print(f"[{time.strftime('%H:%M:%S')} load {load()}] {msg}", flush=True)
 
     # 1. local
-    local = []
+    local, local_ready, local_exec = [], [], []
     for i in range(args.starts):
         t, km, kc = start_one("python3", None, str(nb))
         stop(km, kc)
         local.append(t)
-        log(f"local {i + 1}/{args.starts}: {t:.3f} s")
+        local_ready.append(km.bench_ready_s)
+        local_exec.append(km.bench_first_execute_s)
+        log(f"local {i + 1}/{args.starts}: {t:.3f} s (ready {local_ready[-1]:.3f} s, "
+            f"first execute {local_exec[-1]:.3f} s)")
     results["local_s"] = local
+    results["local_ready_s"] = local_ready
+    results["local_first_execute_s"] = local_exec
 
     # 2. cold
     cold = []
@@ -242,9 +281,15 @@ def main() -> int:
                   "guest_agent_s", "egress_share_s", "ipykernel_s", "kernel_info_s"):
             print(f"    {k:<20} {med(cold, k)}")
     print(f"capsem warm (pool)  {wm:8.3f} s   (n={len(results['warm'])})  warm/local = {wm / lm:.2f}")
-    for k in ("before_vm_s", "claim_s", "hotplug_s", "mount_s", "egress_s", "attach_s", "ipykernel_s",
-              "kernel_info_s"):
+    for k in ("before_vm_s", "claim_s", "egress_s", "claimed_vm_s", "ipykernel_s", "kernel_info_s",
+              "hotplug_s", "mount_s", "attach_s"):
         print(f"    {k:<20} {med(results['warm'], k)}")
+    lr, wr = statistics.median(local_ready), med(results["warm"], "ready_s")
+    print(f"start -> wait_for_ready returns (+ its 0.2 s iopub quiet): local {lr:.3f} s, warm {wr:.3f} s, "
+          f"warm/local = {wr / lr:.2f}")
+    lx, wx = statistics.median(local_exec), med(results["warm"], "first_execute_s")
+    print(f"start -> first execute reply (in the folder): local {lx:.3f} s, warm {wx:.3f} s, "
+          f"warm/local = {wx / lx:.2f}")
     b = results["burst"]
     print(f"{b['kernels']} at once from a pool of {args.pool}: {b['ok']} ok, all ready after {b['all_ready_s']:.2f} s, "
           f"median per kernel {med(b['per_kernel'], 'total_s')} s, "
@@ -252,7 +297,10 @@ def main() -> int:
     print(f"host memory per pooled VM (PSS, idle): {results['memory_per_pooled_vm']}")
     print(f"load average: start {results['load_start']}, end {results['load_end']}")
     results["summary"] = {"local_median_s": lm, "cold_median_s": cm, "warm_median_s": wm,
-                          "warm_over_local": wm / lm, "cold_over_local": cm / lm if cm else None}
+                          "warm_over_local": wm / lm, "cold_over_local": cm / lm if cm else None,
+                          "local_ready_s": lr, "warm_ready_s": wr, "warm_ready_over_local": wr / lr,
+                          "local_first_execute_s": lx, "warm_first_execute_s": wx,
+                          "warm_first_execute_over_local": wx / lx}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     subprocess.run(["rm", "-rf", str(base)])

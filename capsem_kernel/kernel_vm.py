@@ -5,6 +5,11 @@ Lives on the capsem loop thread (loop_thread.py). The provisioner is a thin adap
 Front ends' channel connections are held on the host until the guest kernel listens (a probe
 stream gets its ZMTP greeting; see channels.py for why): forwarding them at once flooded a slow
 guest with relay streams, and start-up took minutes or never completed under load.
+
+A claimed pooled VM attaches the notebook folder after vm.start() returned (vm.attaching): the
+key goes over at once with kernel_start {hold}, the kernel answers kernel_info and holds every
+other request until kernel_release, sent once the folder is mounted. If the attach fails, the
+kernel never runs code outside its folder: the VM is stopped and the kernel reported dead.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 from capsem_agent import protocol
 
 from capsem_vm.config import VMConfig
+from capsem_vm.control import RemoteError
 from capsem_vm.errors import VMError
 from capsem_vm.vm import VM
 
@@ -39,6 +45,10 @@ class KernelVM:
         self.exited = asyncio.Event()
         self._qemu_watch: asyncio.Task | None = None
         self._gate: asyncio.Task | None = None
+        self._release: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None
+        self.held = False  # the key went over while the folder attached (kernel_start {hold})
+        self.attach_error: str | None = None  # why a pooled VM's folder could not be attached
         self._listening = asyncio.Event()  # the guest kernel accepts connections
         self._booted = False  # vm.start() done: from now on a VM that is not alive() is dead
         self.started_at: float | None = None  # wall clock: boot began / ipykernel answered
@@ -63,13 +73,26 @@ class KernelVM:
             self.forwarder.ready = self._listening
             await self.forwarder.start()
             key = connection_info["key"]
-            reply = await self.vm.control.request({
+            request = {
                 "t": "kernel_start",
                 "key": key.decode() if isinstance(key, bytes) else key,
                 "signature_scheme": connection_info["signature_scheme"],
                 "cwd": cwd,
                 "env": env,
-            }, timeout=120)
+            }
+            attaching = self.vm.attaching
+            reply = None
+            if attaching is not None:
+                try:
+                    reply = await self.vm.control.request({**request, "hold": True}, timeout=120)
+                    self.held = True
+                    self._release = asyncio.ensure_future(self._release_when_attached(attaching))
+                except RemoteError as exc:
+                    if exc.code != "cannot_hold":  # no pre-started kernel for this env: start it in the folder
+                        raise
+                    await attaching
+            if reply is None:
+                reply = await self.vm.control.request(request, timeout=120)
             self.kernel_pid = reply.get("pid")
             self._qemu_watch = asyncio.ensure_future(self._watch_qemu())
             if reply.get("listening") is True:  # a pre-started kernel that took the key: no probe
@@ -80,6 +103,18 @@ class KernelVM:
         except BaseException:
             await self.stop()
             raise
+
+    async def _release_when_attached(self, attaching: asyncio.Task) -> None:
+        try:
+            await attaching
+            await self.vm.control.request({"t": "kernel_release"}, timeout=30)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever it was, this kernel must not run
+            self.attach_error = str(exc)
+            log.error("the notebook folder could not be attached to the kernel's VM, stopping the kernel: %s",
+                      exc)
+            await self.stop(grace=1)
 
     async def _open_channels_when_listening(self) -> None:
         """Let the forwarder carry channels once the guest kernel accepts connections on its
@@ -142,7 +177,14 @@ class KernelVM:
             log.warning("could not signal the guest kernel: %s", exc)
 
     async def stop(self, grace: float = 10.0) -> None:
-        for task in (self._qemu_watch, self._gate):
+        """Idempotent; one teardown runs to its end even if a caller is cancelled (a failed attach
+        stops the kernel from its release task, which the provisioner's own stop then cancels)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        for task in (self._qemu_watch, self._gate, self._release):
             if task:
                 task.cancel()
         if self.forwarder:
@@ -166,5 +208,7 @@ class KernelVM:
             "started_at": self.started_at,
             "ready_at": self.ready_at,
             "egress": vm.egress.info() if vm.egress else None,
+            "held": self.held,
+            "attach_error": self.attach_error,
             "pooled": self.pooled,
         }

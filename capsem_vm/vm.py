@@ -53,6 +53,7 @@ class VM:
         self.qemu: ManagedProcess | None = None
         self.helpers: list[ManagedProcess] = []
         self.control: ControlConnection | None = None
+        self.attaching = None  # shares are mounted in start() (pool/claimed.py attaches later)
         self.qmp = None
         self.image_digest: str | None = None
         self.egress = None  # egress.Egress when config.egress is set

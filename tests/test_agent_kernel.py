@@ -345,6 +345,66 @@ def test_preinit_kernel_that_cannot_take_its_parameters_exits(tmp_path):
         a.stop()
 
 
+def test_held_kernel_answers_kernel_info_and_runs_the_rest_in_its_folder_once_released(tmp_path):
+    """kernel_start {hold} (a pooled VM's folder still being attached): the key is taken at once,
+    kernel_info is answered, every other shell request waits, in order, until kernel_release,
+    which needs the cwd to exist by then and changes into it."""
+    a = Agent(tmp_path)
+    folder = tmp_path / "attached-later"
+    try:
+        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
+        assert r["ready"] is True
+        r, key = start_kernel(a, cwd=folder, hold=True)
+        assert r["t"] == "ok" and r["warm"] is True and r["listening"] is True, r
+        c = Client(a, key)  # waits for a kernel_info_reply: not held
+        try:
+            first = c.kc.execute("import os; print(os.getcwd())")
+            second = c.kc.execute("print('second')")
+            with pytest.raises(queue.Empty):
+                c.kc.get_shell_msg(timeout=3)
+            c.kc.kernel_info()  # queued behind the held requests: the kernel handles one at a time
+            r = a.client.request({"t": "kernel_release", "id": 2}, timeout=30)
+            assert r["t"] == "error" and r["code"] == "os_error" and "does not exist" in r["message"], r
+            with pytest.raises(queue.Empty):
+                c.kc.get_shell_msg(timeout=1)
+            folder.mkdir()
+            assert a.client.request({"t": "kernel_release", "id": 3}, timeout=30)["t"] == "ok"
+            replies = [c.kc.get_shell_msg(timeout=30) for _ in range(3)]
+            assert [m["parent_header"]["msg_id"] for m in replies[:2]] == [first, second]
+            assert [m["content"]["status"] for m in replies] == ["ok", "ok", "ok"]
+            assert replies[2]["msg_type"] == "kernel_info_reply"
+            out = []
+            while True:
+                m = c.kc.get_iopub_msg(timeout=10)
+                if m["msg_type"] == "stream":
+                    out.append(m["content"]["text"])
+                if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == second \
+                        and m["content"]["execution_state"] == "idle":
+                    break
+            assert "".join(out).split() == [str(folder), "second"]
+            r = a.client.request({"t": "kernel_release", "id": 4}, timeout=30)
+            assert r["t"] == "error" and r["code"] == "not_held", r
+        finally:
+            c.close()
+    finally:
+        a.stop()
+
+
+def test_hold_without_a_preinit_kernel_is_refused_and_changes_nothing(agent):
+    r, _ = start_kernel(agent, cwd="/nonexistent-yet", hold=True)
+    assert r["t"] == "error" and r["code"] == "cannot_hold", r
+    r = agent.client.request({"t": "kernel_release", "id": 2}, timeout=30)
+    assert r["t"] == "error" and r["code"] == "no_kernel", r
+    r, key = start_kernel(agent, msg_id=3)  # the fallback: start without hold once the cwd exists
+    assert r["t"] == "ok", r
+    c = Client(agent, key)
+    try:
+        _, out = c.run("import os; print(os.getcwd())")
+        assert out.strip() == str(agent.tmp)
+    finally:
+        c.close()
+
+
 def _kernel_side_peers(ports: dict[str, int]) -> dict[str, set[int]]:
     """For each kernel port: the peer ports of its established TCP connections (from /proc/net/tcp)."""
     by_port = {port: name for name, port in ports.items()}

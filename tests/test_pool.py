@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -144,6 +145,8 @@ def test_claims_share_rw_ro_at_same_path_fresh_vm_each(pool, folder):
         assert info1["pooled"] is True and info1["shares"] == [{"path": str(folder), "readonly": False}]
         # the first connection on each channel went over the stream the keeper opened before the claim
         assert km1.provisioner.kernel_vm.forwarder.early_streams_used == 5
+        # the key went over while the folder attached; the code below ran once it was there
+        assert info1["held"] is True and info1["attach_error"] is None
         out = kh.run_ok(kc1, "import os; print(os.getcwd()); print(open('data.txt').read(), end='');"
                              "open('from_guest.txt','w').write('rw ok'); open('/root/leak','w').write('1');"
                              "os.environ['LEAK']='1'; print(os.path.exists('/root/leak'))")
@@ -178,6 +181,60 @@ def test_pool_refills_after_claims(pool):
     assert st["claims"] >= 2
     assert len(st["vms"]) == SIZE and all(v["rss_mb"] and v["rss_mb"] < MEMORY + 200 for v in st["vms"])
     assert st["budget_mb"] == SIZE * MEMORY
+
+
+def test_failed_attach_after_the_key_went_over_stops_the_kernel(pool, folder, caplog):
+    """The folder attaches while the kernel already has its key (it holds every request but
+    kernel_info until then). If the attach fails, the kernel must not live on without its folder:
+    the VM is stopped, the kernel reported dead, and the reason logged. The fault: a device put on
+    the spare root port of the VM the claim will get (the oldest ready one) through its QMP socket."""
+    import asyncio
+    from capsem_vm.qmp import QMP
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+    st = wait_ready(SIZE)
+    oldest = max((v for v in st["vms"] if v["state"] == "ready"), key=lambda v: v["age_s"])
+    qmp_path = Path(os.readlink(f"/proc/{oldest['qemu_pid']}/cwd")) / "qmp.sock"  # QEMU runs in its VM dir
+
+    async def block_spare_port():
+        qmp = await QMP.connect(str(qmp_path))
+        try:
+            await qmp.execute("device_add", {"driver": "virtio-rng-pci", "id": "blocker", "bus": "rp1"})
+        finally:
+            qmp.close()
+    asyncio.run(block_spare_port())
+    caplog.set_level("ERROR")
+    c = Config()
+    c.CapsemProvisioner.use_pool = True
+    c.CapsemProvisioner.memory_mb = MEMORY
+    c.CapsemProvisioner.cpus = CPUS
+    km = KernelManager(kernel_name=kh.KERNEL, config=c)
+    km.start_kernel(cwd=str(folder))
+    kc = km.client()
+    try:
+        kvm = km.provisioner.kernel_vm
+        assert kvm.info()["pooled"] is True and kvm.vm.qemu.pid == oldest["qemu_pid"]
+        deadline = time.monotonic() + 120
+        while km.is_alive():
+            assert time.monotonic() < deadline, "the kernel outlived its failed folder attach"
+            time.sleep(0.2)
+        # (QEMU may put the folder's device beside the blocker: then the guest never finds it)
+        assert re.search(r"could not (hot-plug|mount) the (hot-plugged )?folder", kvm.attach_error or ""), \
+            kvm.attach_error
+        assert any("could not be attached" in r.getMessage() for r in caplog.records)
+        vm_dir = kvm.info()["runtime_dir"]
+    finally:
+        kh.stop_kernel(km, kc)
+    kh.wait_gone(vm_dir, timeout=60)
+    assert not kh.pid_alive(oldest["qemu_pid"])
+    # and this process claims again (a teardown cut short once left a stale reader on a reused fd)
+    wait_ready(1)
+    km, kc = start_kernel(folder)
+    try:
+        assert km.provisioner.kernel_vm.info()["pooled"] is True
+        assert kh.run_ok(kc, "import os; print(os.getcwd())") == f"{folder}\n"
+    finally:
+        kh.stop_kernel(km, kc)
 
 
 def test_pool_death_keeps_claimed_kernels_then_cold_start(pool, folder, caplog):

@@ -4,10 +4,13 @@ does only what is decided per kernel, at claim time:
 - adopt the agent's control connection the keeper handed over (fd passing; no new hello);
 - egress: load this kernel's policy and listen on the guest's egress ports (the guest had no way
   out until now: its egress_setup was never sent), audit rows under this kernel's id;
-- the notebook folder: start virtiofsd for it (confined as for a cold VM), hot-plug a
-  vhost-user-fs-pci device on the spare root port rp1 through QMP, have the agent mount it at the
-  same absolute path with the share's mode (read-only is enforced on the host, by virtiofsd);
-- egress_setup, in parallel with the mount.
+- egress_setup (the kernel's env depends on it), then start() returns;
+- the notebook folder, in the background (`attaching`): start virtiofsd for it (confined as for
+  a cold VM), hot-plug a vhost-user-fs-pci device on the spare root port rp1 through QMP, have
+  the agent mount it at the same absolute path with the share's mode (read-only is enforced on
+  the host, by virtiofsd). Meanwhile KernelVM hands the key over with kernel_start {hold}: the
+  kernel answers kernel_info and holds every other request until the folder is there
+  (kernel_release), so the attach and the hand-over share the guest's time instead of adding up.
 
 Ownership: we hold the owner end of the keeper's socket (client.Claim): while we hold it the VM
 lives; stop() asks the agent to power off, closes it (the keeper tears QEMU and its helpers down)
@@ -89,8 +92,9 @@ class KeeperWatch:
 
     async def release(self, grace: float) -> None:
         """Close our end (the keeper then stops the VM) and wait for the keeper to exit."""
-        if self._task:
+        if self._task:  # finished before the close: its reader on the socket's fd goes first
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         self.owner.close()
         if self._pidfd >= 0 and not self._gone.is_set():
             try:
@@ -137,6 +141,7 @@ class ClaimedVM:
         self.egress = None
         self.on_event = None
         self.timings: dict[str, float] = {"pool_claim_s": claim.claim_s}
+        self.attaching: asyncio.Task | None = None  # the notebook folder, attached after start()
         self._stopped = False
 
     async def start(self) -> "ClaimedVM":
@@ -153,18 +158,24 @@ class ClaimedVM:
                 from ..egress import Egress
                 self.egress = Egress(self.config.egress, [str(s.host_path) for s in self.config.shares])
                 await self.egress.start(self.transport)
-            for share in self.config.shares:
-                t = time.monotonic()
-                self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
-                await self._hotplug(share)
-                self.timings["hotplug_s"] = time.monotonic() - t
-            await asyncio.gather(self._setup_egress(), *(self._mount(s) for s in self.config.shares))
+            if self.config.shares:
+                self.attaching = asyncio.ensure_future(self._attach(t0))
+            await self._setup_egress()
             self.timings["ready_s"] = time.monotonic() - t0
-            self.progress(f"claimed a warm VM; attached in {self.timings['ready_s']:.2f} s")
         except BaseException:
             await self.stop(grace=1)
             raise
         return self
+
+    async def _attach(self, t0: float) -> None:
+        for share in self.config.shares:
+            t = time.monotonic()
+            self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
+            await self._hotplug(share)
+            self.timings["hotplug_s"] = time.monotonic() - t
+            await self._mount(share)
+        self.timings["attach_s"] = time.monotonic() - t0
+        self.progress(f"claimed a warm VM; folder attached in {self.timings['attach_s']:.2f} s")
 
     async def _hotplug(self, share) -> None:
         chardev = f"fs-{share.tag}"
@@ -176,6 +187,8 @@ class ClaimedVM:
                 "server": False}}})
             await qmp.execute("device_add", {"driver": "vhost-user-fs-pci", "id": f"{chardev}-dev",
                                              "chardev": chardev, "tag": share.tag, "bus": HOTPLUG_BUS})
+        except VMError as exc:
+            raise VMError(f"could not hot-plug the folder {share.guest_path} into the pooled VM: {exc}") from None
         finally:
             qmp.close()
 
@@ -216,6 +229,9 @@ class ClaimedVM:
             return
         self._stopped = True
         try:
+            if self.attaching is not None:
+                self.attaching.cancel()
+                await asyncio.gather(self.attaching, return_exceptions=True)
             if self.alive():
                 try:
                     await asyncio.wait_for(self.control.shutdown(), 5)
@@ -234,6 +250,8 @@ class ClaimedVM:
             self.claim.close()
 
     def kill_now(self) -> None:
+        if self.attaching is not None:
+            self.attaching.cancel()
         for proc in self.helpers:
             proc.kill_now()
         self.claim.close()

@@ -18,6 +18,11 @@ Start paths:
         kernel running as root (no uid: the shell was built as root) with no PYTHON*/IPYTHON*/
         JUPYTER*/MPL* variables in its env (read during initialisation); otherwise that process is
         discarded and the kernel starts cold.
+  held  (kernel_start {hold: true}, preinit only) the key is handed over while the host still
+        attaches the notebook folder: the kernel takes key and env at once but stays in / and holds
+        every shell request but kernel_info (in order: it handles one at a time) until
+        kernel_release, which changes to the cwd (then existing) and lets them through. Control
+        requests (interrupt, shutdown) are never held.
 """
 
 from __future__ import annotations
@@ -127,10 +132,55 @@ def warm_up():
         shell.close()
         ctx.term()
 
+# Held requests (kernel_start with hold): every shell handler but kernel_info's first waits for
+# the release; futures are woken on their own loop, whichever thread releases.
+import asyncio, inspect
+held = {"open": True, "waiting": []}
+held_lock = threading.Lock()
+
+async def pass_hold():
+    with held_lock:
+        if held["open"]:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        held["waiting"].append(fut)
+    await fut
+
+def held_handler(handler):
+    async def handle(*args):
+        await pass_hold()
+        result = handler(*args)
+        if inspect.isawaitable(result):
+            await result
+    return handle
+
+def hold():
+    with held_lock:
+        held["open"] = False
+    handlers = app.kernel.shell_handlers
+    for msg_type, handler in list(handlers.items()):
+        if msg_type != "kernel_info_request":
+            handlers[msg_type] = held_handler(handler)
+
+def release(cwd):
+    try:
+        os.chdir(cwd)
+    except BaseException as exc:
+        os.write(out_fd, ("capsem: the kernel could not change to %r: %r\n" % (cwd, exc)).encode())
+        os._exit(1)
+    with held_lock:
+        held["open"] = True
+        waiting, held["waiting"] = held["waiting"], []
+    for fut in waiting:
+        fut.get_loop().call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+
 def take_over(p):
     try:
         fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
-        os.chdir(p["cwd"])
+        if p.get("hold"):
+            hold()
+        else:
+            os.chdir(p["cwd"])
         os.environ.clear(); os.environ.update(p["env"]); os.environ.update(added)
         app.session.signature_scheme = p["signature_scheme"]
         app.session.key = p["key"].encode()
@@ -148,10 +198,18 @@ def handover():
         except Exception:
             pass
     os.write(out_fd, b"capsem-warm-ready\n")  # out_fd stays open: take_over's errors go there
-    line = os.fdopen(in_fd, "rb").readline(1 << 20)
+    params = os.fdopen(in_fd, "rb")
+    line = params.readline(1 << 20)
     if not line:
         os._exit(0)
-    loop.add_callback(take_over, json.loads(line))
+    p = json.loads(line)
+    loop.add_callback(take_over, p)
+    if p.get("hold"):
+        line = params.readline(1 << 20)
+        if not line:  # closed without a release: the folder never came
+            os.write(out_fd, b"capsem: the kernel was not released (the notebook folder was not attached)\n")
+            os._exit(1)
+        loop.add_callback(release, json.loads(line)["cwd"])
 
 threading.Thread(target=handover, daemon=True).start()
 app.start()
@@ -256,6 +314,7 @@ class Kernel:
         self.alive = True
         self.listening = False  # known to accept connections already (kernel_start's reply says so)
         self.acked = False  # a preinit kernel acknowledged the real key
+        self.held_cwd: str | None = None  # kernel_start with hold: the cwd kernel_release changes to
         # set once the kernel may be reached (a preinit kernel: it has taken the real key)
         self.ready = threading.Event()
         if ready:
@@ -350,8 +409,11 @@ class KernelManager:
         env = protocol.req_env(msg, "env")
         uid = protocol.req_int(msg, "uid", optional=True, lo=0, hi=2**32 - 2)
         gid = protocol.req_int(msg, "gid", optional=True, lo=0, hi=2**32 - 2)
+        hold = protocol.req_bool(msg, "hold")
         if self.current is not None:
             raise KernelRunning()
+        if hold and not self._preinit_usable(uid, env):
+            raise CannotHold()
         if gid is None and uid is not None:
             gid = procs.credentials(uid, None)["group"]
         full_env = self._env(uid, env)
@@ -360,7 +422,7 @@ class KernelManager:
         if pre is not None:
             proc, (ports, conn_dir, conn_file, ack_r, spares) = pre
             try:
-                self._start_preinit(proc, conn_file, key, scheme, cwd, full_env)
+                self._start_preinit(proc, conn_file, key, scheme, cwd, full_env, hold)
             except BaseException:
                 os.close(ack_r)
                 spares.close()
@@ -369,6 +431,7 @@ class KernelManager:
                 _rmtree(conn_dir)
                 raise
             kernel = Kernel(proc, ports, conn_dir, True, ready=False, spares=spares)
+            kernel.held_cwd = cwd if hold else None
             threading.Thread(target=_await_ack, args=(ack_r, kernel), daemon=True).start()
             if warmed_up:  # its loop runs: the ack comes within moments, and then it listens too
                 await asyncio.get_running_loop().run_in_executor(None, kernel.ready.wait, ACK_WAIT)
@@ -388,6 +451,20 @@ class KernelManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return kernel
+
+    def release(self) -> None:
+        """Let a held kernel's requests through, in its cwd (which must exist by now)."""
+        kernel = self.current
+        if kernel is None:
+            raise NoKernel()
+        cwd = kernel.held_cwd
+        if cwd is None:
+            raise NothingHeld()
+        if not os.path.isdir(cwd):
+            raise FileNotFoundError(f"kernel cwd {cwd!r} does not exist")
+        kernel.held_cwd = None
+        kernel.proc.stdin.write(json.dumps({"cwd": cwd}).encode() + b"\n")
+        kernel.proc.stdin.close()
 
     def signal(self, signum: int) -> None:
         if self.current is None:
@@ -469,13 +546,17 @@ class KernelManager:
             self._preinit[4].close()
             self._preinit = None
 
+    def _preinit_usable(self, uid, env) -> bool:
+        """A preinit process is alive and can become a kernel of this uid and env."""
+        return (self._preinit is not None and self._warm is not None and self._warm.poll() is None
+                and uid is None and not any(k.startswith(PREINIT_ENV_PREFIXES) for k in env))
+
     def _take_preinit(self, uid, env) -> tuple[subprocess.Popen, tuple] | None:
         """The preinit process with its (ports, conn_dir, conn_file, ack_r, spares), if alive and usable for a
         kernel of this uid and env; an unusable one is discarded (the kernel then starts cold)."""
         if self._preinit is None:
             return None
-        if (self._warm is None or self._warm.poll() is not None or uid is not None
-                or any(k.startswith(PREINIT_ENV_PREFIXES) for k in env)):
+        if not self._preinit_usable(uid, env):
             self._discard_warm()
             return None
         taken = (self._warm, self._preinit)
@@ -483,8 +564,8 @@ class KernelManager:
         return taken
 
     @staticmethod
-    def _start_preinit(proc, conn_file, key, scheme, cwd, env) -> None:
-        if not os.path.isdir(cwd):
+    def _start_preinit(proc, conn_file, key, scheme, cwd, env, hold) -> None:
+        if not hold and not os.path.isdir(cwd):  # held: checked at the release
             raise FileNotFoundError(f"kernel cwd {cwd!r} does not exist")
         with open(conn_file) as f:
             info = json.load(f)
@@ -494,8 +575,12 @@ class KernelManager:
         with os.fdopen(fd, "w") as f:
             json.dump(info, f)
         os.replace(tmp, conn_file)
-        proc.stdin.write(json.dumps({"key": key, "signature_scheme": scheme, "cwd": cwd, "env": env}).encode() + b"\n")
-        proc.stdin.close()
+        proc.stdin.write(json.dumps({"key": key, "signature_scheme": scheme, "cwd": cwd, "env": env,
+                                     "hold": hold}).encode() + b"\n")
+        if hold:
+            proc.stdin.flush()  # stays open for kernel_release
+        else:
+            proc.stdin.close()
 
     def _take_warm(self, env) -> subprocess.Popen | None:
         """The warm process, if alive and its interpreter was started with the same PYTHON* env."""
@@ -534,6 +619,8 @@ class KernelManager:
         finally:
             collector.cancel()
             transport.close()
+            if kernel.proc.stdin is not None and not kernel.proc.stdin.closed:  # held, never released
+                kernel.proc.stdin.close()
             kernel.close_relays()
             _rmtree(kernel.conn_dir)
             if self.current is kernel:
@@ -583,3 +670,12 @@ class KernelRunning(Exception):
 
 class NoKernel(Exception):
     pass
+
+
+class CannotHold(Exception):
+    """kernel_start with hold needs the pre-initialised kernel, and it is gone or unusable for
+    this uid/env: start again without hold once the cwd exists."""
+
+
+class NothingHeld(Exception):
+    """kernel_release, but the kernel holds no requests (started without hold, or released)."""

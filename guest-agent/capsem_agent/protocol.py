@@ -78,12 +78,20 @@ Control messages (host requests carry an integer "id"; replies and events repeat
       mount       {id, tag, path, readonly?: bool, wait?: int}          -> ok; VirtioFS, nosuid,nodev;
                                                                         wait: seconds (<= 25) for a
                                                                         hot-plugged device to show
-      kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?}    -> ok {id, pid, warm: bool,
-                                                                        listening: bool} one kernel
+      kernel_start{id, key, signature_scheme, cwd, env?, uid?, gid?,    -> ok {id, pid, warm: bool,
+                   hold?: bool}                                         listening: bool} one kernel
                                                                         at a time: wait for
                                                                         kernel_exit first;
                                                                         listening: it already runs
-                                                                        with this key (preinit)
+                                                                        with this key (preinit);
+                                                                        hold: cwd need not exist
+                                                                        yet, shell requests but
+                                                                        kernel_info wait for
+                                                                        kernel_release (preinit
+                                                                        only, else cannot_hold)
+      kernel_release {id}                                               -> ok: a held kernel changes
+                                                                        to its cwd and handles its
+                                                                        requests (not_held if none)
       egress_setup {id, ca_pem: str, env?: {str: str}}                  -> ok {id, proxy, dns,
                                                                         capture, seconds}: see below
       egress_prepare {id, ca_pem?: str}                                 -> ok {id, seconds, steps}:
@@ -129,7 +137,8 @@ Control messages (host requests carry an integer "id"; replies and events repeat
 Error codes: bad_frame (the stream then closes: in the VM the agent ends and the VM powers
 off), bad_message, unknown_type, duplicate_id, too_many (64 running execs), spawn_failed,
 stdin_overflow (more than 1 MiB of stdin not yet taken by the process; that data is dropped),
-kernel_running, no_kernel, no_process, timeout, os_error, egress_failed, internal.
+kernel_running, no_kernel, no_process, timeout, os_error, egress_failed, cannot_hold, not_held,
+internal.
 
 Channel streams (5001) get no reply frame: after the first frame the agent connects to the
 kernel's port (waiting up to 120 s while the kernel is alive but not yet listening) and relays

@@ -163,6 +163,11 @@ class Service:
             await self.send(protocol.error("kernel_running", "a kernel is already running", msg_id))
         except kernel_mod.NoKernel:
             await self.send(protocol.error("no_kernel", "no kernel is running", msg_id))
+        except kernel_mod.CannotHold:
+            await self.send(protocol.error("cannot_hold", "hold needs the pre-initialised kernel, which is "
+                                           "gone or unusable for this uid/env: start without hold", msg_id))
+        except kernel_mod.NothingHeld:
+            await self.send(protocol.error("not_held", "the kernel holds no requests", msg_id))
         except ProcessLookupError:
             await self.send(protocol.error("no_process", "the process is gone", msg_id))
         except asyncio.TimeoutError:
@@ -284,6 +289,10 @@ class Service:
         await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm,
                          "listening": k.listening})
 
+    async def _kernel_release(self, msg):
+        self.kernels.release()
+        await self.send({"t": "ok", "id": msg["id"]})
+
     async def _kernel_prewarm(self, msg):
         pid = self.kernels.prewarm(preinit=protocol.req_bool(msg, "preinit"))
         reply = {"t": "ok", "id": msg["id"], "pid": pid}
@@ -300,7 +309,7 @@ class Service:
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
         "mount": _mount, "egress_setup": _egress_setup, "egress_prepare": _egress_prepare, "kernel_start": _kernel_start,
-        "kernel_prewarm": _kernel_prewarm,
+        "kernel_prewarm": _kernel_prewarm, "kernel_release": _kernel_release,
         "shutdown": _shutdown,
     }
 
