@@ -74,6 +74,7 @@ class ChannelForwarder:
         self.ready: asyncio.Event | None = None  # see the module doc; None: forward at once
         self.rate = RateLimit(max_rate, burst)
         self.violations: list[str] = []  # ZMTP guard rejections (what the guest did)
+        self.shell_replied = asyncio.Event()  # the kernel sent its first shell message (a reply)
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -95,7 +96,9 @@ class ChannelForwarder:
                 return  # the front end hung up before the kernel listened: nothing for the guest
             g_reader, g_writer = await self._open_stream(name)
             g_writer.write(held)
-            await _both(_pipe(reader, g_writer), _pipe(g_reader, writer, ZmtpGuard(), self.rate))
+            guard = ZmtpGuard()
+            seen = self.shell_replied.set if name == "shell" else None
+            await _both(_pipe(reader, g_writer), _pipe(g_reader, writer, guard, self.rate, seen))
         except ZmtpViolation as exc:
             if len(self.violations) < 100:
                 self.violations.append(f"{name}: {exc}")
@@ -186,13 +189,17 @@ def _nodelay(writer) -> None:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                guard: ZmtpGuard | None = None, rate: RateLimit | None = None) -> None:
+                guard: ZmtpGuard | None = None, rate: RateLimit | None = None, on_message=None) -> None:
     """Copy until EOF, with backpressure (drain), then half-close the far side. With a guard,
-    bytes that break the ZMTP limits are never written: ZmtpViolation closes the stream."""
+    bytes that break the ZMTP limits are never written: ZmtpViolation closes the stream.
+    on_message: called once, when the guard has seen the first whole message header."""
     try:
         while data := await reader.read(CHUNK):
             if guard is not None:
                 guard.feed(data)
+                if on_message is not None and guard.messages:
+                    on_message()
+                    on_message = None
             if rate is not None:
                 await rate.take(len(data))
             writer.write(data)

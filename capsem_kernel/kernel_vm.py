@@ -8,7 +8,8 @@ guest with relay streams, and start-up took minutes or never completed under loa
 
 A claimed pooled VM attaches the notebook folder after vm.start() returned (vm.attaching): the
 key goes over at once with kernel_start {hold}, the kernel answers kernel_info and holds every
-other request until kernel_release, sent once the folder is mounted. If the attach fails, the
+other request until kernel_release, sent once the folder is mounted. The attach starts once that
+first reply has passed (vm.attach_gate): under emulation it competed with it for the guest's CPUs. If the attach fails, the
 kernel never runs code outside its folder: the VM is stopped and the kernel reported dead.
 """
 
@@ -47,6 +48,7 @@ class KernelVM:
         self._gate: asyncio.Task | None = None
         self._release: asyncio.Task | None = None
         self._stopping: asyncio.Task | None = None
+        self._gate_attach: asyncio.Task | None = None
         self.held = False  # the key went over while the folder attached (kernel_start {hold})
         self.attach_error: str | None = None  # why a pooled VM's folder could not be attached
         self._listening = asyncio.Event()  # the guest kernel accepts connections
@@ -87,9 +89,11 @@ class KernelVM:
                     reply = await self.vm.control.request({**request, "hold": True}, timeout=120)
                     self.held = True
                     self._release = asyncio.ensure_future(self._release_when_attached(attaching))
+                    self._gate_attach = asyncio.ensure_future(self._open_attach_gate())
                 except RemoteError as exc:
                     if exc.code != "cannot_hold":  # no pre-started kernel for this env: start it in the folder
                         raise
+                    self.vm.attach_gate.set()
                     await attaching
             if reply is None:
                 reply = await self.vm.control.request(request, timeout=120)
@@ -103,6 +107,13 @@ class KernelVM:
         except BaseException:
             await self.stop()
             raise
+
+    async def _open_attach_gate(self) -> None:
+        """Attach the folder once the kernel sent its first shell reply (kernel_info: every
+        Jupyter client asks for it first): the attach's guest work then no longer delays it.
+        A client that asks for nothing waits at most ClaimedVM's ATTACH_DELAY."""
+        await self.forwarder.shell_replied.wait()
+        self.vm.attach_gate.set()
 
     async def _release_when_attached(self, attaching: asyncio.Task) -> None:
         try:
@@ -184,7 +195,7 @@ class KernelVM:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace: float) -> None:
-        for task in (self._qemu_watch, self._gate, self._release):
+        for task in (self._qemu_watch, self._gate, self._release, self._gate_attach):
             if task:
                 task.cancel()
         if self.forwarder:

@@ -35,6 +35,7 @@ class ZmtpGuard:
         self._message = 0            # bytes of the multi-part message so far
         self._more = False
         self.broken = False
+        self.messages = 0            # messages whose last frame header has been read
 
     def feed(self, data: bytes | memoryview) -> None:
         """Check the next bytes of the stream. Raises ZmtpViolation (and stays broken)."""
@@ -90,4 +91,5 @@ class ZmtpGuard:
             self._more = bool(flags & FLAG_MORE)
             if not self._more:
                 self._message = 0
+                self.messages += 1
         self._body_left = size

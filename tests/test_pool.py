@@ -147,6 +147,7 @@ def test_claims_share_rw_ro_at_same_path_fresh_vm_each(pool, folder):
         assert km1.provisioner.kernel_vm.forwarder.early_streams_used == 5
         # the key went over while the folder attached; the code below ran once it was there
         assert info1["held"] is True and info1["attach_error"] is None
+        assert km1.provisioner.kernel_vm.vm.attach_after == "first reply"  # not ATTACH_DELAY's timeout
         out = kh.run_ok(kc1, "import os; print(os.getcwd()); print(open('data.txt').read(), end='');"
                              "open('from_guest.txt','w').write('rw ok'); open('/root/leak','w').write('1');"
                              "os.environ['LEAK']='1'; print(os.path.exists('/root/leak'))")

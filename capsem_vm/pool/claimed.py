@@ -5,7 +5,8 @@ does only what is decided per kernel, at claim time:
 - egress: load this kernel's policy and listen on the guest's egress ports (the guest had no way
   out until now: its egress_setup was never sent), audit rows under this kernel's id;
 - egress_setup (the kernel's env depends on it), then start() returns;
-- the notebook folder, in the background (`attaching`): start virtiofsd for it (confined as for
+- the notebook folder, in the background (`attaching`), once the claimer opens `attach_gate`
+  (after the kernel's first reply; at most ATTACH_DELAY): start virtiofsd for it (confined as for
   a cold VM), hot-plug a vhost-user-fs-pci device on the spare root port rp1 through QMP, have
   the agent mount it at the same absolute path with the share's mode (read-only is enforced on
   the host, by virtiofsd). Meanwhile KernelVM hands the key over with kernel_start {hold}: the
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 MOUNT_WAIT = 60.0  # s: the guest sees a hot-plugged device about a second later (more under load)
 HOTPLUG_BUS = "rp1"  # qemu.py's spare pcie-root-port
 MOUNT_AGENT_WAIT = 20  # s per mount request; the loop below retries up to MOUNT_WAIT
+ATTACH_DELAY = 2.0  # s at most between the claim and the folder attach (see _attach)
 
 
 class KeeperWatch:
@@ -142,6 +144,9 @@ class ClaimedVM:
         self.on_event = None
         self.timings: dict[str, float] = {"pool_claim_s": claim.claim_s}
         self.attaching: asyncio.Task | None = None  # the notebook folder, attached after start()
+        # opened by the claimer once the kernel answered its first request (or after ATTACH_DELAY)
+        self.attach_gate = asyncio.Event()
+        self.attach_after: str | None = None  # what opened it: "first reply" or "timeout"
         self._stopped = False
 
     async def start(self) -> "ClaimedVM":
@@ -168,6 +173,14 @@ class ClaimedVM:
         return self
 
     async def _attach(self, t0: float) -> None:
+        # The attach (virtiofsd, hot-plug, the guest's PCI and virtiofs probe, mount) competes for
+        # the emulated guest's CPUs with the kernel's first reply; that reply comes first.
+        try:
+            await asyncio.wait_for(self.attach_gate.wait(), ATTACH_DELAY)
+            self.attach_after = "first reply"
+        except asyncio.TimeoutError:
+            self.attach_after = "timeout"
+        self.timings["attach_delay_s"] = time.monotonic() - t0
         for share in self.config.shares:
             t = time.monotonic()
             self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))

@@ -292,18 +292,21 @@ def _frames(draw_parts):
     return bytes(out)
 
 
-frames = st.lists(st.tuples(st.booleans(), st.booleans(), st.binary(max_size=600)), max_size=20).map(_frames)
+frame_parts = st.lists(st.tuples(st.booleans(), st.booleans(), st.binary(max_size=600)), max_size=20)
 
 
 @settings(max_examples=300, deadline=None)
-@given(frames, st.lists(st.integers(min_value=0, max_value=5000), max_size=10))
-def test_valid_streams_pass_however_they_are_split(stream, cuts):
+@given(frame_parts, st.lists(st.integers(min_value=0, max_value=5000), max_size=10))
+def test_valid_streams_pass_however_they_are_split(parts, cuts):
+    stream = _frames(parts)
     guard = ZmtpGuard()
     pos = 0
     for cut in sorted(cuts) + [len(stream)]:
         guard.feed(stream[pos:cut])
         pos = max(pos, cut)
     assert not guard.broken
+    # messages: the last (no MORE) frame of each message; commands are no messages
+    assert guard.messages == sum(1 for more, command, _ in parts if not command and not more)
 
 
 @settings(max_examples=500, deadline=None)
