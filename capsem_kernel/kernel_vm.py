@@ -9,8 +9,10 @@ guest with relay streams, and start-up took minutes or never completed under loa
 A claimed pooled VM attaches the notebook folder after vm.start() returned (vm.attaching): the
 key goes over at once with kernel_start {hold}, the kernel answers kernel_info and holds every
 other request until kernel_release, sent once the folder is mounted. The attach starts once that
-first reply has passed (vm.attach_gate): under emulation it competed with it for the guest's CPUs. If the attach fails, the
-kernel never runs code outside its folder: the VM is stopped and the kernel reported dead.
+first reply (kernel_info: every Jupyter client asks for it first) has passed the forwarder, which
+sets vm.attach_gate: under emulation the attach competed with it for the guest's CPUs (a client
+that asks for nothing waits at most ClaimedVM's ATTACH_DELAY). If the attach fails, the kernel
+never runs code outside its folder: the VM is stopped and the kernel reported dead.
 """
 
 from __future__ import annotations
@@ -46,10 +48,8 @@ class KernelVM:
         self.exited = asyncio.Event()
         self._qemu_watch: asyncio.Task | None = None
         self._gate: asyncio.Task | None = None
-        self._release: asyncio.Task | None = None
+        self._release: asyncio.Task | None = None  # kernel_start {hold}: sends kernel_release
         self._stopping: asyncio.Task | None = None
-        self._gate_attach: asyncio.Task | None = None
-        self.held = False  # the key went over while the folder attached (kernel_start {hold})
         self.attach_error: str | None = None  # why a pooled VM's folder could not be attached
         self._listening = asyncio.Event()  # the guest kernel accepts connections
         self._booted = False  # vm.start() done: from now on a VM that is not alive() is dead
@@ -73,6 +73,8 @@ class KernelVM:
             self.forwarder = ChannelForwarder(self.vm.transport, connection_info["ip"], ports,
                                               early_streams=self.vm.take_channel_stream)
             self.forwarder.ready = self._listening
+            if self.vm.attach_gate is not None:  # a pooled VM attaches its folder after the first reply
+                self.forwarder.shell_replied = self.vm.attach_gate
             await self.forwarder.start()
             key = connection_info["key"]
             request = {
@@ -87,9 +89,7 @@ class KernelVM:
             if attaching is not None:
                 try:
                     reply = await self.vm.control.request({**request, "hold": True}, timeout=120)
-                    self.held = True
                     self._release = asyncio.ensure_future(self._release_when_attached(attaching))
-                    self._gate_attach = asyncio.ensure_future(self._open_attach_gate())
                 except RemoteError as exc:
                     if exc.code != "cannot_hold":  # no pre-started kernel for this env: start it in the folder
                         raise
@@ -107,13 +107,6 @@ class KernelVM:
         except BaseException:
             await self.stop()
             raise
-
-    async def _open_attach_gate(self) -> None:
-        """Attach the folder once the kernel sent its first shell reply (kernel_info: every
-        Jupyter client asks for it first): the attach's guest work then no longer delays it.
-        A client that asks for nothing waits at most ClaimedVM's ATTACH_DELAY."""
-        await self.forwarder.shell_replied.wait()
-        self.vm.attach_gate.set()
 
     async def _release_when_attached(self, attaching: asyncio.Task) -> None:
         try:
@@ -195,7 +188,7 @@ class KernelVM:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace: float) -> None:
-        for task in (self._qemu_watch, self._gate, self._release, self._gate_attach):
+        for task in (self._qemu_watch, self._gate, self._release):
             if task:
                 task.cancel()
         if self.forwarder:
@@ -219,7 +212,7 @@ class KernelVM:
             "started_at": self.started_at,
             "ready_at": self.ready_at,
             "egress": vm.egress.info() if vm.egress else None,
-            "held": self.held,
+            "held": self._release is not None,  # the key went over while the folder attached
             "attach_error": self.attach_error,
             "pooled": self.pooled,
         }

@@ -54,7 +54,7 @@ class VM:
         self.helpers: list[ManagedProcess] = []
         self.control: ControlConnection | None = None
         self.attaching = None  # shares are mounted in start() (pool/claimed.py attaches later)
-        self.attach_gate = None
+        self.attach_gate = None  # (pool/claimed.py: set by the forwarder at the first reply)
         self.qmp = None
         self.image_digest: str | None = None
         self.egress = None  # egress.Egress when config.egress is set

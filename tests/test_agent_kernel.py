@@ -77,6 +77,12 @@ class Client:
         self.fw.close()
 
 
+def prewarm_preinit(a: Agent) -> None:
+    """kernel_prewarm {preinit}, waiting until the pre-started kernel is initialised and warm."""
+    r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
+    assert r["t"] == "ok" and r["ready"] is True, r
+
+
 def wait_kernel_exit(a: Agent, timeout=30) -> dict:
     return a.client.recv(lambda m: m["t"] == "kernel_exit", timeout)
 
@@ -270,8 +276,7 @@ def test_preinit_kernel_takes_the_real_key_cwd_and_env(tmp_path):
     kernel_start then gives it the real key (a client signing with it works), cwd and env."""
     a = Agent(tmp_path)
     try:
-        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
-        assert r["t"] == "ok" and r["ready"] is True
+        prewarm_preinit(a)
         conn = glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))
         assert len(conn) == 1
         placeholder = json.loads(Path(conn[0]).read_text())["key"]
@@ -332,8 +337,7 @@ def test_preinit_kernel_that_cannot_take_its_parameters_exits(tmp_path):
     its throw-away key: it exits, and the host gets kernel_exit with the reason."""
     a = Agent(tmp_path)
     try:
-        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
-        assert r["ready"] is True
+        prewarm_preinit(a)
         t0 = time.monotonic()
         r = a.client.request({"t": "kernel_start", "id": 1, "key": secrets.token_hex(32),
                               "signature_scheme": "hmac-nosuchhash", "cwd": str(a.tmp)}, timeout=60)
@@ -352,8 +356,7 @@ def test_held_kernel_answers_kernel_info_and_runs_the_rest_in_its_folder_once_re
     a = Agent(tmp_path)
     folder = tmp_path / "attached-later"
     try:
-        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
-        assert r["ready"] is True
+        prewarm_preinit(a)
         r, key = start_kernel(a, cwd=folder, hold=True)
         assert r["t"] == "ok" and r["warm"] is True and r["listening"] is True, r
         c = Client(a, key)  # waits for a kernel_info_reply: not held
@@ -424,8 +427,7 @@ def test_first_streams_use_the_spare_connections_made_before_the_claim(tmp_path)
     interval, which the pre-started kernel turns off."""
     a = Agent(tmp_path)
     try:
-        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
-        assert r["ready"] is True
+        prewarm_preinit(a)
         conn = json.loads(Path(glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))[0]).read_text())
         ports = {name: conn[f"{name}_port"] for name in ("shell", "iopub", "stdin", "control", "hb")}
         spares = _kernel_side_peers(ports)  # (shell also has the kernel's own debugger socket)
@@ -452,8 +454,7 @@ def test_first_streams_use_the_spare_connections_made_before_the_claim(tmp_path)
 def test_preinit_kernel_discarded_for_env_read_at_init(tmp_path, env):
     a = Agent(tmp_path)
     try:
-        r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
-        assert r["ready"] is True
+        prewarm_preinit(a)
         r, key = start_kernel(a, env=env)
         assert r["t"] == "ok" and r["warm"] is False
         assert len(glob.glob(str(a.rundir / "kernels" / "*"))) == 1  # the preinit one's dir is gone

@@ -5,8 +5,8 @@ does only what is decided per kernel, at claim time:
 - egress: load this kernel's policy and listen on the guest's egress ports (the guest had no way
   out until now: its egress_setup was never sent), audit rows under this kernel's id;
 - egress_setup (the kernel's env depends on it), then start() returns;
-- the notebook folder, in the background (`attaching`), once the claimer opens `attach_gate`
-  (after the kernel's first reply; at most ATTACH_DELAY): start virtiofsd for it (confined as for
+- the notebook folder, in the background (`attaching`), once `attach_gate` is set (the claimer's
+  forwarder sets it when the kernel's first reply passes; at most ATTACH_DELAY): start virtiofsd for it (confined as for
   a cold VM), hot-plug a vhost-user-fs-pci device on the spare root port rp1 through QMP, have
   the agent mount it at the same absolute path with the share's mode (read-only is enforced on
   the host, by virtiofsd). Meanwhile KernelVM hands the key over with kernel_start {hold}: the
@@ -144,7 +144,7 @@ class ClaimedVM:
         self.on_event = None
         self.timings: dict[str, float] = {"pool_claim_s": claim.claim_s}
         self.attaching: asyncio.Task | None = None  # the notebook folder, attached after start()
-        # opened by the claimer once the kernel answered its first request (or after ATTACH_DELAY)
+        # set by the claimer's channel forwarder when the kernel's first shell reply passes
         self.attach_gate = asyncio.Event()
         self.attach_after: str | None = None  # what opened it: "first reply" or "timeout"
         self._stopped = False
