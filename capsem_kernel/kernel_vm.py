@@ -93,6 +93,7 @@ class KernelVM:
                 except RemoteError as exc:
                     if exc.code != "cannot_hold":  # no pre-started kernel for this env: start it in the folder
                         raise
+                    self.forwarder.early_streams = None  # primed for the pre-started kernel, which goes
                     self.vm.attach_gate.set()
                     await attaching
             if reply is None:

@@ -21,6 +21,15 @@ GREETING = 64
 FLAG_MORE, FLAG_LONG, FLAG_COMMAND = 0x01, 0x02, 0x04
 
 
+def same_handshake(greeting: bytes, primer: bytes) -> bool:
+    """Whether a front end's 64-byte ZMTP greeting asks the kernel for what `primer`, sent to the
+    kernel in its place ahead of time, asked for: ZMTP 3 signature, the same version, mechanism
+    and as-server flag. The signature's 8 padding bytes may differ (libzmq puts its identity's
+    length there, for ZMTP 1.0 peers; a ZMTP 3 peer ignores them) and so may the filler."""
+    return (len(greeting) == len(primer) == GREETING and greeting[0] == 0xFF and greeting[9] & 0x01 == 1
+            and greeting[10:33] == primer[10:33])
+
+
 class ZmtpViolation(ValueError):
     """The stream breaks ZMTP 3 framing or the size limits: close it."""
 

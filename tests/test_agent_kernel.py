@@ -12,6 +12,7 @@ import signal
 import socket
 import statistics
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 from jupyter_client import BlockingKernelClient
+
+from capsem_agent import protocol
 
 from test_agent_harness import Agent, ChannelForwarder, agent, open_channel  # noqa: F401
 
@@ -491,28 +494,80 @@ def echo_agent(tmp_path):
     a.stop()
 
 
-def test_stream_opened_before_the_first_kernel_waits_for_it(tmp_path):
-    """A pooled VM's host opens one stream per channel before the claim: the relay holds such a
-    stream (open, silent) until the first kernel starts, then carries it like any other. Once
-    that kernel is gone, a new stream is closed at once instead."""
-    a = _agent_with_echo_kernel(tmp_path)
+def _zmtp_frame(body: bytes, more: bool = False, command: bool = False) -> bytes:
+    flags = (0x01 if more else 0) | (0x04 if command else 0)
+    if len(body) > 255:
+        return bytes([flags | 0x02]) + struct.pack(">Q", len(body)) + body
+    return bytes([flags, len(body)]) + body
+
+
+def _zmtp_ready(socket_type: bytes, identity: bytes) -> bytes:
+    props = b"".join(bytes([len(k)]) + k + struct.pack(">I", len(v)) + v
+                     for k, v in ((b"Socket-Type", socket_type), (b"Identity", identity)))
+    return _zmtp_frame(b"\x05READY" + props, command=True)
+
+
+def _open_primed(a: Agent, name: str) -> socket.socket:
+    """What a pooled VM's keeper opens before the claim (capsem_vm.pool.keeper)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(a.channels_path)
+    s.sendall(protocol.encode({"t": "channel", "name": name, "prime": True}) + protocol.ZMTP_GREETING)
+    s.settimeout(30)
+    return s
+
+
+def _recv_until(s: socket.socket, marker: bytes, timeout: float = 60) -> bytes:
+    got = b""
+    deadline = time.monotonic() + timeout
+    while marker not in got:
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        data = s.recv(65536)
+        assert data, f"closed before {marker!r}; got {got!r}"
+        got += data
+    return got
+
+
+def _closed_by_agent(s: socket.socket) -> bool:
     try:
-        early = open_channel(a, "shell")
-        early.settimeout(1.5)
-        with pytest.raises(socket.timeout):  # neither closed nor answered while no kernel runs
-            early.recv(1)
-        r, _ = start_kernel(a)
-        assert r["t"] == "ok"
-        early.settimeout(30)
-        early.sendall(b"ping")
-        assert early.recv(4) == b"ping"
-        a.client.request({"t": "signal", "id": 2, "target": "kernel", "signum": signal.SIGKILL})
-        wait_kernel_exit(a)
-        late = open_channel(a, "shell")
-        late.settimeout(10)
-        t0 = time.monotonic()
-        assert late.recv(1) == b""
-        assert time.monotonic() - t0 < 5
+        return s.recv(1) == b""
+    except ConnectionResetError:  # closed with the greeting unread
+        return True
+
+
+def test_primed_stream_finishes_the_kernels_handshake_before_the_claim_and_holds_the_rest_for_the_key(tmp_path):
+    """A pooled VM's keeper primes one stream per channel: the agent joins it to the pre-started
+    kernel's spare connection and passes the ZMTP greeting, so the kernel's greeting and READY
+    come back before any kernel_start. What the front end sends next (its READY, a request
+    signed with the real key) waits until the kernel took that key: passed earlier, the kernel
+    (still on its throw-away key) would drop the request as badly signed. Without a warm
+    pre-started kernel, or once a kernel was started, a primed stream is closed."""
+    from jupyter_client.session import Session
+    a = Agent(tmp_path)
+    try:
+        early = _open_primed(a, "shell")  # nothing pre-started yet
+        assert _closed_by_agent(early)
+        prewarm_preinit(a)
+        conn = json.loads(Path(glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))[0]).read_text())
+        ports = {name: conn[f"{name}_port"] for name in ("shell", "iopub", "stdin", "control", "hb")}
+        spares = _kernel_side_peers(ports)
+        shell = _open_primed(a, "shell")
+        got = _recv_until(shell, b"ROUTER")
+        assert got[:1] == b"\xff" and got[10:16] == b"\x03\x01NULL" and b"\x05READY" in got[64:]
+        key = secrets.token_hex(32)
+        frames = Session(key=key.encode(), signature_scheme="hmac-sha256").serialize(
+            Session().msg("kernel_info_request"))
+        shell.sendall(_zmtp_ready(b"DEALER", b"front-end-id")
+                      + b"".join(_zmtp_frame(f, more=i < len(frames) - 1) for i, f in enumerate(frames)))
+        shell.settimeout(2)
+        with pytest.raises(socket.timeout):  # held: no reply before the key
+            shell.recv(1)
+        r, _ = start_kernel(a, key=key)
+        assert r["t"] == "ok" and r["listening"] is True
+        reply = _recv_until(shell, b"kernel_info_reply")
+        assert reply.startswith(_zmtp_frame(b"<IDS|MSG>", more=True))  # (the kernel's ROUTER routed it by our identity)
+        assert _kernel_side_peers(ports)["shell"] == spares["shell"], "not carried by the spare connection"
+        late = _open_primed(a, "iopub")  # a kernel was started: no more priming
+        assert _closed_by_agent(late)
     finally:
         a.stop()
 

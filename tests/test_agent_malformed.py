@@ -128,21 +128,22 @@ def _closed_soon(s: socket.socket, timeout=15.0) -> bool:
         return True
 
 
-def test_channel_before_any_kernel_is_held_and_the_agent_keeps_serving(agent):
-    """A channel stream that comes before any kernel was started waits for the first one (a
-    pooled VM's host opens its streams before the claim; test_agent_kernel.py checks it is then
-    carried, and that once a kernel is gone a new stream is closed at once)."""
-    s = open_channel(agent, "shell")
-    s.settimeout(1.0)
-    with pytest.raises(socket.timeout):
-        s.recv(100)
+@pytest.mark.parametrize("prime", [False, True])
+def test_channel_without_kernel_is_closed(agent, prime):
+    """No kernel: a plain stream is closed, and so is a primed one (no warm pre-started kernel
+    here; test_agent_kernel.py checks priming itself)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(agent.channels_path)
+    s.sendall(protocol.encode({"t": "channel", "name": "shell", "prime": prime})
+              + (protocol.ZMTP_GREETING if prime else b""))
+    assert _closed_soon(s)
     assert_still_serving(agent)
-    s.close()
 
 
 @pytest.mark.parametrize("first", [
     b"\xff\xff\xff\xff", b"\0\0\0\0",
     raw_frame(b'{"t": "channel", "name": "evil"}'),
+    raw_frame(b'{"t": "channel", "name": "shell", "prime": 1}'),
     raw_frame(b'{"t": "hello"}'),
     raw_frame(b"junk"),
 ])

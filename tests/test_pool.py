@@ -144,7 +144,8 @@ def test_claims_share_rw_ro_at_same_path_fresh_vm_each(pool, folder):
         info1 = km1.provisioner.kernel_vm.info()
         assert info1["pooled"] is True and info1["shares"] == [{"path": str(folder), "readonly": False}]
         # the first connection on each channel went over the stream the keeper opened before the claim
-        assert km1.provisioner.kernel_vm.forwarder.early_streams_used == 5
+        assert km1.provisioner.kernel_vm.forwarder.early_streams_used == 5  # primed before the claim
+        assert km1.provisioner.kernel_vm.forwarder.greeting_mismatches == 0
         # the key went over while the folder attached; the code below ran once it was there
         assert info1["held"] is True and info1["attach_error"] is None
         assert km1.provisioner.kernel_vm.vm.attach_after == "first reply"  # not ATTACH_DELAY's timeout

@@ -17,9 +17,11 @@ The keeper boots the VM with VM.start() (so the image is verified through the fd
 for a cold VM), with no share, no egress and no kernel key; the guest agent pre-starts ipykernel
 (kernel_prewarm {preinit}: imported, initialised and running with a throw-away key, see
 capsem_agent.kernel) and the keeper reports ready once that is done; egress_prepare sets up the
-policy-independent part of egress. It also opens one channel stream per kernel channel (vsock
-port 5001, the channel named): the agent holds each until the claimer's kernel starts, so the
-claimer's first connection on every channel needs no new stream (see capsem_kernel.channels).
+policy-independent part of egress. It also opens one primed channel stream per kernel channel (vsock
+port 5001, the channel named, a front end's ZMTP greeting sent): the agent joins each to the
+pre-started kernel, which greets back, and lets nothing more through until the claimer's kernel
+took its key; the claimer's first connection on every channel then needs no new stream and no
+handshake round trip to the guest (see capsem_kernel.channels).
 """
 
 from __future__ import annotations
@@ -104,16 +106,18 @@ class Keeper:
         self.warm = bool(reply.get("ready"))
         if not self.warm:
             log.warning("the guest's warm kernel process did not finish its imports")
-        await self._open_channel_streams()
+        else:  # (the agent primes streams only for a warm pre-started kernel)
+            await self._open_channel_streams()
 
     async def _open_channel_streams(self) -> None:
-        """One named channel stream per kernel channel, kept as plain fds (never read here: what
-        the guest sends on them is the claimer's to check). Best effort: a channel without one
-        is connected at claim time as for a cold VM."""
+        """One primed channel stream per kernel channel, kept as plain fds (never read here: what
+        the guest sends on them is the claimer's to check). Best effort: a channel without one,
+        or whose stream the agent closed (it primes only for a warm pre-started kernel), is
+        connected at claim time as for a cold VM."""
         for name in protocol.KERNEL_CHANNELS:
             try:
                 reader, writer = await self.vm.transport.connect(protocol.PORT_CHANNELS, timeout=30)
-                writer.write(protocol.encode({"t": "channel", "name": name}))
+                writer.write(protocol.encode({"t": "channel", "name": name, "prime": True}) + protocol.ZMTP_GREETING)
                 await writer.drain()
             except (OSError, asyncio.TimeoutError) as exc:
                 log.warning("could not open the %s channel stream before the claim: %s", name, exc)

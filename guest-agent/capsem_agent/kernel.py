@@ -259,15 +259,19 @@ class SpareConnections:
     """One TCP connection per channel, made to a pre-started kernel's ports while it waits to be
     claimed, so that the host's first stream on each channel finds the kernel's side connected
     and its ZMTP greeting already sent (under emulation the connect, the kernel's accept and its
-    greeting took 0.1-0.2 s with all five channels arriving at once). Nothing passes through a
-    spare before the relay pairs it with a host stream, which it does only once the kernel is
+    greeting took 0.1-0.2 s with all five channels arriving at once). A pooled VM's host primes
+    them before the claim (relay.ChannelServer._serve_primed: the ZMTP greeting passes, nothing
+    else until `ready`); otherwise the relay pairs one with a host stream once the kernel is
     ready. The kernel has no ZMTP handshake timeout for them (PREINIT_BOOTSTRAP): a pooled VM
     may wait for its claim for hours."""
 
     def __init__(self):
         self._socks: dict[str, socket.socket] = {}
+        self._relays: dict[socket.socket, socket.socket] = {}  # primed host stream -> its spare
         self._lock = threading.Lock()
-        self._closed = False
+        self.closed = False
+        # set once the kernel that owns them took its real key (Kernel.ready), or when closed
+        self.ready = threading.Event()
 
     def connect(self, ports: dict[str, int]) -> None:
         for name, port in ports.items():
@@ -276,7 +280,7 @@ class SpareConnections:
             except OSError:
                 continue  # the relay connects as usual
             with self._lock:
-                if self._closed or name in self._socks:
+                if self.closed or name in self._socks:
                     sock.close()
                     continue
                 self._socks[name] = sock
@@ -292,12 +296,32 @@ class SpareConnections:
             return None
         return sock
 
+    def add_relay(self, stream: socket.socket, spare: socket.socket) -> bool:
+        """A primed host stream joined to one of these spares: shut down with them."""
+        with self._lock:
+            if self.closed:
+                return False
+            self._relays[stream] = spare
+            return True
+
+    def remove_relay(self, stream: socket.socket) -> None:
+        with self._lock:
+            self._relays.pop(stream, None)
+
     def close(self) -> None:
         with self._lock:
-            self._closed = True
+            self.closed = True
             socks, self._socks = self._socks, {}
+            relays, self._relays = self._relays, {}
+        self.ready.set()  # wakes primed relays; they see `closed`
         for sock in socks.values():
             sock.close()
+        for pair in relays.items():
+            for sock in pair:  # wakes the relay's threads blocked in recv on either side
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class Kernel:
@@ -315,8 +339,9 @@ class Kernel:
         self.listening = False  # known to accept connections already (kernel_start's reply says so)
         self.acked = False  # a preinit kernel acknowledged the real key
         self.held_cwd: str | None = None  # kernel_start with hold: the cwd kernel_release changes to
-        # set once the kernel may be reached (a preinit kernel: it has taken the real key)
-        self.ready = threading.Event()
+        # set once the kernel may be reached (a preinit kernel: it has taken the real key); the
+        # same event its primed relays wait on
+        self.ready = self.spares.ready
         if ready:
             self.ready.set()
         self.tail = bytearray()
@@ -338,8 +363,8 @@ class Kernel:
         with self._lock:
             self.alive = False
             relays, self._relays = self._relays, set()
+        self.spares.close()  # (its primed relays too)
         self.ready.set()  # wakes relays waiting for it; they see alive is False
-        self.spares.close()
         for s in relays:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -351,7 +376,7 @@ class KernelManager:
     def __init__(self, send):
         self._send = send
         self.current: Kernel | None = None
-        self.started = threading.Event()  # set by the first kernel_start (see relay.ChannelServer._first_kernel)
+        self.started = threading.Event()  # set by the first kernel_start: no stream is primed after it
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
         self._warm_ready: threading.Event | None = None
@@ -391,6 +416,17 @@ class KernelManager:
         then = (lambda: spares.connect(ports)) if preinit else None  # its ports are bound by then
         threading.Thread(target=_read_marker, args=(self._warm, self._warm_ready, then), daemon=True).start()
         return self._warm.pid
+
+    def prime(self, name: str) -> "tuple[socket.socket, SpareConnections] | None":
+        """For a primed host stream (relay.ChannelServer._serve_primed): the pre-started kernel's
+        spare connection for this channel and the spares it belongs to, while no kernel was
+        started and the pre-started kernel is warm (its spares are connected by then)."""
+        pre, warm_ready = self._preinit, self._warm_ready
+        if self.started.is_set() or pre is None or warm_ready is None or not warm_ready.is_set():
+            return None
+        spares = pre[4]
+        spare = spares.take(name)
+        return (spare, spares) if spare is not None else None
 
     async def wait_warm(self, timeout: float) -> bool:
         """True once the warm process finished its imports (within `timeout` seconds)."""

@@ -144,6 +144,15 @@ Channel streams (5001) get no reply frame: after the first frame the agent conne
 kernel's port (waiting up to 120 s while the kernel is alive but not yet listening) and relays
 raw bytes; it closes the stream when no kernel runs, on a bad first frame (which must arrive
 within 10 s and be at most 4 KiB), and when the kernel exits. At most 64 streams at once.
+
+Primed channel streams (a pooled VM's host opens them before any kernel_start): first frame
+{"t": "channel", "name": .., "prime": true}, then the 64 bytes of ZMTP_GREETING. If a
+pre-started kernel is warm (kernel_prewarm {preinit}), the agent joins the stream to its spare
+connection for that channel and passes the greeting at once, so the kernel's ZMTP greeting and
+READY come back before the claim; every later host byte waits until a kernel_start has given
+that kernel its real key (the host must consume the front end's own greeting: see
+capsem_kernel.channels). Otherwise, or once a kernel was started, the stream is closed. It is
+also closed if the pre-started kernel is discarded instead.
 """
 
 from __future__ import annotations
@@ -164,6 +173,11 @@ PORT_DNS = 5003
 DOCUMENTED_PORTS = frozenset(range(5000, 5006))
 
 KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+# What a primed channel stream sends the kernel ahead of the front end: the ZMTP 3.1 greeting of
+# libzmq 4.x with the NULL mechanism (signature, version 3.1, "NULL", not as-server). A front end
+# greets the same way; only the signature's padding differs (libzmq puts its identity's length
+# there, which a ZMTP 3 peer ignores).
+ZMTP_GREETING = b"\xff" + b"\x00" * 7 + b"\x01\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
 HOST_CID = 2
 
 MAX_STRING = 64 * 1024  # no single string field (path, argv element, ...) is longer

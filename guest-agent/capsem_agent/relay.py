@@ -20,7 +20,7 @@ CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
 MAX_HELLO = 4096
 CONNECT_WAIT = 120.0  # the kernel may still be importing ipykernel (seconds under TCG)
-EARLY_CHECK = 30.0  # how often a stream waiting for the first kernel checks that the host kept it
+PRIMED_CHECK = 30.0  # how often a primed stream waiting for its kernel's key checks that the host kept it
 MAX_STREAMS = 64
 _STACK = 256 * 1024
 
@@ -40,16 +40,26 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def read_channel_name(sock: socket.socket) -> str:
-    """Read exactly the first frame (no over-read: ZMTP bytes may follow right behind it)."""
+def read_channel_frame(sock: socket.socket) -> tuple[str, bool]:
+    """Read exactly the first frame (no over-read: ZMTP bytes may follow right behind it): the
+    channel's name, and whether the host primes the stream (protocol.ZMTP_GREETING follows)."""
     (length,) = protocol.HEADER.unpack(_recv_exact(sock, protocol.HEADER.size))
     if not 0 < length <= MAX_HELLO:
         raise protocol.FrameError(f"channel frame length {length}")
     msg = protocol.decode_body(_recv_exact(sock, length))
     name = msg.get("name")
-    if msg["t"] != "channel" or name not in protocol.KERNEL_CHANNELS:
-        raise protocol.MessageError("first frame must be {t: channel, name: <kernel channel>}")
-    return name
+    prime = msg.get("prime", False)
+    if msg["t"] != "channel" or name not in protocol.KERNEL_CHANNELS or not isinstance(prime, bool):
+        raise protocol.MessageError("first frame must be {t: channel, name: <kernel channel>[, prime: bool]}")
+    return name, prime
+
+
+def _shut(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -63,17 +73,13 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.sendall(view[:n])
         dst.shutdown(socket.SHUT_WR)  # pass the half-close on; the other direction may go on
     except OSError:
-        for s in (src, dst):  # one side broke: end both directions
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut(src, dst)  # one side broke: end both directions
 
 
 class ChannelServer:
     def __init__(self, listener: socket.socket, kernels):
         self._listener = listener
-        self._kernels = kernels  # kernel.KernelManager: .current, .started
+        self._kernels = kernels  # kernel.KernelManager: .current, .prime()
         self._slots = threading.BoundedSemaphore(MAX_STREAMS)
 
     def start(self) -> None:
@@ -103,8 +109,11 @@ class ChannelServer:
         kernel = tcp = None
         try:
             sock.settimeout(HELLO_TIMEOUT)
-            name = read_channel_name(sock)
-            kernel = self._first_kernel(sock)
+            name, prime = read_channel_frame(sock)
+            if prime:
+                self._serve_primed(sock, name)
+                return
+            kernel = self._kernels.current
             if kernel is None:
                 return
             tcp = self._connect(kernel, name)
@@ -125,15 +134,33 @@ class ChannelServer:
                     s.close()
             self._slots.release()
 
-    def _first_kernel(self, sock: socket.socket):
-        """The running kernel. A stream that comes before any kernel was started waits for the
-        first one while the host keeps it open: a pooled VM's host opens its channel streams
-        before the claim, so that none has to be opened (accepted, named, threaded) under the
-        claim's clock. Once a kernel was started, a stream with no kernel is closed at once."""
-        while not self._kernels.started.wait(EARLY_CHECK):
-            if hung_up(sock):
-                return None
-        return self._kernels.current
+    def _serve_primed(self, sock: socket.socket, name: str) -> None:
+        """A pooled VM's host opens one stream per channel before the claim and sends the ZMTP
+        greeting a front end would send (protocol.py). Joined to the pre-started kernel's spare
+        connection now, the kernel's side of the handshake is done before the claim: the front
+        end's first connection then needs no round trip to the guest to get through it. Host
+        bytes after the greeting wait until the kernel took its real key (SpareConnections.ready)."""
+        primed = self._kernels.prime(name)
+        if primed is None:
+            return  # no warm pre-started kernel, or a kernel was started already: the host opens a plain stream later
+        spare, spares = primed
+        try:
+            spare.sendall(_recv_exact(sock, len(protocol.ZMTP_GREETING)))
+            if not spares.add_relay(sock, spare):
+                return
+            sock.settimeout(None)
+            back = threading.Thread(target=_pump, args=(spare, sock), daemon=True)
+            back.start()
+            while not spares.ready.wait(PRIMED_CHECK):
+                if hung_up(sock):  # the pooled VM's host is gone
+                    _shut(sock, spare)
+                    break
+            if spares.ready.is_set() and not spares.closed:
+                _pump(sock, spare)
+            back.join()
+        finally:
+            spares.remove_relay(sock)
+            spare.close()
 
     @staticmethod
     def _connect(kernel, name: str) -> socket.socket | None:

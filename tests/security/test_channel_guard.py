@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from capsem_agent import protocol
 from capsem_kernel.channels import ChannelForwarder
-from capsem_kernel.zmtp import ZmtpGuard, ZmtpViolation
+from capsem_kernel.zmtp import ZmtpGuard, ZmtpViolation, same_handshake
 
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
 
@@ -60,9 +60,10 @@ class FakeTransport:
         return await asyncio.open_connection("127.0.0.1", self.port)
 
     def early_stream(self, name: str) -> socket.socket:
-        """A stream opened and named ahead of time (what a pooled VM's keeper hands over)."""
+        """A stream opened, named and primed ahead of time (what a pooled VM's keeper hands over:
+        the "guest" gets the primer greeting now, as the agent passes it to the kernel)."""
         s = socket.create_connection(("127.0.0.1", self.port))
-        s.sendall(protocol.encode({"t": "channel", "name": name}))
+        s.sendall(protocol.encode({"t": "channel", "name": name, "prime": True}) + protocol.ZMTP_GREETING)
         return s
 
     async def _relay(self, reader, writer):
@@ -207,6 +208,50 @@ async def test_streams_opened_before_the_claim_are_used_first_and_still_guarded(
         await transport.close()
 
 
+async def test_a_front_end_that_greets_unlike_the_primer_reconnects_on_a_fresh_stream():
+    """The kernel got the primer greeting on the primed stream. A front end asking for something
+    else (here ZMTP 3.0) must not be spliced onto it: its connection is closed before any of its
+    bytes reach the kernel; libzmq reconnects, and that connection gets a fresh stream. A front
+    end whose greeting differs only in the signature's padding (libzmq: its identity's length) is
+    spliced, and the kernel sees its identity."""
+    ctx = zmq.Context.instance()
+    guest = ctx.socket(zmq.ROUTER)
+    gport = guest.bind_to_random_port("tcp://127.0.0.1")
+    fwd, transport, ports = await _forwarder({"shell": ("127.0.0.1", gport), "stdin": ("127.0.0.1", gport)})
+    early = {"shell": transport.early_stream("shell"), "stdin": transport.early_stream("stdin")}
+    fwd.early_streams = lambda name: early.pop(name, None)
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.IDENTITY, b"front-end-session-id")
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", ports["shell"])
+        w.write(GREETING[:10] + b"\x03\x00" + GREETING[12:])
+        while await asyncio.wait_for(r.read(65536), 20):
+            pass  # (the kernel's greeting and READY may come first), then the close
+        w.close()
+        assert fwd.greeting_mismatches == 1 and fwd.early_streams_used == 1 and transport.connects == 0
+
+        def exchange(port):
+            client.connect(f"tcp://127.0.0.1:{port}")
+            client.send_multipart([b"", b"ping"])
+            ident, *got = guest.recv_multipart()
+            guest.send_multipart([ident] + got + [b"pong"])
+            return ident, client.recv_multipart()
+        ident, back = await asyncio.wait_for(asyncio.to_thread(exchange, ports["stdin"]), 30)
+        assert back == [b"", b"ping", b"pong"] and ident == b"front-end-session-id"
+        assert fwd.early_streams_used == 2 and transport.connects == 0 and fwd.greeting_mismatches == 1
+        client.disconnect(f"tcp://127.0.0.1:{ports['stdin']}")
+        ident, back = await asyncio.wait_for(asyncio.to_thread(exchange, ports["shell"]), 30)
+        assert back == [b"", b"ping", b"pong"] and ident == b"front-end-session-id"
+        assert transport.connects == 1  # the shell's primed stream went with the mismatch
+    finally:
+        client.close(0)
+        guest.close(0)
+        for s in early.values():
+            s.close()
+        await fwd.close()
+        await transport.close()
+
+
 async def test_a_flood_to_a_stalled_client_does_not_grow_host_memory():
     """The "guest" streams 400 MB of valid frames; the host client never reads. The forwarder
     must stall (drain backpressure), not buffer."""
@@ -326,6 +371,46 @@ def test_arbitrary_bytes_only_raise_violations_and_split_does_not_matter(data, c
         chunks.append(data[prev:p])
         prev = p
     assert outcome([data]) == outcome(chunks)
+
+
+@pytest.mark.parametrize("socket_type", [zmq.DEALER, zmq.SUB, zmq.REQ])
+@pytest.mark.parametrize("identity", [None, b"x" * 36, b"y" * 255])
+def test_real_libzmq_greetings_match_the_primer(socket_type, identity):
+    """What this host's libzmq sends on connect is the primer up to the padding: a primed stream
+    serves Jupyter's front ends (DEALER with the session id as identity, SUB, REQ)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    sock = zmq.Context.instance().socket(socket_type)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(f"tcp://127.0.0.1:{srv.getsockname()[1]}")
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        conn.sendall(protocol.ZMTP_GREETING)  # libzmq sends the rest of its greeting after ours
+        got = b""
+        while len(got) < 64:
+            got += conn.recv(64 - len(got))
+        assert same_handshake(got, protocol.ZMTP_GREETING)
+        conn.close()
+    finally:
+        sock.close(0)
+        srv.close()
+
+
+@given(st.binary(min_size=8, max_size=8), st.binary(min_size=31, max_size=31))
+def test_greetings_differing_only_in_padding_and_filler_match(padding, filler):
+    primer = protocol.ZMTP_GREETING
+    assert same_handshake(primer[:1] + padding + primer[9:33] + filler, primer)
+
+
+@given(st.integers(min_value=0, max_value=63), st.integers(min_value=1, max_value=255))
+def test_greetings_asking_for_another_version_mechanism_or_role_do_not_match(pos, delta):
+    primer = bytearray(protocol.ZMTP_GREETING)
+    changed = bytearray(primer)
+    changed[pos] = (changed[pos] + delta) % 256
+    decisive = pos == 0 or (pos == 9 and not changed[9] & 1) or 10 <= pos < 33
+    assert same_handshake(bytes(changed), bytes(primer)) is not decisive
+    assert not same_handshake(bytes(primer[:63]), bytes(primer))
 
 
 def test_multipart_messages_are_capped_as_a_whole():

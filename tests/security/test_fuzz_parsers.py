@@ -254,10 +254,10 @@ def test_channel_header_parser_only_raises_protocol_errors(data):
         a.shutdown(socket.SHUT_WR)
         b.settimeout(2)
         try:
-            name = relay.read_channel_name(b)
+            name, prime = relay.read_channel_frame(b)
         except (protocol.FrameError, protocol.MessageError, EOFError, socket.timeout):
             return
-        assert name in protocol.KERNEL_CHANNELS
+        assert name in protocol.KERNEL_CHANNELS and isinstance(prime, bool)
     finally:
         a.close()
         b.close()
