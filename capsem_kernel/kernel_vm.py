@@ -100,7 +100,7 @@ class KernelVM:
                 reply = await self.vm.control.request(request, timeout=120)
             self.kernel_pid = reply.get("pid")
             self._qemu_watch = asyncio.ensure_future(self._watch_qemu())
-            if reply.get("listening") is True:  # a pre-started kernel that took the key: no probe
+            if reply.get("listening") is True:  # a pre-started kernel (taking the key): no probe
                 self._listening.set()
                 self.ready_at = time.time()
             else:

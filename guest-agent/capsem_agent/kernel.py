@@ -14,7 +14,8 @@ Start paths:
         file with the real key and sends key, scheme, cwd and env; the kernel's loop sets the
         session's key, changes directory and environment (keeping what the shell's initialisation
         added to it) and acknowledges; until then the relay holds the host's channels (and the
-        connections the agent made to the kernel's ports in advance: SpareConnections). Only for a
+        connections the agent made to the kernel's ports in advance: SpareConnections). The
+        reply to kernel_start does not wait for that acknowledgement. Only for a
         kernel running as root (no uid: the shell was built as root) with no PYTHON*/IPYTHON*/
         JUPYTER*/MPL* variables in its env (read during initialisation); otherwise that process is
         discarded and the kernel starts cold.
@@ -46,7 +47,6 @@ ENV_RUNDIR = "CAPSEM_AGENT_RUNDIR"
 WARM_MARKER = b"capsem-warm-ready\n"  # the warm process wrote it: its imports are done
 TAIL_BYTES = 8192  # kernel stdout/stderr kept for diagnostics (sent with kernel_exit)
 MAX_KEY = 4096
-ACK_WAIT = 10.0  # a running preinit kernel takes its key in milliseconds
 _SCHEME = re.compile(r"^hmac-[a-z0-9]{1,16}$")
 
 # The warm process: import everything heavy, then wait for one JSON line of parameters.
@@ -337,7 +337,6 @@ class Kernel:
         self.warm = warm
         self.alive = True
         self.listening = False  # known to accept connections already (kernel_start's reply says so)
-        self.acked = False  # a preinit kernel acknowledged the real key
         self.held_cwd: str | None = None  # kernel_start with hold: the cwd kernel_release changes to
         # set once the kernel may be reached (a preinit kernel: it has taken the real key); the
         # same event its primed relays wait on
@@ -469,9 +468,10 @@ class KernelManager:
             kernel = Kernel(proc, ports, conn_dir, True, ready=False, spares=spares)
             kernel.held_cwd = cwd if hold else None
             threading.Thread(target=_await_ack, args=(ack_r, kernel), daemon=True).start()
-            if warmed_up:  # its loop runs: the ack comes within moments, and then it listens too
-                await asyncio.get_running_loop().run_in_executor(None, kernel.ready.wait, ACK_WAIT)
-                kernel.listening = kernel.acked
+            # A warmed-up one listens (its ports are bound, its loop runs): the reply says so at
+            # once, without waiting for its acknowledgement. The host's front end then connects
+            # while the kernel takes its key; the relay passes nothing to it before (Kernel.ready).
+            kernel.listening = warmed_up
         else:
             ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
             conn_dir, conn_file = self._write_connection_file(ports, key, scheme, uid, gid)
@@ -666,15 +666,19 @@ class KernelManager:
 
 
 def _await_ack(ack_r: int, kernel: Kernel) -> None:
-    """Mark a preinit kernel ready once it acknowledged the real key. If it exits instead, its
-    watcher reports that; waiters are woken either way (relays then see it is not alive)."""
+    """Mark a preinit kernel ready once it acknowledged the real key. If it exits instead (its
+    watcher reports that), its relays are closed first: none is ever joined to it."""
+    acked = False
     try:
-        kernel.acked = os.read(ack_r, 16).startswith(b"ok")
+        acked = os.read(ack_r, 16).startswith(b"ok")
     except OSError:
         pass
     finally:
         os.close(ack_r)
-        kernel.ready.set()
+        if acked:
+            kernel.ready.set()
+        else:
+            kernel.close_relays()  # not alive, then woken
 
 
 def _read_marker(proc: subprocess.Popen, ready: threading.Event, then=None, limit: int = 1 << 16) -> None:

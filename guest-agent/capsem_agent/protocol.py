@@ -83,7 +83,9 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         at a time: wait for
                                                                         kernel_exit first;
                                                                         listening: it already runs
-                                                                        with this key (preinit);
+                                                                        (preinit): connect at once,
+                                                                        the relay holds channels
+                                                                        until it took this key;
                                                                         hold: cwd need not exist
                                                                         yet, shell requests but
                                                                         kernel_info wait for

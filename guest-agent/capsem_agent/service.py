@@ -284,8 +284,8 @@ class Service:
 
     async def _kernel_start(self, msg):
         k = await self.kernels.start(msg)
-        # listening: the kernel runs with the host's key and accepts connections (a warmed-up
-        # preinit kernel); the host can then skip its probe for the kernel's ports
+        # listening: the kernel runs and accepts connections (a warmed-up preinit kernel; the
+        # relay carries them once it took the host's key); the host can skip its port probe
         await self.send({"t": "ok", "id": msg["id"], "pid": k.pid, "warm": k.warm,
                          "listening": k.listening})
 
