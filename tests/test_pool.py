@@ -297,3 +297,45 @@ def test_pool_stop_leaves_no_processes():
     assert not (rt / "pool" / "pool.sock").exists()
     assert [p.name for p in rt.iterdir() if p.name.startswith("vm-")] == []
     assert capsem("pool", "status").returncode != 0
+
+
+def test_pool_keeps_each_flavour_and_a_kernel_claims_its_own(folder):
+    """`--flavour MB,CPUS,N` beside --memory/--cpus/--size: the pool keeps VMs of both flavours
+    (status shows which is which); a kernel asking for the second flavour claims that VM, not the
+    other; what it claimed is refilled with its own flavour."""
+    other_mb = MEMORY + 128
+    out = capsem("pool", "start", "--size", "1", "--memory", str(MEMORY), "--cpus", str(CPUS),
+                 "--flavour", f"{other_mb},{CPUS},1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        st = wait_ready(2)
+        assert st["flavours"] == [{"memory_mb": MEMORY, "cpus": CPUS, "size": 1},
+                                  {"memory_mb": other_mb, "cpus": CPUS, "size": 1}]
+        assert sorted(v["memory_mb"] for v in st["vms"]) == [MEMORY, other_mb]
+        assert st["budget_mb"] == MEMORY + other_mb
+        # a flavour the pool does not keep: refused with what it keeps and how to get it
+        import asyncio
+        from capsem_vm.image.store import resolve_image
+        from capsem_vm.image.verify import read_manifest
+        from capsem_vm.pool import client, wire
+        digest = read_manifest(resolve_image(None))[1]
+        claim, why = asyncio.run(client.claim(wire.Flavour(999, CPUS, digest)))
+        assert claim is None and f"keeps no VMs of 999 MB/{CPUS} CPUs" in why and f"--flavour 999,{CPUS},N" in why
+        small = next(v["qemu_pid"] for v in st["vms"] if v["memory_mb"] == MEMORY)
+        big = next(v["qemu_pid"] for v in st["vms"] if v["memory_mb"] == other_mb)
+        km, kc = start_kernel(folder, memory_mb=other_mb)
+        try:
+            kvm = km.provisioner.kernel_vm
+            assert kvm.info()["pooled"] is True and kvm.info()["memory_mb"] == other_mb
+            assert kvm.vm.qemu.pid == big
+            assert kh.run_ok(kc, "import os; print(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') > "
+                                 f"{MEMORY} * 2**20)") == "True\n"  # the guest has the bigger memory
+            st = status()
+            assert [v["qemu_pid"] for v in st["vms"] if v["memory_mb"] == MEMORY] == [small]
+            st = wait_ready(2)  # the claimed flavour is refilled
+            assert sorted(v["memory_mb"] for v in st["vms"]) == [MEMORY, other_mb]
+        finally:
+            kh.stop_kernel(km, kc)
+    finally:
+        assert capsem("pool", "stop").returncode == 0
+    kh.wait_gone(timeout=60)

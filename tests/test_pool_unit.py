@@ -92,22 +92,48 @@ def test_pick_oldest_ready_match_only():
     assert wire.pick([], F) is None
 
 
-@given(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), st.integers(256, 8192),
-       st.integers(0, 100000), st.integers(1, 8))
-def test_to_boot_respects_size_parallel_and_budget(size, ready, booting, mem, budget, parallel):
-    n = wire.to_boot(size, ready, booting, mem, budget, parallel)
-    assert n >= 0
-    if n:
-        assert ready + booting + n <= size
-        assert booting + n <= parallel
-        assert (ready + booting + n) * mem <= budget
+shapes = st.lists(st.builds(wire.Shape, st.integers(256, 8192), st.integers(1, 8), st.integers(0, 20)),
+                  min_size=1, max_size=4)
 
 
-def test_to_boot_examples():
-    assert wire.to_boot(4, 0, 0, 1024, 4096, 2) == 2
-    assert wire.to_boot(4, 2, 2, 1024, 4096, 2) == 0
-    assert wire.to_boot(4, 3, 0, 1024, 4096, 2) == 1
-    assert wire.to_boot(4, 0, 0, 1024, 2048, 8) == 2  # the budget caps it
+@given(shapes, st.data(), st.integers(0, 100000), st.integers(1, 8))
+def test_plan_boots_respects_sizes_parallel_and_budget_and_is_maximal(shapes, data, budget, parallel):
+    ready = data.draw(st.lists(st.integers(0, 20), min_size=len(shapes), max_size=len(shapes)))
+    booting = data.draw(st.lists(st.integers(0, 20), min_size=len(shapes), max_size=len(shapes)))
+    plan = wire.plan_boots(shapes, ready, booting, budget, parallel)
+    if not plan:
+        return
+    counts = [r + b + plan.count(i) for i, (r, b) in enumerate(zip(ready, booting))]
+    used = sum(c * s.memory_mb for c, s in zip(counts, shapes))
+    assert all(plan.count(i) == 0 or counts[i] <= s.size for i, s in enumerate(shapes))
+    assert sum(booting) + len(plan) <= parallel
+    assert used <= budget
+    # nothing more would fit: every flavour is full, or the budget or the parallel limit is reached
+    assert sum(booting) + len(plan) == parallel or all(
+        counts[i] >= s.size or used + s.memory_mb > budget for i, s in enumerate(shapes))
+
+
+def test_plan_boots_examples():
+    one = [wire.Shape(1024, 2, 4)]
+    assert wire.plan_boots(one, [0], [0], 4096, 2) == [0, 0]
+    assert wire.plan_boots(one, [2], [2], 4096, 2) == []
+    assert wire.plan_boots(one, [3], [0], 4096, 2) == [0]
+    assert wire.plan_boots(one, [0], [0], 2048, 8) == [0, 0]  # the budget caps it
+    two = [wire.Shape(512, 1, 3), wire.Shape(2048, 2, 1)]
+    assert wire.plan_boots(two, [0, 0], [0, 0], 3584, 2) == [0, 1]  # in turn: no flavour waits
+    assert wire.plan_boots(two, [0, 0], [0, 0], 3584, 8) == [0, 1, 0, 0]
+    assert wire.plan_boots(two, [0, 0], [0, 0], 2048, 8) == [0, 0, 0]  # 2048 MB would not fit beside them
+
+
+@pytest.mark.parametrize("text, ok", [("2048,2,1", True), ("512,1,0", True), ("2048,2", False),
+                                      ("a,b,c", False), ("128,1,1", False), ("2048,0,1", False),
+                                      ("2048,2,-1", False)])
+def test_flavour_option_is_checked(text, ok):
+    if ok:
+        assert wire.Shape.parse(text) == wire.Shape(*map(int, text.split(",")))
+    else:
+        with pytest.raises(wire.WireError, match="flavour"):
+            wire.Shape.parse(text)
 
 
 def test_seqpacket_messages_fds_and_peer_uid():

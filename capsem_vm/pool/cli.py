@@ -20,10 +20,13 @@ def add_parser(sub) -> None:
     start.add_argument("--size", type=int, default=2, help="warm VMs to keep (default 2)")
     start.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="guest memory in MB")
     start.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="virtual CPUs per VM")
+    start.add_argument("--flavour", action="append", default=[], metavar="MB,CPUS,N",
+                       help="also keep N warm VMs of this memory and CPU count (repeatable; for "
+                            "kernelspecs with other memory_mb/cpus; a kernel claims only a VM of its own)")
     start.add_argument("--image", default=None, help="image name or dir (default: the default image)")
     start.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     start.add_argument("--budget", type=int, default=0,
-                       help="memory budget in MB for pooled VMs (default size x memory)")
+                       help="memory budget in MB for pooled VMs (default: what all flavours' VMs need)")
     start.add_argument("--parallel", type=int, default=2, help="VMs booting at once (default 2)")
     start.add_argument("--boot-timeout", type=float, default=300.0)
     start.add_argument("--foreground", action="store_true", help="run in this process (logs to stderr)")
@@ -39,11 +42,17 @@ def add_parser(sub) -> None:
 
 def _config(args):
     from .service import PoolConfig
+    from .wire import Shape, WireError
     if args.size < 0 or args.parallel < 1:
         raise VMError("--size must be >= 0 and --parallel >= 1")
+    try:
+        Shape.parse(f"{args.memory},{args.cpus},{args.size}")
+        more = tuple(Shape.parse(text) for text in args.flavour)
+    except WireError as exc:
+        raise VMError(str(exc), "see capsem pool start --help") from None
     return PoolConfig(size=args.size, memory_mb=args.memory, cpus=args.cpus, image=args.image,
                       accel=args.accel, budget_mb=args.budget, parallel=args.parallel,
-                      boot_timeout=args.boot_timeout)
+                      boot_timeout=args.boot_timeout, more=more)
 
 
 def cmd_start(args) -> int:
@@ -62,6 +71,8 @@ def cmd_start(args) -> int:
             "--size", str(config.size), "--memory", str(config.memory_mb), "--cpus", str(config.cpus),
             "--accel", config.accel, "--budget", str(config.budget_mb), "--parallel", str(config.parallel),
             "--boot-timeout", str(config.boot_timeout)] + (["--image", config.image] if config.image else [])
+    for shape in config.more:
+        argv += ["--flavour", f"{shape.memory_mb},{shape.cpus},{shape.size}"]
     log_path = pool_dir() / "pool.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:
@@ -82,9 +93,10 @@ def cmd_start(args) -> int:
         if time.monotonic() > deadline:
             raise VMError("the pool service did not answer within 30 s", f"see {log_path}")
         time.sleep(0.2)
-    print(f"capsem pool started (pid {proc.pid}, {config.size} x {config.memory_mb} MB; log {log_path})")
+    kept = ", ".join(f"{s.size} x {s.memory_mb} MB/{s.cpus} CPUs" for s in config.shapes)
+    print(f"capsem pool started (pid {proc.pid}, {kept}; log {log_path})")
     if args.wait:
-        wait_full(config.size, timeout=config.boot_timeout + 600)
+        wait_full(sum(s.size for s in config.shapes), timeout=config.boot_timeout + 600)
     return 0
 
 
@@ -123,10 +135,11 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"pool pid {st['pid']}: size {st['size']}, {st['memory_mb']} MB x {st['cpus']} CPUs, "
+    kept = ", ".join(f"{f['size']} x {f['memory_mb']} MB/{f['cpus']} CPUs" for f in st["flavours"])
+    print(f"pool pid {st['pid']}: {kept}, "
           f"budget {st['budget_mb']} MB, {st['claims']} claimed so far ({st['claimed_alive']} still running), "
           f"up {st['uptime_s']:.0f} s")
     for v in st["vms"]:
         rss = f"{v['rss_mb']:.0f} MB resident" if v.get("rss_mb") else "-"
-        print(f"  {v['id']:<16} {v['state']:<8} age {v['age_s']:>7.1f} s  {v['memory_mb']} MB  {rss}")
+        print(f"  {v['id']:<16} {v['state']:<8} age {v['age_s']:>7.1f} s  {v['memory_mb']} MB/{v['cpus']} CPUs  {rss}")
     return 0

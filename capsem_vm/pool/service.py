@@ -1,6 +1,6 @@
-"""The pool service: keeps `size` VMs of one flavour booted and warm, hands them out on claim.
+"""The pool service: keeps VMs of one or more flavours booted and warm, hands them out on claim.
 
-    capsem pool start [--size N] [--memory MB] [--cpus N] [--image I] [--foreground]
+    capsem pool start [--size N] [--memory MB] [--cpus N] [--flavour MB,CPUS,N ...] [--image I] [--foreground]
 
 Its control socket `<runtime dir>/pool/pool.sock` (dir 0700, socket 0600, SOCK_SEQPACKET) is the
 only way to claim a VM; each connection's peer credentials (SO_PEERCRED) must be this user's, or
@@ -13,8 +13,9 @@ nothing for it. Unclaimed VMs die with the pool (their owner end closes with it)
 started without PDEATHSIG (that would kill claimed VMs with the pool) in their own session; the
 pool reaps them while it lives.
 
-Refill: after a claim (REFILL_AFTER_CLAIM_S later) or a lost VM, boot more until `size` (at most
-`parallel` boots at once, never beyond the memory budget: pooled VMs x their memory <= budget_mb).
+Refill: after a claim (REFILL_AFTER_CLAIM_S later) or a lost VM, boot more until each flavour has
+its count (flavours in turn, at most `parallel` boots at once in all, never beyond the memory
+budget: the pooled VMs' memory together <= budget_mb; wire.plan_boots).
 Boots that fail before ready back off exponentially (up to BACKOFF_MAX_S); `capsem pool status`
 shows the VMs meanwhile.
 """
@@ -64,13 +65,23 @@ class PoolConfig:
     cpus: int = 2
     image: str | None = None
     accel: str = "auto"
-    budget_mb: int = 0          # 0: size x memory_mb
-    parallel: int = 2           # boots at once (each boot is CPU-heavy under TCG)
+    budget_mb: int = 0          # 0: what all flavours' VMs need together
+    parallel: int = 2           # boots at once, all flavours (each boot is CPU-heavy under TCG)
     boot_timeout: float = 300.0
+    more: tuple[wire.Shape, ...] = ()  # further flavours to keep warm (--flavour)
+
+    def __post_init__(self):
+        keys = [(s.memory_mb, s.cpus) for s in self.shapes]
+        if len(set(keys)) != len(keys):
+            raise VMError("each flavour (memory, CPUs) may be given once", "merge the counts")
+
+    @property
+    def shapes(self) -> tuple[wire.Shape, ...]:
+        return (wire.Shape(self.memory_mb, self.cpus, self.size),) + self.more
 
     @property
     def budget(self) -> int:
-        return self.budget_mb or self.size * self.memory_mb
+        return self.budget_mb or sum(s.size * s.memory_mb for s in self.shapes)
 
 
 @dataclass
@@ -79,6 +90,7 @@ class Pooled:
     proc: ManagedProcess
     owner: socket.socket
     born: float
+    shape: wire.Shape
     state: str = "booting"
     ready: dict = field(default_factory=dict)
     watch: asyncio.Task | None = None
@@ -124,8 +136,8 @@ class Pool:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("pool serving on %s (size %d, %d MB, %d CPUs)", path, self.config.size,
-                 self.config.memory_mb, self.config.cpus)
+        log.info("pool serving on %s (%s)", path, ", ".join(f"{s.size} x {s.memory_mb} MB, {s.cpus} CPUs"
+                                                        for s in self.config.shapes))
         self.refill()
         self._spawn(self._retire_stale())
         accept = None
@@ -194,8 +206,7 @@ class Pool:
             ready = [v.ready.get("flavour") for v in self.vms.values() if v.state == "ready"]
             booting = sum(v.state == "booting" for v in self.vms.values())
             await seqpacket.send(conn, {"t": "none", "ready": ready, "booting": booting,
-                                        "reason": "no warm VM of this flavour" if ready else
-                                        f"no warm VM ready ({booting} booting)"})
+                                        "reason": self._no_match(wanted, booting)})
             return
         vm = self.vms.pop(vm_id)
         if vm.watch:
@@ -211,6 +222,13 @@ class Pool:
             vm.owner.close()  # handed over (or, if sending failed, the VM goes away with it)
             self.boot_pause.pause([v.proc.pid for v in self.vms.values() if v.state == "booting"])
             asyncio.get_running_loop().call_later(REFILL_AFTER_CLAIM_S + 0.05, self._after_claim)
+
+    def _no_match(self, wanted: wire.Flavour, booting: int) -> str:
+        kept = ", ".join(f"{s.size} x {s.memory_mb} MB/{s.cpus} CPUs" for s in self.config.shapes)
+        if not any((s.memory_mb, s.cpus) == (wanted.memory_mb, wanted.cpus) for s in self.config.shapes):
+            return (f"the pool keeps no VMs of {wanted.memory_mb} MB/{wanted.cpus} CPUs (it keeps {kept}; "
+                    f"`capsem pool start --flavour {wanted.memory_mb},{wanted.cpus},N` would)")
+        return f"no warm VM of this flavour ready ({booting} booting; the pool keeps {kept})"
 
     def _after_claim(self) -> None:
         if self.boot_pause.resume_if_due():  # not due: a later claim moved the end of the pause
@@ -249,19 +267,19 @@ class Pool:
     def refill(self) -> None:
         if self.stopping.is_set() or time.monotonic() < self._hold_until:
             return
-        ready = sum(v.state == "ready" for v in self.vms.values())
-        booting = len(self.vms) - ready
-        for _ in range(wire.to_boot(self.config.size, ready, booting, self.config.memory_mb,
-                                    self.config.budget, self.config.parallel)):
-            self._boot_one()
+        shapes = self.config.shapes
+        ready = [sum(v.shape == s and v.state == "ready" for v in self.vms.values()) for s in shapes]
+        booting = [sum(v.shape == s and v.state != "ready" for v in self.vms.values()) for s in shapes]
+        for i in wire.plan_boots(list(shapes), ready, booting, self.config.budget, self.config.parallel):
+            self._boot_one(shapes[i])
 
-    def _boot_one(self) -> None:
+    def _boot_one(self, shape: wire.Shape) -> None:
         self._seq += 1
         vm_id = f"p{os.getpid()}-{self._seq}"
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         c = self.config
         argv = [sys.executable, "-m", "capsem_vm.pool.keeper", "--fd", str(theirs.fileno()),
-                "--memory", str(c.memory_mb), "--cpus", str(c.cpus), "--accel", c.accel,
+                "--memory", str(shape.memory_mb), "--cpus", str(shape.cpus), "--accel", c.accel,
                 "--boot-timeout", str(c.boot_timeout)] + (["--image", c.image] if c.image else [])
         try:
             # no PDEATHSIG (process.py's spawn): a claimed VM must outlive the pool
@@ -270,7 +288,7 @@ class Pool:
         finally:
             theirs.close()
         mine.setblocking(False)
-        vm = Pooled(vm_id, ManagedProcess(f"keeper[{vm_id}]", popen), mine, time.monotonic())
+        vm = Pooled(vm_id, ManagedProcess(f"keeper[{vm_id}]", popen), mine, time.monotonic(), shape)
         self.vms[vm_id] = vm
         vm.watch = self._spawn(self._watch(vm))
 
@@ -314,11 +332,12 @@ class Pool:
             pid = v.ready.get("qemu_pid")
             rss = qemu_rss_kb(pid) if isinstance(pid, int) else None
             vms.append({"id": v.id, "state": v.state, "age_s": round(now - v.born, 1),
-                        "memory_mb": self.config.memory_mb, "cpus": self.config.cpus,
+                        "memory_mb": v.shape.memory_mb, "cpus": v.shape.cpus,
                         "rss_mb": round(rss / 1024, 1) if rss else None, "keeper_pid": v.proc.pid,
                         "qemu_pid": pid, "warm": v.ready.get("warm")})
         c = self.config
         return {"t": "ok", "pid": os.getpid(), "size": c.size, "memory_mb": c.memory_mb, "cpus": c.cpus,
+                "flavours": [{"memory_mb": s.memory_mb, "cpus": s.cpus, "size": s.size} for s in c.shapes],
                 "image": c.image, "budget_mb": c.budget, "claims": self.claims,
                 "claimed_alive": len(self.handed_out), "uptime_s": round(now - self.started, 1), "vms": vms}
 

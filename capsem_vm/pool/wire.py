@@ -115,13 +115,49 @@ def pick(slots: list[Slot], wanted: Flavour) -> str | None:
     return min(ready, key=lambda s: s.born).id if ready else None
 
 
-def to_boot(size: int, ready: int, booting: int, memory_mb: int, budget_mb: int, max_parallel: int) -> int:
-    """How many VMs to start booting now: fill up to `size`, never more than `max_parallel` boots
-    at once, and never beyond the memory budget (pooled VMs, booting or ready, x their memory)."""
-    want = size - ready - booting
-    by_parallel = max_parallel - booting
-    by_budget = budget_mb // memory_mb - ready - booting if memory_mb > 0 else 0
-    return max(0, min(want, by_parallel, by_budget))
+@dataclass(frozen=True)
+class Shape:
+    """What the pool keeps warm of one flavour: `size` VMs of `memory_mb` and `cpus` (the image
+    and accelerator are the pool's)."""
+
+    memory_mb: int
+    cpus: int
+    size: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """'MB,CPUS,N' (--flavour), checked like a claim's flavour."""
+        parts = text.split(",")
+        try:
+            memory_mb, cpus, size = (int(p) for p in parts)
+        except ValueError:
+            raise WireError(f"flavour {text!r}: expected MEMORY_MB,CPUS,COUNT, e.g. 2048,2,1") from None
+        if not (256 <= memory_mb <= 1 << 20 and 1 <= cpus <= 64 and 0 <= size <= 1000):
+            raise WireError(f"flavour {text!r}: memory 256..1048576 MB, 1..64 CPUs, count 0..1000")
+        return cls(memory_mb, cpus, size)
+
+
+def plan_boots(shapes: list[Shape], ready: list[int], booting: list[int], budget_mb: int,
+               max_parallel: int) -> list[int]:
+    """Which flavours to boot one more VM of now (indexes into `shapes`, one entry per VM, taken
+    in turn so that no flavour waits for another to fill): each up to its size, never more than
+    `max_parallel` boots at once, never beyond the memory budget (all pooled VMs, booting or
+    ready, x their memory)."""
+    counts = [r + b for r, b in zip(ready, booting)]
+    used = sum(c * s.memory_mb for c, s in zip(counts, shapes))
+    in_flight = sum(booting)
+    plan: list[int] = []
+    added = True
+    while added and in_flight < max_parallel:
+        added = False
+        for i, shape in enumerate(shapes):
+            if in_flight < max_parallel and counts[i] < shape.size and used + shape.memory_mb <= budget_mb:
+                plan.append(i)
+                counts[i] += 1
+                used += shape.memory_mb
+                in_flight += 1
+                added = True
+    return plan
 
 
 def backoff(failures: int, cap: float = 120.0) -> float:
