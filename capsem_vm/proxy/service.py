@@ -243,9 +243,12 @@ class ProxyService:
         return [w.proc.pid for w in self.workers if w.proc]
 
     async def start(self) -> None:
+        from .audit import connect, default_db_path
         from .ca import ensure_ca
-        # why: create the CA once here, not racing in N workers
+        # why: create the CA and the audit database (WAL mode, schema) once here, not racing in N
+        # workers: two workers switching a new database to WAL at once got "database is locked"
         await asyncio.to_thread(ensure_ca, Path(self.config["ca_dir"]) if self.config["ca_dir"] else None)
+        await asyncio.to_thread(lambda: connect(self.config["audit_db"] or default_db_path()).close())
         self.workers = [_Worker(self.python, self.config, self.log_path) for _ in range(self.workers_n)]
         try:
             await asyncio.gather(*(w.start() for w in self.workers))
