@@ -148,6 +148,15 @@ def agent(tmp_path):
     a.stop()
 
 
+def closed_by_agent(s: socket.socket, timeout: float = 30.0) -> bool:
+    """The agent closed this stream within `timeout` (an unread greeting makes it a reset)."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
 def open_channel(agent: Agent, name: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(agent.channels_path)

@@ -24,7 +24,7 @@ from jupyter_client import BlockingKernelClient
 
 from capsem_agent import protocol
 
-from test_agent_harness import Agent, ChannelForwarder, agent, open_channel  # noqa: F401
+from test_agent_harness import Agent, ChannelForwarder, agent, closed_by_agent, open_channel  # noqa: F401
 
 ECHO_KERNEL = r'''
 # Stands in for `python -m ipykernel_launcher -f FILE`: an echo server on each of the five ports.
@@ -351,7 +351,7 @@ def test_preinit_kernel_that_cannot_take_its_parameters_exits(tmp_path):
         shell = open_channel(a, "shell")
         ex = wait_kernel_exit(a)
         assert ex["code"] == 1 and "could not take its parameters" in ex["tail"], ex
-        assert _closed_by_agent(shell), "a stream was carried to the kernel that kept its throw-away key"
+        assert closed_by_agent(shell), "a stream was carried to the kernel that kept its throw-away key"
     finally:
         a.stop()
 
@@ -531,13 +531,6 @@ def _recv_until(s: socket.socket, marker: bytes, timeout: float = 60) -> bytes:
     return got
 
 
-def _closed_by_agent(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:  # closed with the greeting unread
-        return True
-
-
 def test_primed_stream_finishes_the_kernels_handshake_before_the_claim_and_holds_the_rest_for_the_key(tmp_path):
     """A pooled VM's keeper primes one stream per channel: the agent joins it to the pre-started
     kernel's spare connection and passes the ZMTP greeting, so the kernel's greeting and READY
@@ -549,7 +542,7 @@ def test_primed_stream_finishes_the_kernels_handshake_before_the_claim_and_holds
     a = Agent(tmp_path)
     try:
         early = _open_primed(a, "shell")  # nothing pre-started yet
-        assert _closed_by_agent(early)
+        assert closed_by_agent(early)
         prewarm_preinit(a)
         conn = json.loads(Path(glob.glob(str(a.rundir / "kernels" / "*" / "connection.json"))[0]).read_text())
         ports = {name: conn[f"{name}_port"] for name in ("shell", "iopub", "stdin", "control", "hb")}
@@ -571,7 +564,7 @@ def test_primed_stream_finishes_the_kernels_handshake_before_the_claim_and_holds
         assert reply.startswith(_zmtp_frame(b"<IDS|MSG>", more=True))  # (the kernel's ROUTER routed it by our identity)
         assert _kernel_side_peers(ports)["shell"] == spares["shell"], "not carried by the spare connection"
         late = _open_primed(a, "iopub")  # a kernel was started: no more priming
-        assert _closed_by_agent(late)
+        assert closed_by_agent(late)
     finally:
         a.stop()
 

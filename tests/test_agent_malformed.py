@@ -9,7 +9,7 @@ import time
 import pytest
 
 from capsem_agent import protocol
-from test_agent_harness import agent, open_channel  # noqa: F401 - fixture
+from test_agent_harness import agent, closed_by_agent, open_channel  # noqa: F401 - fixture
 
 
 def raw_frame(body: bytes) -> bytes:
@@ -120,14 +120,6 @@ def test_duplicate_exec_id_rejected(agent):
 
 # --- channel listener --------------------------------------------------------------------------
 
-def _closed_soon(s: socket.socket, timeout=15.0) -> bool:
-    s.settimeout(timeout)
-    try:
-        return s.recv(100) == b""
-    except ConnectionResetError:
-        return True
-
-
 @pytest.mark.parametrize("prime", [False, True])
 def test_channel_without_kernel_is_closed(agent, prime):
     """No kernel: a plain stream is closed, and so is a primed one (no warm pre-started kernel
@@ -136,7 +128,7 @@ def test_channel_without_kernel_is_closed(agent, prime):
     s.connect(agent.channels_path)
     s.sendall(protocol.encode({"t": "channel", "name": "shell", "prime": prime})
               + (protocol.ZMTP_GREETING if prime else b""))
-    assert _closed_soon(s)
+    assert closed_by_agent(s, timeout=15)
     assert_still_serving(agent)
 
 
@@ -151,7 +143,7 @@ def test_channel_bad_first_frame_is_closed(agent, first):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(agent.channels_path)
     s.sendall(first)
-    assert _closed_soon(s)
+    assert closed_by_agent(s, timeout=15)
     assert_still_serving(agent)
 
 

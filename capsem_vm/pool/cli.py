@@ -46,7 +46,7 @@ def _config(args):
     if args.size < 0 or args.parallel < 1:
         raise VMError("--size must be >= 0 and --parallel >= 1")
     try:
-        Shape.parse(f"{args.memory},{args.cpus},{args.size}")
+        Shape.checked(args.memory, args.cpus, args.size)
         more = tuple(Shape.parse(text) for text in args.flavour)
     except WireError as exc:
         raise VMError(str(exc), "see capsem pool start --help") from None

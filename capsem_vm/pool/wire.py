@@ -21,6 +21,8 @@ TYPES = frozenset({
 })
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 ACCELS = ("auto", "kvm", "tcg")
+MEMORY_MB = (256, 1 << 20)  # what a flavour may ask for
+CPUS = (1, 64)
 
 
 class WireError(ValueError):
@@ -90,7 +92,7 @@ class Flavour:
         accel = get_str(d, "accel", 8, "auto")
         if accel not in ACCELS:
             raise WireError(f"accel must be one of {ACCELS}")
-        return cls(get_int(d, "memory_mb", 256, 1 << 20), get_int(d, "cpus", 1, 64), digest, accel)
+        return cls(get_int(d, "memory_mb", *MEMORY_MB), get_int(d, "cpus", *CPUS), digest, accel)
 
     def serves(self, wanted: "Flavour") -> bool:
         """Can a VM of this (booted: accel is kvm or tcg) flavour serve `wanted`?"""
@@ -126,14 +128,19 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
-        """'MB,CPUS,N' (--flavour), checked like a claim's flavour."""
-        parts = text.split(",")
+        """'MB,CPUS,N' (--flavour)."""
         try:
-            memory_mb, cpus, size = (int(p) for p in parts)
+            memory_mb, cpus, size = (int(p) for p in text.split(","))
         except ValueError:
             raise WireError(f"flavour {text!r}: expected MEMORY_MB,CPUS,COUNT, e.g. 2048,2,1") from None
-        if not (256 <= memory_mb <= 1 << 20 and 1 <= cpus <= 64 and 0 <= size <= 1000):
-            raise WireError(f"flavour {text!r}: memory 256..1048576 MB, 1..64 CPUs, count 0..1000")
+        return cls.checked(memory_mb, cpus, size)
+
+    @classmethod
+    def checked(cls, memory_mb: int, cpus: int, size: int) -> "Shape":
+        """Within what a claim's flavour may ask for (Flavour.from_wire)."""
+        if not (MEMORY_MB[0] <= memory_mb <= MEMORY_MB[1] and CPUS[0] <= cpus <= CPUS[1] and 0 <= size <= 1000):
+            raise WireError(f"flavour '{memory_mb},{cpus},{size}': memory {MEMORY_MB[0]}..{MEMORY_MB[1]} MB, "
+                            f"{CPUS[0]}..{CPUS[1]} CPUs, count 0..1000")
         return cls(memory_mb, cpus, size)
 
 

@@ -255,6 +255,15 @@ def hung_up(sock: socket.socket) -> bool:
         return True
 
 
+def shut(*socks: socket.socket) -> None:
+    """Shut both directions down (wakes threads blocked in recv on them); errors ignored."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class SpareConnections:
     """One TCP connection per channel, made to a pre-started kernel's ports while it waits to be
     claimed, so that the host's first stream on each channel finds the kernel's side connected
@@ -317,11 +326,7 @@ class SpareConnections:
         for sock in socks.values():
             sock.close()
         for pair in relays.items():
-            for sock in pair:  # wakes the relay's threads blocked in recv on either side
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut(*pair)  # wakes the relay's threads blocked in recv on either side
 
 
 class Kernel:
@@ -364,11 +369,7 @@ class Kernel:
             relays, self._relays = self._relays, set()
         self.spares.close()  # (its primed relays too)
         self.ready.set()  # wakes relays waiting for it; they see alive is False
-        for s in relays:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut(*relays)
 
 
 class KernelManager:

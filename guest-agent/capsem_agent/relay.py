@@ -14,7 +14,7 @@ import threading
 import time
 
 from . import protocol
-from .kernel import connect_local, hung_up
+from .kernel import connect_local, hung_up, shut
 
 CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
@@ -54,14 +54,6 @@ def read_channel_frame(sock: socket.socket) -> tuple[str, bool]:
     return name, prime
 
 
-def _shut(*socks: socket.socket) -> None:
-    for s in socks:
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -73,7 +65,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.sendall(view[:n])
         dst.shutdown(socket.SHUT_WR)  # pass the half-close on; the other direction may go on
     except OSError:
-        _shut(src, dst)  # one side broke: end both directions
+        shut(src, dst)  # one side broke: end both directions
 
 
 class ChannelServer:
@@ -153,7 +145,7 @@ class ChannelServer:
             back.start()
             while not spares.ready.wait(PRIMED_CHECK):
                 if hung_up(sock):  # the pooled VM's host is gone
-                    _shut(sock, spare)
+                    shut(sock, spare)
                     break
             if spares.ready.is_set() and not spares.closed:
                 _pump(sock, spare)
