@@ -552,3 +552,72 @@ def _host_ip() -> str | None:
         return None if ip.startswith("127.") else ip
     except OSError:
         return None
+
+
+# --- a pooled VM: booted before any kernel existed, given its policy and audit id at the claim -------
+
+POOL_MEMORY, POOL_CPUS = 512, 1
+
+
+def pool_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(CAPSEM_CLI + ["pool", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_pooled_kernel_is_judged_and_audited_under_its_own_id(ek):
+    w = ek.w
+    out = pool_cli("start", "--size", "1", "--memory", str(POOL_MEMORY), "--cpus", str(POOL_CPUS))
+    assert out.returncode == 0, out.stdout + out.stderr
+    km = kc = None
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            st = pool_cli("status", "--json")
+            assert st.returncode == 0, st.stderr
+            if any(v["state"] == "ready" for v in json.loads(st.stdout)["vms"]):
+                break
+            assert time.monotonic() < deadline, f"no pooled VM ready within 900 s: {st.stdout}"
+            time.sleep(1)
+        from jupyter_client.manager import KernelManager
+        from traitlets.config import Config
+        c = Config()
+        c.CapsemProvisioner.use_pool = True
+        c.CapsemProvisioner.memory_mb = POOL_MEMORY
+        c.CapsemProvisioner.cpus = POOL_CPUS
+        km = KernelManager(kernel_name=KERNEL, config=c)
+        km.start_kernel(cwd=str(ek.nb))
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=300)
+        info = km.provisioner.kernel_vm.info()
+        assert info["pooled"] is True, info
+        kid = km.kernel_id
+        assert kid != ek.kid and info["egress"]["kernel_id"] == kid
+        tag = os.urandom(6).hex()
+        url = f"https://api.test.example:{w.HTTPS}/echo?pooled={tag}"
+        res = json.loads(run_ok(kc, PRELUDE + f"""
+R["allowed"] = status(requests.get("{url}", timeout=60))
+R["denied"] = status(requests.delete("{url}", timeout=60))
+R["outside"] = attempt(lambda: requests.get("https://evil-{tag}.example.org/", timeout=60).status_code)
+R["token"] = os.environ.get("SVC_TOKEN")
+print(json.dumps(R))
+""").strip().splitlines()[-1])
+        # the kernel's policy (decided at the claim, not at the VM's boot) judged its requests ...
+        assert res["allowed"][0] == 200, res
+        assert res["denied"][0] == 403 and 'rule="default"' in res["denied"][1]
+        assert res["outside"][0] == "ProxyError" and "403" in res["outside"][1]
+        assert res["token"] == w.policy.guest_env()["SVC_TOKEN"]  # its credential placeholders too
+        # ... and every row they left is this kernel's, none the module's other kernel's
+        get = w.wait_rows(kernel=kid, kind="http", method="GET", url=url)
+        assert get and get[0]["status"] == 200 and get[0]["decision"] == "allow" and get[0]["rule"] == "api"
+        delete = w.wait_rows(kernel=kid, kind="http", method="DELETE", url=url)
+        assert delete and delete[0]["status"] == 403 and delete[0]["decision"] == "deny"
+        assert w.wait_rows(kernel=kid, kind="connect", host=f"evil-{tag}.example.org", decision="deny")
+        mentions = w.rows(url=lambda u: bool(u) and tag in u) + w.rows(host=lambda h: bool(h) and tag in h)
+        assert mentions and {r["kernel"] for r in mentions} == {kid}
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        if km is not None and km.has_kernel:
+            km.shutdown_kernel(now=True)
+        stopped = pool_cli("stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
