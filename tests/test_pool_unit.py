@@ -239,14 +239,17 @@ def test_boot_pause_stops_the_trees_under_the_keepers_then_continues_them():
             time.sleep(0.05)
         tree = descendants(keeper.pid)
         pause = BootPause(seconds=0.5)
+        assert not pause.holds(keeper.pid) and pause.remaining_s() == 0
         pause.pause([keeper.pid])
         assert pause.paused == sorted(tree)
+        assert pause.holds(keeper.pid) and not pause.holds(keeper.pid + 1) and 0 < pause.remaining_s() <= 0.5
         for pid in tree:
             _wait_state(pid, "T")
         assert _state(keeper.pid) != "T"  # the keeper itself keeps running
         assert pause.resume_if_due() is False  # not yet
         time.sleep(0.6)
         assert pause.resume_if_due() is True and pause.paused == []
+        assert not pause.holds(keeper.pid) and pause.remaining_s() == 0
         for pid in tree:
             _wait_state(pid, "R")
     finally:

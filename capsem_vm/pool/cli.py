@@ -139,7 +139,10 @@ def cmd_status(args) -> int:
     print(f"pool pid {st['pid']}: {kept}, "
           f"budget {st['budget_mb']} MB, {st['claims']} claimed so far ({st['claimed_alive']} still running), "
           f"up {st['uptime_s']:.0f} s")
+    if st.get("boots_paused_s"):
+        print(f"  boots paused for {st['boots_paused_s']:.1f} s more: a kernel claimed a VM just now")
     for v in st["vms"]:
         rss = f"{v['rss_mb']:.0f} MB resident" if v.get("rss_mb") else "-"
-        print(f"  {v['id']:<16} {v['state']:<8} age {v['age_s']:>7.1f} s  {v['memory_mb']} MB/{v['cpus']} CPUs  {rss}")
+        state = "paused" if v.get("paused") else v["state"]
+        print(f"  {v['id']:<16} {state:<8} age {v['age_s']:>7.1f} s  {v['memory_mb']} MB/{v['cpus']} CPUs  {rss}")
     return 0

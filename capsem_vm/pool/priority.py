@@ -43,10 +43,19 @@ class BootPause:
         self.seconds = seconds
         self.until = 0.0
         self._stopped: dict[int, int] = {}  # pid -> pidfd
+        self._roots: set[int] = set()  # those with at least one process stopped under them
 
     @property
     def paused(self) -> list[int]:
         return sorted(self._stopped)
+
+    def holds(self, root: int) -> bool:
+        """The tree under `root` is stopped now (for status)."""
+        return root in self._roots
+
+    def remaining_s(self) -> float:
+        """Seconds until the stopped trees continue (0 when none are stopped)."""
+        return max(0.0, self.until - time.monotonic()) if self._stopped else 0.0
 
     def pause(self, roots: list[int]) -> None:
         """Stop the trees under `roots` (the roots themselves, the keepers, keep running: they only
@@ -66,6 +75,7 @@ class BootPause:
                     os.close(fd)
                     continue
                 self._stopped[pid] = fd
+                self._roots.add(root)
 
     def resume_if_due(self) -> bool:
         if time.monotonic() < self.until:
@@ -75,6 +85,7 @@ class BootPause:
 
     def resume(self) -> None:
         stopped, self._stopped = self._stopped, {}
+        self._roots = set()
         for fd in stopped.values():
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(fd, signal.SIGCONT)

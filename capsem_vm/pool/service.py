@@ -334,12 +334,14 @@ class Pool:
             vms.append({"id": v.id, "state": v.state, "age_s": round(now - v.born, 1),
                         "memory_mb": v.shape.memory_mb, "cpus": v.shape.cpus,
                         "rss_mb": round(rss / 1024, 1) if rss else None, "keeper_pid": v.proc.pid,
-                        "qemu_pid": pid, "warm": v.ready.get("warm")})
+                        "qemu_pid": pid, "warm": v.ready.get("warm"),
+                        "paused": v.state == "booting" and self.boot_pause.holds(v.proc.pid)})
         c = self.config
         return {"t": "ok", "pid": os.getpid(), "size": c.size, "memory_mb": c.memory_mb, "cpus": c.cpus,
                 "flavours": [{"memory_mb": s.memory_mb, "cpus": s.cpus, "size": s.size} for s in c.shapes],
                 "image": c.image, "budget_mb": c.budget, "claims": self.claims,
-                "claimed_alive": len(self.handed_out), "uptime_s": round(now - self.started, 1), "vms": vms}
+                "claimed_alive": len(self.handed_out), "uptime_s": round(now - self.started, 1),
+                "boots_paused_s": round(self.boot_pause.remaining_s(), 1), "vms": vms}
 
     async def shutdown(self) -> None:
         self.boot_pause.resume()  # stopped processes would not act on their teardown
