@@ -80,6 +80,19 @@ class Client:
         self.fw.close()
 
 
+def assert_loaded_without_debugpy(c: Client) -> None:
+    """The kernel was imported with debugpy hidden (kernel.WITHOUT_DEBUGPY): it reports no
+    debugger (like the kernelspec) and has not loaded debugpy, which notebook code can still import."""
+    c.kc.kernel_info()
+    info = c.kc.get_shell_msg(timeout=60)
+    content = info["content"]
+    assert info["msg_type"] == "kernel_info_reply", info
+    # ipykernel 6 says "debugger": false; 7 lists "debugger" in supported_features when it has one
+    assert content.get("debugger", False) is False and "debugger" not in content.get("supported_features", []), content
+    content, out = c.run("import sys; print('debugpy' in sys.modules); import debugpy; print(debugpy.__name__)")
+    assert content["status"] == "ok" and out.split() == ["False", "debugpy"], (content, out)
+
+
 def prewarm_preinit(a: Agent) -> None:
     """kernel_prewarm {preinit}, waiting until the pre-started kernel is initialised and warm."""
     r = a.client.request({"t": "kernel_prewarm", "id": 50, "preinit": True, "wait": 120}, timeout=150)
@@ -267,6 +280,7 @@ def test_warm_kernel_start(tmp_path, how):
         try:
             content, out = c.run("import os, sys; print(os.getcwd(), sys.argv[0].endswith('ipykernel_launcher'))")
             assert out.strip() == f"{a.tmp} True"
+            assert_loaded_without_debugpy(c)
         finally:
             c.close()
         print(f"warm kernel_start -> ready: {ready:.3f}s")
@@ -307,6 +321,7 @@ def test_preinit_kernel_takes_the_real_key_cwd_and_env(tmp_path):
                 fw.close()
             _, out = c.run("print('still here')")  # and the real client is unaffected
             assert out.strip() == "still here"
+            assert_loaded_without_debugpy(c)
         finally:
             c.close()
         print(f"preinit kernel_start -> ready: {ready:.3f}s")

@@ -49,6 +49,24 @@ TAIL_BYTES = 8192  # kernel stdout/stderr kept for diagnostics (sent with kernel
 MAX_KEY = 4096
 _SCHEME = re.compile(r"^hmac-[a-z0-9]{1,16}$")
 
+# ipykernel imports debugpy (and through it pkg_resources) to offer its debugger: about 3 s of
+# emulated CPU per kernel start here, for a debugger the capsem kernelspec turns off
+# ("debugger": false). The warm and preinit processes import ipykernel with debugpy hidden (it
+# then reports no debugger) and unhide it after, so notebook code can still import debugpy.
+WITHOUT_DEBUGPY = r"""
+class HideDebugpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "debugpy" or name.startswith("debugpy."):
+            raise ImportError("debugpy is not loaded with the kernel (capsem kernels have no debugger)", name=name)
+        return None
+hide_debugpy = HideDebugpy()
+sys.meta_path.insert(0, hide_debugpy)
+try:
+    import ipykernel.ipkernel, ipykernel.debugger  # the debugger module decides, once, at import
+finally:
+    sys.meta_path.remove(hide_debugpy)
+"""
+
 # The warm process: import everything heavy, then wait for one JSON line of parameters.
 # Python startup options (-c) keep sys.path[0] == "" which, like ipykernel_launcher, we drop;
 # IPython's init_path puts the kernel's cwd back.
@@ -56,6 +74,7 @@ WARM_BOOTSTRAP = r"""
 import json, os, sys
 if sys.path and sys.path[0] == "":
     del sys.path[0]
+""" + WITHOUT_DEBUGPY + r"""
 from ipykernel import kernelapp as app
 import ipykernel.ipkernel, ipykernel.zmqshell, IPython.core.interactiveshell  # noqa
 os.write(1, b"capsem-warm-ready\n")
@@ -94,6 +113,7 @@ import json, os, sys, threading
 if sys.path and sys.path[0] == "":
     del sys.path[0]
 out_fd, in_fd, ack_fd = os.dup(1), os.dup(0), int(sys.argv[2])
+""" + WITHOUT_DEBUGPY + r"""
 from ipykernel import kernelapp
 from tornado import ioloop
 env0 = dict(os.environ)
