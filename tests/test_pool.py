@@ -309,8 +309,8 @@ def test_pool_keeps_each_flavour_and_a_kernel_claims_its_own(folder):
     assert out.returncode == 0, out.stdout + out.stderr
     try:
         st = wait_ready(2)
-        assert st["flavours"] == [{"memory_mb": MEMORY, "cpus": CPUS, "size": 1},
-                                  {"memory_mb": other_mb, "cpus": CPUS, "size": 1}]
+        assert st["flavours"] == [{"memory_mb": MEMORY, "cpus": CPUS, "size": 1, "image": None},
+                                  {"memory_mb": other_mb, "cpus": CPUS, "size": 1, "image": None}]
         assert sorted(v["memory_mb"] for v in st["vms"]) == [MEMORY, other_mb]
         assert st["budget_mb"] == MEMORY + other_mb
         # a flavour the pool does not keep: refused with what it keeps and how to get it
@@ -334,6 +334,51 @@ def test_pool_keeps_each_flavour_and_a_kernel_claims_its_own(folder):
             assert [v["qemu_pid"] for v in st["vms"] if v["memory_mb"] == MEMORY] == [small]
             st = wait_ready(2)  # the claimed flavour is refilled
             assert sorted(v["memory_mb"] for v in st["vms"]) == [MEMORY, other_mb]
+        finally:
+            kh.stop_kernel(km, kc)
+    finally:
+        assert capsem("pool", "stop").returncode == 0
+    kh.wait_gone(timeout=60)
+
+
+def test_pool_keeps_a_flavour_of_another_image(folder):
+    """`--flavour MB,CPUS,N,IMAGE`: warm VMs of another image beside the default image's; a kernel
+    whose image is that one claims such a VM (its guest has what only that image has), a kernel of
+    the default image the other; a claim for an image the pool keeps no VM of is told how to get one."""
+    import asyncio
+
+    from capsem_vm.image.store import resolve_image
+    from capsem_vm.pool import client, wire
+    built = capsem("image", "build", "--apt", "sl", timeout=1500)  # a recipe of its own: not the default
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    other = built.stdout.strip().splitlines()[-1]
+    assert Path(other).is_dir() and Path(other).resolve() != resolve_image(None)
+    out = capsem("pool", "start", "--size", "1", "--memory", str(MEMORY), "--cpus", str(CPUS),
+                 "--flavour", f"{MEMORY},{CPUS},1,{other}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        st = wait_ready(2)
+        assert st["flavours"] == [{"memory_mb": MEMORY, "cpus": CPUS, "size": 1, "image": None},
+                                  {"memory_mb": MEMORY, "cpus": CPUS, "size": 1, "image": other}]
+        by_image = {v["image"]: v["qemu_pid"] for v in st["vms"]}
+        assert set(by_image) == {None, other}
+        claim, why = asyncio.run(client.claim(wire.Flavour(MEMORY, CPUS, "0" * 64)))
+        assert claim is None and "booted from this kernel's image" in why, why
+        assert f"--flavour {MEMORY},{CPUS},N,IMAGE" in why
+        sl = "import os; print(os.path.exists('/usr/games/sl'))"
+        km, kc = start_kernel(folder, image=other)
+        try:
+            kvm = km.provisioner.kernel_vm
+            assert kvm.info()["pooled"] is True and kvm.vm.qemu.pid == by_image[other]
+            assert kh.run_ok(kc, sl) == "True\n"
+            assert [v["qemu_pid"] for v in status()["vms"] if v["image"] is None] == [by_image[None]]
+        finally:
+            kh.stop_kernel(km, kc)
+        km, kc = start_kernel(folder)  # the default image's kernel: the other VM
+        try:
+            kvm = km.provisioner.kernel_vm
+            assert kvm.info()["pooled"] is True and kvm.vm.qemu.pid == by_image[None]
+            assert kh.run_ok(kc, sl) == "False\n"
         finally:
             kh.stop_kernel(km, kc)
     finally:

@@ -127,13 +127,26 @@ def test_plan_boots_examples():
 
 @pytest.mark.parametrize("text, ok", [("2048,2,1", True), ("512,1,0", True), ("2048,2", False),
                                       ("a,b,c", False), ("128,1,1", False), ("2048,0,1", False),
-                                      ("2048,2,-1", False)])
+                                      ("2048,2,-1", False), ("2048,2,1,", False), ("2048,2,1, ", False)])
 def test_flavour_option_is_checked(text, ok):
     if ok:
         assert wire.Shape.parse(text) == wire.Shape(*map(int, text.split(",")))
     else:
         with pytest.raises(wire.WireError, match="flavour"):
             wire.Shape.parse(text)
+
+
+def test_flavour_option_with_an_image_and_the_pools_image_for_the_others():
+    from capsem_vm.errors import VMError
+    from capsem_vm.pool.service import PoolConfig
+    assert wire.Shape.parse("640,2,1,gpu-image") == wire.Shape(640, 2, 1, "gpu-image")
+    assert wire.Shape.parse("640,2,1,/images/a,b") == wire.Shape(640, 2, 1, "/images/a,b")  # a dir may hold commas
+    c = PoolConfig(size=2, memory_mb=512, cpus=1, image="main",
+                   more=(wire.Shape(640, 2, 1), wire.Shape(512, 1, 1, "other")))
+    assert c.shapes == (wire.Shape(512, 1, 2, "main"), wire.Shape(640, 2, 1, "main"), wire.Shape(512, 1, 1, "other"))
+    assert c.budget == 2 * 512 + 640 + 512
+    with pytest.raises(VMError, match="once"):  # the same memory, CPUs and image twice
+        PoolConfig(size=1, memory_mb=512, cpus=1, image="main", more=(wire.Shape(512, 1, 1, "main"),))
 
 
 def test_seqpacket_messages_fds_and_peer_uid():

@@ -20,10 +20,12 @@ def add_parser(sub) -> None:
     start.add_argument("--size", type=int, default=2, help="warm VMs to keep (default 2)")
     start.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="guest memory in MB")
     start.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="virtual CPUs per VM")
-    start.add_argument("--flavour", action="append", default=[], metavar="MB,CPUS,N",
-                       help="also keep N warm VMs of this memory and CPU count (repeatable; for "
-                            "kernelspecs with other memory_mb/cpus; a kernel claims only a VM of its own)")
-    start.add_argument("--image", default=None, help="image name or dir (default: the default image)")
+    start.add_argument("--flavour", action="append", default=[], metavar="MB,CPUS,N[,IMAGE]",
+                       help="also keep N warm VMs of this memory, CPU count and image (name or dir; "
+                            "default: --image) (repeatable; for kernelspecs with other memory_mb/cpus/image; "
+                            "a kernel claims only a VM of its own)")
+    start.add_argument("--image", default=None,
+                       help="image name or dir of the --size VMs and of flavours without one (default: the default image)")
     start.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     start.add_argument("--budget", type=int, default=0,
                        help="memory budget in MB for pooled VMs (default: what all flavours' VMs need)")
@@ -50,6 +52,9 @@ def _config(args):
         more = tuple(Shape.parse(text) for text in args.flavour)
     except WireError as exc:
         raise VMError(str(exc), "see capsem pool start --help") from None
+    from ..image.store import resolve_image
+    for image in {args.image, *(s.image for s in more)}:
+        resolve_image(image)  # a missing image: said now, not by every boot in the pool's log
     return PoolConfig(size=args.size, memory_mb=args.memory, cpus=args.cpus, image=args.image,
                       accel=args.accel, budget_mb=args.budget, parallel=args.parallel,
                       boot_timeout=args.boot_timeout, more=more)
@@ -72,7 +77,7 @@ def cmd_start(args) -> int:
             "--accel", config.accel, "--budget", str(config.budget_mb), "--parallel", str(config.parallel),
             "--boot-timeout", str(config.boot_timeout)] + (["--image", config.image] if config.image else [])
     for shape in config.more:
-        argv += ["--flavour", f"{shape.memory_mb},{shape.cpus},{shape.size}"]
+        argv += ["--flavour", f"{shape.memory_mb},{shape.cpus},{shape.size}" + (f",{shape.image}" if shape.image else "")]
     log_path = pool_dir() / "pool.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:
@@ -93,7 +98,7 @@ def cmd_start(args) -> int:
         if time.monotonic() > deadline:
             raise VMError("the pool service did not answer within 30 s", f"see {log_path}")
         time.sleep(0.2)
-    kept = ", ".join(f"{s.size} x {s.memory_mb} MB/{s.cpus} CPUs" for s in config.shapes)
+    kept = ", ".join(s.label() for s in config.shapes)
     print(f"capsem pool started (pid {proc.pid}, {kept}; log {log_path})")
     if args.wait:
         wait_full(sum(s.size for s in config.shapes), timeout=config.boot_timeout + 600)
@@ -135,7 +140,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    kept = ", ".join(f"{f['size']} x {f['memory_mb']} MB/{f['cpus']} CPUs" for f in st["flavours"])
+    kept = ", ".join(f"{f['size']} x {f['memory_mb']} MB/{f['cpus']} CPUs" + (f" ({f['image']})" if f.get("image") else "")
+                     for f in st["flavours"])
     print(f"pool pid {st['pid']}: {kept}, "
           f"budget {st['budget_mb']} MB, {st['claims']} claimed so far ({st['claimed_alive']} still running), "
           f"up {st['uptime_s']:.0f} s")
@@ -144,5 +150,6 @@ def cmd_status(args) -> int:
     for v in st["vms"]:
         rss = f"{v['rss_mb']:.0f} MB resident" if v.get("rss_mb") else "-"
         state = "paused" if v.get("paused") else v["state"]
-        print(f"  {v['id']:<16} {state:<8} age {v['age_s']:>7.1f} s  {v['memory_mb']} MB/{v['cpus']} CPUs  {rss}")
+        image = f"  image {v['image']}" if v.get("image") else ""
+        print(f"  {v['id']:<16} {state:<8} age {v['age_s']:>7.1f} s  {v['memory_mb']} MB/{v['cpus']} CPUs  {rss}{image}")
     return 0

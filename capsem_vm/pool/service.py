@@ -1,6 +1,7 @@
-"""The pool service: keeps VMs of one or more flavours booted and warm, hands them out on claim.
+"""The pool service: keeps VMs of one or more flavours (memory, CPUs, image) booted and warm, hands
+them out on claim.
 
-    capsem pool start [--size N] [--memory MB] [--cpus N] [--flavour MB,CPUS,N ...] [--image I] [--foreground]
+    capsem pool start [--size N] [--memory MB] [--cpus N] [--flavour MB,CPUS,N[,IMAGE] ...] [--image I] [--foreground]
 
 Its control socket `<runtime dir>/pool/pool.sock` (dir 0700, socket 0600, SOCK_SEQPACKET) is the
 only way to claim a VM; each connection's peer credentials (SO_PEERCRED) must be this user's, or
@@ -23,6 +24,7 @@ shows the VMs meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -71,13 +73,15 @@ class PoolConfig:
     more: tuple[wire.Shape, ...] = ()  # further flavours to keep warm (--flavour)
 
     def __post_init__(self):
-        keys = [(s.memory_mb, s.cpus) for s in self.shapes]
+        keys = [(s.memory_mb, s.cpus, s.image) for s in self.shapes]
         if len(set(keys)) != len(keys):
-            raise VMError("each flavour (memory, CPUs) may be given once", "merge the counts")
+            raise VMError("each flavour (memory, CPUs, image) may be given once", "merge the counts")
 
     @property
     def shapes(self) -> tuple[wire.Shape, ...]:
-        return (wire.Shape(self.memory_mb, self.cpus, self.size),) + self.more
+        """Every flavour kept, each with its image (a flavour without one boots the pool's)."""
+        more = tuple(s if s.image else dataclasses.replace(s, image=self.image) for s in self.more)
+        return (wire.Shape(self.memory_mb, self.cpus, self.size, self.image),) + more
 
     @property
     def budget(self) -> int:
@@ -98,6 +102,20 @@ class Pooled:
     def slot(self) -> wire.Slot:
         fl = self.ready.get("flavour")
         return wire.Slot(self.id, self.state, self.born, wire.Flavour.from_wire(fl) if fl else None)
+
+
+def _image_digest(image: str | None) -> str:
+    """The identity of `image` (its manifest's sha256), as a claim's flavour names it."""
+    from ..image.store import resolve_image
+    from ..image.verify import read_manifest
+    return read_manifest(resolve_image(image))[1]
+
+
+def _digest_or_none(image: str | None) -> str | None:
+    try:
+        return _image_digest(image)
+    except Exception:  # noqa: BLE001 - missing or broken: serves nothing (its boots say why)
+        return None
 
 
 class Pool:
@@ -136,8 +154,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("pool serving on %s (%s)", path, ", ".join(f"{s.size} x {s.memory_mb} MB, {s.cpus} CPUs"
-                                                        for s in self.config.shapes))
+        log.info("pool serving on %s (%s)", path, ", ".join(s.label() for s in self.config.shapes))
         self.refill()
         self._spawn(self._retire_stale())
         accept = None
@@ -224,10 +241,16 @@ class Pool:
             asyncio.get_running_loop().call_later(REFILL_AFTER_CLAIM_S + 0.05, self._after_claim)
 
     def _no_match(self, wanted: wire.Flavour, booting: int) -> str:
-        kept = ", ".join(f"{s.size} x {s.memory_mb} MB/{s.cpus} CPUs" for s in self.config.shapes)
-        if not any((s.memory_mb, s.cpus) == (wanted.memory_mb, wanted.cpus) for s in self.config.shapes):
+        shapes = self.config.shapes
+        kept = ", ".join(s.label() for s in shapes)
+        sized = [s for s in shapes if (s.memory_mb, s.cpus) == (wanted.memory_mb, wanted.cpus)]
+        if not sized:
             return (f"the pool keeps no VMs of {wanted.memory_mb} MB/{wanted.cpus} CPUs (it keeps {kept}; "
-                    f"`capsem pool start --flavour {wanted.memory_mb},{wanted.cpus},N` would)")
+                    f"`capsem pool start --flavour {wanted.memory_mb},{wanted.cpus},N[,IMAGE]` would)")
+        if not any(_digest_or_none(s.image) == wanted.image_digest for s in sized):
+            return (f"the pool keeps no VMs of {wanted.memory_mb} MB/{wanted.cpus} CPUs booted from this kernel's "
+                    f"image (it keeps {kept}; `capsem pool start --flavour "
+                    f"{wanted.memory_mb},{wanted.cpus},N,IMAGE` with the kernel's image would)")
         return f"no warm VM of this flavour ready ({booting} booting; the pool keeps {kept})"
 
     def _after_claim(self) -> None:
@@ -242,20 +265,20 @@ class Pool:
     # --- the VMs -----------------------------------------------------------------------------
 
     async def _retire_stale(self) -> None:
-        """VMs booted from an image that is no longer the current one (rebuilt, new default) can
-        serve no claim: let them go, the refill boots the current image."""
-        from ..image.store import resolve_image
-        from ..image.verify import read_manifest
+        """VMs booted from an image that is no longer their flavour's current one (rebuilt, new
+        default) can serve no claim: let them go, the refill boots the current image."""
         while not self.stopping.is_set():
             await asyncio.sleep(STALE_CHECK_S)
-            try:
-                digest = (await asyncio.to_thread(read_manifest, resolve_image(self.config.image)))[1]
-            except Exception as exc:  # noqa: BLE001 - image gone or broken: boots will say why
-                log.warning("cannot read the pool's image: %s", exc)
-                continue
+            digests = {}
+            for image in {s.image for s in self.config.shapes}:
+                try:
+                    digests[image] = await asyncio.to_thread(_image_digest, image)
+                except Exception as exc:  # noqa: BLE001 - image gone or broken: boots will say why
+                    log.warning("cannot read the image %s: %s", image or "default", exc)
             for vm in list(self.vms.values()):
                 fl = vm.ready.get("flavour")
-                if vm.state == "ready" and fl and fl.get("image_digest") != digest:
+                digest = digests.get(vm.shape.image)
+                if vm.state == "ready" and fl and digest and fl.get("image_digest") != digest:
                     log.info("retiring pooled VM %s: its image is not the current one", vm.id)
                     del self.vms[vm.id]
                     if vm.watch:
@@ -280,7 +303,7 @@ class Pool:
         c = self.config
         argv = [sys.executable, "-m", "capsem_vm.pool.keeper", "--fd", str(theirs.fileno()),
                 "--memory", str(shape.memory_mb), "--cpus", str(shape.cpus), "--accel", c.accel,
-                "--boot-timeout", str(c.boot_timeout)] + (["--image", c.image] if c.image else [])
+                "--boot-timeout", str(c.boot_timeout)] + (["--image", shape.image] if shape.image else [])
         try:
             # no PDEATHSIG (process.py's spawn): a claimed VM must outlive the pool
             popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -332,13 +355,14 @@ class Pool:
             pid = v.ready.get("qemu_pid")
             rss = qemu_rss_kb(pid) if isinstance(pid, int) else None
             vms.append({"id": v.id, "state": v.state, "age_s": round(now - v.born, 1),
-                        "memory_mb": v.shape.memory_mb, "cpus": v.shape.cpus,
+                        "memory_mb": v.shape.memory_mb, "cpus": v.shape.cpus, "image": v.shape.image,
                         "rss_mb": round(rss / 1024, 1) if rss else None, "keeper_pid": v.proc.pid,
                         "qemu_pid": pid, "warm": v.ready.get("warm"),
                         "paused": v.state == "booting" and self.boot_pause.holds(v.proc.pid)})
         c = self.config
         return {"t": "ok", "pid": os.getpid(), "size": c.size, "memory_mb": c.memory_mb, "cpus": c.cpus,
-                "flavours": [{"memory_mb": s.memory_mb, "cpus": s.cpus, "size": s.size} for s in c.shapes],
+                "flavours": [{"memory_mb": s.memory_mb, "cpus": s.cpus, "size": s.size, "image": s.image}
+                             for s in c.shapes],
                 "image": c.image, "budget_mb": c.budget, "claims": self.claims,
                 "claimed_alive": len(self.handed_out), "uptime_s": round(now - self.started, 1),
                 "boots_paused_s": round(self.boot_pause.remaining_s(), 1), "vms": vms}

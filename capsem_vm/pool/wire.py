@@ -119,29 +119,39 @@ def pick(slots: list[Slot], wanted: Flavour) -> str | None:
 
 @dataclass(frozen=True)
 class Shape:
-    """What the pool keeps warm of one flavour: `size` VMs of `memory_mb` and `cpus` (the image
-    and accelerator are the pool's)."""
+    """What the pool keeps warm of one flavour: `size` VMs of `memory_mb` and `cpus`, booted from
+    `image` (a name or directory; None: the pool's image). The accelerator is the pool's."""
 
     memory_mb: int
     cpus: int
     size: int
+    image: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
-        """'MB,CPUS,N' (--flavour)."""
+        """'MB,CPUS,N' or 'MB,CPUS,N,IMAGE' (--flavour)."""
+        parts = text.split(",", 3)
         try:
-            memory_mb, cpus, size = (int(p) for p in text.split(","))
+            if len(parts) < 3:
+                raise ValueError
+            memory_mb, cpus, size = (int(p) for p in parts[:3])
         except ValueError:
-            raise WireError(f"flavour {text!r}: expected MEMORY_MB,CPUS,COUNT, e.g. 2048,2,1") from None
-        return cls.checked(memory_mb, cpus, size)
+            raise WireError(f"flavour {text!r}: expected MEMORY_MB,CPUS,COUNT[,IMAGE], e.g. 2048,2,1") from None
+        image = parts[3] if len(parts) == 4 else None
+        if image is not None and not image.strip():
+            raise WireError(f"flavour {text!r}: the image after the third comma is empty")
+        return cls.checked(memory_mb, cpus, size, image)
 
     @classmethod
-    def checked(cls, memory_mb: int, cpus: int, size: int) -> "Shape":
+    def checked(cls, memory_mb: int, cpus: int, size: int, image: str | None = None) -> "Shape":
         """Within what a claim's flavour may ask for (Flavour.from_wire)."""
         if not (MEMORY_MB[0] <= memory_mb <= MEMORY_MB[1] and CPUS[0] <= cpus <= CPUS[1] and 0 <= size <= 1000):
             raise WireError(f"flavour '{memory_mb},{cpus},{size}': memory {MEMORY_MB[0]}..{MEMORY_MB[1]} MB, "
                             f"{CPUS[0]}..{CPUS[1]} CPUs, count 0..1000")
-        return cls(memory_mb, cpus, size)
+        return cls(memory_mb, cpus, size, image)
+
+    def label(self) -> str:
+        return f"{self.size} x {self.memory_mb} MB/{self.cpus} CPUs" + (f" ({self.image})" if self.image else "")
 
 
 def plan_boots(shapes: list[Shape], ready: list[int], booting: list[int], budget_mb: int,
