@@ -51,6 +51,23 @@ STARTUP_TIMEOUT = 900
 CLI = [sys.executable, "-m", "capsem_vm.cli"]
 
 
+def private_setup(prefix_name: str) -> Path:
+    """A private runtime dir and capsem kernelspec (first on JUPYTER_PATH) for this process, in a
+    new temporary directory; returns the notebook folder made there."""
+    base = Path(tempfile.mkdtemp(prefix=prefix_name))
+    os.chmod(base, 0o755)
+    rt = base / "rt"
+    rt.mkdir(mode=0o700)
+    os.environ["CAPSEM_RUNTIME_DIR"] = str(rt)
+    prefix = base / "prefix"
+    subprocess.run(CLI + ["kernel", "install", "--prefix", str(prefix)], check=True, capture_output=True)
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(prefix / "share" / "jupyter")] +
+                                                 ([os.environ["JUPYTER_PATH"]] if os.environ.get("JUPYTER_PATH") else []))
+    nb = base / "nb"
+    nb.mkdir()
+    return nb
+
+
 def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -183,17 +200,7 @@ def main() -> int:
     args = ap.parse_args()
     cold_n = args.starts if args.cold_starts is None else args.cold_starts
 
-    base = Path(tempfile.mkdtemp(prefix="capsem-bench-start-"))
-    os.chmod(base, 0o755)
-    rt = base / "rt"
-    rt.mkdir(mode=0o700)
-    os.environ["CAPSEM_RUNTIME_DIR"] = str(rt)
-    prefix = base / "prefix"
-    subprocess.run(CLI + ["kernel", "install", "--prefix", str(prefix)], check=True, capture_output=True)
-    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(prefix / "share" / "jupyter")] +
-                                                 ([os.environ["JUPYTER_PATH"]] if os.environ.get("JUPYTER_PATH") else []))
-    nb = base / "nb"
-    nb.mkdir()
+    nb = private_setup("capsem-bench-start-")
     results: dict = {"args": vars(args), "load_start": load()}
 
     def log(msg):
@@ -303,7 +310,7 @@ def main() -> int:
                           "warm_first_execute_over_local": wx / lx}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-    subprocess.run(["rm", "-rf", str(base)])
+    subprocess.run(["rm", "-rf", str(nb.parent)])
     return 0
 
 

@@ -66,8 +66,10 @@ def keeper_pids() -> list[int]:
     return found
 
 
-def start_pool(size=SIZE):
-    out = capsem("pool", "start", "--size", str(size), "--memory", str(MEMORY), "--cpus", str(CPUS))
+def start_pool(size=SIZE, flavours=()):
+    """`capsem pool start` of `size` VMs of MEMORY/CPUS, plus each --flavour in `flavours`."""
+    more = [arg for flavour in flavours for arg in ("--flavour", flavour)]
+    out = capsem("pool", "start", "--size", str(size), "--memory", str(MEMORY), "--cpus", str(CPUS), *more)
     assert out.returncode == 0, out.stdout + out.stderr
     return status()
 
@@ -304,9 +306,7 @@ def test_pool_keeps_each_flavour_and_a_kernel_claims_its_own(folder):
     (status shows which is which); a kernel asking for the second flavour claims that VM, not the
     other; what it claimed is refilled with its own flavour."""
     other_mb = MEMORY + 128
-    out = capsem("pool", "start", "--size", "1", "--memory", str(MEMORY), "--cpus", str(CPUS),
-                 "--flavour", f"{other_mb},{CPUS},1")
-    assert out.returncode == 0, out.stdout + out.stderr
+    start_pool(1, [f"{other_mb},{CPUS},1"])
     try:
         st = wait_ready(2)
         assert st["flavours"] == [{"memory_mb": MEMORY, "cpus": CPUS, "size": 1, "image": None},
@@ -353,9 +353,7 @@ def test_pool_keeps_a_flavour_of_another_image(folder):
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     other = built.stdout.strip().splitlines()[-1]
     assert Path(other).is_dir() and Path(other).resolve() != resolve_image(None)
-    out = capsem("pool", "start", "--size", "1", "--memory", str(MEMORY), "--cpus", str(CPUS),
-                 "--flavour", f"{MEMORY},{CPUS},1,{other}")
-    assert out.returncode == 0, out.stdout + out.stderr
+    start_pool(1, [f"{MEMORY},{CPUS},1,{other}"])
     try:
         st = wait_ready(2)
         assert st["flavours"] == [{"memory_mb": MEMORY, "cpus": CPUS, "size": 1, "image": None},
