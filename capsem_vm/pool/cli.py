@@ -140,8 +140,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    kept = ", ".join(f"{f['size']} x {f['memory_mb']} MB/{f['cpus']} CPUs" + (f" ({f['image']})" if f.get("image") else "")
-                     for f in st["flavours"])
+    from .wire import Shape
+    kept = ", ".join(Shape(f["memory_mb"], f["cpus"], f["size"], f.get("image")).label() for f in st["flavours"])
     print(f"pool pid {st['pid']}: {kept}, "
           f"budget {st['budget_mb']} MB, {st['claims']} claimed so far ({st['claimed_alive']} still running), "
           f"up {st['uptime_s']:.0f} s")
