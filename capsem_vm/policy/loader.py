@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..errors import CapsemError
 from .match import HostPattern
-from .model import ALLOW, DENY, SCHEMES, Credential, Policy, Rule, ip_network
+from .model import ALLOW, DENY, DOH_ORIGIN, SCHEMES, Credential, Policy, Rule, ip_network
 from .presets import DOH_RULES, PRESETS
 
 HINT = "see the policy file format in `capsem policy check --help` (capsem_vm/policy/loader.py)"
@@ -247,7 +247,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 
     rules: list[Rule] = []
     if not settings.get("allow_doh", False):
-        doh_ctx = _Ctx("built-in DoH rules", None, None, None, "built-in DoH deny list")
+        doh_ctx = _Ctx("built-in DoH rules", None, None, None, DOH_ORIGIN)
         rules += [_rule(doh_ctx, dict(d)) for d in DOH_RULES]
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from . import codes
 from .match import (HostPattern, IPAddress, IPNetwork, is_special_address, normalize_host, parse_ip,
                     path_is_ambiguous, path_matches)
 
@@ -90,6 +91,13 @@ class Decision:
     reason: str
     origin: str = ""
     _rule: Rule | None = field(default=None, repr=False, compare=False)
+    code: str = ""  # stable reason code (codes.CODES); derived when not given
+
+    def __post_init__(self):
+        if not self.code:
+            # built-in decisions are named by their code; a rule's by whether it allows or denies
+            code = self.rule if self._rule is None else f"rule-{self.action}"
+            object.__setattr__(self, "code", code if codes.known(code) else f"rule-{self.action}")
 
     @property
     def allowed(self) -> bool:
@@ -115,10 +123,12 @@ class Decision:
 
 
 def _decision(rule: Rule) -> Decision:
-    return Decision(rule.action, rule.name, rule.reason, rule.origin, rule)
+    code = "doh" if rule.origin == DOH_ORIGIN else ""
+    return Decision(rule.action, rule.name, rule.reason, rule.origin, rule, code=code)
 
 
-DEFAULT_DENY = Decision(DENY, "default", "no rule allows this (default deny)", "")
+DEFAULT_DENY = Decision(DENY, "default", "no rule allows this (default deny)", "", code="default-deny")
+DOH_ORIGIN = "built-in DoH deny list"
 
 
 @dataclass(frozen=True)
@@ -198,7 +208,8 @@ class Policy:
             if rule.matches(method, scheme, host, port, path, ip):
                 if rule.paths and path is not None and path_is_ambiguous(path):
                     return Decision(DENY, "ambiguous-path", "path has dot segments or encoded '/', '.', '\\': "
-                                    f"treated as matching deny rule {rule.name!r}", rule.origin, rule)
+                                    f"treated as matching deny rule {rule.name!r}", rule.origin, rule,
+                                    code="ambiguous-path")
                 return _decision(rule)
         return DEFAULT_DENY
 
