@@ -334,7 +334,8 @@ print(json.dumps({{"tok": tok, "status": r.status_code, "body": r.text, "auth": 
 """)
     assert res["status"] == 200 and res["tok"].startswith("capsem-placeholder")
     seen = SEEN[-1]
-    assert seen["headers"]["Authorization"] == f"Bearer {SECRET}" and seen["headers"]["X-Api-Key"] == SECRET
+    # only the declared header gets the secret; X-Api-Key keeps the placeholder (issue 15: on purpose)
+    assert seen["headers"]["Authorization"] == f"Bearer {SECRET}" and seen["headers"]["X-Api-Key"] == res["tok"]
     assert SECRET not in json.dumps(res)
     found = scan_guest(ek, [SECRET])
     assert found["scanned_files"] > 100 and not (found["files"] or found["procs"]), found

@@ -199,6 +199,7 @@ def test_credentials_parse_and_guest_env(tmp_path, monkeypatch):
         name = "f"
         hosts = ["*.corp.test"]
         file = "{secret_file}"
+        query = "api_key"
     """)
     gh, f = p.credentials
     monkeypatch.setenv("CAPSEM_TEST_TOKEN", "env-secret")
@@ -229,7 +230,14 @@ def test_credentials_parse_and_guest_env(tmp_path, monkeypatch):
     ('[settings]\nallow_doh = "yes"\n', 2, "'allow_doh' must be"),
     ('version = 1\nrules = []\n', 2, "unknown top-level key 'rules'"),
     ('[[credential]]\nname = "c"\nhosts = ["*"]\nenv = "X"\n', 3, "every host"),
-    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\n', 1, "exactly one of 'env'"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nheader = "X-Key"\n', 1, "exactly one of 'env'"),
+    # a credential must say where its secret goes (before issue 15: anywhere the guest put the placeholder)
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\n', 2, "must say where the secret goes"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\nformat = "B {value}"\nquery = "k"\n', 5,
+     "'format' applies to 'header'"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\nquery = "a&b"\n', 5, "'query' has an invalid value"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\nquery = "k%65y"\n', 5, "'query' has an invalid"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nfile = "tok"\nheader = "X-Key"\n', 4, "absolute path"),
     ('[[rule]]\nname = "a"\nhost = "x"\naction = "allow"\naddresses = ["10.0.0.0/33"]\n', 5, "'addresses'"),
 ])
 def test_malformed_policy_reports_line(tmp_path, text, line, words):

@@ -4,7 +4,8 @@ otherwise) authorized for resource "capsem".
     GET /capsem/kernels                      capsem kernels of this server and their state
     GET /capsem/kernels/<id>                 VM facts (facts.kernel_facts)
     GET /capsem/kernels/<id>/policy          the active egress policy, rendered (policy_view)
-    PUT /capsem/kernels/<id>/policy          replace it: only with c.CapsemExtension.allow_policy_edits
+    PUT /capsem/kernels/<id>/policy          replace it: only with c.CapsemExtension.allow_policy_edits,
+                                             and never its credentials (policy_edit.py)
     GET /capsem/kernels/<id>/network         audit rows; ?blocked=1 &host=TEXT &after=ID &limit=N
     GET /capsem/kernels/<id>/events          text/event-stream: `state` on change, `network` with new rows
 
@@ -32,6 +33,7 @@ from capsem_vm.policy.source import check_policy_location
 from . import network
 from .extension import SETTINGS_KEY, CapsemExtension
 from .facts import NotCapsem, capsem_provisioner, is_capsem, kernel_facts
+from .policy_edit import PolicyEditRefused, check_credentials_kept
 from .policy_view import kernel_policy
 
 AUTH_RESOURCE = "capsem"
@@ -142,6 +144,10 @@ class PolicyHandler(CapsemHandler):
                 check_policy_location(target, self.guest_writable(prov))
         except PolicyError as exc:
             raise web.HTTPError(400, str(exc)) from None
+        try:
+            check_credentials_kept(target, text)  # credentials are the host's, never the browser's
+        except PolicyEditRefused as exc:
+            raise web.HTTPError(403, str(exc)) from None
         _write_private(target, text)
         self.log.warning("capsem: policy %s replaced from the browser by %s", target, self.current_user.username)
         out = self.policy_json(prov)

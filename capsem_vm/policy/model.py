@@ -1,4 +1,4 @@
-"""The policy data model and its decisions. Pure: no I/O except Credential.value().
+"""The policy data model and its decisions. Pure: no I/O except Credential.read()/value().
 
 Semantics (documented for users in `capsem policy --help` and docs):
 - Rules are checked in order; the first rule that matches decides. No match: deny ("default").
@@ -133,7 +133,12 @@ DOH_ORIGIN = "built-in DoH deny list"
 
 @dataclass(frozen=True)
 class Credential:
-    """A host secret the proxy injects; the guest only ever sees `placeholder`."""
+    """A host secret the proxy injects; the guest only ever sees `placeholder`.
+
+    The secret goes only where the credential says (capsem_vm/proxy/placement.py): `header` is
+    set to `format` with the value on every matching request, and/or the value of query parameter
+    `query` replaces the placeholder when the guest sent exactly the placeholder there. A
+    placeholder anywhere else goes out as is."""
 
     name: str
     hosts: tuple[HostPattern, ...]
@@ -144,22 +149,27 @@ class Credential:
     format: str = "{value}"
     guest_env: str | None = None  # env var the guest gets, holding the placeholder
     origin: str = ""
+    query: str | None = None    # if set: this query parameter gets the value in place of the placeholder
 
     def applies_to(self, host: str) -> bool:
         return any(p.matches(host) for p in self.hosts)
 
-    def value(self) -> str | None:
-        """The secret, read now from the host env or file; None if unavailable. Never log it."""
+    def read(self) -> tuple[str | None, str]:
+        """(the secret, "") read now from the host env or file, or (None, why not). Never log it."""
         if self.env:
             v = os.environ.get(self.env)
-            return v or None
+            return (v, "") if v else (None, f"host environment variable {self.env} is not set")
         if self.file:
+            from .secret_file import SecretFileError, read_secret
             try:
-                v = Path(self.file).expanduser().read_text().strip()
-            except OSError:
-                return None
-            return v or None
-        return None
+                return read_secret(self.file), ""
+            except SecretFileError as exc:
+                return None, f"file {self.file} {exc}"
+        return None, "no env or file"
+
+    def value(self) -> str | None:
+        """The secret, or None if unavailable (see read() for why)."""
+        return self.read()[0]
 
 
 @dataclass(frozen=True)
