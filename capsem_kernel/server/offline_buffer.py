@@ -7,9 +7,11 @@ For capsem kernels the extension swaps that list for a `CappedBuffer` right afte
 starts (same loop turn, so no message is missed): messages are kept up to `cap` bytes; past it,
 replies on the shell/control/stdin channels and iopub `status` messages still fit a small reserve
 (so the front end learns the cell finished), everything else is dropped and counted. On reconnect
-the client gets what was kept, with one stderr `stream` message (signed with the kernel's key, sent
-to the cell that was printing) at the place output started to be dropped, saying how many
-messages and bytes were dropped; the server log says it too. Other kernels are left as they are.
+the client first gets one stderr `stream` message (signed with the kernel's key, sent to the cell
+that was printing) saying how many messages and bytes were dropped, then what was kept; the server
+log says it too. The note comes first because jupyter_server's iopub rate limit (1 MB/s over 3 s by
+default) applies to the replay and would swallow a note that came after 8+ MiB of output. Other
+kernels are left as they are.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class CappedBuffer(list):
         self.reserve = max(64 * 1024, min(1 << 20, cap // 16))
         self.size = 0
         self.dropped = self.dropped_bytes = 0
-        self.drop_at: int | None = None
+        self.drop_at: int | None = None   # how many messages were kept before the first drop
         self.parent: bytes | None = None  # parent header of the last dropped output: the note goes there
 
     def append(self, item: Any) -> None:
@@ -80,7 +82,7 @@ class CappedBuffer(list):
             self.parent = bytes(frames[2])
 
     def add_note(self, session) -> None:
-        """Insert the signed 'output was dropped' message where dropping began (once)."""
+        """Put the signed 'output was dropped' message first (once)."""
         if not self.dropped or self.drop_at is None:
             return
         try:
@@ -88,11 +90,12 @@ class CappedBuffer(list):
             parent = parent if isinstance(parent, dict) else {}
         except ValueError:
             parent = {}
-        text = (f"\n[capsem: {self.dropped} message(s), {self.dropped_bytes} bytes of output were dropped while "
+        text = (f"[capsem: {self.dropped} message(s), {self.dropped_bytes} bytes of output were dropped while "
                 f"no browser was connected: the server keeps at most {self.cap} bytes per kernel "
-                "(c.CapsemExtension.offline_buffer_bytes)]\n")
+                f"(c.CapsemExtension.offline_buffer_bytes); the {self.drop_at} message(s) before the first "
+                "drop follow]\n")
         msg = session.msg("stream", content={"name": "stderr", "text": text}, parent=parent)
-        super().insert(self.drop_at, ("iopub", session.serialize(msg)))
+        super().insert(0, ("iopub", session.serialize(msg)))
         log.warning("capsem: kernel %s: replaying its buffer; %d message(s), %d bytes were dropped",
                     self.kernel_id, self.dropped, self.dropped_bytes)
         self.drop_at = None
