@@ -108,15 +108,21 @@ def cap_offline_buffers(mkm, cap: int, is_capsem) -> None:
 
     def start_buffering(kernel_id, session_key, channels):
         start(kernel_id, session_key, channels)
-        info = getattr(mkm, "_kernel_buffers", {}).get(kernel_id)
-        if info is None or info.get("session_key") != session_key or not isinstance(info.get("buffer"), list):
-            return  # buffering is off (buffer_offline_messages = False) or another version's layout
         try:
             km = mkm.get_kernel(kernel_id)
         except KeyError:
             return
-        if is_capsem(km):
-            info["buffer"] = CappedBuffer(cap, kernel_id)
+        if not is_capsem(km) or not getattr(mkm, "buffer_offline_messages", True):
+            return
+        info = getattr(mkm, "_kernel_buffers", {}).get(kernel_id)
+        if info is None or info.get("session_key") != session_key or type(info.get("buffer")) is not list:
+            # a jupyter_server whose buffering this module does not know: no unbounded buffer for a
+            # capsem kernel, then (fail closed: its output while disconnected is not kept)
+            log.warning("capsem: kernel %s: unknown offline buffer layout of this jupyter_server; not "
+                        "buffering its messages while no browser is connected", kernel_id)
+            mkm.stop_buffering(kernel_id)
+            return
+        info["buffer"] = CappedBuffer(cap, kernel_id)
 
     def get_buffer(kernel_id, session_key):
         info = get(kernel_id, session_key)
