@@ -64,3 +64,16 @@ def test_report_exit_code():
     assert posture.report([("a", lambda: (posture.OK, "fine")), ("b", lambda: (posture.WEAK, "bad"))], out.append) == 1
     assert posture.report([("c", lambda: 1 / 0)], out.append) == 1  # an unknown posture is weak
     assert any(line.strip().startswith("WEAK  c") for line in out)
+
+
+def test_a_credential_file_others_can_write_is_weak(tmp_path, monkeypatch):
+    _env(monkeypatch, tmp_path)
+    secret = tmp_path / "config" / "token"
+    secret.write_text("tok")
+    secret.chmod(0o666)
+    (tmp_path / "config" / "policy.toml").write_text(
+        f'[[credential]]\nname = "svc"\nhosts = ["api.example"]\nfile = "{secret}"\nheader = "Authorization"\n')
+    status, detail = posture.check_policy()
+    assert status == posture.WEAK and f"file {secret} is writable by other users" in detail
+    secret.chmod(0o600)
+    assert posture.check_policy()[0] == posture.OK
