@@ -219,7 +219,8 @@ async def test_egress_streams_per_vm_are_capped():
 # --- policy ------------------------------------------------------------------------------------
 
 toml_keys = st.sampled_from(["name", "host", "action", "port", "scheme", "methods", "paths", "reason",
-                             "addresses", "include", "allow_doh", "env", "file", "placeholder", "x"])
+                             "addresses", "include", "allow_doh", "env", "file", "placeholder", "hosts", "header",
+                             "format", "query", "x"])
 toml_values = st.one_of(st.text(max_size=20).map(json.dumps), st.integers(min_value=-5, max_value=70000).map(str),
                         st.lists(st.text(max_size=8), max_size=3).map(json.dumps), st.sampled_from(["true", '"*"', '"allow"', '"deny"']))
 policy_texts = st.one_of(
