@@ -35,8 +35,8 @@ _V4 = [(ipaddress.IPv4Network(n), c) for n, c in (
 )]
 _V6 = [(ipaddress.IPv6Network(n), c) for n, c in (
     ("::/128", "unspecified"), ("::1/128", "loopback"), ("::ffff:0:0/96", "ipv4-mapped"),
-    ("::ffff:0:0:0/96", "siit"), ("::/96", "ipv4-compatible"), ("::/8", "reserved"),
-    ("64:ff9b::/96", "nat64"), ("64:ff9b:1::/48", "nat64"), ("100::/64", "discard"),
+    ("::ffff:0:0:0/96", "siit"), ("::/96", "ipv4-compatible"),
+    ("64:ff9b::/96", "nat64"), ("64:ff9b:1::/48", "nat64-local"), ("::/8", "reserved"), ("100::/64", "discard"),
     ("2001::/32", "teredo"), ("2001:db8::/32", "documentation"), ("2002::/16", "6to4"),
     ("3fff::/20", "documentation"), ("fc00::/7", "unique-local"), ("fec0::/10", "site-local"),
     ("fe80::/10", "link-local"), ("ff00::/8", "multicast"),
@@ -66,7 +66,7 @@ def protected_class(ip: IPAddress, own: tuple[IPNetwork, ...] = ()) -> str | Non
 
 def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
     """IPv4 addresses carried by an IPv6 address of a translation or tunnel class."""
-    if ip.version != 6:
+    if ip.version != 6 or int(ip) <= 1:  # ::, ::1 carry nothing
         return []
     out = []
     low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
