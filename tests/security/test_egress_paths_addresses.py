@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernel_helpers import vm_exec  # noqa: E402,F401
 from path_spellings import denied_spelling, reads_as, rfc_spelling  # noqa: E402
 from raw_upstream import RawUpstream  # noqa: E402
-from test_proxy_fixtures import make_ca, make_leaf, write_pem  # noqa: E402
+from test_proxy_fixtures import make_ca, make_leaf, wait_for, write_pem  # noqa: E402
 
 from capsem_kernel import loop_thread  # noqa: E402
 
@@ -374,8 +374,9 @@ def test_guest_path_spellings_never_reach_a_server_as_the_denied_path(pk):
     for hx, want, r in res["allowed"]:
         assert r[1] == 200, (bytes.fromhex(hx), r)
     assert {want.encode() for _, want, _ in res["allowed"]} <= set(received), received
-    rows = audit_rows(e, kind="http", decision="deny")
-    assert {"ambiguous-path", "rule-deny", "doh"} <= codes_of(rows), codes_of(rows)
+    want = {"ambiguous-path", "rule-deny", "doh"}
+    rows = wait_for(lambda: (lambda r: r if want <= codes_of(r) else None)(audit_rows(e, kind="http", decision="deny")), 20)
+    assert rows, codes_of(audit_rows(e, kind="http", decision="deny"))
 
 
 def test_guest_ipv4_spellings_own_address_and_denied_cidr_never_reach_a_server(pk):
@@ -403,12 +404,16 @@ def test_guest_ipv4_spellings_own_address_and_denied_cidr_never_reach_a_server(p
     assert addr[f"capture {e.own}"][0] in (403, "ConnectionResetError", "ConnectionRefusedError"), addr
     for name in ("0x7f.0.0.3", "2130706435", "127.3"):
         assert addr["dns " + name] == 3, (name, addr["dns " + name])  # NXDOMAIN: never a synthetic address
-    rows = audit_rows(e, kind="connect", decision="deny")
+    expected = [("no-lab", "lab.test.example"), ("address", "own.test.example"), ("no-loop3", "127.0.0.3"),
+                ("address", e.own)]
+
+    def complete():
+        rows = audit_rows(e, kind="connect", decision="deny")
+        seen = {(r["rule"], r["host"]) for r in rows}
+        return rows if all(x in seen for x in expected) else None
+    rows = wait_for(complete, 20)  # the proxy service writes its rows a moment later
+    assert rows, [(r["rule"], r["host"]) for r in audit_rows(e, kind="connect", decision="deny")]
     assert {"rule-deny", "address"} <= codes_of(rows), codes_of(rows)
-    assert any(r["rule"] == "no-lab" and r["host"] == "lab.test.example" for r in rows), rows
-    assert any(r["rule"] == "address" and r["host"] == "own.test.example" for r in rows), rows
-    assert any(r["rule"] == "no-loop3" and r["host"] == "127.0.0.3" for r in rows), rows
-    assert any(r["rule"] == "address" and r["host"] == e.own for r in rows), rows
 
 
 def test_guest_ipv6_translation_forms_are_refused_before_any_connection(pk):
@@ -427,5 +432,5 @@ def test_guest_ipv6_translation_forms_are_refused_before_any_connection(pk):
     for h in plain:
         assert addr["frame " + h].get("rule") == "address", (h, addr["frame " + h])
     assert not e.loop3.seen()
-    rows = audit_rows(e, kind="connect", decision="deny")
-    assert any(r["rule"] == "address" and r["host"] == "64:ff9b::5db8:d822" for r in rows), rows
+    assert wait_for(lambda: any(r["rule"] == "address" and r["host"] == "64:ff9b::5db8:d822"
+                                for r in audit_rows(e, kind="connect", decision="deny")), 20)
