@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
 import threading
 
 HEAD_MAX = 256 * 1024
@@ -97,3 +98,12 @@ class RawUpstream:
                 conn.close()
             except OSError:
                 pass
+
+
+def own_ipv4() -> str | None:
+    """This machine's first non-loopback IPv4 address (`hostname -I`): where tests serve "the
+    host's own services" (traffic never leaves the machine)."""
+    for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split():
+        if ":" not in a and not a.startswith("127."):
+            return a
+    return None

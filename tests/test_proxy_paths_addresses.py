@@ -17,7 +17,6 @@ import asyncio
 import os
 import socket
 import ssl
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem, r
 
 sys.path.insert(0, str(Path(__file__).parent))
 from path_spellings import denied_spelling, reads_as, rfc_spelling  # noqa: E402
-from raw_upstream import RawUpstream  # noqa: E402
+from raw_upstream import RawUpstream, own_ipv4  # noqa: E402
 from test_proxy_fixtures import Guest, make_ca, make_leaf, recv_exact, wait_for, write_pem  # noqa: E402,F401
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -38,13 +37,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 DENIED_GLOBS = ["/admin*", "/private/*"]
 DOH_GLOBS = ["/dns-query", "/dns-query/*"]
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-def own_ipv4() -> str:
-    for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split():
-        if ":" not in a and not a.startswith("127."):
-            return a
-    pytest.fail("hostname -I lists no non-loopback IPv4 address of this machine")
 
 
 class World:
@@ -64,6 +56,8 @@ async def world(tmp_path_factory):
     sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     sctx.load_cert_chain(write_pem(tmp / "leaf.pem", cert=leaf), write_pem(tmp / "leaf.key", key=leaf_key))
     w.own = own_ipv4()
+    if w.own is None:
+        pytest.fail("hostname -I lists no non-loopback IPv4 address of this machine")
     w.http = RawUpstream("127.0.0.1")
     w.https = RawUpstream("127.0.0.1", ssl_ctx=sctx)
     w.lab = RawUpstream("127.0.0.2")

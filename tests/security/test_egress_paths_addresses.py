@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernel_helpers import vm_exec  # noqa: E402,F401
 from path_spellings import denied_spelling, reads_as, rfc_spelling  # noqa: E402
-from raw_upstream import RawUpstream  # noqa: E402
+from raw_upstream import RawUpstream, own_ipv4  # noqa: E402
 from test_proxy_fixtures import make_ca, make_leaf, wait_for, write_pem  # noqa: E402
 
 from capsem_kernel import loop_thread  # noqa: E402
@@ -47,13 +47,6 @@ CAPSEM_CLI = [sys.executable, "-m", "capsem_vm.cli"]
 DENIED = ["/admin*", "/private/*", "/dns-query", "/dns-query/*"]
 CODE_OF_RULE = {"admin": "rule-deny", "no-loop3": "rule-deny", "no-lab": "rule-deny", "doh-path": "doh",
                 "doh": "doh", "ambiguous-path": "ambiguous-path", "address": "address"}
-
-
-def own_ipv4() -> str:
-    for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split():
-        if ":" not in a and not a.startswith("127."):
-            return a
-    pytest.fail("hostname -I lists no non-loopback IPv4 address of this machine")
 
 
 def spellings(strategy_of, bases, n: int) -> list[tuple[str, str]]:
@@ -105,6 +98,8 @@ def pk(image_dir, tmp_path_factory):
     sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     sctx.load_cert_chain(write_pem(tmp / "leaf.pem", cert=leaf), write_pem(tmp / "leaf.key", key=leaf_key))
     e.own = own_ipv4()
+    if e.own is None:
+        pytest.fail("hostname -I lists no non-loopback IPv4 address of this machine")
     e.http, e.https = RawUpstream("127.0.0.1"), RawUpstream("127.0.0.1", ssl_ctx=sctx)
     e.lab, e.loop3, e.own_up = RawUpstream("127.0.0.2"), RawUpstream("127.0.0.3"), RawUpstream(e.own)
     e.ups = [e.http, e.https, e.lab, e.loop3, e.own_up]
