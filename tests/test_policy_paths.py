@@ -45,8 +45,10 @@ def forwarded(host: str, target: str):
 
 # --- the canonicaliser ------------------------------------------------------------------------------
 
-@given(st.text(max_size=80))
+@given(st.text(st.characters(exclude_categories=[]), max_size=80)
+       | st.text(alphabet="/.%2eEfFaA;\\\n\x00", max_size=30).map(lambda t: "/" + t))
 @example("/a/%2e%2e/%2E./b;%zz%u002e\\\x00\udcff\uff0e#")
+@example("/admin\n")
 def test_canonicalize_is_total_idempotent_and_canonical(raw):
     c = canonicalize(raw)
     again = canonicalize(c.path)

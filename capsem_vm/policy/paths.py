@@ -170,10 +170,17 @@ def _loose(path: str) -> str:
     return remove_dot_segments(text)
 
 
+_PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")  # fullmatch: '$' would let a final "\n" in
+_DOTS_OR_SLASHES = re.compile(r"(^|/)\.\.?(/|$)|//")
+
+
 def canonicalize(raw: str) -> CanonicalPath:
     """The canonical form, loose reading and ambiguity of a request path (no query). Total."""
     if not isinstance(raw, str):
         raw = str(raw)
+    if _PLAIN.fullmatch(raw) and not _DOTS_OR_SLASHES.search(raw):
+        # why: most paths are already canonical (no escapes, dots, ';' or repeated slashes)
+        return CanonicalPath(raw, raw.lower(), "")
     text, why = _normalize_escapes(raw)
     if not text.startswith("/"):
         text = "/" + text
