@@ -212,3 +212,15 @@ def test_own_addresses_must_be_named_exactly(own_ip):
     assert exact.decide_connect("svc.test", 443).address_allowed(own_ip, own)
     by_host = parse_policy(f'[[rule]]\nname = "r"\nhost = "{ip}"\naction = "allow"\n', "o.toml")
     assert by_host.decide_connect(own_ip, 443).address_allowed(own_ip, own)
+
+
+@pytest.mark.parametrize("address,cls", [
+    ("64:ff9b::7f00:1", "nat64"), ("64:ff9b:1::1", "nat64-local"), ("::ffff:0:7f00:1", "siit"),
+    ("::7f00:1", "ipv4-compatible"), ("2002:7f00:1::", "6to4"), ("2001::1", "teredo"), ("fec0::1", "site-local"),
+    ("fd00::1", "unique-local"), ("fe80::1", "link-local"), ("::1", "loopback"), ("::", "unspecified"),
+    ("127.0.0.2", "loopback"), ("169.254.169.254", "link-local"), ("100.64.0.1", "cgnat"), ("10.1.2.3", "private"),
+    ("192.88.99.1", "6to4-relay"), ("93.184.216.34", None), ("2606:4700::1111", None)])
+def test_each_class_is_named(address, cls):
+    from capsem_vm.policy.addresses import protected_class
+    assert protected_class(ipaddress.ip_address(address)) == cls
+    assert protected_class(ipaddress.ip_address(address), (ipaddress.ip_network(address),)) == "own"

@@ -225,8 +225,7 @@ def audit_rows(e, **match) -> list[dict]:
 def codes_of(rows: list[dict]) -> set[str]:
     """The reason codes of audit rows (the `code` column once the audit log has it; until then the
     code each refusal's rule stands for)."""
-    return {r.get("code") or CODE_OF_RULE.get(r["rule"], "rule-deny" if r["decision"] == "deny" else "")
-            for r in rows}
+    return {r.get("code") or CODE_OF_RULE.get(r["rule"], "") for r in rows}
 
 
 GUEST = r'''
