@@ -228,3 +228,35 @@ def test_each_class_is_named(address, cls):
     from capsem_vm.policy.addresses import protected_class
     assert protected_class(ipaddress.ip_address(address)) == cls
     assert protected_class(ipaddress.ip_address(address), (ipaddress.ip_network(address),)) == "own"
+
+
+def test_deny_rules_for_networks_that_look_inside_requests_apply_to_resolved_addresses():
+    """A deny rule for an IP/CIDR with methods, paths or a scheme cannot refuse a connection; the
+    request is decided with the address the name resolved to (guard passes it) and it applies."""
+    p = parse_policy(textwrap.dedent("""
+        [[rule]]
+        name = "no-writes-inside"
+        host = "10.0.0.0/8"
+        methods = ["POST", "PUT"]
+        action = "deny"
+        [[rule]]
+        name = "no-ssh-inside"
+        host = "10.0.0.0/8"
+        scheme = "tcp"
+        port = 22
+        action = "deny"
+        [[rule]]
+        name = "svc"
+        host = "svc.corp.test"
+        addresses = ["10.0.0.0/8"]
+        port = [443, 22]
+        scheme = ["https", "tcp"]
+        action = "allow"
+    """), "c.toml")
+    assert p.address_denied("10.1.2.3", 443) is None  # conditional: left to the request
+    assert p.decide("GET", "https://svc.corp.test/x", address="10.1.2.3").rule == "svc"
+    assert p.decide("POST", "https://svc.corp.test/x", address="10.1.2.3").rule == "no-writes-inside"
+    assert p.decide("POST", "https://svc.corp.test/x", address="93.184.216.34").rule == "svc"
+    assert p.decide("", "tcp://svc.corp.test:22", address="10.1.2.3").rule == "no-ssh-inside"
+    assert p.decide("", "tcp://svc.corp.test:22", address="::ffff:10.1.2.3").rule == "no-ssh-inside"
+    assert p.decide("", "tcp://svc.corp.test:22").rule == "svc"

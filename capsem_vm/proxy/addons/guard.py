@@ -93,7 +93,7 @@ class Guard:
             self.audit.connection(sess, target, Decision(DENY, "resolve", "the name does not resolve on the host"),
                                   None, decision="error")
             return
-        for a in addresses:
+        for a in addresses:  # any address in a denied IP/CIDR refuses the name (not only that address)
             denied = sess.kernel.policy.address_denied(a, port)
             if denied is not None:
                 reason = f"{name} resolves to {a}, which deny rule {denied.rule!r} covers: {denied.reason}"
