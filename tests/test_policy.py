@@ -77,8 +77,13 @@ action = "allow"
     ("POST", "https://www.example.com/dns-query", "deny", "doh-path"),
     ("GET", "ftp://www.example.com/", "deny", "invalid-url"),
     ("GET", "https://exa mple.com/", "deny", "invalid-host"),
-    ("GET", "https://www.example.com/%2e%2e/admin", "deny", "ambiguous-path"),
-    ("GET", "https://api.example.com/v1/../admin", "deny", "ambiguous-path"),
+    # dot segments are resolved (RFC 3986 5.2.4, %2e is '.') and the canonical path is what goes
+    # upstream: these are /admin, denied by its rule (they were refused as "ambiguous-path" before)
+    ("GET", "https://www.example.com/%2e%2e/admin", "deny", "no-admin"),
+    ("GET", "https://api.example.com/v1/../admin", "deny", "no-admin"),
+    ("GET", "https://api.example.com/v1/%2e%2e%2fadmin", "deny", "ambiguous-path"),  # %2f: doh-path takes it
+    ("GET", "https://api.example.com/v1/..;/x", "deny", "ambiguous-path"),      # doh-path takes it
+    ("GET", "https://api.example.com/v1/%2e%2e/v1/items", "allow", "api-read"),
     ("GET", "https://WWW.Example.COM./ok", "allow", "example"),           # case, trailing dot
 ])
 def test_decide(method, url, action, rule):

@@ -36,6 +36,25 @@ hosts get it, and only there: a placeholder in any other header, cookie, the pat
 parameter or the body goes out as the guest wrote it. Responses are scrubbed of the secret. A
 `file` must not be inside a folder shared with the VM, a symlink, or writable (it or a directory
 above it) by anyone but you or root: the kernel does not start otherwise.
+
+Paths. Every request path is put into one canonical form before rules see it (RFC 3986 section
+6: escapes of unreserved characters decoded, other escapes uppercased, dot segments removed), and
+the proxy sends that form upstream: the server receives the path that was judged. Allow rules
+match the canonical path exactly (case-sensitive). Deny rules also match a loose reading of it
+(case-insensitive, every escape decoded, `;params` cut, repeated slashes collapsed), so
+`/%61dmin`, `//ADMIN`, `/admin;x` and `/x/..;/admin` are all `/admin` to a deny rule. A path
+servers may still read differently (encoded '/' or '\\', `%25`, `;`, backslashes, control
+characters, malformed or non-UTF-8 escapes) never matches an allow rule with `paths` and always
+matches a deny rule with `paths` ("ambiguous-path"); with the built-in DoH rules (a deny rule with
+paths for every host) such paths are refused on every host unless `allow_doh = true`.
+
+Addresses. Numeric hosts mean the address inet_aton reads (`0x7f.1`, `0177.0.0.1`,
+`2130706433` are 127.0.0.1), IPv4-mapped IPv6 is the IPv4 address. After a name resolves,
+loopback, private, link-local, CGNAT, multicast, reserved, NAT64, 6to4, Teredo, IPv4-compatible,
+SIIT and site-local addresses are refused unless the deciding rule names the address (its host is
+that IP/CIDR, or `addresses` contains it); this host's own addresses (other than loopback) only
+when named one by one (a single address, not a network around it). A deny rule whose host is an
+IP/CIDR also refuses names that resolve into it and IPv6 literals that carry such an IPv4 address.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import time
 from capsem_agent import protocol
 
 from ..policy import Policy
+from ..policy.addresses import own_addresses, protected_class
 from ..policy.match import normalize_host, parse_ip
 from . import socks5
 from .audit import AuditLog
@@ -172,14 +173,14 @@ class EgressBridge:
             port = protocol.req_int(msg, "port", lo=1, hi=65535)
         except protocol.MessageError as exc:
             return "", 0, str(exc)
-        if self.pool.contains(host):
-            name = self.pool.name_for(host)
-            if name is None:
-                return host, port, "unknown synthetic address (its DNS answer expired): resolve the name again"
-            return name, port, None
-        norm = normalize_host(host)
+        norm = normalize_host(host)  # first: "0xc6.0x12.0.1" is a synthetic address too
         if norm is None:
             return host[:260], port, "not a valid host name or address"
+        if self.pool.contains(norm):
+            name = self.pool.name_for(norm)
+            if name is None:
+                return norm, port, "unknown synthetic address (its DNS answer expired): resolve the name again"
+            return name, port, None
         return norm, port, None
 
     async def handle_egress(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -214,8 +215,16 @@ class EgressBridge:
                             reason=decision.reason)
                 await _refuse(reader, writer, decision.reason, decision.rule)
                 return
-            if parse_ip(host) is not None and not decision.address_allowed(host):
-                reason = "this address is loopback, private, link-local or multicast and no rule names it"
+            ip = parse_ip(host)
+            denied = self.policy.address_denied(ip, port) if ip is not None else None
+            if denied is not None:  # e.g. a deny rule for an IPv4 network, and its NAT64 spelling
+                self._audit("connect", url=target, host=host, port=port, decision="deny", rule=denied.rule,
+                            reason=denied.reason)
+                await _refuse(reader, writer, denied.reason, denied.rule)
+                return
+            if ip is not None and not decision.address_allowed(ip):
+                reason = (f"this address is protected ({protected_class(ip, own_addresses())}: loopback, private, "
+                          "link-local, multicast, NAT64, 6to4, this host's own, ...) and no rule names it")
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule="address",
                             reason=reason)
                 await _refuse(reader, writer, reason, "address")
