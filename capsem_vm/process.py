@@ -56,6 +56,7 @@ class ManagedProcess:
         self.popen = popen
         self.pid = popen.pid
         self._pidfd = os.pidfd_open(popen.pid)
+        self.on_close: list = []  # called once, after the process is reaped (e.g. release its uid lease)
 
     @property
     def returncode(self) -> int | None:
@@ -112,6 +113,8 @@ class ManagedProcess:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+        while self.on_close:
+            self.on_close.pop()()
 
     def __repr__(self) -> str:
         return f"<ManagedProcess {self.name} pid={self.pid} rc={self.popen.returncode}>"
