@@ -29,6 +29,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from . import nofollow
 from .errors import VMError
 from .process import Identity
 
@@ -55,7 +56,7 @@ def _lease_dir() -> Path:
     st = LEASE_DIR.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
         raise VMError(f"{LEASE_DIR} is not a directory owned by root")
-    os.chmod(LEASE_DIR, 0o700)
+    nofollow.chmod(LEASE_DIR, 0o700)
     return LEASE_DIR
 
 

@@ -38,7 +38,7 @@ import stat
 import sys
 from pathlib import Path
 
-from . import helpers, idmap_share, paths, privsep, seccomp
+from . import helpers, idmap_share, nofollow, paths, privsep, seccomp
 from .caplog import CappedLog
 from .config import RuntimePaths, Share
 from .errors import VMError
@@ -115,7 +115,7 @@ def check_share_path(path: os.PathLike | str) -> Path:
 def listening_socket(path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
-    os.chmod(path, 0o600)
+    nofollow.chmod(path, 0o600)
     sock.listen(1)
     return sock
 
@@ -209,7 +209,7 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
     program = helpers.virtiofsd()
     sock = listening_socket(paths_.fs_socket(share.tag))
     if qemu_identity is not None:
-        os.chown(paths_.fs_socket(share.tag), qemu_identity.uid, qemu_identity.gid, follow_symlinks=False)
+        nofollow.chown(paths_.fs_socket(share.tag), qemu_identity.uid, qemu_identity.gid)
     lease = ready_r = ready_w = None
     try:
         fd = sock.fileno()

@@ -30,6 +30,7 @@ from .config import RuntimePaths, VMConfig
 from .control import ControlConnection
 from .errors import ImageError, VMError
 from .image.store import resolve_image
+from .image.trust import check_root_only
 from .image.verify import open_verified
 from .process import ManagedProcess, spawn
 from .qemu import BootAssets, build_command
@@ -99,6 +100,7 @@ class VM:
             self.image_digest = image.digest
             self.timings["verify_s"] = time.monotonic() - t0
             if self.identity is not None:
+                check_root_only(image_dir, {"kernel": image.kernel, "initrd": image.initrd, "rootfs": image.rootfs})
                 _check_readable_by_others(image)
             await self.transport.start()
             self.helpers += self.transport.helper_processes()
