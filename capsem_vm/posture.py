@@ -54,7 +54,7 @@ def check_seccomp() -> Result:
 
 def check_helper_privileges() -> Result:
     if not privsep.privileged():
-        return OK, f"helpers run as you (uid {os.geteuid()}), unprivileged; virtiofsd in a user namespace"
+        return _check_user_confinement()
     # root: QEMU/vsock as a leased uid; virtiofsd as the share owner in a user namespace
     probe = privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT - 1
     try:
@@ -68,6 +68,23 @@ def check_helper_privileges() -> Result:
     return OK, (f"capsem runs as root; QEMU and vhost-device-vsock run as a per-VM uid in "
                 f"{privsep.HELPER_UID_BASE}..{privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT - 1}, "
                 "each virtiofsd as a uid of its own in a user namespace (see 'share ids')")
+
+
+def _check_user_confinement() -> Result:
+    """A normal user's QEMU and vsock backend run in namespaces of their own (confine.py): try it."""
+    import tempfile
+    from . import confine
+    with tempfile.TemporaryDirectory(dir=paths.runtime_dir()) as d:
+        try:
+            out = subprocess.run(confine.wrap(["/bin/true"], d), cwd=d, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError, CapsemError) as exc:
+            return WEAK, f"cannot confine the helpers: {exc}"
+    if out.returncode != 0:
+        return WEAK, ("QEMU and vhost-device-vsock cannot get namespaces of their own here (user namespaces "
+                      "disabled?): " + out.stderr.decode(errors="replace").strip()[-300:])
+    return OK, (f"helpers run as you (uid {os.geteuid()}), unprivileged: QEMU and vhost-device-vsock in their own "
+                "user, pid, mount, network and IPC namespaces with your home and /tmp hidden; virtiofsd in a "
+                "user namespace")
 
 
 def check_share_identity(probe_dir: str | None = None) -> Result:

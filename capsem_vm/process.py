@@ -57,6 +57,7 @@ class ManagedProcess:
         self.pid = popen.pid
         self._pidfd = os.pidfd_open(popen.pid)
         self.on_close: list = []  # called once, after the process is reaped (e.g. release its uid lease)
+        self.stop_signal = signal.SIGTERM  # what stop() sends first (confine.py's wrapper ignores SIGTERM)
 
     @property
     def returncode(self) -> int | None:
@@ -93,7 +94,7 @@ class ManagedProcess:
     async def stop(self, grace: float = 5.0) -> int:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL. Always reaps."""
         if self.popen.poll() is None:
-            self.send_signal(signal.SIGTERM)
+            self.send_signal(self.stop_signal)
             try:
                 await asyncio.wait_for(self.wait(), grace)
             except asyncio.TimeoutError:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from capsem_agent import protocol
 
-from . import helpers, privsep, runtime
+from . import confine, helpers, privsep, runtime
 from .accel import choose as choose_accel
 from .caplog import CappedLog
 from .config import RuntimePaths, VMConfig
@@ -122,10 +122,14 @@ class VM:
             try:
                 argv = build_command(str(qemu_program.path), self.config, self.accel.accel, self.paths,
                                      assets, self.transport.qemu_args(), console=f"/dev/fd/{console.fd}")
+                if self.identity is None:  # a normal user's capsem: namespaces instead of a uid
+                    argv = confine.wrap(argv, self.paths.root)
                 t_qemu = time.monotonic()
                 self.qemu = await spawn("qemu", argv, identity=self.identity, cwd=self.paths.root,
                                         pass_fds=(*fds.values(), console.fd, *self.transport.qemu_fds()),
                                         stdout=qemu_log.fd, stderr=qemu_log.fd)
+                if self.identity is None:
+                    self.qemu.stop_signal = confine.STOP_SIGNAL
             finally:
                 console.close_writer()
                 qemu_log.close_writer()
