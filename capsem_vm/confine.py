@@ -83,3 +83,15 @@ def wrap(argv: list[str], vm_dir: os.PathLike | str) -> list[str]:
             "sh", "-c", _SCRIPT, "sh", str(vm_dir), "1" if rebind else "0", *hidden, "--",
             str(helpers.setpriv().path), "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--",
             *argv]
+
+
+def program_pid(pid: int) -> int:
+    """The confined program's pid (what status and memory figures are about): the child of the
+    `unshare --fork` process `pid`; `pid` itself when it is not such a wrapper (or it is gone)."""
+    try:
+        if os.path.basename(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()) != "unshare":
+            return pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return int(children[0]) if len(children) == 1 else pid
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return pid

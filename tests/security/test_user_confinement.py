@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from capsem_vm import confine
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs the wrapper as another (normal) user: needs root")
 UID = 1000 if any(p.pw_uid == 1000 for p in pwd.getpwall()) else 2091188224 + 4360
@@ -127,6 +129,7 @@ def test_a_confined_helper_is_in_namespaces_of_its_own_and_dies_with_its_owner(u
         status = Path(f"/proc/{helper}/status").read_text()
         assert f"Uid:\t{UID}\t{UID}\t{UID}\t{UID}" in status and "CapEff:\t0000000000000000" in status
         assert Path(f"/proc/{unshare_pid}").exists()
+        assert confine.program_pid(unshare_pid) == int(helper)  # (pool status: the real QEMU's memory)
     finally:
         owner.kill()
         owner.wait()
