@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     if %(site_dir)r:  # the venv's interpreter is not reachable by this user: use its packages
         n = len(sys.path)
         site.addsitedir(%(site_dir)r)
-        sys.path[:] = sys.path[n:] + sys.path[:n]
+        first = [p for p in os.environ.get("PYTHONPATH", "").split(":") if p]  # still first (a worktree's code)
+        sys.path[:] = first + [p for p in sys.path[n:] + sys.path[:n] if p not in first]
     from jupyter_client.manager import start_new_kernel
     folder = sys.argv[1]
     km, kc = start_new_kernel(kernel_name=%(kernel)r, startup_timeout=%(timeout)r, cwd=folder)
