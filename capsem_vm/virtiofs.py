@@ -171,7 +171,7 @@ def share_mount_base() -> Path:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         raise VMError(f"{SHARE_MOUNT_BASE} must be a directory owned by root and writable by root only "
                       f"(it is mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})",
-                      f"remove it; capsem recreates it")
+                      "remove it; capsem recreates it")
     return SHARE_MOUNT_BASE
 
 
