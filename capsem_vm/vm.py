@@ -162,7 +162,7 @@ class VM:
         if self.egress is not None:
             from .egress import shared_audit
             shared_audit().record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
-                                  decision="deny", rule="control-port",
+                                  decision="deny", rule="control-port", code="control-port",
                                   reason=f"vsock: extra connection to the host's control port refused "
                                          f"({self.refused_control} so far; the host accepts exactly one)")
 
