@@ -222,7 +222,7 @@ def _nest(depth: int, inner: str = "1") -> str:
 
 
 hostile_values = st.one_of(
-    st.integers(min_value=41, max_value=20000).map(lambda n: "9" * n),              # huge ints
+    st.sampled_from([41, 4300, 4301, 20000]).map(lambda n: "9" * n),                # huge ints
     st.integers(min_value=41, max_value=5000).map(lambda n: "-" + "1" * n),
     st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e400", "1" + "0" * 400 + ".0"]),
     st.integers(min_value=33, max_value=100000).map(_nest),                          # deep nesting

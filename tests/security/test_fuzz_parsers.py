@@ -51,7 +51,7 @@ def _frame(body: bytes) -> bytes:
 # JSON that json.loads mishandles: huge integers (ValueError from the int-digits limit), NaN and
 # Infinity, floats that overflow, deep nesting, lone surrogates, duplicate keys, invalid UTF-8
 hostile_values = st.one_of(
-    st.integers(min_value=41, max_value=6000).map(lambda n: "9" * n),
+    st.sampled_from([41, 4301, 5000, 20000]).map(lambda n: "9" * n),  # > 4300: ValueError in json
     st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e400"]),
     st.integers(min_value=33, max_value=50000).map(lambda n: "[" * n + "]" * n),
     st.sampled_from(['"\\ud800"', '"a\\udfffb"', '"\\u001b[2J\\r\\nforged"', '"\\u202eevil"']),
