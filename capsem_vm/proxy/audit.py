@@ -67,6 +67,7 @@ IDLE_WAIT = 1.0      # longest a row can wait for the writer if its wake-up race
 RETRY_WAIT = 1.0     # after a failed write, the next try
 MAX_BYTES = 256 << 20  # default size cap per database (CAPSEM_AUDIT_MAX_MB)
 LOW_WATER = 0.9      # rotation deletes the oldest rows down to this share of the cap
+CHUNK = 1000         # rows per write transaction (and per size check)
 BUSY_TIMEOUT = 2.0   # a write waits this long for another process's lock, then counts as failed
 SECRET_KEYS = re.compile(r"(token|key|secret|passw|pwd|auth|sig|credential|session|cookie|code|jwt|bearer)",
                          re.IGNORECASE)
@@ -272,7 +273,6 @@ class AuditLog:
                     con = self._open()
                 if con is not None and self._write(con, sql, held):
                     held = []
-                    self._rotate(con)
             self._unwritten = len(held)
             for e in events:
                 e.set()
@@ -290,10 +290,11 @@ class AuditLog:
 
     def _write(self, con: sqlite3.Connection, sql: str, batch: list) -> bool:
         try:
-            for i in range(0, len(batch), 5000):
+            for i in range(0, len(batch), CHUNK):
                 con.execute("BEGIN IMMEDIATE")
-                con.executemany(sql, batch[i:i + 5000])
+                con.executemany(sql, batch[i:i + CHUNK])
                 con.execute("COMMIT")
+                self._rotate(con)  # per chunk: the database exceeds its cap by at most one chunk
         except (sqlite3.Error, OSError) as exc:
             try:
                 if con.in_transaction:

@@ -145,7 +145,7 @@ async def run(out) -> int:
         return 2
 
     state = State(cfg.get("resolve") or {})
-    audit = Audit(audit_log)
+    audit = Audit(audit_log, state)
     state.audit = audit
     control = Control(state, out)
     opts = options.Options()

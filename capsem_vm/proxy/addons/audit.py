@@ -27,8 +27,9 @@ UNAVAILABLE = Decision(DENY, "audit-unavailable",
 
 
 class Audit:
-    def __init__(self, log: AuditLog):
+    def __init__(self, log: AuditLog, state=None):
         self.log = log
+        self.state = state  # the service's State, to name the session of a refused connection
         self._refused = 0          # refusals for audit-unavailable since the last log line
         self._refused_logged = -1e9
 
@@ -58,6 +59,9 @@ class Audit:
     def server_connect(self, data) -> None:
         if data.server.error is None and self._unavailable("connection"):
             data.server.error = "capsem: the audit log cannot be written"
+            sess = self.state.session(data.client) if self.state is not None else None
+            if sess is not None:  # held in memory (bounded, counted) until the database works again
+                self.connection(sess, f"{sess.host}:{sess.port}", UNAVAILABLE, None)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         m = meta(flow)
