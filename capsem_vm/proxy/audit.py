@@ -71,7 +71,10 @@ CHUNK = 1000         # rows per write transaction (and per size check)
 BUSY_TIMEOUT = 2.0   # a write waits this long for another process's lock, then counts as failed
 SECRET_KEYS = re.compile(r"(token|key|secret|passw|pwd|auth|sig|credential|session|cookie|code|jwt|bearer)",
                          re.IGNORECASE)
-AGGREGATED_KINDS = frozenset({"dns"})  # every row of these kinds is rate-bounded, allows too
+# every row of these kinds is rate-bounded, allows too: a DNS answer and a connection's admission
+# say nothing a repeat adds to (what leaves is in the per-request http/websocket/tcp rows), and a
+# guest can repeat both at will (a new connection per denied request, say)
+AGGREGATED_KINDS = frozenset({"dns", "connect"})
 
 
 _NEEDS_PARSE = re.compile(r"[?#@\\\s]")

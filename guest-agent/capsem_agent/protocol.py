@@ -303,16 +303,27 @@ def _check_tree(value, depth: int = 0) -> None:
             _check_tree(v, depth + 1)
 
 
+def strict_loads(body: bytes):
+    """UTF-8 JSON from an untrusted peer. Raises only ValueError (short message): no huge
+    integers, NaN/Infinity, overflowing floats, duplicate keys, lone surrogates, or nesting deeper
+    than MAX_DEPTH. Also used by the pool's wire format (capsem_vm.pool.wire)."""
+    try:
+        value = json.loads(body.decode("utf-8"), parse_int=_strict_int, parse_float=_strict_float,
+                           parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        _check_tree(value)
+    except (UnicodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(exc.__class__.__name__) from None
+    return value
+
+
 def decode_body(body: bytes) -> dict:
     """Parse one frame body into a message dict with a valid "t" field. Total: any bytes give a
     dict or MessageError (no huge integers, NaN/Infinity, duplicate keys, lone surrogates, or
     nesting deeper than MAX_DEPTH)."""
     try:
-        msg = json.loads(body.decode("utf-8"), parse_int=_strict_int, parse_float=_strict_float,
-                         parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-        _check_tree(msg)
-    except (UnicodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise MessageError(f"frame is not valid UTF-8 JSON: {exc.__class__.__name__}") from None
+        msg = strict_loads(body)
+    except ValueError as exc:
+        raise MessageError(f"frame is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise MessageError("frame is not a JSON object")
     msg_id = msg.get("id")
