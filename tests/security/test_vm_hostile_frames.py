@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ from capsem_vm.proxy.cli import main as proxy_main  # noqa: E402
 from capsem_vm.vm import VM  # noqa: E402
 
 pytestmark = pytest.mark.vm
-KERNEL_ID = "k-hostile-frames"
+KERNEL_ID = "k-hostile-" + os.urandom(4).hex()  # unique: the audit database may be shared
 # independent of capsem_vm.safetext: C0, DEL, C1, U+2028/9, bidi controls, lone surrogates
 UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
@@ -131,7 +132,10 @@ class Env:
 def env(image_dir):
     e = Env()
     base = Path(tempfile.mkdtemp(prefix="capsem-hostile-"))
-    saved = {k: os.environ.get(k) for k in ("CAPSEM_RUNTIME_DIR", "CAPSEM_CONFIG_DIR")}
+    saved = {k: os.environ.get(k) for k in ("CAPSEM_RUNTIME_DIR", "CAPSEM_CONFIG_DIR", "CAPSEM_DATA_DIR")}
+    own_audit = host_egress._audit is None  # a private audit database, unless this process has one open
+    if own_audit:
+        os.environ["CAPSEM_DATA_DIR"] = str(base / "data")
     os.environ["CAPSEM_RUNTIME_DIR"] = str(base / "run")
     os.environ["CAPSEM_CONFIG_DIR"] = str(base / "config")  # no user policy: deny-all, no proxy
     (base / "run").mkdir(mode=0o700)
@@ -143,11 +147,15 @@ def env(image_dir):
         yield e
     finally:
         loop_thread.run_sync(e.vm.stop(), timeout=120)
+        if own_audit and host_egress._audit is not None:
+            host_egress._audit.close()
+            host_egress._audit = None
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_guest_chosen_names_are_stored_and_printed_escaped(env, capsys):
@@ -155,8 +163,8 @@ def test_guest_chosen_names_are_stored_and_printed_escaped(env, capsys):
     assert code == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     assert all(r and r["t"] == "refused" for r in res["connect"]), res
-    audit = host_egress.shared_audit()
-    assert loop_thread.run_sync(host_egress.audit_barrier(KERNEL_ID), 30)
+    audit = host_egress.shared_audit()  # the VM owner's writer: the bridge's rows (no proxy: deny-all)
+    audit.flush()
     rows = read_events(audit.db_path, kernel=KERNEL_ID)
     assert len(rows) >= len(NAMES)
     texts = [v for r in rows for v in r.values() if isinstance(v, str)]
@@ -168,6 +176,8 @@ def test_guest_chosen_names_are_stored_and_printed_escaped(env, capsys):
     assert proxy_main(["audit", "--db", str(audit.db_path), "--kernel", KERNEL_ID, "--limit", "500"]) == 0
     printed = capsys.readouterr().out
     assert "\\x1b" in printed and not any(UNSAFE.search(line) for line in printed.splitlines())
+    # the barrier a reader uses (docs/AUDIT.md) holds here too
+    assert loop_thread.run_sync(host_egress.audit_barrier(KERNEL_ID), 30)
 
 
 def test_a_huge_integer_on_the_control_connection_fails_closed_at_once(env):
