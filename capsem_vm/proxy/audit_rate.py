@@ -21,6 +21,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from .dns_responder import TokenBucket
+
 RATE = 10.0       # itemised rows per second per kernel (sustained)
 BURST = 50.0
 WINDOW = 5.0      # seconds over which repeats are merged into one row
@@ -45,13 +47,6 @@ class _Overflow:
     codes: dict = field(default_factory=dict)
 
 
-class _Bucket:
-    __slots__ = ("tokens", "at")
-
-    def __init__(self, tokens: float, at: float):
-        self.tokens, self.at = tokens, at
-
-
 class RefusalAggregator:
     """Thread-safe: `offer` from any thread, `drain` from the writer."""
 
@@ -60,7 +55,7 @@ class RefusalAggregator:
         self.rate, self.burst, self.window, self.max_keys = rate, burst, window, max_keys
         self._entries: dict[tuple, _Entry] = {}
         self._overflow: dict[str, _Overflow] = {}
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -70,13 +65,8 @@ class RefusalAggregator:
     def _token(self, kernel: str, now: float) -> bool:
         b = self._buckets.get(kernel)
         if b is None:
-            b = self._buckets[kernel] = _Bucket(self.burst, now)
-        b.tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
-        b.at = now
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return True
-        return False
+            b = self._buckets[kernel] = TokenBucket(self.rate, self.burst)
+        return b.take(now)
 
     def _fold(self, row: dict, count: int, first_ts: float, last_ts: float, now: float) -> None:
         o = self._overflow.get(row["kernel"])
@@ -135,7 +125,7 @@ class RefusalAggregator:
                             "reason": f"{o.count} refusals over the audit row rate, not itemised; "
                                       f"by code: {codes}"})
             for kernel, b in list(self._buckets.items()):  # full and idle buckets carry no state
-                if b.tokens + (now - b.at) * self.rate >= self.burst:
+                if b.stamp is None or b.tokens + (now - b.stamp) * self.rate >= self.burst:
                     del self._buckets[kernel]
         return out
 

@@ -86,44 +86,6 @@ for name in names:
 print(json.dumps(out))
 """
 
-HUGE_INT = r"""
-import ctypes, json, os, socket, struct, sys
-libc = ctypes.CDLL(None, use_errno=True)
-conn = None
-for pid in [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]:
-    try:
-        if b"capsem-agent" not in open(f"/proc/{pid}/cmdline", "rb").read():
-            continue
-    except OSError:
-        continue
-    pidfd = os.pidfd_open(int(pid))
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                continue
-        except OSError:
-            continue
-        nfd = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd: the agent's own control socket
-        if nfd < 0:
-            continue
-        s = socket.socket(fileno=nfd)
-        try:
-            if s.family == socket.AF_VSOCK and s.getpeername() == (2, 5000):
-                conn = s
-                break
-        except OSError:
-            pass
-        s.close()
-    if conn:
-        break
-print(json.dumps({"found": conn is not None}), flush=True)
-if conn is not None:
-    conn.settimeout(60)
-    body = b'{"t":"kernel_exit","pid":' + b"9" * 5000 + b',"code":0,"signal":null,"tail":""}'
-    conn.sendall(struct.pack(">I", len(body)) + body)
-"""
-
-
 class Env:
     pass
 
@@ -184,7 +146,8 @@ def test_a_huge_integer_on_the_control_connection_fails_closed_at_once(env):
     """The forger runs as a host exec on the very connection it breaks: that exec is a pending host
     request. On main the reader died of ValueError and the exec's wait hung forever."""
     control = env.vm.control
-    proc = loop_thread.run_sync(control.exec(["python3", "-c", HUGE_INT]), 60)
+    # gs.FORGE steals the agent's own control socket (pidfd_getfd) and sends a 5000-digit integer
+    proc = loop_thread.run_sync(control.exec(["python3", "-c", gs.FORGE, "huge-int", "/dev/null"]), 60)
     t0 = time.monotonic()
     with pytest.raises(VMError):
         loop_thread.run_sync(proc.wait(), 90)  # failed by the reader, never left hanging
