@@ -409,8 +409,27 @@ def _fill(path: Path) -> None:
             pass
 
 
+class _Locker:
+    """Another process's writer holding the database's write lock (BEGIN EXCLUSIVE) for as long
+    as it likes: every capsem writer's BEGIN IMMEDIATE times out ("database is locked")."""
+
+    def __init__(self, db: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sqlite3, sys\n"
+             "con = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+             "con.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()", str(db)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
 @amark
-async def test_full_disk_refuses_egress_with_audit_unavailable_then_recovers(tmp_path, tiny_tmpfs):
+@pytest.mark.parametrize("breakage", ["disk-full", "locked"])
+async def test_unwritable_database_refuses_egress_with_audit_unavailable_then_recovers(tmp_path, tiny_tmpfs,
+                                                                                      breakage):
     mp = pytest.MonkeyPatch()
     mp.setenv("CAPSEM_DATA_DIR", str(tmp_path / "data"))
     mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp_path / "run"))
@@ -419,7 +438,10 @@ async def test_full_disk_refuses_egress_with_audit_unavailable_then_recovers(tmp
         assert (await run(w.g.http, "GET", "ok.test.example", w.port, "/ok")).status == 200
         await barrier(w)
         filler = tiny_tmpfs / "filler"
-        await run(_fill, filler)
+        if breakage == "disk-full":
+            await run(_fill, filler)
+        else:
+            locker = await run(_Locker, w.db)
 
         def refused_eventually():
             outcomes = []
@@ -446,7 +468,10 @@ async def test_full_disk_refuses_egress_with_audit_unavailable_then_recovers(tmp
         assert await run(w.g.dns, "ok.test.example") == (dns.REFUSED, [])
         assert "cannot write" in w.log_path.read_text()
 
-        filler.unlink()  # space again: writes work, held rows are written, egress comes back
+        if breakage == "disk-full":
+            filler.unlink()  # space again: writes work, held rows are written, egress comes back
+        else:
+            await run(locker.release)
         assert await asyncio.to_thread(w.audit.flush, 10)
 
         def allowed_again():
