@@ -194,6 +194,29 @@ async def test_every_row_carries_a_known_code_and_the_barrier_makes_it_readable_
     assert all(r["node"] == "" and r["count"] >= 1 for r in rows)
 
 
+@amark
+async def test_built_in_refusals_carry_their_own_codes(world):
+    """Refusals that no rule decides name themselves: oversized headers (431), malformed first
+    frames, invalid host names, addresses no rule names."""
+    w = world
+    big = await run(w.g.http, "GET", "ok.test.example", w.port, "/ok", headers={"X-Big": "a" * 200_000})
+    assert big.status == 431
+
+    def malformed() -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(w.egress)
+            s.sendall(struct.pack(">I", 5) + b"{nope")
+            return recv_frame(s)
+    assert (await run(malformed))["rule"] == "protocol"
+    s, reply = await run(w.g.open, "bad_name!.example", 443)
+    s.close()
+    assert reply["rule"] == "invalid-host"
+    await barrier(w)
+    codes = {r["code"] for r in read_events(w.db, kernel="k-audit")}
+    assert {"header-size", "protocol", "invalid-host"} <= codes, codes
+
+
 # --- aggregation at a bounded rate ---------------------------------------------------------------
 
 @amark

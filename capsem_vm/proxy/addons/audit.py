@@ -43,6 +43,11 @@ class Audit:
                         decision="deny", rule="header-timeout", code="header-timeout",
                         reason=f"closed: request headers not complete within {seconds:g} s")
 
+    def header_size(self, sess, limit: int) -> None:
+        self.log.record(sess.kernel.id, "connect", url=f"{sess.host}:{sess.port}", host=sess.host, port=sess.port,
+                        decision="deny", rule="header-size", code="header-size", status=431,
+                        reason=f"closed: request headers larger than {limit} bytes")
+
     # --- the gate: refused while the audit log cannot be written -------------------------------
 
     def _unavailable(self, what: str) -> bool:
