@@ -188,6 +188,7 @@ dns_frames = st.one_of(
     .map(lambda m: _frame(json.dumps(m).encode())),
     st.binary(max_size=40),
     st.just(struct.pack(">I", 9000) + b"x" * 9000),
+    hostile_json,
 )
 
 
