@@ -161,7 +161,7 @@ class Egress:
         try:
             bridge = await self._bridge()
         except Exception as exc:  # noqa: BLE001 - the guest gets a reason, the stream closes
-            writer.write(protocol.encode({"t": "refused", "rule": "proxy",
+            writer.write(protocol.encode({"t": "refused", "rule": "proxy", "code": "proxy-unavailable",
                                           "reason": f"the egress proxy is not available: {exc}"[:500]}))
             await hang_up(reader, writer)
             return

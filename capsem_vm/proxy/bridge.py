@@ -199,7 +199,7 @@ class EgressBridge:
         started = time.time()
         if self._streams >= self.max_streams:
             self._audit_limit("connect", "too many concurrent streams")
-            await _refuse(reader, writer, "too many concurrent connections from this VM", "limit")
+            await _refuse(reader, writer, "too many concurrent connections from this VM", "limit", "limit")
             return
         self._streams += 1
         up_writer = None
@@ -211,32 +211,32 @@ class EgressBridge:
                 return
             if msg is None or msg.get("t") != "connect":
                 self._audit_limit("connect", "egress stream with a malformed first frame", "protocol")
-                await _refuse(reader, writer, "first frame must be {\"t\": \"connect\", ...}", "protocol")
+                await _refuse(reader, writer, "first frame must be {\"t\": \"connect\", ...}", "protocol", "protocol")
                 return
             host, port, error = self._destination(msg)
             target = f"{host}:{port}"
             if error:
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule="invalid-host",
                             code="invalid-host", reason=error)
-                await _refuse(reader, writer, error, "invalid-host")
+                await _refuse(reader, writer, error, "invalid-host", "invalid-host")
                 return
             decision = self.policy.decide_connect(host, port)
             if not decision.allowed:
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule=decision.rule,
                             code=decision.code, reason=decision.reason)
-                await _refuse(reader, writer, decision.reason, decision.rule)
+                await _refuse(reader, writer, decision.reason, decision.rule, decision.code)
                 return
             if parse_ip(host) is not None and not decision.address_allowed(host):
                 reason = "this address is loopback, private, link-local or multicast and no rule names it"
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule="address",
                             code="address", reason=reason)
-                await _refuse(reader, writer, reason, "address")
+                await _refuse(reader, writer, reason, "address", "address")
                 return
             if self._audit_unavailable():
                 reason = "the audit log cannot be written: egress is refused rather than unaudited"
                 self._audit("connect", url=target, host=host, port=port, decision="deny",
                             rule="audit-unavailable", code="audit-unavailable", reason=reason)
-                await _refuse(reader, writer, reason, "audit-unavailable")
+                await _refuse(reader, writer, reason, "audit-unavailable", "audit-unavailable")
                 return
             try:
                 port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
@@ -248,7 +248,7 @@ class EgressBridge:
             except (OSError, socks5.Socks5Error, asyncio.TimeoutError) as exc:
                 # the proxy service audits its own refusals in detail (address checks, upstream errors)
                 reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
-                await _refuse(reader, writer, reason[:500], "proxy")
+                await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
                 return
             writer.write(protocol.encode({"t": "connected"}))
             await writer.drain()
@@ -284,9 +284,10 @@ def _refused_answer(query: bytes) -> bytes | None:
         return None
 
 
-async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, rule: str) -> None:
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, rule: str,
+                  code: str) -> None:
     try:
-        writer.write(protocol.encode({"t": "refused", "reason": reason[:1000], "rule": rule}))
+        writer.write(protocol.encode({"t": "refused", "reason": reason[:1000], "rule": rule, "code": code}))
     except ConnectionError:
         pass
     await hang_up(reader, writer)  # drains the frame, then closes so that the guest sees EOF

@@ -25,7 +25,8 @@ Port map (vsock, all within 5000-5005):
                                     at most 4 KiB, within 10 s. The guest may send payload right
                                     after it (no need to wait). The host answers exactly one frame:
                                     {"t": "connected"} -> raw bytes follow both ways (half-close
-                                    is forwarded); or {"t": "refused", "reason": str, "rule": str}
+                                    is forwarded); or {"t": "refused", "reason": str, "rule": str,
+                                    "code": str (stable: capsem_vm/policy/codes.py)}
                                     -> the host closes (a proxy client should see HTTP 403 / a
                                     transparent one a reset). Denials inside an accepted stream
                                     are HTTP 403s with an X-Capsem-Policy header, or resets.

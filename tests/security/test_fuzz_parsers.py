@@ -231,7 +231,8 @@ async def test_egress_streams_per_vm_are_capped():
     refused.feed_eof()  # the guest closes once it has read the refusal
     await asyncio.wait_for(bridge.handle_egress(refused, w), 10)
     reply = protocol.decode_body(protocol.FrameDecoder().feed(bytes(w.data))[0])
-    assert reply == {"t": "refused", "reason": "too many concurrent connections from this VM", "rule": "limit"}
+    assert reply == {"t": "refused", "reason": "too many concurrent connections from this VM", "rule": "limit",
+                     "code": "limit"}
     assert w.eof and w.closed  # EOF first, then closed (hang_up)
     held.feed_eof()
     await task
