@@ -25,8 +25,10 @@ def _fmt(r: dict) -> str:
     what = " ".join(x for x in (r.get("method") or "", r.get("url") or "") if x)
     count = f" x{r['count']}" if (r.get("count") or 1) > 1 else ""
     node = f"@{r['node']} " if r.get("node") else ""
+    rule, code = r.get("rule") or "", r.get("code") or ""
+    tag = rule if not code or code == rule else (f"{rule}; {code}" if rule else code)
     return (f"{ts} {node}{r['kernel'][:12]:12} {r['kind']:9} {(r.get('decision') or ''):5} {status:>3} {what} "
-            f"{size} {dur} [{r.get('code') or r.get('rule') or ''}{count}] {r.get('reason') or ''}").rstrip()
+            f"{size} {dur} [{tag}{count}] {r.get('reason') or ''}").rstrip()
 
 
 def _audit(args) -> int:
