@@ -510,3 +510,16 @@ async def test_unwritable_database_refuses_egress_with_audit_unavailable_then_re
     finally:
         await _close_world(w)
         mp.undo()
+
+
+def test_node_field_is_empty_locally_and_settable(tmp_path, monkeypatch):
+    db = tmp_path / "audit.sqlite3"
+    local = AuditLog(db)
+    named = AuditLog(db, node="gpu-7\x1b[2J")               # escaped like any text
+    monkeypatch.setenv("CAPSEM_NODE", "ray-node-3")
+    from_env = AuditLog(db)
+    for log, k in ((local, "a"), (named, "b"), (from_env, "c")):
+        log.record(k, "http", url="http://x/", decision="allow", rule="r")
+        assert log.flush()
+        log.close()
+    assert {r["kernel"]: r["node"] for r in read_events(db)} == {"a": "", "b": "gpu-7\\x1b[2J", "c": "ray-node-3"}
