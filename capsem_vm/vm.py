@@ -157,20 +157,21 @@ class VM:
         self._control_ready.set_result((reader, writer))
 
     def _note_refused_control(self) -> None:
-        """Log (and audit, with egress) extra control connections: at most once a second."""
+        """Audit (with egress) every extra control connection: the audit log's rate bound counts
+        repeats (docs/AUDIT.md); log them at most once a second."""
         self.refused_control += 1
+        if self.egress is not None:
+            from .egress import shared_audit
+            shared_audit().record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
+                                  decision="deny", rule="control-port", code="control-port",
+                                  reason="vsock: extra connection to the host's control port refused "
+                                         "(the host accepts exactly one)")
         now = time.monotonic()
         if now - self._refused_noted < 1.0:
             return
         self._refused_noted = now
         log.warning("VM %s: refused %d extra connection(s) to the control port", self.paths.root.name,
                     self.refused_control)
-        if self.egress is not None:
-            from .egress import shared_audit
-            shared_audit().record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
-                                  decision="deny", rule="control-port",
-                                  reason=f"vsock: extra connection to the host's control port refused "
-                                         f"({self.refused_control} so far; the host accepts exactly one)")
 
     async def _wait_for_hello(self, t_qemu: float) -> None:
         qemu_exit = asyncio.ensure_future(self.qemu.wait())

@@ -67,7 +67,8 @@ async def test_default_policy_is_deny_all_and_needs_no_proxy(dirs):
         assert (await asyncio.to_thread(g.dns, "example.com"))[0] == dns.NXDOMAIN
         s, reply = await asyncio.to_thread(g.open, "example.com", 443)
         s.close()
-        assert reply == {"t": "refused", "reason": "no rule allows this (default deny)", "rule": "default"}
+        assert reply == {"t": "refused", "reason": "no rule allows this (default deny)", "rule": "default",
+                         "code": "default-deny"}
         s, reply = await asyncio.to_thread(g.open, "169.254.169.254", 80)
         s.close()
         assert reply["t"] == "refused"
