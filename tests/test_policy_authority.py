@@ -25,6 +25,8 @@ BASES = {
     "[::ffff:127.0.0.1]": "127.0.0.1",
     "[::1]": "::1",
     "[0:0:0:0:0:0:0:1]": "::1",
+    "\u0430llowed.test.example": "xn--llowed-2nf.test.example",  # Cyrillic a: a homograph, another name
+    "\uff41llowed.test.example": "allowed.test.example",  # fullwidth a: IDNA maps it to ASCII, the same name
 }
 
 

@@ -322,7 +322,8 @@ async def test_any_spelling_through_the_real_proxy(world):
     w = world
     T = w.T
     bases = {A: True, OTHER: False, ALSO: False, IDN: False, "127.0.0.1": False, "[::1]": False,
-             "allowed.test.example.evil": False, "evil-allowed.test.example": False}
+             "allowed.test.example.evil": False, "evil-allowed.test.example": False, IDN_U: False,
+             "\u0430llowed.test.example": False}  # (a Cyrillic a)
 
     def spell(base: str, flips: list[bool], dot: bool) -> str:
         text = "".join(c.upper() if f else c for c, f in zip(base, flips + [False] * len(base)))
