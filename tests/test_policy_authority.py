@@ -22,7 +22,6 @@ BASES = {
     "bücher.test.example": "xn--bcher-kva.test.example",
     "xn--bcher-kva.test.example": "xn--bcher-kva.test.example",
     "127.0.0.1": "127.0.0.1",
-    "[::ffff:127.0.0.1]": "127.0.0.1",
     "[::1]": "::1",
     "[0:0:0:0:0:0:0:1]": "::1",
     "\u0430llowed.test.example": "xn--llowed-2nf.test.example",  # Cyrillic a: a homograph, another name
