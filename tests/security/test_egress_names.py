@@ -307,4 +307,8 @@ print(json.dumps(R))
             continue
         got = w.wait_rows(kernel=k.kid, rule=want, url=lambda u, t=c["tag"]: t in (u or ""))
         assert got and got[0]["decision"] == "deny", (c["path"], c["name"], want)
+        # the stable code (the `code` column where the audit log has one; a built-in refusal's
+        # rule is its code; no-websockets is a rule of the policy)
+        code = "rule-deny" if want == "no-websockets" else want
+        assert (got[0].get("code") or code) == code, got[0]
     assert w.wait_rows(kernel=k.kid, rule="host-mismatch", method="CONNECT", decision="deny")
