@@ -105,13 +105,14 @@ def fmt_cpu(ms: dict[str, float]) -> str:
 class Conn:
     """One keep-alive HTTPS connection, direct or through the bridge."""
 
-    def __init__(self, reader, writer):
+    def __init__(self, reader, writer, port: int):
         self.r, self.w = reader, writer
+        self.host = f"{HOST}:{port}"  # the proxy refuses a Host that does not name the port
 
     @classmethod
     async def direct(cls, port: int, ctx: ssl.SSLContext):
         r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=HOST)
-        return cls(r, w)
+        return cls(r, w, port)
 
     @classmethod
     async def proxied(cls, egress_path: str, port: int, ctx: ssl.SSLContext):
@@ -122,10 +123,10 @@ class Conn:
         if reply["t"] != "connected":
             raise RuntimeError(f"refused: {reply}")
         await w.start_tls(ctx, server_hostname=HOST)
-        return cls(r, w)
+        return cls(r, w, port)
 
     async def get(self, size: int) -> int:
-        self.w.write(f"GET /n/{size} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        self.w.write(f"GET /n/{size} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
         head = await self.r.readuntil(b"\r\n\r\n")
         length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length:"))

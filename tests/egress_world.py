@@ -149,7 +149,11 @@ class World:
     """Build with `await World.create(tmp)` on the test's event loop; `await w.close()` at the end."""
 
     @classmethod
-    async def create(cls, tmp: Path, *, service: bool = True) -> "World":
+    async def create(cls, tmp: Path, *, service: bool = True, extra_policy=None,
+                     extra_names: tuple[str, ...] = ()) -> "World":
+        """extra_policy(w) -> TOML appended to the policy, called once the test CA, the leaf
+        certificate (w.cert_file, w.key_file) and w.proxy_python exist; extra_names resolve to
+        127.0.0.1 like NAMES."""
         import asyncio
 
         from capsem_vm.policy import parse_policy
@@ -257,6 +261,8 @@ format = "Bearer {{value}}"
 query = "key"
 guest_env = "SVC_TOKEN"
 """
+        if extra_policy is not None:
+            w.policy_text += extra_policy(w)
         w.policy_file = tmp / "policy" / "egress-test.toml"
         w.policy_file.parent.mkdir(mode=0o755)
         w.policy_file.write_text(w.policy_text)
@@ -265,7 +271,7 @@ guest_env = "SVC_TOKEN"
         w.audit_db = tmp / "data" / "audit.sqlite3"
         w.service = None
         if service:
-            resolve = {n: "127.0.0.1" for n in NAMES}
+            resolve = {n: "127.0.0.1" for n in NAMES + tuple(extra_names)}
             ProxyService._shared = None
             w.service = await ProxyService.shared(upstream_ca=w.upstream_ca, resolve=resolve,
                                                   header_timeout=30.0, log_path=tmp / "proxy.log", workers=1)

@@ -22,6 +22,8 @@ CODES: dict[str, str] = {
     "host-mismatch": "the names a request carries (CONNECT target, SNI, Host, absolute-form authority, "
                      ":authority) do not agree with the judged destination",
     "sni-mismatch": "the TLS SNI does not match the destination",
+    "upgrade-mismatch": "a protocol switch (101 response, HTTP/2 extended CONNECT) for a request that "
+                        "was not judged as a WebSocket: the connection is killed",
     "connect-method": "a CONNECT tunnel inside a judged connection needs a rule listing method CONNECT",
     "address": "the destination address is in a protected class (loopback, private, link-local, NAT64, "
                "6to4, the host's own addresses, ...) and no rule names it",

@@ -9,9 +9,14 @@ stream of a kernel, with that kernel's policy, on the destination the guest aske
   SNI is forced to the judged name (no domain fronting).
 - tls_clienthello: a client SNI different from the destination marks the connection: every
   request on it is denied.
-- requestheaders: the request decision (before any body byte is read); Host/:authority must match
-  the destination. The request's path is replaced by its canonical form (policy/paths.py) before
-  it is judged: the upstream receives exactly the path the policy judged. Denied: 403 with body and X-Capsem-Policy. Allowed: bodies stream.
+- requestheaders: the request decision (before any body byte is read). Every name the request
+  carries (Host headers, an absolute-form request target, :authority) must name the judged host
+  and port, else 403 "host-mismatch"; what goes upstream is then always origin form with the
+  judged Host/:authority. The request's path is replaced by its canonical form (policy/paths.py)
+  before it is judged: the upstream receives exactly the path the policy judged. Any `websocket`
+  token in Upgrade makes it a ws/wss request. Denied: 403 with body and X-Capsem-Policy. Allowed:
+  bodies stream.
+- responseheaders: a 101 that would not become the WebSocket that was judged kills the connection.
 - tcp_start: non-HTTP streams need a `scheme = "tcp"` rule.
 """
 
@@ -27,6 +32,7 @@ from mitmproxy.tls import ClientHelloData
 
 from ...policy import DENY, Decision
 from ...policy.addresses import own_addresses, protected_class
+from ...policy.authority import authority, disagreement
 from ...policy.match import normalize_host, parse_ip
 from ...policy.paths import canonical_target
 from .state import State
@@ -40,17 +46,57 @@ def meta(flow) -> dict:
 
 
 def _deny_response(d: Decision, detail: str = "") -> http.Response:
-    body = (f"capsem: request blocked by egress policy\nrule: {d.rule}\nreason: {d.reason}\n"
+    body = (f"capsem: request blocked by egress policy\nrule: {d.rule}\ncode: {d.code}\nreason: {d.reason}\n"
             + (f"detail: {detail}\n" if detail else "")).encode()
     return http.Response.make(403, body, {"Content-Type": "text/plain; charset=utf-8",
                                           "X-Capsem-Policy": d.header(), "Connection": "close"})
 
 
-def _host_of(authority: str) -> str | None:
-    if authority.startswith("["):
-        end = authority.find("]")
-        return normalize_host(authority[1:end]) if end > 0 else None
-    return normalize_host(authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority)
+def _request_names(req: http.Request) -> list[tuple[str, bytes]]:
+    """Every authority the request carries, raw: the request target's (absolute form or CONNECT in
+    HTTP/1, :authority in HTTP/2) and each Host header."""
+    names = []
+    if req.data.authority:
+        names.append((":authority" if req.is_http2 or req.is_http3 else "request target", req.data.authority))
+    names += [("Host", v) for k, v in req.headers.fields if k.lower() == b"host"]
+    return names
+
+
+def _is_websocket(req: http.Request) -> bool:
+    """Any `websocket` protocol in any Upgrade header's list, in any case or spacing (what servers
+    that parse the list will switch to)."""
+    for k, v in req.headers.fields:
+        if k.lower() == b"upgrade":
+            for token in v.split(b","):
+                if token.split(b"/", 1)[0].strip().lower() == b"websocket":
+                    return True
+    return False
+
+
+def _becomes_websocket(flow: http.HTTPFlow) -> bool:
+    """Will mitmproxy run this 101 as a WebSocket (its own test, layers/http send_response)?
+    Any other 101 would turn the connection into an uninspected byte pipe."""
+    return (flow.response.headers.get("upgrade", "").lower() == "websocket"
+            and flow.request.headers.get("Sec-WebSocket-Version", "") == "13")
+
+
+def _mismatch(req: http.Request, sess, default_port: int) -> str | None:
+    """Why the request's names do not agree with the judged destination, or None."""
+    detail = disagreement(_request_names(req), sess.host, sess.port, default_port)
+    if detail is None and req.method != "CONNECT" and not (req.data.path.startswith(b"/") or req.data.path == b"*"):
+        # HTTP/2 :path is free text: `https://other/x` would go out as an absolute-form line
+        detail = f"request target {req.data.path[:100].decode('latin-1')!r} is not in origin form"
+    return detail
+
+
+def _origin_form(req: http.Request, canonical: str) -> None:
+    """Upstream gets origin form and the judged authority, nothing the guest spelled."""
+    if req.is_http2 or req.is_http3:
+        req.headers.pop("host", None)
+        req.data.authority = canonical.encode()  # HTTP/1 upstreams get it as Host (mitmproxy's _http1)
+    else:
+        req.data.authority = b""  # an empty authority is what makes mitmproxy send origin form
+        req.headers["Host"] = canonical
 
 
 def _address_class(address: str, own) -> str:
@@ -155,25 +201,28 @@ class Guard:
         m.update(kernel=sess.kernel.id, host=sess.host, port=sess.port)
         req = flow.request
         tls = flow.client_conn.tls_established
-        websocket = req.headers.get("upgrade", "").lower() == "websocket"
+        websocket = _is_websocket(req)
         scheme = ("wss" if tls else "ws") if websocket else ("https" if tls else "http")
         m["kind"] = "websocket" if websocket else "http"
         host_literal = f"[{sess.host}]" if ":" in sess.host else sess.host
         url = f"{scheme}://{host_literal}:{sess.port}{req.path if req.path.startswith('/') else '/' + req.path}"
         m["url"] = url
+        default_port = 443 if tls else 80
         d = sess.kernel.policy.decide(req.method, url, sess.pinned)
-        detail = ""
-        if d.allowed and sess.mismatch:
+        detail = _mismatch(req, sess, default_port)
+        if detail is not None:
+            # before the rules' verdict: a request whose names disagree was not judged at all
+            d = Decision(DENY, "host-mismatch", "every name a request carries (Host, request target, "
+                         ":authority) must name the destination host and port")
+        elif d.allowed and sess.mismatch:
             d, detail = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree"), sess.mismatch
-        elif d.allowed:
-            authority = req.host_header
-            if authority is not None and _host_of(authority) != sess.host:
-                d = Decision(DENY, "host-mismatch", "the Host header and the destination must agree")
-                detail = f"Host {authority[:100]!r} vs destination {sess.host!r}"
-            elif req.method == "CONNECT" and not (d._rule and d._rule.methods and "CONNECT" in d._rule.methods):
-                d = Decision(DENY, "connect-method", "CONNECT tunnels need a rule listing method CONNECT")
+        elif d.allowed and req.method == "CONNECT" and not (d._rule and d._rule.methods and "CONNECT" in d._rule.methods):
+            d = Decision(DENY, "connect-method", "CONNECT tunnels need a rule listing method CONNECT")
+        detail = detail or ""
         m["decision"] = d
         if d.allowed:
+            if req.method != "CONNECT":
+                _origin_form(req, authority(sess.host, sess.port, default_port))
             m["bytes_out"] = 0
 
             def count(chunk: bytes) -> bytes:
@@ -191,6 +240,22 @@ class Guard:
         else:
             m["killed"] = "denied request with a large or unbounded body: connection reset instead of a 403"
             flow.kill()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or flow.response.status_code != 101:
+            return
+        m = meta(flow)
+        if m.get("kind") == "websocket" and m.get("decision") is not None and m["decision"].allowed \
+                and _becomes_websocket(flow):
+            return
+        # the server switched protocols for a request that was not judged as a WebSocket (or to
+        # something mitmproxy would pass through uninspected): no byte more either way
+        up = flow.response.headers.get("upgrade", "")[:100]
+        m["decision"] = Decision(DENY, "upgrade-mismatch", "a protocol switch (101) is only allowed for a "
+                                 "request judged as a WebSocket, to a WebSocket")
+        m["detail"] = f"101 with Upgrade {up!r} to a request judged as {m.get('url', '?')[:200]!r}"
+        m["killed"] = "connection killed"
+        flow.kill()
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         if not meta(flow).get("decision") or not meta(flow)["decision"].allowed:
