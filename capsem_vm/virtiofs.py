@@ -14,9 +14,13 @@ Confinement, outermost first:
   nodes, FIFOs, sockets, symlinks and xattrs in the share, whatever virtiofsd is asked to do.
 - virtiofsd's own sandbox (`sandbox=namespace`: mount, pid and net namespaces, pivot_root into the
   folder, its own seccomp allow-list), `no_xattr`, and `modcaps=-mknod:-setfcap`.
+- the share guard (share_guard.py): virtiofsd's name-creating calls go to a supervisor thread in
+  capsem that refuses repository names (`.git`, `HEAD`, `.hg`, any spelling: host git would run
+  their configuration) and renames of symlinks.
 - a read-only share is a read-only bind mount in virtiofsd's mount namespace: the guest, root in
-  its VM, cannot remount it writable because enforcement is on the host. An existing `.git` in a
-  writable share is made read-only the same way (git runs hooks and config commands on the host).
+  its VM, cannot remount it writable because enforcement is on the host. Existing repositories in
+  a writable share, at any depth (`.git` directories and gitdir files, `.hg`, directories holding
+  a `HEAD`: repo_names.existing_repositories), are made read-only the same way.
 - the guest mounts shares nosuid,nodev (capsem_agent.mounts) — a courtesy; the host decides.
 
 Folders that would expose the host are refused: `/`, system directories, home directories (which
@@ -29,14 +33,14 @@ from __future__ import annotations
 import os
 import pwd
 import socket
-import sys
 from pathlib import Path
 
-from . import helpers, paths, privsep, seccomp
+from . import helpers, paths, privsep, repo_names
 from .caplog import CappedLog
 from .config import RuntimePaths, Share
 from .errors import VMError
 from .process import Identity, ManagedProcess, spawn
+from .share_guard import ShareGuard
 
 # Runs inside the new mount namespace: make the paths given before "--" read-only bind mounts
 # there, then become virtiofsd.
@@ -45,7 +49,6 @@ _RO_WRAPPER = ('while [ "$1" != "--" ]; do mount --bind "$1" "$1" && mount -o re
 
 SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
                "/run", "/sbin", "/srv", "/sys", "/usr", "/var", "/tmp", "/var/tmp", "/mnt", "/media")
-PROTECTED_NAMES = (".git",)  # made read-only inside a writable share when present
 
 
 def virtiofsd_args(program: helpers.Program, share: Share, fd: int) -> list[str]:
@@ -153,9 +156,17 @@ def subordinate_gid(name: str, uid: int, path: str = "/etc/subgid") -> int | Non
     return None
 
 
-def _seccomp_filter():
-    from .seccomp import Filter
-    return Filter()
+def protected_paths(root: Path) -> list[Path]:
+    """What must be read-only in a writable share: the repositories it already holds."""
+    try:
+        found = repo_names.existing_repositories(root)
+    except repo_names.TooManyDirectories as exc:
+        raise VMError(f"refusing to share {root} writable: {exc}, too many to check for repositories",
+                      "share a smaller folder, or share this one read-only") from None
+    if root in found:
+        raise VMError(f"refusing to share {root} writable: it holds a HEAD file (it is, or could be made, "
+                      "a git repository whose configuration host git would run)", "share it read-only")
+    return found
 
 
 async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Identity | None = None) -> ManagedProcess:
@@ -174,13 +185,13 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         map_options, filter_inside = userns_options()
         argv = [str(helpers.unshare().path), *map_options, "--mount", "--propagation", "private", "--"]
         inner = virtiofsd_args(program, share, fd)
+        guard = ShareGuard(share.tag)  # virtiofsd's name-creating calls are checked by this thread
         if filter_inside:
-            inner = [sys.executable, "-I", seccomp.__file__] + inner
+            inner = guard.wrap(inner)
         if share.readonly and program.dialect == "c":
             ro = [str(share.host_path)]
         elif not share.readonly:
-            ro = [str(share.host_path / name) for name in PROTECTED_NAMES
-                  if (share.host_path / name).is_dir() and not (share.host_path / name).is_symlink()]
+            ro = [str(p) for p in protected_paths(Path(share.host_path))]
         else:
             ro = []
         if ro:
@@ -189,9 +200,18 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
             argv += inner
         log = CappedLog(paths_.root / f"virtiofsd-{share.tag}.log")
         try:
-            return await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=(fd,), stdout=log.fd, stderr=log.fd,
-                               identity=identity, seccomp=None if filter_inside else _seccomp_filter())
+            proc = await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=(fd, *guard.pass_fds), stdout=log.fd,
+                               stderr=log.fd, identity=identity, seccomp=None if filter_inside else guard.filter)
+        except BaseException:
+            guard.close()
+            raise
         finally:
             log.close_writer()
+        try:
+            await guard.attach(proc)
+        except BaseException:
+            proc.kill_now()
+            raise
+        return proc
     finally:
         sock.close()  # the child holds its own copy

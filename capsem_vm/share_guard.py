@@ -1,0 +1,266 @@
+"""The share guard: virtiofsd may not give anything a repository's name, nor move a symlink.
+
+seccomp-BPF cannot read path names, so the calls of virtiofsd that create a name (open/openat
+with O_CREAT, creat, mkdir/mkdirat, rename/renameat/renameat2) are sent by its filter
+(seccomp.py, notify=True) to this supervisor instead (seccomp user notification): one thread per
+virtiofsd, in the capsem process that started it. For each call it reads the name from
+virtiofsd's memory (process_vm_readv), checks the notification is still live
+(SECCOMP_IOCTL_NOTIF_ID_VALID), and answers EPERM for names that make a repository
+(repo_names.py: `.git`, `HEAD`, `.hg` in any spelling) and for renames whose source is a
+symlink; otherwise the kernel carries the call out (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
+
+Why reading the name is not a race the guest can win: the kernel reads the name again after we
+answer, so whoever can write the memory between our read and its read wins (the classic
+user-notification TOCTOU). Only virtiofsd's own threads can: it copies every FUSE request but
+WRITE out of the guest's memory into its own buffer before handling it (fv_queue_worker in the C
+virtiofsd; the Rust one reads names into its own buffers too), so the guest's vCPUs never see the
+bytes we check. A guest that took over virtiofsd itself would get around this guard.
+
+Why the symlink check of a rename source is race-free: we lstat (dirfd, name) through
+/proc/PID/fd/DIRFD before the kernel renames. For the entry to be a symlink by the time the
+kernel looks, something must give that name to a symlink in between; the filter refuses
+symlink/symlinkat and link/linkat outright, and RENAME_EXCHANGE; the only call left that can give
+a symlink a name is a rename of that symlink, which this very check refuses — so the first rename
+that moved a symlink would have needed an earlier one (induction on time). Directory renames do
+not change what (DIRFD, name) means (the fd pins the directory), which is why a source with more
+than one component is refused: its middle directories could be swapped. virtiofsd only ever
+passes single components. Only the host user can make symlinks in the folder.
+
+If the guard dies, the listener fd is closed (finally below, or by the kernel when capsem dies):
+the kernel then fails every notified call with ENOSYS, pending ones included: creating names in
+the share fails (the guest sees an error), it never succeeds unchecked and never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+
+from . import seccomp
+from .repo_names import last_component, repository_name
+
+log = logging.getLogger(__name__)
+
+_SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100      # _IOWR('!', 0, struct seccomp_notif)
+_SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101      # _IOWR('!', 1, struct seccomp_notif_resp)
+_SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+_SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+_AT_FDCWD = -100
+PATH_MAX = 4096
+_PAGE = 4096
+# syscall -> (argument index of the name it creates, (dirfd index, name index) of a rename source)
+CREATES = {
+    "open": (0, None), "creat": (0, None), "mkdir": (0, None), "openat": (1, None), "mkdirat": (1, None),
+    "rename": (1, (None, 0)), "renameat": (3, (0, 1)), "renameat2": (3, (0, 1)),
+}
+_BY_NR = {seccomp.NR[name]: (name, spec) for name, spec in CREATES.items()}
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("nr", ctypes.c_int), ("arch", ctypes.c_uint32), ("ip", ctypes.c_uint64),
+                ("args", ctypes.c_uint64 * 6)]
+
+
+class _Notif(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("data", _Data)]
+
+
+class _Resp(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
+                ("flags", ctypes.c_uint32)]
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+assert ctypes.sizeof(_Notif) == 80 and ctypes.sizeof(_Resp) == 24
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+class Refused(Exception):
+    def __init__(self, err: int, reason: str):
+        super().__init__(reason)
+        self.errno = err
+
+
+def read_name(pid: int, addr: int) -> bytes:
+    """The NUL-terminated string at `addr` in process `pid` (at most PATH_MAX bytes)."""
+    buf = ctypes.create_string_buffer(PATH_MAX)
+    first = min(PATH_MAX, _PAGE - addr % _PAGE)  # two pieces: a fault on the next page cuts only the second
+    local = (_Iovec * 1)(_Iovec(ctypes.cast(buf, ctypes.c_void_p), PATH_MAX))
+    remote = (_Iovec * 2)(_Iovec(addr, first), _Iovec(addr + first, PATH_MAX - first))
+    got = _libc.process_vm_readv(pid, local, 1, remote, 2 if first < PATH_MAX else 1, 0)
+    if got < 0:
+        raise Refused(errno.EPERM, f"cannot read the name: {os.strerror(ctypes.get_errno())}")
+    data = buf.raw[:got]
+    end = data.find(b"\0")
+    if end < 0:
+        raise Refused(errno.ENAMETOOLONG if got == PATH_MAX else errno.EFAULT, "unterminated name")
+    return data[:end]
+
+
+def _signed32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _source_is_symlink(pid: int, dirfd: int | None, name: bytes) -> bool:
+    if b"/" in name.rstrip(b"/"):
+        raise Refused(errno.EPERM, "rename source with more than one component")
+    base = f"/proc/{pid}/cwd" if dirfd is None or dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
+    try:
+        st = os.lstat(os.fsencode(base) + b"/" + name.rstrip(b"/"))
+    except FileNotFoundError:
+        return False  # the kernel answers ENOENT itself; no symlink can get this name meanwhile
+    except OSError as exc:
+        raise Refused(errno.EPERM, f"cannot check the rename source: {exc.strerror}") from None
+    return (st.st_mode & 0o170000) == 0o120000
+
+
+def judge(nr: int, pid: int, args) -> None:
+    """Raise Refused if the notified call must not happen; return to let it go on."""
+    if nr not in _BY_NR:
+        raise Refused(errno.EPERM, f"unexpected notified syscall {nr}")
+    call, (name_arg, source) = _BY_NR[nr]
+    name = last_component(read_name(pid, args[name_arg]))
+    reason = repository_name(name)
+    if reason is not None:
+        raise Refused(errno.EPERM, f"{call} {name!r}: {reason}")
+    if source is not None:
+        dirfd_arg, src_arg = source
+        src = read_name(pid, args[src_arg])
+        if _source_is_symlink(pid, None if dirfd_arg is None else _signed32(args[dirfd_arg]), src):
+            raise Refused(errno.EPERM, f"{call} of a symlink ({src!r})")
+
+
+class ShareGuard:
+    """One per virtiofsd. Give `filter` to spawn() (or `wrap(argv)` where the filter is installed
+    by `python -I seccomp.py` inside the user namespace, with `pass_fds`), then `await attach(proc)`.
+    The supervisor thread ends when virtiofsd is gone (or on close())."""
+
+    def __init__(self, label: str = "share"):
+        self.label = label
+        self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.filter = seccomp.Filter(listener_to=self._theirs.fileno())
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self.refused = 0
+        self.allowed = 0
+        self._last_log = 0.0
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return (self._theirs.fileno(),)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return [sys.executable, "-I", seccomp.__file__, "--listener-to", str(self._theirs.fileno()), *argv]
+
+    async def attach(self, proc, timeout: float = 30.0) -> None:
+        """Receive the listener the confined child sent (before its exec) and start serving it.
+        Raises OSError if it does not come (the child died, or never installed the filter)."""
+        self._theirs.close()
+        loop = asyncio.get_running_loop()
+        self._ours.setblocking(False)
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(self._ours, 1, 1, socket.MSG_CMSG_CLOEXEC)
+                break
+            except BlockingIOError:
+                if loop.time() > deadline or (proc is not None and proc.popen.poll() is not None):
+                    self.close()
+                    raise OSError(errno.ETIMEDOUT, f"virtiofsd[{self.label}] sent no seccomp listener") from None
+                await asyncio.sleep(0.01)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            self.close()
+            raise OSError(errno.EPROTO, f"virtiofsd[{self.label}]: no seccomp listener received")
+        self._ours.close()
+        self._thread = threading.Thread(target=self._serve, args=(fds[0],), daemon=True,
+                                        name=f"capsem-share-guard[{self.label}]")
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self, wait: float = 5.0) -> None:
+        """Stop serving: the listener closes and virtiofsd's name-creating calls fail (ENOSYS)."""
+        for s in (self._ours, self._theirs):
+            s.close()
+        if self._stop_w >= 0:
+            os.close(self._stop_w)
+            self._stop_w = -1
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(wait)
+
+    def _serve(self, listener: int) -> None:
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if self._stop_r in events:
+                    return
+                ev = events.get(listener, 0)
+                if ev & select.POLLIN:
+                    self._one(listener)
+                elif ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    return  # no process uses the filter any more: virtiofsd is gone
+        except BaseException:
+            log.exception("share guard of virtiofsd[%s] failed: name-creating calls in the share now fail",
+                          self.label)
+        finally:
+            os.close(listener)
+            os.close(self._stop_r)
+
+    def _one(self, listener: int) -> None:
+        notif = _Notif()
+        if _libc.ioctl(listener, _SECCOMP_IOCTL_NOTIF_RECV, ctypes.byref(notif)) != 0:
+            e = ctypes.get_errno()
+            if e in (errno.ENOENT, errno.EINTR):  # the caller was killed meanwhile
+                return
+            raise OSError(e, "SECCOMP_IOCTL_NOTIF_RECV")
+        resp = _Resp(notif.id, 0, 0, _SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        try:
+            judge(notif.data.nr, notif.pid, notif.data.args)
+            self.allowed += 1
+        except Refused as refusal:
+            resp.error, resp.flags = -refusal.errno, 0
+            self.refused += 1
+            self._log_refusal(str(refusal))
+        except Exception as exc:  # fail closed on anything unexpected
+            resp.error, resp.flags = -errno.EPERM, 0
+            self.refused += 1
+            self._log_refusal(f"error while checking: {exc!r}")
+        # the reads above were only meaningful if the caller is still the one that asked
+        nid = ctypes.c_uint64(notif.id)
+        if _libc.ioctl(listener, _SECCOMP_IOCTL_NOTIF_ID_VALID, ctypes.byref(nid)) != 0:
+            return
+        if _libc.ioctl(listener, _SECCOMP_IOCTL_NOTIF_SEND, ctypes.byref(resp)) != 0:
+            e = ctypes.get_errno()
+            if e != errno.ENOENT:
+                raise OSError(e, "SECCOMP_IOCTL_NOTIF_SEND")
+
+    def _log_refusal(self, reason: str) -> None:
+        now = time.monotonic()  # at most one line a second: the guest chooses how often this happens
+        if now - self._last_log >= 1.0:
+            self._last_log = now
+            log.warning("share %s: refused %s (%d refused so far)", self.label,
+                        reason.encode("unicode_escape").decode("ascii"), self.refused)
