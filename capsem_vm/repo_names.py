@@ -28,6 +28,8 @@ MAX_DIRS = 50_000  # existing_repositories: a folder with more directories is re
 
 
 def _fold(name: str) -> str:
+    if name.isascii():  # the common case, fast (existing_repositories folds every name in a tree)
+        return name.lower().split(":", 1)[0].rstrip(". ")
     text = unicodedata.normalize("NFKC", name)
     text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")  # zero-width joiners, BOM, ...
     text = unicodedata.normalize("NFKC", text.casefold())

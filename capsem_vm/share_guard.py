@@ -206,7 +206,11 @@ class ShareGuard:
         if self._stop_w >= 0:
             os.close(self._stop_w)
             self._stop_w = -1
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is None:
+            if self._stop_r >= 0:
+                os.close(self._stop_r)
+                self._stop_r = -1
+        elif self._thread is not threading.current_thread():
             self._thread.join(wait)
 
     def _serve(self, listener: int) -> None:

@@ -30,6 +30,7 @@ config, cache or runtime dirs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import socket
@@ -191,7 +192,7 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         if share.readonly and program.dialect == "c":
             ro = [str(share.host_path)]
         elif not share.readonly:
-            ro = [str(p) for p in protected_paths(Path(share.host_path))]
+            ro = [str(p) for p in await asyncio.to_thread(protected_paths, Path(share.host_path))]
         else:
             ro = []
         if ro:
@@ -212,6 +213,7 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         except BaseException:
             proc.kill_now()
             raise
+        proc.guard = guard  # lives as long as virtiofsd (tests reach it here)
         return proc
     finally:
         sock.close()  # the child holds its own copy

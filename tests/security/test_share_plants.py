@@ -180,3 +180,26 @@ def test_host_symlink_cannot_be_linked_or_renamed_onto_a_guest_name(env):
     assert links == [env.share / "host-link"]
     hard = [p for p in env.share.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_nlink > 1]
     assert hard == [], hard
+
+
+def test_a_dead_guard_makes_creates_in_the_share_fail_not_hang(env):
+    """Destructive (last): the supervisor gone, the kernel fails virtiofsd's notified calls with
+    ENOSYS, which the guest sees as errors; reading and writing existing files still work."""
+    virtiofsd = next(p for p in env.vm.helpers if p.name == "virtiofsd[nb]")
+    virtiofsd.guard.close()
+    assert not virtiofsd.guard.alive()
+    s = str(env.share)
+    script = (f"for n in late.txt HEAD; do (: > {s}/$n); echo \"create $n=$?\"; done; "
+              f"mkdir {s}/late-dir; echo mkdir=$?; mv {s}/README.md {s}/moved.md; "
+              f"echo rename=$?; cat {s}/README.md; echo appended >> {s}/README.md; echo append=$?")
+    t0 = time.monotonic()
+    code, out, err = vm_exec(env.vm, ["sh", "-c", script], timeout=120)
+    print("\n" + out + err)
+    assert time.monotonic() - t0 < 60, "calls hung"
+    assert "create late.txt=0" not in out and "create HEAD=0" not in out, out
+    assert "mkdir=0" not in out and "rename=0" not in out, out
+    assert "host project" in out and "append=0" in out, out
+    for name in ("late.txt", "HEAD", "late-dir", "moved.md"):
+        assert not (env.share / name).exists(), name
+    assert (env.share / "README.md").read_text() == "host project\nappended\n"
+    assert virtiofsd.alive()
