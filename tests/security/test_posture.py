@@ -64,3 +64,10 @@ def test_report_exit_code():
     assert posture.report([("a", lambda: (posture.OK, "fine")), ("b", lambda: (posture.WEAK, "bad"))], out.append) == 1
     assert posture.report([("c", lambda: 1 / 0)], out.append) == 1  # an unknown posture is weak
     assert any(line.strip().startswith("WEAK  c") for line in out)
+
+
+def test_a_kernel_without_seccomp_user_notification_is_weak(tmp_path):
+    actions = tmp_path / "actions_avail"
+    actions.write_text("kill_process kill_thread trap errno trace log allow\n")
+    status, detail = posture.check_seccomp(str(actions))
+    assert status == posture.WEAK and "user notification" in detail
