@@ -186,15 +186,15 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         map_options, filter_inside = userns_options()
         argv = [str(helpers.unshare().path), *map_options, "--mount", "--propagation", "private", "--"]
         inner = virtiofsd_args(program, share, fd)
-        guard = ShareGuard(share.tag)  # virtiofsd's name-creating calls are checked by this thread
-        if filter_inside:
-            inner = guard.wrap(inner)
         if share.readonly and program.dialect == "c":
             ro = [str(share.host_path)]
         elif not share.readonly:
             ro = [str(p) for p in await asyncio.to_thread(protected_paths, Path(share.host_path))]
         else:
             ro = []
+        guard = ShareGuard(share.tag)  # virtiofsd's name-creating calls are checked by this thread
+        if filter_inside:
+            inner = guard.wrap(inner)
         if ro:
             argv += ["sh", "-c", _RO_WRAPPER, "sh"] + ro + ["--"] + inner
         else:
@@ -211,6 +211,7 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         try:
             await guard.attach(proc)
         except BaseException:
+            guard.close()
             proc.kill_now()
             raise
         proc.guard = guard  # lives as long as virtiofsd (tests reach it here)

@@ -271,3 +271,17 @@ def test_existing_repositories_at_any_depth_are_found(tmp_path):
     assert sorted(map(str, found)) == [".git", "bare.git", "lonely", "m/.hg", "proj/lib/.git", "wt/.git"]
     with pytest.raises(repo_names.TooManyDirectories):
         repo_names.existing_repositories(tmp_path, max_dirs=3)
+
+
+def test_a_writable_share_that_is_a_git_directory_or_too_big_is_refused(tmp_path, monkeypatch):
+    from capsem_vm import virtiofs
+    from capsem_vm.errors import VMError
+    (tmp_path / "sub" / ".git").mkdir(parents=True)
+    assert virtiofs.protected_paths(tmp_path) == [tmp_path / "sub" / ".git"]
+    monkeypatch.setattr(repo_names.existing_repositories, "__defaults__", (1,))  # max_dirs
+    with pytest.raises(VMError, match="too many"):
+        virtiofs.protected_paths(tmp_path)
+    monkeypatch.undo()
+    (tmp_path / "head").write_text("ref: refs/heads/main\n")
+    with pytest.raises(VMError, match="HEAD"):
+        virtiofs.protected_paths(tmp_path)
