@@ -6,8 +6,9 @@ this filter, installed before it starts, adds what its options cannot express:
 
     chmod/fchmod/fchmodat/fchmodat2, open/openat/creat, mkdir/mkdirat  with S_ISUID or S_ISGID
         in the mode                                                      -> EPERM (no set-id files)
-    mknod/mknodat                                                       -> EPERM (no device nodes,
-                                                                            FIFOs or sockets)
+    mknod/mknodat, bind                                                 -> EPERM (no device nodes,
+                                                                            FIFOs or sockets; virtiofsd
+                                                                            gets its socket with --fd)
     symlink/symlinkat, link/linkat                                      -> EPERM (no symlinks that
                                                                             host programs follow, no
                                                                             hard links, not even to
@@ -51,7 +52,7 @@ RENAME_NOREPLACE = 1
 
 # x86_64 syscall numbers
 NR = {
-    "open": 2, "rename": 82, "mkdir": 83, "creat": 85, "link": 86, "symlink": 88, "chmod": 90,
+    "open": 2, "bind": 49, "rename": 82, "mkdir": 83, "creat": 85, "link": 86, "symlink": 88, "chmod": 90,
     "fchmod": 91, "mknod": 133, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "openat": 257,
     "mkdirat": 258, "mknodat": 259, "renameat": 264, "linkat": 265, "symlinkat": 266, "fchmodat": 268,
     "renameat2": 316, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
@@ -72,7 +73,7 @@ RULES: dict[str, tuple[tuple[tuple[int, int, str], ...], str]] = {
     "rename": ((), NOTIFY), "renameat": ((), NOTIFY),
     "renameat2": (((4, 0xFFFFFFFF & ~RENAME_NOREPLACE, DENY),), NOTIFY),
     "mknod": ((), DENY), "mknodat": ((), DENY), "symlink": ((), DENY), "symlinkat": ((), DENY),
-    "link": ((), DENY), "linkat": ((), DENY),
+    "link": ((), DENY), "linkat": ((), DENY), "bind": ((), DENY),
     "setxattr": ((), DENY), "lsetxattr": ((), DENY), "fsetxattr": ((), DENY),
     "openat2": ((), DENY), "io_uring_setup": ((), DENY), "io_uring_enter": ((), DENY),
     "io_uring_register": ((), DENY),

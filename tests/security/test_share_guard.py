@@ -98,6 +98,10 @@ for base, where in ((d, "top"), (deep, "deep")):
             t(f"{call} {k}", f)
             clean()
     os.close(bfd)
+def unix_socket():
+    import socket
+    socket.socket(socket.AF_UNIX).bind(os.path.join(d, "sock"))
+t("bind a unix socket", unix_socket)
 # renameat2 flags the filter refuses whatever the names
 open(j("x1"), "w").close(); open(j("x2"), "w").close()
 t("renameat2 exchange", lambda: sc(316, AT_FDCWD, j("x1"), AT_FDCWD, j("x2"), 2))
@@ -173,7 +177,7 @@ async def test_every_way_to_make_a_repository_name_is_refused(tmp_path, how):
         elif any(key.endswith(f" {n!r}") for n in ORDINARY):
             want = {"ok"}
         else:
-            want = {"renameat2 exchange": {"EPERM"}, "renameat2 whiteout": {"EPERM"},
+            want = {"renameat2 exchange": {"EPERM"}, "bind a unix socket": {"EPERM"}, "renameat2 whiteout": {"EPERM"},
                     "hard link to host symlink": {"EPERM"}, "rename host symlink": {"EPERM"},
                     "renameat host symlink": {"EPERM"}, "rename host symlink by path": {"EPERM"}, "renameat2 noreplace host symlink": {"EPERM"},
                     "exchange with host symlink": {"EPERM"}, "file onto host symlink": {"ok"}}[key]
