@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 _SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100      # _IOWR('!', 0, struct seccomp_notif)
 _SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101      # _IOWR('!', 1, struct seccomp_notif_resp)
 _SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+_SECCOMP_IOCTL_NOTIF_SET_FLAGS = 0x40082104  # _IOW('!', 4, __u64), Linux 6.6+
+_SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 _SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 _AT_FDCWD = -100
 PATH_MAX = 4096
@@ -85,7 +87,11 @@ class _Iovec(ctypes.Structure):
 
 assert ctypes.sizeof(_Notif) == 80 and ctypes.sizeof(_Resp) == 24
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# PyDLL: these calls never block, so they keep the GIL (handing it to another thread of capsem and
+# back could delay virtiofsd by a switch interval). NOTIF_RECV, which could block, releases it.
+_libc = ctypes.PyDLL(None, use_errno=True)
+_libc_blocking = ctypes.CDLL(None, use_errno=True)
+_libc_blocking.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
                                    ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
@@ -214,6 +220,9 @@ class ShareGuard:
             self._thread.join(wait)
 
     def _serve(self, listener: int) -> None:
+        # the caller waits for our answer on a CPU we will run on: wake it synchronously (6.6+; an
+        # older kernel says EINVAL, and the guard works the same, a little slower)
+        _libc.ioctl(listener, _SECCOMP_IOCTL_NOTIF_SET_FLAGS, _SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
@@ -236,7 +245,7 @@ class ShareGuard:
 
     def _one(self, listener: int) -> None:
         notif = _Notif()
-        if _libc.ioctl(listener, _SECCOMP_IOCTL_NOTIF_RECV, ctypes.byref(notif)) != 0:
+        if _libc_blocking.ioctl(listener, _SECCOMP_IOCTL_NOTIF_RECV, ctypes.byref(notif)) != 0:
             e = ctypes.get_errno()
             if e in (errno.ENOENT, errno.EINTR):  # the caller was killed meanwhile
                 return
