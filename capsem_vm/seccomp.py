@@ -21,9 +21,10 @@ this filter, installed before it starts, adds what its options cannot express:
     seccomp), x32 and 32-bit syscalls                                   -> EPERM
 
 With `notify=True` (the share guard, share_guard.py) every remaining call that gives a file a
-name — open/openat with O_CREAT, creat, mkdir/mkdirat, rename/renameat/renameat2 — is handed to a
-supervisor in capsem (SECCOMP_RET_USER_NOTIF) that reads the name and refuses repository names;
-seccomp alone cannot see path names. Without a listener such calls fail with ENOSYS.
+name or writes one — open/openat with O_CREAT, O_WRONLY, O_RDWR or O_TRUNC, creat, truncate,
+mkdir/mkdirat, rename/renameat/renameat2 — is handed to a supervisor in capsem
+(SECCOMP_RET_USER_NOTIF) that reads the path and refuses repository names and writes inside
+repositories; seccomp alone cannot see path names. Without a listener such calls fail with ENOSYS.
 
 Everything else is allowed (virtiofsd's own filter restricts further). Linux x86_64 only.
 Installed in a child between fork and exec (see process.py): filters survive exec and can only
@@ -48,12 +49,13 @@ SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SETID_BITS = 0o6000
 O_CREAT = 0o100
+WRITE_OR_CREATE = 0o1 | 0o2 | 0o100 | 0o1000  # O_WRONLY, O_RDWR, O_CREAT, O_TRUNC
 RENAME_NOREPLACE = 1
 
 # x86_64 syscall numbers
 NR = {
-    "open": 2, "bind": 49, "rename": 82, "mkdir": 83, "creat": 85, "link": 86, "symlink": 88, "chmod": 90,
-    "fchmod": 91, "mknod": 133, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "openat": 257,
+    "open": 2, "bind": 49, "truncate": 76, "rename": 82, "mkdir": 83, "creat": 85, "link": 86, "symlink": 88,
+    "chmod": 90, "fchmod": 91, "mknod": 133, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "openat": 257,
     "mkdirat": 258, "mknodat": 259, "renameat": 264, "linkat": 265, "symlinkat": 266, "fchmodat": 268,
     "renameat2": 316, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "openat2": 437, "fchmodat2": 452,
@@ -66,8 +68,9 @@ DENY, NOTIFY, ALLOW = "deny", "notify", "allow"
 RULES: dict[str, tuple[tuple[tuple[int, int, str], ...], str]] = {
     "chmod": (((1, SETID_BITS, DENY),), ALLOW), "fchmod": (((1, SETID_BITS, DENY),), ALLOW),
     "fchmodat": (((2, SETID_BITS, DENY),), ALLOW), "fchmodat2": (((2, SETID_BITS, DENY),), ALLOW),
-    "open": (((2, SETID_BITS, DENY), (1, O_CREAT, NOTIFY)), ALLOW),
-    "openat": (((3, SETID_BITS, DENY), (2, O_CREAT, NOTIFY)), ALLOW),
+    "open": (((2, SETID_BITS, DENY), (1, WRITE_OR_CREATE, NOTIFY)), ALLOW),
+    "openat": (((3, SETID_BITS, DENY), (2, WRITE_OR_CREATE, NOTIFY)), ALLOW),
+    "truncate": ((), NOTIFY),
     "creat": (((1, SETID_BITS, DENY),), NOTIFY),
     "mkdir": (((1, SETID_BITS, DENY),), NOTIFY), "mkdirat": (((2, SETID_BITS, DENY),), NOTIFY),
     "rename": ((), NOTIFY), "renameat": ((), NOTIFY),

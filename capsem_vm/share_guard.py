@@ -38,6 +38,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import select
 import socket
 import struct
@@ -59,10 +60,12 @@ _SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 _AT_FDCWD = -100
 PATH_MAX = 4096
 _PAGE = 4096
-# syscall -> (argument index of the name it creates, (dirfd index, name index) of a rename source)
+# syscall -> (argument index of the path, of its dirfd (None: AT_FDCWD), (dirfd, name) indexes of a
+# rename source or None)
 CREATES = {
-    "open": (0, None), "creat": (0, None), "mkdir": (0, None), "openat": (1, None), "mkdirat": (1, None),
-    "rename": (1, (None, 0)), "renameat": (3, (0, 1)), "renameat2": (3, (0, 1)),
+    "open": (0, None, None), "creat": (0, None, None), "mkdir": (0, None, None), "truncate": (0, None, None),
+    "openat": (1, 0, None), "mkdirat": (1, 0, None),
+    "rename": (1, None, (None, 0)), "renameat": (3, 2, (0, 1)), "renameat2": (3, 2, (0, 1)),
 }
 _BY_NR = {seccomp.NR[name]: (name, spec) for name, spec in CREATES.items()}
 
@@ -96,6 +99,7 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
                                    ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 
 
 class Refused(Exception):
@@ -138,19 +142,76 @@ def _source_is_symlink(pid: int, dirfd: int | None, name: bytes) -> bool:
     return (st.st_mode & 0o170000) == 0o120000
 
 
+_PROC_FD = re.compile(rb"^/proc/(?:self|thread-self|[0-9]+)/fd/([0-9]+)$")
+_PROC_SUPER_MAGIC = 0x9FA0
+
+
+def _on_procfs(path: str) -> bool:
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type first
+    if _libc.statfs(path.encode(), buf) != 0:
+        raise OSError(ctypes.get_errno(), "statfs")
+    return struct.unpack_from("=q", buf.raw)[0] == _PROC_SUPER_MAGIC
+
+
+def _target_path(pid: int, dirfd: int | None, name: bytes) -> bytes:
+    """The path (as virtiofsd sees it, from its root) of what a call on (dirfd, name) reaches.
+
+    virtiofsd opens existing files by reopening its O_PATH fds through its own /proc/self/fd
+    (openat(proc_self_fd, "N")); its proc is mounted in its namespaces and detached by pivot_root,
+    so that directory is recognised by its filesystem type, not by its name, and the file is
+    what the magic link N names."""
+    try:
+        if name.startswith(b"/"):
+            reopen = _PROC_FD.match(name)
+            if reopen:
+                return os.readlink(f"/proc/{pid}/fd/{int(reopen.group(1))}").encode("utf-8", "surrogateescape")
+            return name
+        fd_dir = f"/proc/{pid}/cwd" if dirfd is None or dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
+        if _on_procfs(fd_dir):
+            link = f"{fd_dir}/{os.fsdecode(name)}"
+            if not os.path.islink(link):
+                raise Refused(errno.EPERM, f"writing {name!r} in proc")
+            return os.readlink(link).encode("utf-8", "surrogateescape")
+        return os.readlink(fd_dir).encode("utf-8", "surrogateescape").rstrip(b"/") + b"/" + name
+    except OSError as exc:
+        raise Refused(errno.EPERM, f"cannot resolve the target: {exc.strerror}") from None
+
+
+def _inside_repository(pid: int, path: bytes) -> str | None:
+    """Why `path` is inside a repository (one the host user may have made since the share started:
+    those found at start are read-only mounts already), or None. Checked: every component (a
+    `.git`/`.hg` anywhere above), and every directory above for a HEAD (a git directory)."""
+    parts = [p for p in path.split(b"/") if p]
+    for part in parts:
+        reason = repository_name(part)
+        if reason is not None and not reason.startswith("a bare"):
+            return f"inside {part!r}: {reason}"
+    root = f"/proc/{pid}/root".encode()
+    for depth in range(len(parts) - 1, -1, -1):
+        above = b"/".join(parts[:depth])
+        if os.path.lexists(root + b"/" + above + (b"/" if above else b"") + b"HEAD"):
+            return f"inside {b'/' + above!r}, which holds a HEAD (a git directory)"
+    return None
+
+
 def judge(nr: int, pid: int, args) -> None:
     """Raise Refused if the notified call must not happen; return to let it go on."""
     if nr not in _BY_NR:
         raise Refused(errno.EPERM, f"unexpected notified syscall {nr}")
-    call, (name_arg, source) = _BY_NR[nr]
-    name = last_component(read_name(pid, args[name_arg]))
+    call, (name_arg, dirfd_arg, source) = _BY_NR[nr]
+    raw = read_name(pid, args[name_arg])
+    name = last_component(raw)
     reason = repository_name(name)
     if reason is not None:
         raise Refused(errno.EPERM, f"{call} {name!r}: {reason}")
+    path = _target_path(pid, None if dirfd_arg is None else _signed32(args[dirfd_arg]), raw)
+    reason = _inside_repository(pid, path)
+    if reason is not None:
+        raise Refused(errno.EPERM, f"{call} {path!r}: {reason}")
     if source is not None:
-        dirfd_arg, src_arg = source
+        src_dirfd_arg, src_arg = source
         src = read_name(pid, args[src_arg])
-        if _source_is_symlink(pid, None if dirfd_arg is None else _signed32(args[dirfd_arg]), src):
+        if _source_is_symlink(pid, None if src_dirfd_arg is None else _signed32(args[src_dirfd_arg]), src):
             raise Refused(errno.EPERM, f"{call} of a symlink ({src!r})")
 
 

@@ -339,6 +339,12 @@ while seconds >= 0 and (rounds == 0 or time.monotonic() < deadline) and rounds <
                       ("host bare config", "lib.git/config")):
         t(key, lambda: open(os.path.join(share, path), "a").write(CONFIG))
     t("host worktree gitdir file", lambda: write(os.path.join(share, "wt", ".git"), "gitdir: ../r1/prepared\n"))
+    # repositories the host made while the VM runs (not read-only mounts: the guard covers them)
+    for key, path in (("later .git config", "later/.git/config"), ("later bare config", "later.git/config")):
+        t(key, lambda: open(os.path.join(share, path), "a").write(CONFIG))
+        t(key + " truncate", lambda: os.truncate(os.path.join(share, path), 0))
+    t("later .git new hook", lambda: write(os.path.join(share, "later", ".git", "hooks", "post-checkout"), CMD))
+    t("later bare new hook", lambda: write(os.path.join(share, "later.git", "hooks", "post-update"), CMD))
     t("host bare HEAD rename away", lambda: os.rename(os.path.join(share, "lib.git", "HEAD"), os.path.join(share, "h")))
     t("host .git rename away", lambda: os.rename(os.path.join(share, "sub", "deep", ".git"), os.path.join(share, "g")))
 # the host user's symlink cannot become a guest file's name

@@ -204,7 +204,7 @@ async def test_a_dead_guard_makes_name_creating_calls_fail(tmp_path, how):
     await proc.wait()
     res = json.loads(out)
     assert res == {"create": "ENOSYS", "create .git": "ENOSYS", "mkdir": "ENOSYS", "rename": "ENOSYS",
-                   "write existing": "ok"}, err
+                   "write existing": "ENOSYS"}, err  # writes are checked too: they fail closed as well
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
 
 
@@ -231,6 +231,68 @@ async def test_a_child_that_never_sends_its_listener_is_not_trusted(tmp_path):
     with pytest.raises(OSError, match="seccomp listener"):
         await guard.attach(proc, timeout=0.5)
     proc.kill_now()
+
+
+# argv: dir. Writes into repositories the host made (after the guard started): every way in.
+INTO = r"""
+import ctypes, errno, json, os, sys
+d = sys.argv[1]
+sys.stdin.readline()  # the host makes its repositories first
+os.chdir(d)
+libc = ctypes.CDLL(None, use_errno=True)
+res = {}
+def t(key, f):
+    try:
+        f(); res[key] = "ok"
+    except OSError as e:
+        res[key] = errno.errorcode.get(e.errno, str(e.errno))
+W = os.O_WRONLY | os.O_APPEND
+def reopen(path, flags):  # as virtiofsd does: an O_PATH fd, reopened through /proc/self/fd
+    fd = os.open(path, os.O_PATH)
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    os.close(os.open(str(fd), flags, dir_fd=proc))
+def sc(*a):
+    if libc.syscall(*a) < 0:
+        raise OSError(ctypes.get_errno(), "")
+open("plain.txt", "w").close()
+open("moveme", "w").close()
+for repo in ("proj/.git", "bare.git", "nested/lib/.GIT"):
+    t(f"append {repo}/config", lambda: os.close(os.open(f"{repo}/config", W)))
+    t(f"truncate open {repo}/config", lambda: os.close(os.open(f"{repo}/config", os.O_WRONLY | os.O_TRUNC)))
+    t(f"truncate(2) {repo}/config", lambda: sc(76, f"{repo}/config".encode(), 0))
+    t(f"reopen {repo}/config", lambda: reopen(f"{repo}/config", os.O_RDWR))
+    t(f"new hook in {repo}", lambda: os.close(os.open(f"{repo}/hooks/post-checkout", os.O_CREAT | os.O_WRONLY)))
+    t(f"mkdir in {repo}", lambda: os.mkdir(f"{repo}/info"))
+    t(f"rename into {repo}", lambda: os.rename("moveme", f"{repo}/hooks/pre-commit"))
+    t(f"read {repo}/config", lambda: os.close(os.open(f"{repo}/config", os.O_RDONLY)))
+t("write the gitdir file wt/.git", lambda: os.close(os.open("wt/.git", W)))
+t("reopen wt/.git", lambda: reopen("wt/.git", os.O_WRONLY))
+t("write plain", lambda: os.close(os.open("plain.txt", W)))
+t("reopen plain", lambda: reopen("plain.txt", os.O_RDWR))
+t("create plain", lambda: os.close(os.open("proj/new.txt", os.O_CREAT | os.O_WRONLY)))
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("how", ["preexec", "script"])
+async def test_repositories_the_host_makes_later_cannot_be_written(tmp_path, how):
+    """Repositories found at start are read-only mounts; one the host user makes while the VM runs
+    (a clone, `git init`) is protected by the guard: nothing is created or written inside it."""
+    guard, proc = await _guarded([sys.executable, "-c", INTO, str(tmp_path)], how,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for repo in (tmp_path / "proj" / ".git", tmp_path / "bare.git", tmp_path / "nested" / "lib" / ".GIT"):
+        (repo / "hooks").mkdir(parents=True)  # made by the host, after the guard started
+        (repo / "config").write_text("[core]\n")
+    (tmp_path / "bare.git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "wt").mkdir()
+    (tmp_path / "wt" / ".git").write_text("gitdir: ../proj/.git\n")
+    out, err = await _communicate(proc, b"")
+    res = json.loads(out)
+    ok = {"write plain", "reopen plain", "create plain"} | {k for k in res if k.startswith("read ")}
+    assert {k: v for k, v in res.items() if (v == "ok") != (k in ok)} == {}, err
+    for repo in (tmp_path / "proj" / ".git", tmp_path / "bare.git", tmp_path / "nested" / "lib" / ".GIT"):
+        assert (repo / "config").read_text() == "[core]\n" and list((repo / "hooks").iterdir()) == []
+    assert (tmp_path / "wt" / ".git").read_text() == "gitdir: ../proj/.git\n"
 
 
 @settings(max_examples=300, deadline=None)
