@@ -1,13 +1,20 @@
 """The share guard: virtiofsd may not give anything a repository's name, nor move a symlink.
 
-seccomp-BPF cannot read path names, so the calls of virtiofsd that create a name (open/openat
-with O_CREAT, creat, mkdir/mkdirat, rename/renameat/renameat2) are sent by its filter
-(seccomp.py, notify=True) to this supervisor instead (seccomp user notification): one thread per
-virtiofsd, in the capsem process that started it. For each call it reads the name from
-virtiofsd's memory (process_vm_readv), checks the notification is still live
-(SECCOMP_IOCTL_NOTIF_ID_VALID), and answers EPERM for names that make a repository
-(repo_names.py: `.git`, `HEAD`, `.hg` in any spelling) and for renames whose source is a
+seccomp-BPF cannot read path names, so the calls of virtiofsd that create a name or write a file
+(open/openat with O_CREAT/O_WRONLY/O_RDWR/O_TRUNC, creat, truncate, mkdir/mkdirat,
+rename/renameat/renameat2) are sent by its filter (seccomp.py, notify=True) to this supervisor
+instead (seccomp user notification): one thread per virtiofsd, in the capsem process that started
+it. For each call it reads the name from virtiofsd's memory (process_vm_readv), checks the
+notification is still live (SECCOMP_IOCTL_NOTIF_ID_VALID), and answers EPERM for names that make a
+repository (repo_names.py: `.git`, `HEAD`, `.hg` in any spelling), for targets inside a
+repository (a `.git`/`.hg` component, or a directory above holding HEAD: repositories the host
+user makes while the VM runs, which are not read-only mounts) and for renames whose source is a
 symlink; otherwise the kernel carries the call out (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
+
+Why "inside a repository" holds although paths change: the guest can move things out of a
+repository (and so break it) but never into one — every create and rename target is checked the
+same way, and nothing can be given a repository's name — so a file that is outside at our check
+is still outside when the kernel opens it.
 
 Why reading the name is not a race the guest can win: the kernel reads the name again after we
 answer, so whoever can write the memory between our read and its read wins (the classic
