@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from capsem_agent import protocol
 
+from . import safetext
 from .errors import ProtocolError, VMError
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,10 @@ class ControlConnection:
     async def read_hello(self, timeout: float) -> dict:
         msg = await asyncio.wait_for(self._read_one(), timeout)
         if msg.get("t") != "hello" or any(k not in msg for k in HELLO_FIELDS):
-            raise ProtocolError(f"the guest's first control message is not a valid hello: {str(msg)[:200]}")
+            raise ProtocolError("the guest's first control message is not a valid hello: "
+                                + safetext.escape(str(msg)[:200]))
         if msg["v"] != protocol.PROTOCOL_VERSION:
-            raise ProtocolError(f"guest agent speaks protocol v{msg['v']}, host speaks v{protocol.PROTOCOL_VERSION}",
+            raise ProtocolError(f"guest agent speaks protocol v{safetext.escape(str(msg['v'])[:40])}, host speaks v{protocol.PROTOCOL_VERSION}",
                                 "rebuild the image with `capsem image build`")
         self.adopt(msg)
         return msg
@@ -131,10 +133,13 @@ class ControlConnection:
                 msg = await self._read_one()
                 await self._dispatch(msg)
         except (protocol.FrameError, protocol.MessageError) as exc:
-            log.error("guest broke the control protocol: %s", exc)
+            log.error("guest broke the control protocol: %s", safetext.escape(str(exc)))
             self._fail_all(ProtocolError(f"guest broke the control protocol: {exc}"))
         except (VMError, ConnectionError) as exc:
             self._fail_all(exc if isinstance(exc, VMError) else VMError(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - fail closed: a host bug must not leave callers hanging
+            log.exception("control reader failed on guest input")
+            self._fail_all(ProtocolError(f"control reader failed: {exc.__class__.__name__}"))
         finally:
             self.closed.set()
             if self.on_event:

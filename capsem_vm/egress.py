@@ -84,6 +84,21 @@ async def release_service() -> None:
         await asyncio.to_thread(_audit.flush)
 
 
+async def audit_barrier(kernel_id: str | None = None, timeout: float = 10.0) -> bool:
+    """The audit barrier (docs/AUDIT.md): returns once every audit row caused before the call is
+    written, by this process's bridges (DNS, refused streams, the control port) and by every
+    worker of the proxy service, pending counts of aggregated refusals included. False if that
+    could not be done (a database that cannot be written, a worker gone, the timeout).
+    kernel_id: whose rows the reader wants; today every writer is flushed whole (cheap)."""
+    ok = True
+    service = ProxyService._shared
+    if service is not None and service.alive:
+        ok = await service.flush_audit(timeout)
+    if _audit is not None:
+        ok = await asyncio.to_thread(_audit.flush, timeout) and ok
+    return ok
+
+
 # --- one VM ---------------------------------------------------------------------------------------
 
 class Egress:
@@ -146,7 +161,7 @@ class Egress:
         try:
             bridge = await self._bridge()
         except Exception as exc:  # noqa: BLE001 - the guest gets a reason, the stream closes
-            writer.write(protocol.encode({"t": "refused", "rule": "proxy",
+            writer.write(protocol.encode({"t": "refused", "rule": "proxy", "code": "proxy-unavailable",
                                           "reason": f"the egress proxy is not available: {exc}"[:500]}))
             await hang_up(reader, writer)
             return
@@ -186,6 +201,13 @@ class Egress:
                 log.info("unregistering %s from the proxy service: %s", self.kernel_id, exc)
             _release_later()
             self.service = None
+
+    async def audit_barrier(self, timeout: float = 10.0) -> bool:
+        """Every audit row this VM's egress caused so far is written (see audit_barrier())."""
+        ok = True
+        if self.service is not None and self.service.alive:
+            ok = await self.service.flush_audit(timeout)
+        return await asyncio.to_thread(shared_audit().flush, timeout) and ok
 
     def info(self) -> dict:
         return {"kernel_id": self.kernel_id, "policy": self.policy.source if self.policy else None,

@@ -83,6 +83,14 @@ def unshare() -> Program:
     return Program("unshare", path)
 
 
+@lru_cache(maxsize=None)
+def setpriv() -> Program:
+    path = _first_existing("CAPSEM_SETPRIV", ["setpriv"], [])
+    if not path:
+        raise MissingHelperError("setpriv not found (Debian package util-linux)", SETUP_HINT)
+    return Program("setpriv", path)
+
+
 def newuidmap_available() -> bool:
     """Unprivileged virtiofsd needs a full uid map (newuidmap from Debian's uidmap package)."""
     return bool(shutil.which("newuidmap") and shutil.which("newgidmap"))

@@ -1,9 +1,12 @@
 """Where capsem keeps things: cache (images), data (keys, audit), runtime (per-VM sockets)."""
 
 import os
+import stat
 from pathlib import Path
 
 import platformdirs
+
+from . import nofollow
 
 APP = "capsem"
 
@@ -40,29 +43,38 @@ def config_dir() -> Path:
 
 
 def runtime_dir() -> Path:
-    """Per-user runtime root (mode 0700) holding one directory per running VM.
+    """Per-user runtime root (mode 0700, checked: ours, not a symlink, not opened up, in a parent
+    nobody else can swap it in) holding one directory per running VM.
 
-    Kept short: Unix socket paths are limited to 107 bytes.
+    CAPSEM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/capsem when that dir is ours and private, else
+    /run/capsem for root, /run/user/UID/capsem when that dir is ours and private, else the user's
+    own data dir. Never a fixed name in /tmp, which anybody could create first. Kept short: Unix
+    socket paths are limited to 107 bytes.
     """
     override = os.environ.get("CAPSEM_RUNTIME_DIR")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
     if override:
         root = Path(override)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        root = Path(os.environ["XDG_RUNTIME_DIR"]) / APP
+    elif xdg and _own_private_dir(Path(xdg)):
+        root = Path(xdg) / APP
     elif os.geteuid() == 0:
         root = Path("/run") / APP
+    elif _own_private_dir(Path(f"/run/user/{os.geteuid()}")):
+        root = Path(f"/run/user/{os.geteuid()}") / APP
     else:
-        root = Path(f"/tmp/{APP}-{os.geteuid()}")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = root.stat()
-    if st.st_uid != os.geteuid():
-        raise PermissionError(f"runtime dir {root} is owned by uid {st.st_uid}, not by you")
-    os.chmod(root, 0o700)
-    return root
+        root = data_dir() / "run"
+    return nofollow.private_dir(root)
+
+
+def _own_private_dir(path: Path) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) and make it mode 0700."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
+    """Create `path` (and parents) and make it mode 0700; refuse one that is a symlink, someone
+    else's or writable by others (nofollow.private_dir)."""
+    return nofollow.private_dir(path)

@@ -59,7 +59,7 @@ def check_seccomp(actions_avail: str = "/proc/sys/kernel/seccomp/actions_avail")
 
 def check_helper_privileges() -> Result:
     if not privsep.privileged():
-        return OK, f"helpers run as you (uid {os.geteuid()}), unprivileged; virtiofsd in a user namespace"
+        return _check_user_confinement()
     # root: QEMU/vsock as a leased uid; virtiofsd as the share owner in a user namespace
     probe = privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT - 1
     try:
@@ -72,7 +72,64 @@ def check_helper_privileges() -> Result:
                       "virtiofsd cannot drop to the share owner (" + out.stderr.decode(errors="replace").strip() + ")")
     return OK, (f"capsem runs as root; QEMU and vhost-device-vsock run as a per-VM uid in "
                 f"{privsep.HELPER_UID_BASE}..{privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT - 1}, "
-                "virtiofsd as the shared folder's owner in a user namespace")
+                "each virtiofsd as a uid of its own in a user namespace (see 'share ids')")
+
+
+def _check_user_confinement() -> Result:
+    """A normal user's QEMU and vsock backend run in namespaces of their own (confine.py): try it."""
+    import tempfile
+    from . import confine
+    with tempfile.TemporaryDirectory(dir=paths.runtime_dir()) as d:
+        try:
+            out = subprocess.run(confine.wrap(["/bin/true"], d), cwd=d, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError, CapsemError) as exc:
+            return WEAK, f"cannot confine the helpers: {exc}"
+    if out.returncode != 0:
+        return WEAK, ("QEMU and vhost-device-vsock cannot get namespaces of their own here (user namespaces "
+                      "disabled?): " + out.stderr.decode(errors="replace").strip()[-300:])
+    return OK, (f"helpers run as you (uid {os.geteuid()}), unprivileged: QEMU and vhost-device-vsock in their own "
+                "user, pid, mount, network and IPC namespaces with your home and /tmp hidden; virtiofsd in a "
+                "user namespace")
+
+
+def check_share_identity(probe_dir: str | None = None) -> Result:
+    """A root capsem serves shares through idmapped mounts (virtiofsd never root): can this host?"""
+    if not privsep.privileged():
+        return OK, f"virtiofsd runs as you (uid {os.geteuid()}) in a user namespace"
+    import sys
+    import tempfile
+    from . import idmap_share, virtiofs
+    base = virtiofs.share_mount_base()
+    leased = privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT - 2
+    with tempfile.TemporaryDirectory(dir=probe_dir) as folder:
+        folder = os.path.realpath(folder)
+        r, w = os.pipe()
+        try:
+            subprocess.run([sys.executable, "-I", idmap_share.__file__, folder, str(base), "0", "0", str(leased),
+                            str(w), "0", "--", "true"], pass_fds=(w,), capture_output=True, timeout=30)
+            os.close(w)
+            w = -1
+            answer = os.read(r, 4096).decode(errors="replace").strip()
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+    if answer != "ok":
+        return WEAK, (f"idmapped mounts do not work on {os.path.dirname(folder)}'s filesystem "
+                      f"({answer.removeprefix('error: ')}): a root capsem refuses to share folders there")
+    return OK, (f"shares are idmapped mounts served by a leased uid, never root (checked on "
+                f"{os.path.dirname(folder)}'s filesystem)")
+
+
+def check_image_owner() -> Result:
+    """A root capsem boots only images root alone can change (image/trust.py)."""
+    from .image.store import default_image_dir
+    from .image.trust import check_root_only
+    if not privsep.privileged():
+        return OK, "capsem runs as you: your images are yours"
+    image = default_image_dir()
+    check_root_only(image)  # raises ImageError (reported as weak) naming what others could write
+    return OK, f"{image} and every directory above it: root's, writable by root only"
 
 
 def check_host_sysctls() -> Result:
@@ -155,6 +212,8 @@ CHECKS: list[tuple[str, Callable[[], Result]]] = [
     ("accelerator", check_accelerator),
     ("seccomp", check_seccomp),
     ("helpers", check_helper_privileges),
+    ("share ids", check_share_identity),
+    ("image owner", check_image_owner),
     ("sysctls", check_host_sysctls),
     ("policy", check_policy),
     ("ca key", check_ca_key),

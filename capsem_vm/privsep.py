@@ -10,8 +10,10 @@ root:
   VM's helpers, nor touch any file but the VM's own runtime dir (mode 0700, owned by that uid).
   Why per VM rather than one shared `capsem-vm` account: a guest that escaped into its QEMU would
   otherwise share a uid with every other VM's QEMU on the host.
-- virtiofsd runs as the owner of the shared folder inside a user namespace (virtiofs.py), so files
-  the guest creates belong to that owner, never to root.
+- each virtiofsd runs as a uid leased for it alone too, serving its folder through an idmapped mount
+  that maps the folder's owner to that uid (virtiofs.py, idmap_share.py): files the guest creates
+  belong to the owner, while virtiofsd is neither root nor the owner (whose other files it could
+  otherwise reach if it were subverted).
 
 Leases are files in LEASE_DIR (root only) created with O_EXCL and naming the owner process; a lease
 whose owner died is taken over.
@@ -27,6 +29,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from . import nofollow
 from .errors import VMError
 from .process import Identity
 
@@ -53,7 +56,7 @@ def _lease_dir() -> Path:
     st = LEASE_DIR.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
         raise VMError(f"{LEASE_DIR} is not a directory owned by root")
-    os.chmod(LEASE_DIR, 0o700)
+    nofollow.chmod(LEASE_DIR, 0o700)
     return LEASE_DIR
 
 
@@ -133,11 +136,3 @@ def kvm_groups(accel: str) -> tuple[int, ...]:
 
 def helper_identity(lease: Lease, accel: str) -> Identity:
     return Identity(lease.uid, lease.uid, kvm_groups(accel))
-
-
-def share_owner(path: os.PathLike | str) -> tuple[int, int]:
-    """(uid, gid) virtiofsd runs as for a share: the folder's owner when capsem is root, else us."""
-    if not privileged():
-        return os.geteuid(), os.getegid()
-    st = os.stat(path)
-    return st.st_uid, st.st_gid

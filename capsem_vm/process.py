@@ -57,6 +57,8 @@ class ManagedProcess:
         self.popen = popen
         self.pid = popen.pid
         self._pidfd = os.pidfd_open(popen.pid)
+        self.on_close: list = []  # called once, after the process is reaped (e.g. release its uid lease)
+        self.stop_signal = signal.SIGTERM  # what stop() sends first (confine.py's wrapper ignores SIGTERM)
 
     @property
     def returncode(self) -> int | None:
@@ -93,7 +95,7 @@ class ManagedProcess:
     async def stop(self, grace: float = 5.0) -> int:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL. Always reaps."""
         if self.popen.poll() is None:
-            self.send_signal(signal.SIGTERM)
+            self.send_signal(self.stop_signal)
             try:
                 await asyncio.wait_for(self.wait(), grace)
             except asyncio.TimeoutError:
@@ -113,6 +115,8 @@ class ManagedProcess:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+        while self.on_close:
+            self.on_close.pop()()
 
     def __repr__(self) -> str:
         return f"<ManagedProcess {self.name} pid={self.pid} rc={self.popen.returncode}>"

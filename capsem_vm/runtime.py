@@ -17,7 +17,7 @@ import stat
 import time
 from pathlib import Path
 
-from . import paths
+from . import nofollow, paths
 from .config import RuntimePaths
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def create_vm_dir() -> RuntimePaths:
 
 def give_to(rp: RuntimePaths, uid: int, gid: int) -> None:
     """Hand the VM dir (still 0700) to the helpers' uid. `owner` stays root's."""
-    os.chown(rp.root, uid, gid, follow_symlinks=False)
+    nofollow.chown(rp.root, uid, gid)
 
 
 def record_pids(rp: RuntimePaths, procs) -> None:

@@ -4,28 +4,32 @@ We create the vhost-user listening socket ourselves and hand it over with --fd, 
 no lock directory under /run (which an unprivileged user cannot write).
 
 Confinement, outermost first:
-- virtiofsd runs as the folder's owner (capsem as root) or as the user running capsem, never as
-  root with capabilities: it is started as that user and creates its own user namespace
-  (`unshare --map-root-user`) in which only that user exists, as uid 0. Files the guest (root in
-  its VM) creates appear on the host owned by that user; a guest asking for any other owner gets
-  an error (the id is not mapped). A normal user with supplementary groups needs one more
-  mapped group (see `userns_options`).
+- virtiofsd never runs as root. capsem as root: it runs as a uid leased for it alone (privsep.py),
+  never the folder's owner's, and serves the folder through an idmapped mount made in a private
+  mount namespace (idmap_share.py) that maps the folder's owner to that uid: files the guest
+  creates belong to the owner (root for a root-owned folder), and the uid owns nothing else on the
+  host. capsem as a normal user: it runs as that user. Either way it then creates its own user
+  namespace (`unshare --map-root-user`) in which only that uid exists, as uid 0: a guest asking for
+  any other owner gets an error (the id is not mapped). A normal user with supplementary groups
+  needs one more mapped group (see `userns_options`).
 - a seccomp filter (seccomp.py), installed before exec, refuses set-uid/set-gid modes, device
   nodes, FIFOs, sockets, symlinks and xattrs in the share, whatever virtiofsd is asked to do.
 - virtiofsd's own sandbox (`sandbox=namespace`: mount, pid and net namespaces, pivot_root into the
   folder, its own seccomp allow-list), `no_xattr`, and `modcaps=-mknod:-setfcap`.
-- the share guard (share_guard.py): virtiofsd's name-creating calls go to a supervisor thread in
-  capsem that refuses repository names (`.git`, `HEAD`, `.hg`, any spelling: host git would run
-  their configuration) and renames of symlinks.
+- the share guard (share_guard.py): virtiofsd's name-creating and writing calls go to a supervisor
+  thread in capsem that refuses repository names (`.git`, `HEAD`, `.hg`, any spelling: host git
+  would run their configuration), writes inside repositories and renames of symlinks.
 - a read-only share is a read-only bind mount in virtiofsd's mount namespace: the guest, root in
   its VM, cannot remount it writable because enforcement is on the host. Existing repositories in
   a writable share, at any depth (`.git` directories and gitdir files, `.hg`, directories holding
   a `HEAD`: repo_names.existing_repositories), are made read-only the same way.
 - the guest mounts shares nosuid,nodev (capsem_agent.mounts) — a courtesy; the host decides.
 
-Folders that would expose the host are refused: `/`, system directories, home directories (which
-hold shell start-up files, SSH keys and capsem's own CA key) and any ancestor of capsem's data,
-config, cache or runtime dirs.
+Folders that would expose the host are refused: system trees and anything inside them (/etc, /usr,
+/bin, /sbin, /lib*, /boot, /root, /proc, /sys, /dev, /var but /var/tmp's subdirectories), `/` and
+the shared roots themselves (/tmp, /var/tmp, /home, /mnt, /srv, /opt, /media, /run), home
+directories (which hold shell start-up files, SSH keys and capsem's own CA key) and any ancestor of
+capsem's data, config, cache or runtime dirs.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ import asyncio
 import os
 import pwd
 import socket
+import stat
+import sys
 from pathlib import Path
 
-from . import helpers, paths, privsep, repo_names
+from . import helpers, idmap_share, nofollow, paths, privsep, repo_names
 from .caplog import CappedLog
 from .config import RuntimePaths, Share
 from .errors import VMError
@@ -48,15 +54,22 @@ from .share_guard import ShareGuard
 _RO_WRAPPER = ('while [ "$1" != "--" ]; do mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 1; '
                'shift; done; shift; exec "$@"')
 
-SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
-               "/run", "/sbin", "/srv", "/sys", "/usr", "/var", "/tmp", "/var/tmp", "/mnt", "/media")
+# Refused with everything inside them (matched on the resolved path's first component; /lib* is
+# every top-level name starting with "lib"): the host's own software, configuration and state.
+SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/root", "/proc", "/sys", "/dev", "/var")
+SYSTEM_TREE_EXCEPTIONS = ("/var/tmp",)  # its subdirectories are users' folders
+# Refused themselves only: roots that hold other users' folders (a project folder inside is fine).
+SHARED_ROOTS = ("/", "/tmp", "/var/tmp", "/home", "/mnt", "/srv", "/opt", "/media", "/run")
+SHARE_MOUNT_BASE = Path(os.environ.get("CAPSEM_SHARE_MOUNT_BASE", "/run/capsem-share"))
 
 
-def virtiofsd_args(program: helpers.Program, share: Share, fd: int) -> list[str]:
+def virtiofsd_args(program: helpers.Program, share: Share, fd: int, source: Path | None = None) -> list[str]:
+    """`source`: where virtiofsd finds the folder (the idmapped mount for a root capsem)."""
+    source = share.host_path if source is None else source
     if program.dialect == "rust":  # xattrs are off unless --xattr is given
-        return [str(program.path), f"--fd={fd}", f"--shared-dir={share.host_path}", "--cache=auto",
+        return [str(program.path), f"--fd={fd}", f"--shared-dir={source}", "--cache=auto",
                 "--sandbox=namespace", "--modcaps=-mknod:-setfcap"] + (["--readonly"] if share.readonly else [])
-    return [str(program.path), f"--fd={fd}", "-o", f"source={share.host_path}", "-o", "cache=auto",
+    return [str(program.path), f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto",
             "-o", "sandbox=namespace", "-o", "no_xattr", "-o", "modcaps=-mknod:-setfcap"]
 
 
@@ -69,11 +82,27 @@ def _homes() -> set[Path]:
     return homes
 
 
+def system_tree(p: Path) -> str | None:
+    """The system tree (SYSTEM_TREES, /lib*) that the resolved absolute path `p` is or is inside."""
+    parts = p.parts
+    if len(parts) < 2:
+        return None
+    top = "/" + parts[1]
+    if any(p == Path(e) or Path(e) in p.parents for e in SYSTEM_TREE_EXCEPTIONS):
+        return None
+    if top in SYSTEM_TREES or parts[1].startswith("lib"):
+        return top
+    return None
+
+
 def check_share_path(path: os.PathLike | str) -> Path:
     """Refuse folders whose sharing would hand the guest the host. Returns the resolved path."""
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path)).resolve()  # symlinks, `..` and trailing slashes resolved first
     hint = "share a project folder (for example ~/notebooks/project), not a home or system directory"
-    if str(p) in SYSTEM_DIRS:
+    tree = system_tree(p)
+    if tree is not None:
+        raise VMError(f"refusing to share {p} with the VM: it is inside the system tree {tree}", hint)
+    if str(p) in SHARED_ROOTS:
         raise VMError(f"refusing to share {p} with the VM: it is a system directory", hint)
     for home in _homes():
         if p == home or p in home.parents:
@@ -87,34 +116,10 @@ def check_share_path(path: os.PathLike | str) -> Path:
     return p
 
 
-def check_owner_can_reach(path: Path, uid: int, gid: int) -> None:
-    """virtiofsd runs as the folder's owner: every directory above the folder must let them pass
-    (root's capabilities do not follow it into its user namespace)."""
-    if uid == os.geteuid():
-        return
-    try:
-        groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
-    except KeyError:
-        groups = {gid}
-    for d in [path, *path.parents]:
-        st = d.stat()
-        if st.st_uid == uid:
-            ok = st.st_mode & 0o100
-        elif st.st_gid in groups:
-            ok = st.st_mode & 0o010
-        else:
-            ok = st.st_mode & 0o001
-        if not ok:
-            raise VMError(f"the shared folder's owner (uid {uid}) cannot reach {path}: {d} is mode "
-                          f"{st.st_mode & 0o7777:04o}, owned by uid {st.st_uid}",
-                          "virtiofsd runs as the folder's owner: move the folder, or let its owner "
-                          "traverse the directories above it")
-
-
 def listening_socket(path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
-    os.chmod(path, 0o600)
+    nofollow.chmod(path, 0o600)
     sock.listen(1)
     return sock
 
@@ -170,29 +175,77 @@ def protected_paths(root: Path) -> list[Path]:
     return found
 
 
+def share_mount_base() -> Path:
+    """The empty root-owned 0755 directory over which each root virtiofsd's private mount
+    namespace puts a tmpfs holding its idmapped folder (idmap_share.py)."""
+    SHARE_MOUNT_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    st = SHARE_MOUNT_BASE.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise VMError(f"{SHARE_MOUNT_BASE} must be a directory owned by root and writable by root only "
+                      f"(it is mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})",
+                      "remove it; capsem recreates it")
+    return SHARE_MOUNT_BASE
+
+
+async def _wait_ready(fd: int, what: str, timeout: float = 30.0) -> None:
+    """The idmap stage's report: "ok" once virtiofsd is about to start, else why it failed."""
+    loop = asyncio.get_running_loop()
+
+    def read_all() -> bytes:
+        chunks = []
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > 4096:
+                break
+        return b"".join(chunks)
+    try:
+        text = (await asyncio.wait_for(loop.run_in_executor(None, read_all), timeout)).decode(errors="replace")
+    except asyncio.TimeoutError:
+        text = "error: no answer within 30 s"
+    if text.strip() != "ok":
+        reason = text.strip().removeprefix("error: ")[:500] or "it exited"
+        raise VMError(f"cannot serve {what} to the VM: {reason}",
+                      "capsem as root serves shared folders through idmapped mounts (Linux 5.12+, and a "
+                      "filesystem that supports them: ext4, xfs, btrfs, tmpfs...); `capsem doctor --security` "
+                      "checks this host")
+
+
 async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Identity | None = None) -> ManagedProcess:
     """Start virtiofsd for `share`. `qemu_identity`: the user QEMU runs as (it must be able to
-    connect to the vhost-user socket)."""
-    check_share_path(share.host_path)
+    connect to the vhost-user socket).
+
+    capsem as root: virtiofsd runs as a uid leased for it alone (never root, never the folder's
+    owner), serving the folder through an idmapped mount that maps the owner to that uid
+    (idmap_share.py). The lease is released when the process is closed."""
+    folder = check_share_path(share.host_path)
     program = helpers.virtiofsd()
-    uid, gid = privsep.share_owner(share.host_path)
-    identity = Identity(uid, gid, ()) if privsep.privileged() else None
-    check_owner_can_reach(Path(share.host_path), uid, gid)
     sock = listening_socket(paths_.fs_socket(share.tag))
     if qemu_identity is not None:
-        os.chown(paths_.fs_socket(share.tag), qemu_identity.uid, qemu_identity.gid, follow_symlinks=False)
+        nofollow.chown(paths_.fs_socket(share.tag), qemu_identity.uid, qemu_identity.gid)
+    lease = ready_r = ready_w = None
     try:
         fd = sock.fileno()
+        source, stage, pass_fds = folder, [], [fd]
+        if privsep.privileged():
+            base = share_mount_base()
+            st = os.stat(folder)
+            lease = privsep.lease_uid()
+            ready_r, ready_w = os.pipe()
+            source = Path(idmap_share.target_for(str(base), str(folder)))
+            stage = [sys.executable, "-I", idmap_share.__file__, str(folder), str(base), str(st.st_uid),
+                     str(st.st_gid), str(lease.uid), str(ready_w), "1" if share.readonly else "0", "--"]
+            pass_fds.append(ready_w)
         map_options, filter_inside = userns_options()
-        argv = [str(helpers.unshare().path), *map_options, "--mount", "--propagation", "private", "--"]
-        inner = virtiofsd_args(program, share, fd)
-        if share.readonly and program.dialect == "c":
-            ro = [str(share.host_path)]
+        argv = stage + [str(helpers.unshare().path), *map_options, "--mount", "--propagation", "private", "--"]
+        inner = virtiofsd_args(program, share, fd, source)
+        if share.readonly and program.dialect == "c" and lease is None:
+            ro = [str(source)]  # (the idmapped mount is read-only itself)
         elif not share.readonly:
-            ro = [str(p) for p in await asyncio.to_thread(protected_paths, Path(share.host_path))]
+            ro = [str(source / p.relative_to(folder)) for p in await asyncio.to_thread(protected_paths, folder)]
         else:
             ro = []
-        guard = ShareGuard(share.tag)  # virtiofsd's name-creating calls are checked by this thread
+        guard = ShareGuard(share.tag)  # virtiofsd's name-creating and writing calls are checked by this thread
+        pass_fds += guard.pass_fds
         if filter_inside:
             inner = guard.wrap(inner)
         if ro:
@@ -201,20 +254,35 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
             argv += inner
         log = CappedLog(paths_.root / f"virtiofsd-{share.tag}.log")
         try:
-            proc = await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=(fd, *guard.pass_fds), stdout=log.fd,
-                               stderr=log.fd, identity=identity, seccomp=None if filter_inside else guard.filter)
+            proc = await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=tuple(pass_fds), stdout=log.fd,
+                               stderr=log.fd, seccomp=None if filter_inside else guard.filter)
         except BaseException:
             guard.close()
             raise
         finally:
             log.close_writer()
-        try:
+        try:  # before the idmap stage's report: that stage already runs under the filter
             await guard.attach(proc)
         except BaseException:
             guard.close()
-            proc.kill_now()
+            await proc.stop(grace=1)
             raise
         proc.guard = guard  # lives as long as virtiofsd (tests reach it here)
+        if lease is not None:
+            proc.on_close.append(lease.release)
+            lease = None
+            os.close(ready_w)
+            ready_w = None
+            try:
+                await _wait_ready(ready_r, str(folder))
+            except BaseException:
+                await proc.stop(grace=1)
+                raise
         return proc
     finally:
         sock.close()  # the child holds its own copy
+        for end in (ready_r, ready_w):
+            if end is not None:
+                os.close(end)
+        if lease is not None:
+            lease.release()

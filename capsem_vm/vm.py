@@ -23,13 +23,14 @@ from collections.abc import Callable
 
 from capsem_agent import protocol
 
-from . import helpers, privsep, runtime
+from . import confine, helpers, privsep, runtime
 from .accel import choose as choose_accel
 from .caplog import CappedLog
 from .config import RuntimePaths, VMConfig
 from .control import ControlConnection
 from .errors import ImageError, VMError
 from .image.store import resolve_image
+from .image.trust import check_root_only
 from .image.verify import open_verified
 from .process import ManagedProcess, spawn
 from .qemu import BootAssets, build_command
@@ -99,6 +100,7 @@ class VM:
             self.image_digest = image.digest
             self.timings["verify_s"] = time.monotonic() - t0
             if self.identity is not None:
+                check_root_only(image_dir, {"kernel": image.kernel, "initrd": image.initrd, "rootfs": image.rootfs})
                 _check_readable_by_others(image)
             await self.transport.start()
             self.helpers += self.transport.helper_processes()
@@ -120,10 +122,14 @@ class VM:
             try:
                 argv = build_command(str(qemu_program.path), self.config, self.accel.accel, self.paths,
                                      assets, self.transport.qemu_args(), console=f"/dev/fd/{console.fd}")
+                if self.identity is None:  # a normal user's capsem: namespaces instead of a uid
+                    argv = confine.wrap(argv, self.paths.root)
                 t_qemu = time.monotonic()
                 self.qemu = await spawn("qemu", argv, identity=self.identity, cwd=self.paths.root,
                                         pass_fds=(*fds.values(), console.fd, *self.transport.qemu_fds()),
                                         stdout=qemu_log.fd, stderr=qemu_log.fd)
+                if self.identity is None:
+                    self.qemu.stop_signal = confine.STOP_SIGNAL
             finally:
                 console.close_writer()
                 qemu_log.close_writer()
@@ -151,20 +157,21 @@ class VM:
         self._control_ready.set_result((reader, writer))
 
     def _note_refused_control(self) -> None:
-        """Log (and audit, with egress) extra control connections: at most once a second."""
+        """Audit (with egress) every extra control connection: the audit log's rate bound counts
+        repeats (docs/AUDIT.md); log them at most once a second."""
         self.refused_control += 1
+        if self.egress is not None:
+            from .egress import shared_audit
+            shared_audit().record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
+                                  decision="deny", rule="control-port", code="control-port",
+                                  reason="vsock: extra connection to the host's control port refused "
+                                         "(the host accepts exactly one)")
         now = time.monotonic()
         if now - self._refused_noted < 1.0:
             return
         self._refused_noted = now
         log.warning("VM %s: refused %d extra connection(s) to the control port", self.paths.root.name,
                     self.refused_control)
-        if self.egress is not None:
-            from .egress import shared_audit
-            shared_audit().record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
-                                  decision="deny", rule="control-port",
-                                  reason=f"vsock: extra connection to the host's control port refused "
-                                         f"({self.refused_control} so far; the host accepts exactly one)")
 
     async def _wait_for_hello(self, t_qemu: float) -> None:
         qemu_exit = asyncio.ensure_future(self.qemu.wait())

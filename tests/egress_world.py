@@ -254,6 +254,7 @@ hosts = ["secret.test.example"]
 env = "CAPSEM_TEST_SECRET"
 header = "Authorization"
 format = "Bearer {{value}}"
+query = "key"
 guest_env = "SVC_TOKEN"
 """
         w.policy_file = tmp / "policy" / "egress-test.toml"

@@ -156,7 +156,9 @@ print(json.dumps({{"status": r.status_code, "body": r.text, "auth": r.headers.ge
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["status"] == 200
-    assert SEEN[-1]["headers"]["Authorization"] == f"Bearer {SECRET}" and SEEN[-1]["headers"]["X-Api-Key"] == SECRET
+    # the secret goes only into the declared header; X-Api-Key keeps the placeholder (issue 15: on purpose)
+    assert SEEN[-1]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert SEEN[-1]["headers"]["X-Api-Key"].startswith("capsem-placeholder")
     assert SECRET not in out.stdout
 
 

@@ -67,7 +67,8 @@ async def test_default_policy_is_deny_all_and_needs_no_proxy(dirs):
         assert (await asyncio.to_thread(g.dns, "example.com"))[0] == dns.NXDOMAIN
         s, reply = await asyncio.to_thread(g.open, "example.com", 443)
         s.close()
-        assert reply == {"t": "refused", "reason": "no rule allows this (default deny)", "rule": "default"}
+        assert reply == {"t": "refused", "reason": "no rule allows this (default deny)", "rule": "default",
+                         "code": "default-deny"}
         s, reply = await asyncio.to_thread(g.open, "169.254.169.254", 80)
         s.close()
         assert reply["t"] == "refused"
@@ -126,6 +127,52 @@ async def test_policy_in_a_guest_writable_folder_is_refused(dirs):
     eg = host_egress.Egress(EgressConfig(policy=str(share / "policy.toml")), [str(share)])
     with pytest.raises(PolicyError, match="folder the VM can write"):
         await eg.start(FakeTransport(dirs))
+
+
+def _credential_policy(dirs, secret_file) -> Path:
+    p = dirs / "cred-policy.toml"
+    p.write_text(f'[[rule]]\nname = "api"\nhost = "api.example"\naction = "allow"\n\n[[credential]]\n'
+                 f'name = "svc"\nhosts = ["api.example"]\nfile = "{secret_file}"\nheader = "Authorization"\n')
+    p.chmod(0o600)
+    return p
+
+
+async def test_a_credential_file_in_any_share_stops_the_vm_before_it_boots(dirs):
+    """Egress.start is where cold VMs (vm.py) and pooled claims (pool/claimed.py) load the policy with
+    the kernel's shares; a credential file the guest could read or write stops it there."""
+    share = dirs / "notebook"
+    (share / "sub").mkdir(parents=True)
+    secret = share / "sub" / "token"
+    secret.write_text("tok")
+    secret.chmod(0o600)
+    eg = host_egress.Egress(EgressConfig(policy=str(_credential_policy(dirs, secret))), [str(share)])
+    with pytest.raises(PolicyError, match=f"credential 'svc'.*file {secret} is inside .*shared with the VM"):
+        await eg.start(FakeTransport(dirs))
+    # a read-only share counts too (the guest could read it): VMs pass every share, whatever its mode
+    outside = dirs / "private"
+    outside.mkdir(mode=0o700)
+    ok = outside / "token"
+    ok.write_text("tok")
+    ok.chmod(0o644)
+    eg = host_egress.Egress(EgressConfig(policy=str(_credential_policy(dirs, ok))), [str(share)])
+    await eg.start(FakeTransport(dirs))
+    await eg.close()
+    ok.chmod(0o664)
+    eg = host_egress.Egress(EgressConfig(policy=str(_credential_policy(dirs, ok))), [str(share)])
+    with pytest.raises(PolicyError, match="writable by other users"):
+        await eg.start(FakeTransport(dirs))
+
+
+def test_vm_run_refuses_a_credential_file_in_the_shared_folder(image_dir, dirs):
+    share = dirs / "nb"
+    share.mkdir()
+    (share / "token").write_text("tok")
+    (share / "token").chmod(0o600)
+    policy = _credential_policy(dirs, share / "token")
+    proc = subprocess.run(CAPSEM + ["vm", "run", "--share", str(share), "--read-only", "--policy", str(policy), "--", "true"],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert proc.returncode != 0
+    assert f"file {share / 'token'} is inside" in proc.stderr and "shared with the VM" in proc.stderr, proc.stderr
 
 
 async def test_malformed_policy_names_the_line(dirs):

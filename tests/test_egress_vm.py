@@ -334,10 +334,78 @@ print(json.dumps({{"tok": tok, "status": r.status_code, "body": r.text, "auth": 
 """)
     assert res["status"] == 200 and res["tok"].startswith("capsem-placeholder")
     seen = SEEN[-1]
-    assert seen["headers"]["Authorization"] == f"Bearer {SECRET}" and seen["headers"]["X-Api-Key"] == SECRET
+    # only the declared header gets the secret; X-Api-Key keeps the placeholder (issue 15: on purpose)
+    assert seen["headers"]["Authorization"] == f"Bearer {SECRET}" and seen["headers"]["X-Api-Key"] == res["tok"]
     assert SECRET not in json.dumps(res)
     found = scan_guest(ek, [SECRET])
     assert found["scanned_files"] > 100 and not (found["files"] or found["procs"]), found
+
+
+def test_guest_cannot_choose_where_the_secret_lands(ek):
+    """Issue 15 item 3, from the guest: the placeholder in every place a request has (headers, cookies,
+    path, other or encoded query parameters, form and multipart bodies, HTTP/2). The server may keep
+    what it receives and hand it back on a route without scrubbing; so it must receive the secret
+    only in the declared header and query parameter."""
+    w = ek.w
+    SEEN.clear()
+    res = cell_json(ek, PRELUDE + f"""
+import hashlib, http.client, httpx
+tok = os.environ["SVC_TOKEN"]
+enc = "%63" + tok[1:]
+host, port = "secret.test.example", {w.HTTPS}
+def raw(name, method, path, headers=(), body=None):
+    c = http.client.HTTPSConnection(host, port, timeout=60, context=ssl.create_default_context())
+    c.putrequest(method, path, skip_accept_encoding=True)
+    for k, v in headers:
+        c.putheader(k, v)
+    if body is not None:
+        c.putheader("Content-Length", str(len(body)))
+    c.endheaders(body)
+    r = c.getresponse()
+    R[name] = [r.status, hashlib.sha256(body or b"").hexdigest(), r.read().decode(errors="replace"), str(r.getheaders())]
+raw("headers", "GET", "/echo/cp/headers", [("X-Api-Key", tok), ("Cookie", "s=" + tok), ("Cookie", "t=" + tok),
+    ("X-Dup", tok), ("X-Dup", tok), ("X-Split", tok[:9]), ("X-Split", tok[9:]), ("Authorization", tok)])
+raw("path", "GET", f"/echo/cp/{{tok}}/x;key={{tok}}?other={{tok}}&xkey={{tok}}&key=x{{tok}}&a=1;key={{tok}}")
+raw("encoded", "GET", f"/echo/cp/{{enc}}?k%65y={{tok}}&key={{enc}}")
+raw("declared", "GET", f"/echo/cp/declared?key={{tok}}&other={{tok}}")
+raw("form", "POST", "/echo/cp/form", [("Content-Type", "application/x-www-form-urlencoded")], f"key={{tok}}&x={{tok}}".encode())
+p = requests.Request("POST", f"https://{{host}}:{{port}}/echo/cp/multipart", files={{"key": (None, tok), "f": (tok + ".txt", tok)}}).prepare()
+r = requests.Session().send(p, timeout=60)
+R["multipart"] = [r.status_code, hashlib.sha256(p.body).hexdigest(), r.text, str(r.headers)]
+with httpx.Client(http2=True, timeout=60) as c:
+    r = c.post(f"https://{{host}}:{{port}}/echo/cp/h2/{{tok}}?other={{tok}}", headers={{"x-api-key": tok, "cookie": "a=" + tok}},
+               content=tok.encode())
+    R["h2"] = [r.status_code, hashlib.sha256(tok.encode()).hexdigest(), r.text, str(r.headers), r.http_version]
+R["tok"] = tok
+print(json.dumps(R))
+""")
+    tok = res.pop("tok")
+    assert tok.startswith("capsem-placeholder") and SECRET not in json.dumps(res)  # responses scrubbed
+    seen = {s["path"].split("/echo/cp/")[1].split("/")[0].split("?")[0].split(";")[0]: s
+            for s in SEEN if "/echo/cp/" in s["path"]}
+    by_name = {"headers": "headers", "path": tok, "encoded": "%63" + tok[1:], "declared": "declared", "form": "form",
+               "multipart": "multipart", "h2": "h2"}
+    bad = []
+    for name, (status, body_sha, *_rest) in res.items():
+        got = seen.get(by_name[name])
+        if status != 200 or got is None:
+            bad.append(f"{name}: status {status}, reached the server: {got is not None}")
+            continue
+        path, query = (got["path"].split("?", 1) + [""])[:2]
+        if SECRET in path:
+            bad.append(f"{name}: secret in the path {path}")
+        bad += [f"{name}: secret in query parameter {p}" for p in query.split("&") if SECRET in p and p != f"key={SECRET}"]
+        for k, v in got["headers"].items():
+            if k.lower() == "authorization":
+                if v != f"Bearer {SECRET}":
+                    bad.append(f"{name}: Authorization is {v!r}")
+            elif SECRET in v:
+                bad.append(f"{name}: secret in header {k}: {v}")
+        if got["body_sha"] != body_sha:
+            bad.append(f"{name}: the body was changed on the way")
+    assert not bad, "\n".join(bad)
+    assert seen["declared"]["path"] == f"/echo/cp/declared?key={SECRET}&other={tok}"
+    assert seen["headers"]["headers"]["X-Api-Key"] == tok and tok in seen["headers"]["headers"]["Cookie"]
 
 
 # --- denied (and audited under the kernel id) -----------------------------------------------------------

@@ -77,8 +77,13 @@ action = "allow"
     ("POST", "https://www.example.com/dns-query", "deny", "doh-path"),
     ("GET", "ftp://www.example.com/", "deny", "invalid-url"),
     ("GET", "https://exa mple.com/", "deny", "invalid-host"),
-    ("GET", "https://www.example.com/%2e%2e/admin", "deny", "ambiguous-path"),
-    ("GET", "https://api.example.com/v1/../admin", "deny", "ambiguous-path"),
+    # dot segments are resolved (RFC 3986 5.2.4, %2e is '.') and the canonical path is what goes
+    # upstream: these are /admin, denied by its rule (they were refused as "ambiguous-path" before)
+    ("GET", "https://www.example.com/%2e%2e/admin", "deny", "no-admin"),
+    ("GET", "https://api.example.com/v1/../admin", "deny", "no-admin"),
+    ("GET", "https://api.example.com/v1/%2e%2e%2fadmin", "deny", "ambiguous-path"),  # %2f: doh-path takes it
+    ("GET", "https://api.example.com/v1/..;/x", "deny", "ambiguous-path"),      # doh-path takes it
+    ("GET", "https://api.example.com/v1/%2e%2e/v1/items", "allow", "api-read"),
     ("GET", "https://WWW.Example.COM./ok", "allow", "example"),           # case, trailing dot
 ])
 def test_decide(method, url, action, rule):
@@ -199,6 +204,7 @@ def test_credentials_parse_and_guest_env(tmp_path, monkeypatch):
         name = "f"
         hosts = ["*.corp.test"]
         file = "{secret_file}"
+        query = "api_key"
     """)
     gh, f = p.credentials
     monkeypatch.setenv("CAPSEM_TEST_TOKEN", "env-secret")
@@ -229,7 +235,14 @@ def test_credentials_parse_and_guest_env(tmp_path, monkeypatch):
     ('[settings]\nallow_doh = "yes"\n', 2, "'allow_doh' must be"),
     ('version = 1\nrules = []\n', 2, "unknown top-level key 'rules'"),
     ('[[credential]]\nname = "c"\nhosts = ["*"]\nenv = "X"\n', 3, "every host"),
-    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\n', 1, "exactly one of 'env'"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nheader = "X-Key"\n', 1, "exactly one of 'env'"),
+    # a credential must say where its secret goes (before issue 15: anywhere the guest put the placeholder)
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\n', 2, "must say where the secret goes"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\nformat = "B {value}"\nquery = "k"\n', 5,
+     "'format' applies to 'header'"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\nquery = "a&b"\n', 5, "'query' has an invalid value"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nenv = "X"\nquery = "k%65y"\n', 5, "'query' has an invalid"),
+    ('[[credential]]\nname = "c"\nhosts = ["a.test"]\nfile = "tok"\nheader = "X-Key"\n', 4, "absolute path"),
     ('[[rule]]\nname = "a"\nhost = "x"\naction = "allow"\naddresses = ["10.0.0.0/33"]\n', 5, "'addresses'"),
 ])
 def test_malformed_policy_reports_line(tmp_path, text, line, words):

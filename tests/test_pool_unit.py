@@ -22,7 +22,8 @@ from capsem_vm.pool import seqpacket, wire
 DIGEST = "ab" * 32
 F = wire.Flavour(1024, 2, DIGEST, "tcg")
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+# integers the wire carries: at most 40 digits (decode refuses longer ones, see below)
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-(10**40 - 1), 10**40 - 1) | st.text(max_size=20),
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                            max_leaves=12)
 
@@ -34,6 +35,17 @@ def test_decode_arbitrary_bytes_only_raises_wire_error(data):
     except wire.WireError:
         return
     assert isinstance(msg, dict) and msg["t"] in wire.TYPES
+
+
+@pytest.mark.parametrize("body", [
+    b'{"t":"claim","memory_mb":NaN}', b'{"t":"claim","memory_mb":Infinity}', b'{"t":"claim","x":1e999}',
+    b'{"t":"claim","t":"stop"}', b'{"t":"claim","digest":"\\ud800"}', b'{"t":"claim","x":' + b"9" * 5000 + b"}",
+    b'{"t":"claim","x":' + b"[" * 100 + b"]" * 100 + b"}",
+], ids=lambda b: b[:32].decode(errors="replace"))
+def test_decode_refuses_json_that_is_not_strict(body):
+    """What json.loads lets through (NaN, duplicate keys, lone surrogates) or fails on in odd ways."""
+    with pytest.raises(wire.WireError):
+        wire.decode(body)
 
 
 @given(st.sampled_from(sorted(wire.TYPES)), st.dictionaries(st.text(max_size=10).filter(lambda k: k != "t"),

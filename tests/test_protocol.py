@@ -11,11 +11,15 @@ from hypothesis import strategies as st
 from capsem_agent import protocol
 from capsem_agent.protocol import FrameDecoder, FrameError, MessageError
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50)
+# what the protocol carries: integers of at most MAX_INT_DIGITS digits, finite floats
+# (NaN/Infinity are not JSON: encode and decode refuse them, see test_hostile_json_*)
+json_scalars = (st.none() | st.booleans()
+                | st.integers(min_value=-(10**protocol.MAX_INT_DIGITS - 1), max_value=10**protocol.MAX_INT_DIGITS - 1)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=50))
 json_values = st.recursive(json_scalars, lambda kids: st.lists(kids, max_size=5)
                            | st.dictionaries(st.text(max_size=10), kids, max_size=5), max_leaves=20)
 messages = st.fixed_dictionaries({"t": st.text(min_size=1, max_size=20)},
-                                 optional={"id": st.integers(), "data": json_values,
+                                 optional={"id": st.integers(min_value=-(2**63), max_value=2**63 - 1), "data": json_values,
                                            "x": json_values})
 
 
@@ -207,3 +211,69 @@ def test_error_helper_truncates():
     e = protocol.error("c", "m" * 10000, 3)
     assert e["id"] == 3 and len(e["message"]) == 4096 and e["t"] == "error"
     assert "id" not in protocol.error("c", "m")
+
+
+# --- hostile JSON: every class that escaped or slipped through json.loads before -----------------
+# (a guest controls these bytes: the host's decoder must answer MessageError, never anything else,
+# and what it accepts must be writable again as UTF-8 JSON: logs, SQLite and sockets need that)
+
+def _nest(depth: int, inner: str = "1") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+hostile_values = st.one_of(
+    st.sampled_from([41, 4300, 4301, 20000]).map(lambda n: "9" * n),                # huge ints
+    st.integers(min_value=41, max_value=5000).map(lambda n: "-" + "1" * n),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e400", "1" + "0" * 400 + ".0"]),
+    st.integers(min_value=33, max_value=100000).map(_nest),                          # deep nesting
+    st.integers(min_value=33, max_value=3000).map(lambda n: '{"a":' * n + "1" + "}" * n),
+    st.sampled_from(['"\\ud800"', '"\\udfff"', '"a\\udc00b"', '"\\ud83d"', '"\\ud83d\\ude00"']),
+    st.text(max_size=20).map(json.dumps),
+)
+hostile_bodies = st.one_of(
+    hostile_values.map(lambda v: f'{{"t":"out","id":1,"data":{v}}}'.encode()),
+    hostile_values.map(lambda v: f'{{"t":"hello","v":1,"agent":{v},"boot":{{}}}}'.encode()),
+    hostile_values.map(lambda v: f'{{"t":"ok","id":{v}}}'.encode()),
+    st.sampled_from([b'{"t":"ok","t":"exit"}', b'{"t":"ok","id":1,"id":2}', b'{"t":"x","a":{"b":1,"b":2}}']),
+    st.binary(max_size=64).map(lambda b: b'{"t":"out","data":"' + b + b'"}'),           # invalid UTF-8
+    st.sampled_from([b'{"t":"\xed\xa0\x80"}', b'{"t":"\xc0\xaf"}', b'{"t":"\xff"}']),
+)
+
+
+@given(hostile_bodies)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_hostile_json_only_raises_message_error(body):
+    try:
+        msg = protocol.decode_body(body)
+    except MessageError:
+        return
+    assert isinstance(msg, dict) and isinstance(msg["t"], str)
+    protocol.encode(msg)  # accepted input can always be sent on / logged again
+    json.dumps(msg, ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"t":"ok","id":' + b"9" * 5000 + b"}",        # escaped as ValueError (int digits limit) on main
+    b'{"t":"out","data":' + b"1" * 50 + b"}",
+    b'{"t":"ok","x":NaN}', b'{"t":"ok","x":Infinity}', b'{"t":"ok","x":-Infinity}', b'{"t":"ok","x":1e999}',
+    b'{"t":"ok","x":' + b"[" * 40 + b"]" * 40 + b"}",
+    b'{"t":"ok","x":' + b"[" * 200000 + b"]" * 200000 + b"}",
+    b'{"t":"ok","x":"\\ud800"}', b'{"t":"\\udfff"}', b'{"t":"ok","\\ud800":1}',
+    b'{"t":"ok","t":"exit"}', b'{"t":"ok","id":1,"id":2}',
+], ids=lambda b: b[:40].decode(errors="replace"))
+def test_hostile_json_is_refused(body):
+    with pytest.raises(MessageError):
+        protocol.decode_body(body)
+
+
+def test_legal_edges_still_decode():
+    assert protocol.decode_body(b'{"t":"ok","id":' + b"9" * 40 + b"}")["id"] == int("9" * 40)
+    assert protocol.decode_body(b'{"t":"ok","x":' + b"[" * 32 + b"]" * 32 + b"}")["t"] == "ok"
+    assert protocol.decode_body('{"t":"\\ud83d\\ude00"}'.encode())["t"] == "\U0001f600"  # a pair is fine
+    assert protocol.decode_body(b'{"t":"ok","x":1.5e300}')["x"] == 1.5e300
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_encode_refuses_what_decode_refuses(value):
+    with pytest.raises(FrameError):
+        protocol.encode({"t": "x", "v": value})

@@ -95,6 +95,7 @@ action = "deny"
 name = "gh"
 hosts = ["api.github.com"]
 env = "GITHUB_TOKEN"
+header = "Authorization"
 """
 
 
@@ -107,7 +108,8 @@ def test_policy_rendering_is_readable():
     assert by_name["local-ok"]["origin"] == "/etc/capsem/policy.toml:5"
     assert by_name["no-github"]["summary"] == "deny any scheme://*.github.com (any port)"
     assert rule_summary(p.rules[0]).startswith("deny")  # the built-in DoH deny list comes first
-    assert out["credentials"] == [{"name": "gh", "hosts": ["api.github.com"], "header": None, "guest_env": None}]
+    assert out["credentials"] == [{"name": "gh", "hosts": ["api.github.com"], "header": "Authorization",
+                                   "query": None, "guest_env": None}]
     assert out["default"] == "deny"
 
 

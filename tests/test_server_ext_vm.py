@@ -134,6 +134,9 @@ def test_network_log_and_live_events(world):
     status, blocked = server.get(f"/capsem/kernels/{kid}/network?blocked=1&host=evil")
     assert [r["host"] for r in blocked["rows"]] == ["evil.example"]
     assert server.get(f"/capsem/kernels/{kid}/network?blocked=1&host=pypi")[1]["rows"] == []
+    # ?barrier=1: the server first waits until every row its VMs and proxy workers caused is written
+    status, fenced = server.get(f"/capsem/kernels/{kid}/network?barrier=1")
+    assert status == 200 and fenced["barrier"] is True and fenced["total"] == 2, fenced
 
     # the stream starts with the state, then sends rows newer than ?after as they are written
     def got_new_row(events):

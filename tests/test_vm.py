@@ -93,7 +93,7 @@ async def test_five_vms_in_parallel_leave_nothing_behind(image_dir, runtime_root
 
 
 def test_sigkill_of_capsem_leaves_no_helpers_behind(image_dir, runtime_root, tmp_path):
-    mine = (str(runtime_root), f"source={tmp_path}")
+    mine = (str(runtime_root), str(tmp_path))  # (a root virtiofsd serves /run/capsem-share/<tmp_path>...)
     env = dict(os.environ, CAPSEM_RUNTIME_DIR=str(runtime_root))
     proc = subprocess.Popen(CAPSEM + ["vm", "run", "--memory", "384", "--cpus", "1", "--share", str(tmp_path),
                                       "--", "sh", "-c", "echo started; sleep 600"],

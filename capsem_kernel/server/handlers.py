@@ -4,8 +4,11 @@ otherwise) authorized for resource "capsem".
     GET /capsem/kernels                      capsem kernels of this server and their state
     GET /capsem/kernels/<id>                 VM facts (facts.kernel_facts)
     GET /capsem/kernels/<id>/policy          the active egress policy, rendered (policy_view)
-    PUT /capsem/kernels/<id>/policy          replace it: only with c.CapsemExtension.allow_policy_edits
+    PUT /capsem/kernels/<id>/policy          replace it: only with c.CapsemExtension.allow_policy_edits,
+                                             and never its credentials (policy_edit.py)
     GET /capsem/kernels/<id>/network         audit rows; ?blocked=1 &host=TEXT &after=ID &limit=N
+                                             &barrier=1: first wait until every row caused so far
+                                             is written ("barrier": true|false in the reply)
     GET /capsem/kernels/<id>/events          text/event-stream: `state` on change, `network` with new rows
 
 Unknown kernel: 404. A kernel that is not a capsem kernel: 200 {"capsem": false, "message": ...}.
@@ -29,9 +32,11 @@ from tornado.iostream import StreamClosedError
 from capsem_vm.policy import PolicyError, parse_policy, resolve_policy_path, user_policy_path
 from capsem_vm.policy.source import check_policy_location
 
+from .. import loop_thread
 from . import network
 from .extension import SETTINGS_KEY, CapsemExtension
 from .facts import NotCapsem, capsem_provisioner, is_capsem, kernel_facts
+from .policy_edit import PolicyEditRefused, check_credentials_kept
 from .policy_view import kernel_policy
 
 AUTH_RESOURCE = "capsem"
@@ -142,6 +147,10 @@ class PolicyHandler(CapsemHandler):
                 check_policy_location(target, self.guest_writable(prov))
         except PolicyError as exc:
             raise web.HTTPError(400, str(exc)) from None
+        try:
+            check_credentials_kept(target, text)  # credentials are the host's, never the browser's
+        except PolicyEditRefused as exc:
+            raise web.HTTPError(403, str(exc)) from None
         _write_private(target, text)
         self.log.warning("capsem: policy %s replaced from the browser by %s", target, self.current_user.username)
         out = self.policy_json(prov)
@@ -178,10 +187,18 @@ class NetworkHandler(CapsemHandler):
         except ValueError:
             raise web.HTTPError(400, "after and limit must be integers") from None
         db = self.ext.audit_db_path(found[1])
+        barrier = None
+        if _flag(self.get_argument("barrier", "")):
+            # every row caused before this request is written (docs/AUDIT.md): this server's
+            # bridges and the proxy workers, on the loop that runs the VMs
+            from capsem_vm.egress import audit_barrier
+            barrier = await loop_thread.run(audit_barrier(kernel_id))
         result = await asyncio.get_running_loop().run_in_executor(
             None, lambda: network.query(db, kernel_id, after_id=after, blocked=_flag(self.get_argument("blocked", "")),
                                         host=self.get_argument("host", "")[:260], limit=min(limit, self.ext.max_rows)))
         result.update({"kernel_id": kernel_id, "capsem": True})
+        if barrier is not None:
+            result["barrier"] = barrier
         self.finish(json.dumps(result))
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from capsem_vm.safetext import printable_value
+
 BLOCKED = "deny"
 MAX_LIMIT = 5000
 
@@ -24,12 +26,16 @@ def _path(kind: str, url: str | None) -> str:
 
 
 def shape_row(r: dict) -> dict[str, Any]:
-    """One audit row as the panel shows it (time, decision, method, host, path, status, rule)."""
+    """One audit row as the panel shows it (time, decision, method, host, path, status, rule).
+    Text goes through safetext.printable (rows are escaped when written; older rows too)."""
+    r = {k: printable_value(v) for k, v in r.items()}
     return {
         "id": r["id"], "ts": r["ts"], "kind": r["kind"], "decision": r.get("decision"),
         "method": r.get("method"), "host": r.get("host"), "port": r.get("port"),
         "path": _path(r["kind"], r.get("url")), "url": r.get("url"), "status": r.get("status"),
-        "rule": r.get("rule"), "reason": r.get("reason"),
+        "rule": r.get("rule"), "reason": r.get("reason"), "code": r.get("code"),
+        "count": r.get("count") or 1, "first_ts": r.get("first_ts"), "last_ts": r.get("last_ts"),
+        "node": r.get("node") or "",
         "bytes_out": r.get("bytes_out"), "bytes_in": r.get("bytes_in"), "duration_ms": r.get("duration_ms"),
     }
 
@@ -64,8 +70,12 @@ def query(db_path: Path | str, kernel_id: str, *, after_id: int = 0, blocked: bo
         try:
             con.execute("BEGIN")  # one snapshot: rows and totals agree (WAL readers see a consistent view)
             rows = [shape_row(dict(r)) for r in con.execute(sql, [*args, limit])]
+            # totals count events, not rows: an aggregated row stands for `count` of them
+            # (a database no writer has migrated yet has no count column: one event per row)
+            n = "count" if any(c[1] == "count" for c in con.execute("PRAGMA table_info(events)")) else "1"
             total, blocked_n, last = con.execute(
-                "SELECT COUNT(*), COALESCE(SUM(decision = ?), 0), COALESCE(MAX(id), 0) FROM events WHERE kernel = ?",
+                f"SELECT COALESCE(SUM({n}), 0), COALESCE(SUM(CASE WHEN decision = ? THEN {n} ELSE 0 END), 0), "
+                "COALESCE(MAX(id), 0) FROM events WHERE kernel = ?",
                 (BLOCKED, kernel_id)).fetchone()
             con.execute("COMMIT")
         except sqlite3.OperationalError as exc:

@@ -55,7 +55,8 @@ def policy_json(policy: Policy, path: str | None) -> dict[str, Any]:
         "default": "deny",
         "rules": [rule_json(r, i) for i, r in enumerate(policy.rules)],
         "credentials": [{"name": c.name, "hosts": [h.text for h in c.hosts], "header": c.header,
-                         "guest_env": c.guest_env} for c in policy.credentials],  # never the secret
+                         "query": c.query, "guest_env": c.guest_env}
+                        for c in policy.credentials],  # never the secret
         "default_port": DEFAULT_PORT,
     }
 

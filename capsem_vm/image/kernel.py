@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from capsem_vm import nofollow
 from capsem_vm.errors import ImageError, MissingHelperError
 
 from . import store
@@ -77,7 +78,7 @@ def ensure_kernel(apt: PrivateApt, progress: Progress) -> KernelLayer:
                 with progress.stage("kernel: extract vmlinux"):
                     tmp = layer_dir / ".vmlinux.tmp"
                     tmp.write_bytes(extract_vmlinux(layer.vmlinuz.read_bytes()))
-                    tmp.chmod(0o644)
+                    nofollow.chmod(tmp, 0o644)
                     tmp.rename(layer.vmlinux)
             return layer
         with progress.stage(f"kernel: download and unpack {key}"):
@@ -86,7 +87,7 @@ def ensure_kernel(apt: PrivateApt, progress: Progress) -> KernelLayer:
             shutil.copy2(work / "root" / "boot" / f"vmlinuz-{uname}", work / "vmlinuz")
             shutil.copy2(work / "root" / "boot" / f"config-{uname}", work / "config")
             (work / "vmlinux").write_bytes(extract_vmlinux((work / "vmlinuz").read_bytes()))
-            (work / "vmlinux").chmod(0o644)
+            nofollow.chmod(work / "vmlinux", 0o644)
             shutil.rmtree(work / "root" / "boot")
             shutil.rmtree(work / "root" / "usr", ignore_errors=True)
             for deb_file in work.glob("*.deb"):

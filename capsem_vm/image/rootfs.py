@@ -8,6 +8,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from capsem_vm import nofollow
 from capsem_vm.errors import ImageError, MissingHelperError
 
 from . import store
@@ -111,7 +112,7 @@ def ensure_rootfs(recipe: Recipe, mirrors: Mirrors, progress: Progress, refresh:
                 progress.run(["unshare", "--map-auto", "--map-root-user", "sh", "-c",
                               f"mkdir {shlex.quote(str(tree))} && tar -xpf {shlex.quote(str(work / 'rootfs.tar'))}"
                               f" -C {shlex.quote(str(tree))} && {shlex.join(mkfs)}"])
-            os.chmod(out, 0o644)
+            nofollow.chmod(out, 0o644)
         with progress.stage("rootfs: clean up the build tree"):
             _remove_tree(tree, mode, progress)
             (work / "rootfs.tar").unlink(missing_ok=True)

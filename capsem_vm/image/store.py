@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from capsem_vm import paths
+from capsem_vm import nofollow, paths
 from capsem_vm.errors import ImageError
 
 from .manifest import MANIFEST_NAME
@@ -103,7 +103,7 @@ def fsync_dir_tree(path: Path) -> None:
 def install_dir(tmp: Path, dest: Path) -> Path:
     """Move a finished temp dir to `dest`, replacing an older version of it."""
     fsync_dir_tree(tmp)
-    os.chmod(tmp, 0o755)
+    nofollow.chmod(tmp, 0o755)
     old = None
     if dest.exists() or dest.is_symlink():
         old = dest.with_name(f".old-{dest.name}-{os.getpid()}")

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from . import loader
 from .loader import PolicyError, load_policy
+from .paths import canonicalize
 from .source import resolve_policy_path, user_policy_path
 
 
@@ -27,18 +28,24 @@ def _check(args) -> int:
         parts = urlsplit(args.url)
         host, port = parts.hostname or "", parts.port
     except ValueError:
-        host, port = "", None
+        parts, host, port = None, "", None
+    canonical = canonicalize(parts.path or "/") if parts is not None and parts.scheme != "tcp" else None
     dns = policy.decide_connect(host) if host else None
     conn = policy.decide_connect(host, port or {"http": 80, "ws": 80}.get(parts.scheme, 443)) if host else None
     if args.json:
         out = {"policy": str(path) if path else None, "method": args.method.upper(), "url": args.url,
                "action": d.action, "rule": d.rule, "reason": d.reason, "origin": d.origin,
-               "dns": dns.action if dns else None, "connect": conn.action if conn else None}
+               "dns": dns.action if dns else None, "connect": conn.action if conn else None,
+               "path": canonical.path if canonical else None,
+               "ambiguous": canonical.ambiguous if canonical else None}
         print(json.dumps(out))
     else:
         print(f"{d.action.upper()}  {args.method.upper()} {args.url}")
         print(f"  rule:    {d.rule}" + (f"  ({d.origin})" if d.origin else ""))
         print(f"  reason:  {d.reason}")
+        if canonical is not None:
+            print(f"  path:    {canonical.path} (canonical: what rules match, and what an allowed request sends upstream)"
+                  + (f"; ambiguous: {canonical.ambiguous}" if canonical.ambiguous else ""))
         if dns is not None:
             print(f"  dns:     {'answered (synthetic address)' if dns.allowed else 'NXDOMAIN'}  [{dns.rule}]")
             print(f"  connect: {conn.action}  [{conn.rule}]")

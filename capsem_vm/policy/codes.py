@@ -36,6 +36,9 @@ CODES: dict[str, str] = {
     "credential": "a credential could not be placed (missing on the host, or unsafe to send)",
     "audit-unavailable": "the audit log cannot be written: egress is refused rather than unaudited",
     "audit-overflow": "audit rows were dropped because the writer fell behind",
+    "audit-rate": "refusals over the audit log's per-kernel row rate, counted in one row per window "
+                  "instead of one row each (their own codes are listed in the reason)",
+    "audit-rotated": "the audit database reached its size cap: the oldest rows were deleted",
     "proxy-unavailable": "the proxy service is not running for this kernel",
     "error": "the request was allowed but failed (upstream error, reset, timeout)",
 }

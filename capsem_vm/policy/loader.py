@@ -24,11 +24,37 @@ File format (all tables optional; an empty file denies everything):
     [[credential]]
     name = "github"
     hosts = ["api.github.com"]
-    env = "GITHUB_TOKEN"         # or file = "~/.config/capsem/github-token"
-    header = "Authorization"     # optional: always set this header ...
+    env = "GITHUB_TOKEN"         # or file = "~/.config/capsem/github-token" (absolute or ~/)
+    header = "Authorization"     # where the secret goes: always set this header ...
     format = "Bearer {value}"    # ... to this ({value} is the secret)
+    query = "api_key"            # and/or: this query parameter, when the guest sent the placeholder as its value
     guest_env = "GITHUB_TOKEN"   # optional: the guest gets this variable = the placeholder
     placeholder = "capsem-placeholder-github"   # optional; default derived from name
+
+A credential must name at least one place (`header`, `query`). Only HTTPS/WSS requests to its
+hosts get it, and only there: a placeholder in any other header, cookie, the path, another query
+parameter or the body goes out as the guest wrote it. Responses are scrubbed of the secret. A
+`file` must not be inside a folder shared with the VM, a symlink, or writable (it or a directory
+above it) by anyone but you or root: the kernel does not start otherwise.
+
+Paths. Every request path is put into one canonical form before rules see it (RFC 3986 section
+6: escapes of unreserved characters decoded, other escapes uppercased, dot segments removed), and
+the proxy sends that form upstream: the server receives the path that was judged. Allow rules
+match the canonical path exactly (case-sensitive). Deny rules also match a loose reading of it
+(case-insensitive, every escape decoded, `;params` cut, repeated slashes collapsed), so
+`/%61dmin`, `//ADMIN`, `/admin;x` and `/x/..;/admin` are all `/admin` to a deny rule. A path
+servers may still read differently (encoded '/' or '\\', `%25`, `;`, backslashes, control
+characters, malformed or non-UTF-8 escapes) never matches an allow rule with `paths` and always
+matches a deny rule with `paths` ("ambiguous-path"); with the built-in DoH rules (a deny rule with
+paths for every host) such paths are refused on every host unless `allow_doh = true`.
+
+Addresses. Numeric hosts mean the address inet_aton reads (`0x7f.1`, `0177.0.0.1`,
+`2130706433` are 127.0.0.1), IPv4-mapped IPv6 is the IPv4 address. After a name resolves,
+loopback, private, link-local, CGNAT, multicast, reserved, NAT64, 6to4, Teredo, IPv4-compatible,
+SIIT and site-local addresses are refused unless the deciding rule names the address (its host is
+that IP/CIDR, or `addresses` contains it); this host's own addresses (other than loopback) only
+when named one by one (a single address, not a network around it). A deny rule whose host is an
+IP/CIDR also refuses names that resolve into it and IPv6 literals that carry such an IPv4 address.
 """
 
 from __future__ import annotations
@@ -47,6 +73,7 @@ MAX_POLICY_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_QUERY = re.compile(r"^[A-Za-z0-9_.~-]{1,64}$")  # unreserved characters: one spelling on every server
 
 
 class PolicyError(CapsemError):
@@ -184,7 +211,7 @@ def _rule(ctx: _Ctx, d: dict) -> Rule:
 
 
 def _credential(ctx: _Ctx, d: dict) -> Credential:
-    allowed = {"name", "hosts", "env", "file", "header", "format", "guest_env", "placeholder"}
+    allowed = {"name", "hosts", "env", "file", "header", "format", "guest_env", "placeholder", "query"}
     for key in d:
         if key not in allowed:
             ctx.fail(f"unknown key {key!r} in a credential (allowed: {', '.join(sorted(allowed))})", key)
@@ -204,7 +231,15 @@ def _credential(ctx: _Ctx, d: dict) -> Credential:
     file = _str(ctx, d, "file")
     if bool(env) == bool(file):
         ctx.fail("a credential needs exactly one of 'env' (host env var) or 'file'", "env" if env else None)
+    if file and not file.startswith(("/", "~/")):
+        ctx.fail(f"'file' must be an absolute path (or start with ~/), not {file!r}", "file")
     header = _str(ctx, d, "header", pattern=_HEADER)
+    query = _str(ctx, d, "query", pattern=_QUERY)
+    if not header and not query:
+        ctx.fail("a credential must say where the secret goes: 'header' (set to 'format') and/or 'query' "
+                 "(the query parameter whose placeholder value it replaces)", "name")
+    if d.get("format") is not None and not header:
+        ctx.fail("'format' applies to 'header': add 'header' or remove 'format'", "format")
     fmt = _str(ctx, d, "format") or "{value}"
     if "{value}" not in fmt or any(c in fmt for c in "\r\n"):
         ctx.fail("'format' must contain {value} and no line breaks", "format")
@@ -212,7 +247,7 @@ def _credential(ctx: _Ctx, d: dict) -> Credential:
     placeholder = _str(ctx, d, "placeholder", pattern=re.compile(r"^[A-Za-z0-9_.-]{8,128}$"))
     placeholder = placeholder or f"capsem-placeholder-{name}"
     return Credential(name=name, hosts=tuple(patterns), placeholder=placeholder, env=env, file=file,
-                      header=header, format=fmt, guest_env=guest_env, origin=ctx.here())
+                      header=header, format=fmt, guest_env=guest_env, origin=ctx.here(), query=query)
 
 
 def _preset_rules(name: str) -> list[Rule]:

@@ -6,32 +6,80 @@ apply", so they are small, total (never raise on hostile input) and property-tes
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import re
+
+from .addresses import protected_class
+from .paths import canonicalize
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 MAX_NAME = 253
+_MAX_V4 = (0xFFFFFFFF, 0xFFFFFF, 0xFFFF, 0xFF)
+_DIGITS = {8: "01234567", 10: "0123456789", 16: "0123456789abcdefABCDEF"}
 
 
 def _maybe_ip(text: str) -> bool:
-    """Cheap pre-check: names with a letter other than a-f cannot be IP literals."""
-    return not any(c not in "0123456789abcdefABCDEF.:[]" for c in text)
+    """Cheap pre-check: names with a letter other than a-f or x cannot be IP literals."""
+    return not any(c not in "0123456789abcdefABCDEFxX.:[]" for c in text)
+
+
+def inet_aton(text: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address glibc's inet_aton() reads in `text` (exactly, no trailing characters):
+    1 to 4 dot-separated numbers, each decimal, octal (leading 0) or hex (0x), the last filling
+    the remaining bytes ("127.1", "0x7f.1", "0177.0.0.1", "2130706433", "0x7f000001"). Why: the
+    host's resolver (getaddrinfo) connects to that address, so the policy must judge it as one."""
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    values = []
+    for part in parts:
+        if not part or not part.isascii() or not part[0].isdigit():
+            return None
+        if part[:2] in ("0x", "0X"):
+            digits, base = part[2:], 16
+        elif part[0] == "0":
+            digits, base = part, 8
+        else:
+            digits, base = part, 10
+        if not digits or any(c not in _DIGITS[base] for c in digits):
+            return None
+        value = int(digits, base)
+        if value > 0xFFFFFFFF:
+            return None
+        values.append(value)
+    *head, last = values
+    if any(v > 0xFF for v in head) or last > _MAX_V4[len(head)]:
+        return None
+    number = last
+    for i, v in enumerate(head):
+        number |= v << (24 - 8 * i)
+    return ipaddress.IPv4Address(number)
+
+
+def v4_if_mapped(net):
+    """An IPv4-mapped IPv6 network (::ffff:a.b.c.d/N, N >= 96) as the IPv4 network it is."""
+    if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
 
 
 def parse_ip(text: str) -> IPAddress | None:
-    """The IP address `text` spells, or None. Accepts '[v6]' brackets; IPv4-mapped v6 -> v4."""
+    """The IP address `text` spells, or None. Accepts '[v6]' brackets; IPv4-mapped v6 -> v4;
+    IPv4 in every spelling inet_aton accepts (see inet_aton)."""
+    if not isinstance(text, str):
+        return None
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    if not _maybe_ip(text):
+    if not text or not _maybe_ip(text):
         return None
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        return inet_aton(text) if ":" not in text else None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped  # why: ::ffff:127.0.0.1 is loopback too
     return ip
@@ -39,7 +87,8 @@ def parse_ip(text: str) -> IPAddress | None:
 
 def normalize_host(host: str) -> str | None:
     """Canonical form of a host the guest named: lowercase name without trailing dot, or the
-    compressed IP literal. None if it is neither a valid DNS name nor an IP literal."""
+    compressed IP literal (IPv4 in dotted decimal, whatever the spelling). None if it is neither a
+    valid DNS name nor an IP literal."""
     if not isinstance(host, str) or not host or len(host) > MAX_NAME + 3:
         return None
     ip = parse_ip(host)
@@ -58,8 +107,9 @@ def normalize_host(host: str) -> str | None:
     labels = name.split(".")
     if not all(_LABEL.match(label) for label in labels):
         return None
-    # why: a dotted all-numeric name ("1.2.3") is parsed as an address by some resolvers
-    if all(label.isdigit() for label in labels):
+    # why: a dotted all-numeric name ("1.2.3.4.5", "0x7f.1.") is parsed as an address by some
+    # resolvers and is no one's host name
+    if all(_NUMERIC_LABEL.match(label) for label in labels):
         return None
     return name
 
@@ -82,7 +132,7 @@ class HostPattern:
             return
         if "/" in text:
             try:
-                net = ipaddress.ip_network(text, strict=False)
+                net = v4_if_mapped(ipaddress.ip_network(text, strict=False))
             except ValueError:
                 raise ValueError(f"invalid network {text!r}") from None
             self.kind, self.value = "net", net
@@ -119,21 +169,16 @@ class HostPattern:
         return f"HostPattern({self.text!r})"
 
 
-_AMBIGUOUS = re.compile(r"(^|/)\.\.?(/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
-
-
 def path_is_ambiguous(path: str) -> bool:
-    """Paths a server might resolve differently from a glob (dot segments, encoded slashes or dots,
-    backslashes). Allow rules with `paths` never match them; deny rules with `paths` always do."""
-    return bool(_AMBIGUOUS.search(path)) or "\x00" in path
-
-
-def path_matches(globs: tuple[str, ...], path: str) -> bool:
-    """fnmatch-style, case-sensitive; `*` also matches '/'. The query string is not part of `path`."""
-    return any(fnmatch.fnmatchcase(path, g) for g in globs)
+    """Paths servers may read differently even after canonicalization (paths.canonicalize: encoded
+    separators, double encoding, `;` parameters, backslashes, control characters, malformed or
+    non-UTF-8 escapes). Allow rules with `paths` never match them; deny rules with `paths` always do."""
+    return bool(canonicalize(path).ambiguous)
 
 
 def is_special_address(ip: IPAddress) -> bool:
     """Addresses the guest must not reach unless a rule names them: loopback, link-local
-    (169.254.169.254 metadata), private, CGNAT, multicast, reserved, unspecified, ..."""
-    return not ip.is_global or ip.is_multicast
+    (169.254.169.254 metadata), private, CGNAT, multicast, reserved, unspecified, NAT64, 6to4,
+    Teredo, IPv4-mapped/-compatible/SIIT, site-local, ... (addresses.protected_class; this host's
+    own addresses are checked by Decision.address_allowed)."""
+    return protected_class(ip) is not None

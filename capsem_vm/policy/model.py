@@ -1,4 +1,4 @@
-"""The policy data model and its decisions. Pure: no I/O except Credential.value().
+"""The policy data model and its decisions. Pure: no I/O except Credential.read()/value().
 
 Semantics (documented for users in `capsem policy --help` and docs):
 - Rules are checked in order; the first rule that matches decides. No match: deny ("default").
@@ -6,11 +6,23 @@ Semantics (documented for users in `capsem policy --help` and docs):
   `deny`. A rule without `port` allows only the scheme's default ports (80/443) but denies on
   every port: missing fields never widen what an allow rule lets out.
 - `scheme = "tcp"` rules (port required) allow raw, non-HTTP TCP to host:port.
-- `paths` are fnmatch globs on the URL path (no query). Ambiguous paths (dot segments, %2e, %2f,
-  backslash) never match allow rules with `paths` and always match deny rules with `paths`.
+- `paths` are fnmatch globs on the URL path (no query), matched after canonicalization
+  (paths.py): escapes of unreserved characters decoded, dot segments removed. Allow rules match
+  the canonical path exactly (case-sensitive); deny rules also match its loose reading (every
+  escape decoded, casefolded, `;params` cut, repeated slashes collapsed), so `/%61dmin`,
+  `//ADMIN` and `/x/..;/admin` are all `/admin` to a deny rule. Paths servers may still read
+  differently (encoded separators, `%25`, `;`, backslashes, control characters, malformed
+  escapes) never match allow rules with `paths` and always match deny rules with `paths`. The
+  proxy sends the canonical path upstream: the server receives the path that was judged.
+- Hosts are judged in one spelling: IPv4 written as inet_aton reads it (`0x7f.1`, `0177.0.0.1`,
+  `2130706433`) and IPv4-mapped IPv6 are the dotted IPv4 address.
 - The destination address is checked after the host resolves: loopback, private, link-local,
-  multicast etc. are refused unless the deciding rule names that address (its `host` is that
-  IP/CIDR, or its `addresses` list contains it).
+  multicast, NAT64, 6to4, Teredo, IPv4-compatible/SIIT, site-local etc. (addresses.py) are
+  refused unless the deciding rule names that address (its `host` is that IP/CIDR, or its
+  `addresses` list contains it); this host's own non-loopback addresses only when named exactly
+  (a single address, not a network that contains it).
+- Deny rules whose host is an IP or CIDR also refuse names that resolve into it (and IPv6 forms
+  that carry such an IPv4 address), checked by the proxy after resolution.
 """
 
 from __future__ import annotations
@@ -18,12 +30,14 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
+from fnmatch import fnmatchcase
+
 from . import codes
-from .match import (HostPattern, IPAddress, IPNetwork, is_special_address, normalize_host, parse_ip,
-                    path_is_ambiguous, path_matches)
+from .addresses import embedded_ipv4, own_addresses, protected_class
+from .match import HostPattern, IPAddress, IPNetwork, normalize_host, parse_ip, v4_if_mapped
+from .paths import CanonicalPath, allow_glob, canonicalize, deny_glob
 
 SCHEMES = ("http", "https", "ws", "wss", "tcp")
 WEB_SCHEMES = frozenset({"http", "https", "ws", "wss"})
@@ -45,6 +59,14 @@ class Rule:
     addresses: tuple[IPNetwork, ...] = ()
     origin: str = ""  # "policy.toml:12" or "preset pypi": where to look when it surprises you
 
+    # the `paths` globs as they are matched (see _match_path); derived, not compared
+    _globs: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.paths:
+            globs = tuple((allow_glob(g), deny_glob(g) if self.action == DENY else None) for g in self.paths)
+            object.__setattr__(self, "_globs", globs)
+
     def _schemes(self) -> frozenset[str]:
         if self.schemes is not None:
             return self.schemes
@@ -64,24 +86,49 @@ class Rule:
         lookup cannot be decided by it alone."""
         return bool(self.methods or self.paths or self.schemes is not None)
 
-    def matches(self, method: str, scheme: str, host: str, port: int, path: str | None, ip=False) -> bool:
-        if scheme not in self._schemes() or not self.host.matches(host, ip) or not self.port_ok(port, scheme):
+    def _applies(self, method: str, scheme: str, port: int) -> bool:
+        """Everything but the host and the path."""
+        if scheme not in self._schemes() or not self.port_ok(port, scheme):
             return False
         if scheme == "tcp":
             # raw TCP has no method or path: only rules that do not ask about them apply
             return not self.methods and not self.paths
-        if self.methods and method not in self.methods and "*" not in self.methods:
+        return not (self.methods and method not in self.methods and "*" not in self.methods)
+
+    def _match_path(self, path: CanonicalPath) -> str:
+        """"" (no match), "match", or "ambiguous" (a deny rule taking an ambiguous path)."""
+        if self.action == ALLOW:
+            if path.ambiguous:
+                return ""
+            return "match" if any(fnmatchcase(path.path, g) for g, _ in self._globs) else ""
+        if any(fnmatchcase(path.loose, loose) or fnmatchcase(path.path, g) for g, loose in self._globs):
+            return "match"
+        return "ambiguous" if path.ambiguous else ""
+
+    def matches(self, method: str, scheme: str, host: str, port: int, path: "str | CanonicalPath | None",
+                ip=False) -> bool:
+        if not self.host.matches(host, ip) or not self._applies(method, scheme, port):
             return False
-        if self.paths:
+        if self.paths and scheme != "tcp":
             if path is None:
                 return False
-            if path_is_ambiguous(path):
-                return self.action == DENY
-            return path_matches(self.paths, path)
+            return bool(self._match_path(path if isinstance(path, CanonicalPath) else canonicalize(path)))
         return True
 
-    def names_address(self, ip: IPAddress) -> bool:
-        return self.host.names_address(ip) or any(ip.version == n.version and ip in n for n in self.addresses)
+    def covers_address(self, ip: IPAddress) -> bool:
+        """This rule's host is an IP/CIDR that contains `ip` or an IPv4 address `ip` carries."""
+        if self.host.kind != "net":
+            return False
+        net = self.host.value
+        return any(a.version == net.version and a in net for a in [ip, *embedded_ipv4(ip)])
+
+    def names_address(self, ip: IPAddress, exact: bool = False) -> bool:
+        """The rule names `ip`: its host is that IP/CIDR or its `addresses` contain it. `exact`: only
+        a single-address entry equal to `ip` counts (for this host's own addresses)."""
+        nets = ([self.host.value] if self.host.kind == "net" else []) + list(self.addresses)
+        if exact:
+            return any(n.prefixlen == n.max_prefixlen and n.network_address == ip for n in nets)
+        return any(ip.version == n.version and ip in n for n in nets)
 
 
 @dataclass(frozen=True)
@@ -103,8 +150,10 @@ class Decision:
     def allowed(self) -> bool:
         return self.action == ALLOW
 
-    def address_allowed(self, ip: IPAddress | str) -> bool:
-        """May the proxy connect to `ip`, a resolved address of the decided host?"""
+    def address_allowed(self, ip: IPAddress | str, own: tuple[IPNetwork, ...] | None = None) -> bool:
+        """May the proxy connect to `ip`, a resolved address of the decided host? A protected address
+        (addresses.protected_class) only if the deciding rule names it; this host's own addresses
+        (`own`, default: read from /proc, cached) other than loopback only if named exactly."""
         if isinstance(ip, str):
             parsed = parse_ip(ip)
             if parsed is None:
@@ -112,9 +161,10 @@ class Decision:
             ip = parsed
         if not self.allowed:
             return False
-        if not is_special_address(ip):
+        cls = protected_class(ip, own_addresses() if own is None else own)
+        if cls is None:
             return True
-        return self._rule is not None and self._rule.names_address(ip)
+        return self._rule is not None and self._rule.names_address(ip, exact=cls == "own" and not ip.is_loopback)
 
     def header(self) -> str:
         """Value of the X-Capsem-Policy response header."""
@@ -133,7 +183,12 @@ DOH_ORIGIN = "built-in DoH deny list"
 
 @dataclass(frozen=True)
 class Credential:
-    """A host secret the proxy injects; the guest only ever sees `placeholder`."""
+    """A host secret the proxy injects; the guest only ever sees `placeholder`.
+
+    The secret goes only where the credential says (capsem_vm/proxy/placement.py): `header` is
+    set to `format` with the value on every matching request, and/or the value of query parameter
+    `query` replaces the placeholder when the guest sent exactly the placeholder there. A
+    placeholder anywhere else goes out as is."""
 
     name: str
     hosts: tuple[HostPattern, ...]
@@ -144,22 +199,27 @@ class Credential:
     format: str = "{value}"
     guest_env: str | None = None  # env var the guest gets, holding the placeholder
     origin: str = ""
+    query: str | None = None    # if set: this query parameter gets the value in place of the placeholder
 
     def applies_to(self, host: str) -> bool:
         return any(p.matches(host) for p in self.hosts)
 
-    def value(self) -> str | None:
-        """The secret, read now from the host env or file; None if unavailable. Never log it."""
+    def read(self) -> tuple[str | None, str]:
+        """(the secret, "") read now from the host env or file, or (None, why not). Never log it."""
         if self.env:
             v = os.environ.get(self.env)
-            return v or None
+            return (v, "") if v else (None, f"host environment variable {self.env} is not set")
         if self.file:
+            from .secret_file import SecretFileError, read_secret
             try:
-                v = Path(self.file).expanduser().read_text().strip()
-            except OSError:
-                return None
-            return v or None
-        return None
+                return read_secret(self.file), ""
+            except SecretFileError as exc:
+                return None, f"file {self.file} {exc}"
+        return None, "no env or file"
+
+    def value(self) -> str | None:
+        """The secret, or None if unavailable (see read() for why)."""
+        return self.read()[0]
 
 
 @dataclass(frozen=True)
@@ -171,18 +231,24 @@ class Policy:
     # host -> the rules whose host pattern matches it, in order (decide() runs per request)
     _by_host: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def _rules_for(self, host: str, ip) -> tuple[Rule, ...]:
-        rules = self._by_host.get(host)
+    def _rules_for(self, host: str, ip, address: IPAddress | None = None) -> tuple[Rule, ...]:
+        """The rules whose host matches `host`, plus the deny rules whose IP/CIDR covers `address`
+        (where `host` resolved to), in policy order."""
+        key = (host, address)
+        rules = self._by_host.get(key)
         if rules is None:
             if len(self._by_host) >= HOST_CACHE_MAX:
                 self._by_host.clear()
-            rules = self._by_host[host] = tuple(r for r in self.rules if r.host.matches(host, ip))
+            rules = self._by_host[key] = tuple(
+                r for r in self.rules
+                if r.host.matches(host, ip) or (address is not None and r.action == DENY and r.covers_address(address)))
         return rules
 
     # --- decisions ------------------------------------------------------------------------------
 
-    def decide(self, method: str, url: str) -> Decision:
-        """Decide one request. `url` is absolute: http(s)://, ws(s):// or tcp://host:port."""
+    def decide(self, method: str, url: str, address: IPAddress | str | None = None) -> Decision:
+        """Decide one request. `url` is absolute: http(s)://, ws(s):// or tcp://host:port.
+        `address`: where the host resolved to, if known (deny rules naming it then apply too)."""
         try:
             parts = urlsplit(url)
             scheme = parts.scheme.lower()
@@ -201,17 +267,43 @@ class Policy:
             port = DEFAULT_PORT[scheme]
         if not 0 < port < 65536:
             return Decision(DENY, "invalid-url", "port out of range")
-        path = None if scheme == "tcp" else (parts.path or "/")
+        path = None if scheme == "tcp" else canonicalize(parts.path or "/")
         method = (method or "").upper()
         ip = parse_ip(host)
-        for rule in self._rules_for(host, ip):
-            if rule.matches(method, scheme, host, port, path, ip):
-                if rule.paths and path is not None and path_is_ambiguous(path):
-                    return Decision(DENY, "ambiguous-path", "path has dot segments or encoded '/', '.', '\\': "
-                                    f"treated as matching deny rule {rule.name!r}", rule.origin, rule,
-                                    code="ambiguous-path")
-                return _decision(rule)
+        if isinstance(address, str):
+            address = parse_ip(address)
+        for rule in self._rules_for(host, ip, address if address != ip else None):
+            if not rule._applies(method, scheme, port):
+                continue
+            if rule.paths and path is not None:
+                how = rule._match_path(path)
+                if not how:
+                    continue
+                if how == "ambiguous":
+                    return Decision(DENY, "ambiguous-path", f"the path has a spelling servers read differently "
+                                    f"({path.ambiguous}): treated as matching deny rule {rule.name!r}",
+                                    rule.origin, rule, code="ambiguous-path")
+            elif rule.paths:
+                continue
+            return _decision(rule)
         return DEFAULT_DENY
+
+    def address_denied(self, ip: IPAddress | str, port: int) -> Decision | None:
+        """The decision of a deny rule whose IP/CIDR covers `ip` (a resolved or literal destination,
+        or an IPv4 address it carries), if the first IP/CIDR rule covering it on `port` is such a
+        deny. Deny rules that look inside requests are left to decide() with `address`."""
+        if isinstance(ip, str):
+            ip = parse_ip(ip)
+            if ip is None:
+                return None
+        for rule in self.rules:
+            if not rule.covers_address(ip) or not rule.port_ok(port):
+                continue
+            if rule.action == ALLOW:
+                return None
+            if not rule.conditional:
+                return _decision(rule)
+        return None
 
     def decide_connect(self, host: str, port: int | None = None) -> Decision:
         """Decide a connection before any byte of it is seen (port None: a DNS lookup).
@@ -244,4 +336,4 @@ class Policy:
 
 
 def ip_network(text: str) -> IPNetwork:
-    return ipaddress.ip_network(text, strict=False)
+    return v4_if_mapped(ipaddress.ip_network(text, strict=False))

@@ -37,6 +37,7 @@ import time
 
 from capsem_agent import protocol
 
+from .. import confine
 from ..config import VMConfig
 from ..control import detach_fd
 from ..proxy.ca import ca_cert_pem
@@ -138,7 +139,7 @@ class Keeper:
         ident = vm.identity
         return {"t": "ready", "flavour": wire.Flavour(vm.config.memory_mb, vm.config.cpus, vm.image_digest,
                                                       vm.accel.accel).to_wire(),
-                "vm_dir": str(vm.paths.root), "qemu_pid": vm.qemu.pid, "keeper_pid": os.getpid(),
+                "vm_dir": str(vm.paths.root), "qemu_pid": confine.program_pid(vm.qemu.pid), "keeper_pid": os.getpid(),
                 "uid": ident.uid if ident else None, "gid": ident.gid if ident else None,
                 "hello": vm.hello, "timings": vm.timings, "warm": self.warm}
 
@@ -179,7 +180,7 @@ class Keeper:
                 os.close(fd)
                 self._close_channel_fds()  # the claimer has its own copies now
         elif t == "info":
-            await seqpacket.send(self.owner, {"t": "info", "rss_kb": qemu_rss_kb(self.vm.qemu.pid),
+            await seqpacket.send(self.owner, {"t": "info", "rss_kb": qemu_rss_kb(confine.program_pid(self.vm.qemu.pid)),
                                               "age_s": time.monotonic() - self.born, "claimed": self.claimed})
         else:
             await seqpacket.send(self.owner, {"t": "error", "message": f"unexpected {t!r}"})

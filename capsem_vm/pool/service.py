@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import paths
+from .. import nofollow, paths
 from ..errors import VMError
 from ..process import ManagedProcess
 from . import priority, seqpacket, wire
@@ -148,7 +148,7 @@ class Pool:
             listener.bind(str(path))
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        nofollow.chmod(path, 0o600)
         listener.listen(64)
         (path.parent / "pool.pid").write_text(f"{os.getpid()}\n")
         loop = asyncio.get_running_loop()

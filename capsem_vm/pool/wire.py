@@ -13,6 +13,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from capsem_agent import protocol
+
 MAX_MESSAGE = 64 * 1024
 TYPES = frozenset({
     "claim", "status", "stop",          # client -> pool
@@ -44,8 +46,8 @@ def decode(data: bytes) -> dict:
     if len(data) > MAX_MESSAGE:
         raise WireError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     try:
-        msg = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        msg = protocol.strict_loads(data)  # no huge ints, NaN, duplicate keys, lone surrogates
+    except ValueError as exc:
         raise WireError(f"not JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise WireError("not a JSON object")

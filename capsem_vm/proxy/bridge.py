@@ -32,9 +32,11 @@ import time
 
 from capsem_agent import protocol
 
+from .. import safetext
 from ..policy import Policy
+from ..policy.addresses import own_addresses, protected_class
 from ..policy.match import normalize_host, parse_ip
-from . import socks5
+from . import dns, socks5
 from .audit import AuditLog
 from .dns_responder import DnsResponder
 from .service import ProxyEndpoint
@@ -61,8 +63,8 @@ class EgressBridge:
         self.max_streams = max_streams
         self.max_dns_streams = max_dns_streams  # the guest's stub uses one; each costs a host fd
         self._dns_streams = 0
-        self._limit_hits: dict[str, int] = {}
-        self._limit_audited: dict[str, float] = {}
+        self._unaudited = 0            # refusals for audit-unavailable since the last log line
+        self._unaudited_logged = -1e9
         self.first_frame_timeout = first_frame_timeout
         self.idle_timeout = idle_timeout
         self._servers: list[asyncio.AbstractServer] = []
@@ -108,19 +110,25 @@ class EgressBridge:
         task.add_done_callback(self._tasks.discard)
 
     def _audit(self, kind: str, **fields) -> None:
+        """One row; refusals are rate-bounded and counted by the AuditLog (audit_rate.py)."""
         if self.audit:
             self.audit.record(self.kernel_id, kind, **fields)
 
-    def _audit_limit(self, kind: str, reason: str, rule: str = "limit") -> None:
-        """A refusal for a limit or a protocol violation: audited at most once a second per kind and
-        rule (with the count), so a guest hammering it cannot flood the audit log."""
-        key = f"{kind}/{rule}"
-        self._limit_hits[key] = self._limit_hits.get(key, 0) + 1
+    def _audit_limit(self, kind: str, reason: str, code: str = "limit") -> None:
+        """A refusal for a limit or a protocol violation (no destination known)."""
+        self._audit(kind, decision="deny", rule=code, code=code, reason=reason)
+
+    def _audit_unavailable(self) -> bool:
+        """True (and logged, at most once a second) if the audit log cannot be written now."""
+        if self.audit is None or self.audit.available:
+            return False
         now = time.monotonic()
-        if now - self._limit_audited.get(key, -1e9) >= 1.0:
-            n = self._limit_hits.pop(key)
-            self._limit_audited[key] = now
-            self._audit(kind, decision="deny", rule=rule, reason=f"{reason} ({n} refused)")
+        self._unaudited += 1
+        if now - self._unaudited_logged >= 1.0:
+            log.error("kernel %s: %d egress/DNS request(s) refused: the audit log cannot be written (%s)",
+                      self.kernel_id, self._unaudited, safetext.escape(self.audit.last_error or "?"))
+            self._unaudited_logged, self._unaudited = now, 0
+        return True
 
     # --- DNS -----------------------------------------------------------------------------------
 
@@ -146,13 +154,18 @@ class EgressBridge:
                     writer.write(protocol.encode(protocol.error("bad-frame", "invalid dns data")))
                     return
                 now = time.monotonic()
-                answer, event = self.dns.answer(query, now)
+                if self._audit_unavailable():
+                    # fail closed: an unaudited answer could name an allowed host (REFUSED, no address)
+                    answer, event = _refused_answer(query), None
+                else:
+                    answer, event = self.dns.answer(query, now)
                 limited = self.dns.take_rate_limited() if event else 0
                 if limited:
-                    self._audit("dns", decision="deny", rule="dns-rate", reason=f"{limited} queries refused (rate limit)")
+                    self._audit("dns", decision="deny", rule="dns-rate", code="dns-rate",
+                                reason=f"{limited} queries refused (rate limit)")
                 if event:
                     self._audit("dns", method=event.qtype, url=event.name, host=event.name, status=event.rcode,
-                                decision=event.decision, rule=event.rule,
+                                decision=event.decision, rule=event.rule, code=event.code,
                                 reason=event.reason + (f" -> {event.answer}" if event.answer else ""))
                 reply = {"t": "dns", "data": protocol.b64(answer)} if answer else {"t": "dns", "drop": True}
                 writer.write(protocol.encode(reply))
@@ -172,22 +185,22 @@ class EgressBridge:
             port = protocol.req_int(msg, "port", lo=1, hi=65535)
         except protocol.MessageError as exc:
             return "", 0, str(exc)
-        if self.pool.contains(host):
-            name = self.pool.name_for(host)
-            if name is None:
-                return host, port, "unknown synthetic address (its DNS answer expired): resolve the name again"
-            return name, port, None
-        norm = normalize_host(host)
+        norm = normalize_host(host)  # first: "0xc6.0x12.0.1" is a synthetic address too
         if norm is None:
             return host[:260], port, "not a valid host name or address"
+        if self.pool.contains(norm):
+            name = self.pool.name_for(norm)
+            if name is None:
+                return norm, port, "unknown synthetic address (its DNS answer expired): resolve the name again"
+            return name, port, None
         return norm, port, None
 
     async def handle_egress(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._track()
         started = time.time()
         if self._streams >= self.max_streams:
-            await _refuse(reader, writer, "too many concurrent connections from this VM", "limit")
             self._audit_limit("connect", "too many concurrent streams")
+            await _refuse(reader, writer, "too many concurrent connections from this VM", "limit", "limit")
             return
         self._streams += 1
         up_writer = None
@@ -195,30 +208,44 @@ class EgressBridge:
             try:
                 msg = await _read_frame(reader, CONNECT_FRAME_MAX, self.first_frame_timeout)
             except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-                self._audit_limit("connect", "egress stream without a complete first frame", rule="protocol")
+                self._audit_limit("connect", "egress stream without a complete first frame", "protocol")
                 return
             if msg is None or msg.get("t") != "connect":
-                self._audit_limit("connect", "egress stream with a malformed first frame", rule="protocol")
-                await _refuse(reader, writer, "first frame must be {\"t\": \"connect\", ...}", "protocol")
+                self._audit_limit("connect", "egress stream with a malformed first frame", "protocol")
+                await _refuse(reader, writer, "first frame must be {\"t\": \"connect\", ...}", "protocol", "protocol")
                 return
             host, port, error = self._destination(msg)
             target = f"{host}:{port}"
             if error:
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule="invalid-host",
-                            reason=error)
-                await _refuse(reader, writer, error, "invalid-host")
+                            code="invalid-host", reason=error)
+                await _refuse(reader, writer, error, "invalid-host", "invalid-host")
                 return
             decision = self.policy.decide_connect(host, port)
             if not decision.allowed:
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule=decision.rule,
-                            reason=decision.reason)
-                await _refuse(reader, writer, decision.reason, decision.rule)
+                            code=decision.code, reason=decision.reason)
+                await _refuse(reader, writer, decision.reason, decision.rule, decision.code)
                 return
-            if parse_ip(host) is not None and not decision.address_allowed(host):
-                reason = "this address is loopback, private, link-local or multicast and no rule names it"
+            ip = parse_ip(host)
+            denied = self.policy.address_denied(ip, port) if ip is not None else None
+            if denied is not None:  # e.g. a deny rule for an IPv4 network, and its NAT64 spelling
+                self._audit("connect", url=target, host=host, port=port, decision="deny", rule=denied.rule,
+                            reason=denied.reason)
+                await _refuse(reader, writer, denied.reason, denied.rule)
+                return
+            if ip is not None and not decision.address_allowed(ip):
+                reason = (f"this address is protected ({protected_class(ip, own_addresses())}: loopback, private, "
+                          "link-local, multicast, NAT64, 6to4, this host's own, ...) and no rule names it")
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule="address",
-                            reason=reason)
-                await _refuse(reader, writer, reason, "address")
+                            code="address", reason=reason)
+                await _refuse(reader, writer, reason, "address", "address")
+                return
+            if self._audit_unavailable():
+                reason = "the audit log cannot be written: egress is refused rather than unaudited"
+                self._audit("connect", url=target, host=host, port=port, decision="deny",
+                            rule="audit-unavailable", code="audit-unavailable", reason=reason)
+                await _refuse(reader, writer, reason, "audit-unavailable", "audit-unavailable")
                 return
             try:
                 port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
@@ -230,7 +257,7 @@ class EgressBridge:
             except (OSError, socks5.Socks5Error, asyncio.TimeoutError) as exc:
                 # the proxy service audits its own refusals in detail (address checks, upstream errors)
                 reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
-                await _refuse(reader, writer, reason[:500], "proxy")
+                await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
                 return
             writer.write(protocol.encode({"t": "connected"}))
             await writer.drain()
@@ -238,7 +265,7 @@ class EgressBridge:
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - a bug must not kill the VM owner's loop
-            log.exception("egress stream to %s failed", locals().get("target"))
+            log.exception("egress stream to %s failed", safetext.escape(str(locals().get("target"))))
         finally:
             self._streams -= 1
             for w in (writer, up_writer):
@@ -259,9 +286,17 @@ async def _read_frame(reader: asyncio.StreamReader, max_len: int, timeout: float
     return await asyncio.wait_for(read(), timeout) if timeout else await read()
 
 
-async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, rule: str) -> None:
+def _refused_answer(query: bytes) -> bytes | None:
     try:
-        writer.write(protocol.encode({"t": "refused", "reason": reason[:1000], "rule": rule}))
+        return dns.build_response(dns.parse_query(query), dns.REFUSED)
+    except dns.DnsParseError:
+        return None
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, rule: str,
+                  code: str) -> None:
+    try:
+        writer.write(protocol.encode({"t": "refused", "reason": reason[:1000], "rule": rule, "code": code}))
     except ConnectionError:
         pass
     await hang_up(reader, writer)  # drains the frame, then closes so that the guest sees EOF

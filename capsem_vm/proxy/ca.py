@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .. import paths
+from .. import nofollow, paths
 
 KEY_FILE = "mitmproxy-ca.pem"
 CERT_FILE = "capsem-ca-cert.pem"
@@ -74,13 +74,13 @@ def _generate(common_name: str) -> tuple[bytes, bytes]:
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
+        os.fchmod(fd, mode)  # (the fd: never a path a link could redirect)
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 
@@ -97,7 +97,7 @@ def ensure_ca(directory: Path | None = None) -> CAPaths:
         elif not cert.exists():
             certs = x509.load_pem_x509_certificates(key_and_cert.read_bytes())
             _write(cert, certs[0].public_bytes(serialization.Encoding.PEM), 0o644)
-        os.chmod(key_and_cert, 0o600)  # why: repair a key file someone loosened
+        nofollow.chmod(key_and_cert, 0o600)  # why: repair a key file someone loosened
     return CAPaths(d, key_and_cert, cert)
 
 

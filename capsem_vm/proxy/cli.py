@@ -8,10 +8,14 @@ import json
 import sys
 import time
 
+from ..safetext import printable_value
 from .audit import default_db_path, read_events
 
 
 def _fmt(r: dict) -> str:
+    """One row as a line. Every text field goes through safetext.printable: rows are escaped when
+    written, and this also keeps rows of older databases from reaching the terminal raw."""
+    r = {k: printable_value(v) for k, v in r.items()}
     ts = datetime.datetime.fromtimestamp(r["ts"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     status = "" if r.get("status") is None else str(r["status"])
     size = ""
@@ -19,8 +23,12 @@ def _fmt(r: dict) -> str:
         size = f"{r.get('bytes_out') or 0}>{r.get('bytes_in') or 0}B"
     dur = "" if r.get("duration_ms") is None else f"{r['duration_ms']:.0f}ms"
     what = " ".join(x for x in (r.get("method") or "", r.get("url") or "") if x)
-    return (f"{ts} {r['kernel'][:12]:12} {r['kind']:9} {(r.get('decision') or ''):5} {status:>3} {what} "
-            f"{size} {dur} [{r.get('rule') or ''}] {r.get('reason') or ''}").rstrip()
+    count = f" x{r['count']}" if (r.get("count") or 1) > 1 else ""
+    node = f"@{r['node']} " if r.get("node") else ""
+    rule, code = r.get("rule") or "", r.get("code") or ""
+    tag = rule if not code or code == rule else (f"{rule}; {code}" if rule else code)
+    return (f"{ts} {node}{r['kernel'][:12]:12} {r['kind']:9} {(r.get('decision') or ''):5} {status:>3} {what} "
+            f"{size} {dur} [{tag}{count}] {r.get('reason') or ''}").rstrip()
 
 
 def _audit(args) -> int:
@@ -33,7 +41,8 @@ def _audit(args) -> int:
             first = False
             for r in rows:
                 last = max(last, r["id"])
-                print(json.dumps(r) if args.json else _fmt(r), flush=True)
+                # json.dumps escapes every non-ASCII and control character (ensure_ascii)
+                print(json.dumps(r, ensure_ascii=True) if args.json else _fmt(r), flush=True)
             if not args.follow:
                 return 0
             time.sleep(0.5)

@@ -40,6 +40,7 @@ class DnsEvent:
     reason: str
     rcode: int
     answer: str | None = None
+    code: str = ""     # stable reason code (capsem_vm.policy.codes)
 
 
 class DnsResponder:
@@ -63,27 +64,28 @@ class DnsResponder:
             q = dns.parse_query(data)
         except dns.DnsParseError as exc:
             if exc.qid is None:
-                return None, DnsEvent("", "", "error", "malformed", str(exc), -1)
+                return None, DnsEvent("", "", "error", "malformed", str(exc), -1, code="protocol")
             return dns.build_error(exc.qid, exc.flags, exc.rcode), \
-                DnsEvent("", "", "error", "malformed", str(exc), exc.rcode)
+                DnsEvent("", "", "error", "malformed", str(exc), exc.rcode, code="protocol")
         if q.qclass != dns.CLASS_IN:
             return dns.build_response(q, dns.REFUSED), DnsEvent(q.name[:255], q.type_name, "refused", "dns",
-                                                                "only class IN", dns.REFUSED)
+                                                                "only class IN", dns.REFUSED, code="protocol")
         name = normalize_host(q.name)
         if name is None or parse_ip(name) is not None:
             return dns.build_response(q, dns.NXDOMAIN), DnsEvent(
-                q.name[:255], q.type_name, "deny", "invalid-host", "not a valid host name", dns.NXDOMAIN)
+                q.name[:255], q.type_name, "deny", "invalid-host", "not a valid host name", dns.NXDOMAIN, code="invalid-host")
         decision = self.policy.decide_connect(name)
         if not decision.allowed:
             return dns.build_response(q, dns.NXDOMAIN), DnsEvent(
-                name, q.type_name, "deny", decision.rule, decision.reason, dns.NXDOMAIN)
+                name, q.type_name, "deny", decision.rule, decision.reason, dns.NXDOMAIN, code=decision.code)
         if q.qtype in (dns.TYPE_A, dns.TYPE_ANY):
             ip = self.pool.address_for(name)
             return dns.build_response(q, dns.NOERROR, [ip], self.ttl), DnsEvent(
-                name, q.type_name, "allow", decision.rule, decision.reason, dns.NOERROR, ip)
+                name, q.type_name, "allow", decision.rule, decision.reason, dns.NOERROR, ip, code=decision.code)
         # AAAA (no IPv6 in the guest), CNAME, HTTPS/SVCB, TXT, ...: the name exists, nothing else
         return dns.build_response(q, dns.NOERROR), DnsEvent(
-            name, q.type_name, "allow", decision.rule, "no records of this type are served", dns.NOERROR)
+            name, q.type_name, "allow", decision.rule, "no records of this type are served", dns.NOERROR,
+            code=decision.code)
 
     def take_rate_limited(self) -> int:
         n, self.rate_limited = self.rate_limited, 0

@@ -9,6 +9,8 @@ plus capsem's. stdin/stdout carry capsem frames from/to the parent:
            <- {"t":"ready","socks":[host,port]} | {"t":"fatal","message":...}
     parent -> {"t":"register","id",kernel,password,policy,source} <- {"t":"ok","id"} | error
     parent -> {"t":"unregister","id",kernel}                       <- {"t":"ok","id"}
+    parent -> {"t":"flush","id"}   <- {"t":"ok","id","written":bool} once every audit row recorded
+                                      before it is written (the audit barrier, docs/AUDIT.md)
     parent -> {"t":"stop"} or EOF: shut down
 """
 
@@ -137,13 +139,13 @@ async def run(out) -> int:
         ca = ensure_ca(Path(cfg["ca_dir"]) if cfg.get("ca_dir") else None)
         workdir = Path(tempfile.mkdtemp(prefix="capsem-proxy-"))
         trust = host_trust_bundle(cfg.get("upstream_ca"), workdir)
-        audit_log = AuditLog(cfg.get("audit_db"))
+        audit_log = AuditLog(cfg.get("audit_db"), max_bytes=cfg.get("audit_max_bytes"), node=cfg.get("node"))
     except Exception as exc:  # report any setup failure to the parent, then exit
         send({"t": "fatal", "message": f"{exc.__class__.__name__}: {exc}"})
         return 2
 
     state = State(cfg.get("resolve") or {})
-    audit = Audit(audit_log)
+    audit = Audit(audit_log, state)
     state.audit = audit
     control = Control(state, out)
     opts = options.Options()
@@ -184,10 +186,21 @@ async def run(out) -> int:
     send({"t": "ready", "socks": [addrs[0][0], addrs[0][1]]})
     log.info("proxy service ready on %s:%s", addrs[0][0], addrs[0][1])
 
+    async def flush(mid) -> None:
+        # in a thread: the writer may wait on the database; the proxy's loop must not
+        written = await asyncio.to_thread(audit_log.flush)
+        send({"t": "ok", "id": mid, "written": written})
+
+    flushes: set[asyncio.Task] = set()
     while True:
         msg = await _read_msg(reader)
         if msg is None or msg.get("t") == "stop":
             break
+        if msg.get("t") == "flush":
+            task = asyncio.ensure_future(flush(msg.get("id")))
+            flushes.add(task)
+            task.add_done_callback(flushes.discard)
+            continue
         try:
             reply = control.handle(msg)
         except protocol.MessageError as exc:

@@ -14,6 +14,7 @@ local user or process can use it as an open proxy.
 
     service = await ProxyService.shared()          # or ProxyService(...); await service.start()
     endpoint = await service.register(kernel_id, policy)   # -> ProxyEndpoint for the EgressBridge
+    await service.flush_audit()                    # every worker's audit rows so far are written
     await service.unregister(kernel_id)
     await service.close()
 """
@@ -194,7 +195,7 @@ class ProxyService:
                  resolve: dict[str, str] | None = None, header_timeout: float = 30.0,
                  idle_timeout: float = 600.0, max_header_bytes: int = 64 * 1024,
                  listen_host: str = "127.0.0.1", log_path: str | os.PathLike | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, audit_max_bytes: int | None = None, node: str | None = None):
         """upstream_ca: extra CA (PEM) trusted for upstream servers in addition to the host's
         trust store (tests). resolve: static name -> address map consulted before DNS (tests,
         air-gapped hosts); the address checks still apply."""
@@ -208,6 +209,8 @@ class ProxyService:
             "idle_timeout": idle_timeout,
             "max_header_bytes": max_header_bytes,
             "listen_host": listen_host,
+            "audit_max_bytes": audit_max_bytes,  # None: CAPSEM_AUDIT_MAX_MB or 256 MiB
+            "node": node,                        # None: CAPSEM_NODE or ''
         }
         self.log_path = Path(log_path) if log_path else paths.runtime_dir() / f"proxy-{os.getpid()}.log"
         self.workers_n = max(1, workers if workers else min(4, os.cpu_count() or 1))
@@ -277,6 +280,17 @@ class ProxyService:
         await asyncio.gather(*(w.request(msg) for w in self.workers))
         self._kernels[kernel_id] = ep
         return ep
+
+    async def flush_audit(self, timeout: float = 10.0) -> bool:
+        """The workers' half of the audit barrier: True once every row each worker recorded before
+        this call is written (False if a worker is gone or its database cannot be written)."""
+        if not self.alive:
+            return False
+        try:
+            replies = await asyncio.gather(*(w.request({"t": "flush"}, timeout) for w in self.workers))
+        except (ProxyServiceError, asyncio.TimeoutError, ConnectionError):
+            return False
+        return all(r.get("written") for r in replies)
 
     async def unregister(self, kernel_id: str) -> None:
         self._kernels.pop(kernel_id, None)

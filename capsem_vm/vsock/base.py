@@ -8,6 +8,7 @@ import os
 from collections.abc import Awaitable, Callable
 
 from ..config import RuntimePaths
+from .. import nofollow
 from ..errors import VMError
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -49,9 +50,9 @@ class VsockTransport(abc.ABC):
     def _own_socket(self, path) -> None:
         """A socket we listen on, for the helpers to connect to: 0600 and theirs when they run
         as another user (the 0700 VM dir keeps everybody else out)."""
-        os.chmod(path, 0o600)
+        nofollow.chmod(path, 0o600)
         if self.identity is not None:
-            os.chown(path, self.identity.uid, self.identity.gid, follow_symlinks=False)
+            nofollow.chown(path, self.identity.uid, self.identity.gid)
 
     async def close(self) -> None:
         for server in self._servers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .. import helpers
+from .. import confine, helpers
 from ..caplog import CappedLog
 from ..errors import VMError
 from ..process import ManagedProcess, spawn
@@ -36,13 +36,21 @@ class VhostUserTransport(VsockTransport):
         program = helpers.vhost_device_vsock()
         log = CappedLog(self.paths.root / "vsock.log")
         try:
-            self.process = await spawn("vhost-device-vsock", [
-                f"vhost-device-vsock[{self.paths.root}]",  # argv[0]: names its VM (ps, tests)
-                "--guest-cid", str(GUEST_CID),
-                # relative to its cwd, the VM dir: it may run as a uid that cannot walk the dirs above
-                "--socket", self.paths.vsock_backend.name, "--uds-path", self.paths.vsock_uds.name,
-            ], executable=str(program.path), stdout=log.fd, stderr=log.fd, identity=self.identity,
-                cwd=self.paths.root)
+            if self.identity is None:  # a normal user's capsem: namespaces instead of a uid
+                argv = confine.wrap([str(program.path), "--guest-cid", str(GUEST_CID),  # (paths name its VM)
+                                     "--socket", str(self.paths.vsock_backend), "--uds-path",
+                                     str(self.paths.vsock_uds)], self.paths.root)
+                executable = None
+            else:
+                argv = [f"vhost-device-vsock[{self.paths.root}]",  # argv[0]: names its VM (ps, tests)
+                        "--guest-cid", str(GUEST_CID),
+                        # relative to its cwd, the VM dir: its uid cannot walk the dirs above
+                        "--socket", self.paths.vsock_backend.name, "--uds-path", self.paths.vsock_uds.name]
+                executable = str(program.path)
+            self.process = await spawn("vhost-device-vsock", argv, executable=executable, stdout=log.fd,
+                                       stderr=log.fd, identity=self.identity, cwd=self.paths.root)
+            if self.identity is None:
+                self.process.stop_signal = confine.STOP_SIGNAL
         finally:
             log.close_writer()
         # QEMU connects as a client: the backend's socket must exist first.

@@ -25,7 +25,8 @@ Port map (vsock, all within 5000-5005):
                                     at most 4 KiB, within 10 s. The guest may send payload right
                                     after it (no need to wait). The host answers exactly one frame:
                                     {"t": "connected"} -> raw bytes follow both ways (half-close
-                                    is forwarded); or {"t": "refused", "reason": str, "rule": str}
+                                    is forwarded); or {"t": "refused", "reason": str, "rule": str,
+                                    "code": str (stable: capsem_vm/policy/codes.py)}
                                     -> the host closes (a proxy client should see HTTP 403 / a
                                     transparent one a reset). Denials inside an accepted stream
                                     are HTTP 403s with an X-Capsem-Policy header, or resets.
@@ -209,7 +210,10 @@ class MessageError(ValueError):
 
 def encode(msg: dict) -> bytes:
     """Encode one message as a frame."""
-    body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    try:  # why allow_nan=False: NaN/Infinity are not JSON and decode_body refuses them
+        body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except ValueError as exc:
+        raise FrameError(f"message cannot be encoded: {exc}") from None
     if not body or len(body) > MAX_FRAME:
         raise FrameError(f"message of {len(body)} bytes exceeds the {MAX_FRAME} byte frame limit")
     return HEADER.pack(len(body)) + body
@@ -255,12 +259,72 @@ class FrameDecoder:
         return len(self._buf)
 
 
-def decode_body(body: bytes) -> dict:
-    """Parse one frame body into a message dict with a valid "t" field."""
+MAX_INT_DIGITS = 40  # any integer of the protocol fits (ids, pids, ports, sizes); 4300+ digits
+                     # would raise ValueError inside json (CPython's int-digits limit) and cost CPU
+MAX_DEPTH = 32       # no message of the protocol nests deeper; deeper input is refused, not recursed
+
+
+def _strict_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError("integer too long")
+    return int(text)
+
+
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key")  # why: two readers could take different values
+    return d
+
+
+def _check_tree(value, depth: int = 0) -> None:
+    """Depth bound and no lone surrogates (they cannot be encoded as UTF-8 again: every later
+    write of the text to a log, a database or a socket would raise)."""
+    if depth > MAX_DEPTH:
+        raise ValueError("nested too deeply")
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            k.encode("utf-8")
+            _check_tree(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_tree(v, depth + 1)
+
+
+def strict_loads(body: bytes):
+    """UTF-8 JSON from an untrusted peer. Raises only ValueError (short message): no huge
+    integers, NaN/Infinity, overflowing floats, duplicate keys, lone surrogates, or nesting deeper
+    than MAX_DEPTH. Also used by the pool's wire format (capsem_vm.pool.wire)."""
     try:
-        msg = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MessageError(f"frame is not UTF-8 JSON: {exc.__class__.__name__}") from None
+        value = json.loads(body.decode("utf-8"), parse_int=_strict_int, parse_float=_strict_float,
+                           parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        _check_tree(value)
+    except (UnicodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(exc.__class__.__name__) from None
+    return value
+
+
+def decode_body(body: bytes) -> dict:
+    """Parse one frame body into a message dict with a valid "t" field. Total: any bytes give a
+    dict or MessageError (no huge integers, NaN/Infinity, duplicate keys, lone surrogates, or
+    nesting deeper than MAX_DEPTH)."""
+    try:
+        msg = strict_loads(body)
+    except ValueError as exc:
+        raise MessageError(f"frame is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise MessageError("frame is not a JSON object")
     msg_id = msg.get("id")

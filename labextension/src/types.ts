@@ -49,7 +49,7 @@ export interface IPolicy {
   description?: string;
   error?: string;
   rules: IPolicyRule[];
-  credentials: { name: string; hosts: string[]; header: string | null; guest_env: string | null }[];
+  credentials: { name: string; hosts: string[]; header: string | null; query: string | null; guest_env: string | null }[];
   edits_allowed?: boolean;
 }
 

@@ -254,6 +254,11 @@ if conn is not None and stage == "benign":
         {"t": "kernel_exit", "pid": 1, "code": 0, "signal": None, "tail": "forged"},
         {"t": "zzz"}, {"t": "error", "code": "forged", "message": "forged"}]))
     result["sent"] = 7
+elif conn is not None and stage == "huge-int":
+    # JSON that json.loads cannot take: CPython's int-digits limit raises ValueError
+    body = b'{"t":"kernel_exit","pid":' + b"9" * 5000 + b',"code":0,"signal":null,"tail":""}'
+    conn.sendall(struct.pack(">I", len(body)) + body)
+    result["sent"] = 1
 elif conn is not None and stage == "truncate-then-garbage":
     conn.sendall(struct.pack(">I", 1 << 20) + b"{" * 10)  # a frame that never ends ...
     result["truncated_at"] = time.time()

@@ -71,3 +71,16 @@ def test_a_kernel_without_seccomp_user_notification_is_weak(tmp_path):
     actions.write_text("kill_process kill_thread trap errno trace log allow\n")
     status, detail = posture.check_seccomp(str(actions))
     assert status == posture.WEAK and "user notification" in detail
+
+
+def test_a_credential_file_others_can_write_is_weak(tmp_path, monkeypatch):
+    _env(monkeypatch, tmp_path)
+    secret = tmp_path / "config" / "token"
+    secret.write_text("tok")
+    secret.chmod(0o666)
+    (tmp_path / "config" / "policy.toml").write_text(
+        f'[[credential]]\nname = "svc"\nhosts = ["api.example"]\nfile = "{secret}"\nheader = "Authorization"\n')
+    status, detail = posture.check_policy()
+    assert status == posture.WEAK and f"file {secret} is writable by other users" in detail
+    secret.chmod(0o600)
+    assert posture.check_policy()[0] == posture.OK

@@ -73,13 +73,20 @@ def env(tmp_path_factory, image_dir):
     e.ro = base / "ro"
     e.ro.mkdir()
     (e.ro / "keep.txt").write_text("keep")
+    # a root-owned share below pytest's root-only (0700) tmp root, like `make demo`'s and CI's
+    e.rootshare = tmp_path_factory.mktemp("rootshare")
+    (e.rootshare / "seed.txt").write_text("seed\n")
+    e.root_outside = tmp_path_factory.mktemp("rootoutside")
+    (e.root_outside / "secret.txt").write_text(e.token)
+    e.before_root_outside = _snapshot(e.root_outside)
     e.runtime = Path("/tmp") / f"capsem-sec-{os.getpid()}"
     e.runtime.mkdir(mode=0o700)
     saved = os.environ.get("CAPSEM_RUNTIME_DIR")
     os.environ["CAPSEM_RUNTIME_DIR"] = str(e.runtime)
     e.before_outside = _snapshot(e.outside)
     e.events = []
-    e.vm = VM(VMConfig(memory_mb=MEMORY_MB, cpus=1, shares=(Share(e.share, "nb"), Share(e.ro, "ro", readonly=True))))
+    e.vm = VM(VMConfig(memory_mb=MEMORY_MB, cpus=1, shares=(Share(e.share, "nb"), Share(e.ro, "ro", readonly=True),
+                                                                  Share(e.rootshare, "rootnb"))))
     try:
         loop_thread.run_sync(e.vm.start(), timeout=400)
         e.vm.on_event = e.events.append
@@ -90,7 +97,7 @@ def env(tmp_path_factory, image_dir):
             os.environ.pop("CAPSEM_RUNTIME_DIR", None)
         else:
             os.environ["CAPSEM_RUNTIME_DIR"] = saved
-        assert helper_processes(str(e.runtime), f"source={e.share}", f"source={e.ro}") == []
+        assert helper_processes(str(e.runtime), str(e.share), str(e.ro), str(e.rootshare)) == []
         shutil.rmtree(e.runtime, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -129,7 +136,7 @@ def test_qemu_is_seccomp_sandboxed_unprivileged_and_has_no_nic(env):
     assert argv[argv.index("-sandbox") + 1] == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert sorted(d.split(",")[0] for d in devices) == sorted(
-        ["virtio-blk-pci", "pcie-root-port", "vhost-user-vsock-pci", "vhost-user-fs-pci", "vhost-user-fs-pci"])
+        ["virtio-blk-pci", "pcie-root-port", "vhost-user-vsock-pci"] + ["vhost-user-fs-pci"] * 3)
     # the only host paths QEMU opens: the verified assets (fds), and its own 0700 VM dir
     assert Path(f"/proc/{vm.qemu.pid}/cwd").resolve() == vm.paths.root
     open_paths = {os.readlink(f"/proc/{vm.qemu.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{vm.qemu.pid}/fd")}
@@ -149,16 +156,23 @@ def test_vsock_backend_and_virtiofsd_are_unprivileged(env):
     st = _status(vsock.pid)
     assert st["Uid"].split() == [str(vm.identity.uid)] * 4 and int(st["CapEff"], 16) == 0
     init_userns = os.readlink("/proc/self/ns/user")  # ours: the namespace capsem runs in
+    fs_uids = set()
     for proc in vm.helpers:
         if not proc.name.startswith("virtiofsd"):
             continue
         st = _status(proc.pid)
-        share = env.share if proc.name == "virtiofsd[nb]" else env.ro
+        share = {"virtiofsd[nb]": env.share, "virtiofsd[ro]": env.ro, "virtiofsd[rootnb]": env.rootshare}[proc.name]
         owner = share.stat().st_uid
-        assert st["Uid"].split()[0] == str(owner), (proc.name, st["Uid"])
+        # never root, never the folder's owner: a uid leased for this virtiofsd alone (idmapped mount)
+        uid = int(st["Uid"].split()[0])
+        assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(uid)] * 4, (proc.name, st["Uid"])
+        assert privsep.HELPER_UID_BASE <= uid < privsep.HELPER_UID_BASE + privsep.HELPER_UID_COUNT
+        assert uid not in (0, owner, vm.identity.uid) and st["Groups"].strip() == "", (proc.name, uid)
+        fs_uids.add(uid)
         assert st["Seccomp"].strip() == "2" and st["NoNewPrivs"].strip() == "1"
         # in a user namespace of its own: whatever capabilities it holds are not the host's
         assert os.readlink(f"/proc/{proc.pid}/ns/user") != init_userns
+    assert len(fs_uids) == 3  # one uid per virtiofsd
     # the VM dir: 0700, owned by the helpers' uid, holds every socket
     root = vm.paths.root.stat()
     assert stat.S_IMODE(root.st_mode) == 0o700 and root.st_uid == vm.identity.uid
@@ -167,9 +181,11 @@ def test_vsock_backend_and_virtiofsd_are_unprivileged(env):
 
 # --- the share ---------------------------------------------------------------------------------
 
-def test_share_cannot_be_used_to_read_host_files(env):
+@pytest.mark.parametrize("which", ["user-owned", "root-owned"])
+def test_share_cannot_be_used_to_read_host_files(env, which):
+    share, outside = (env.share, env.outside) if which == "user-owned" else (env.rootshare, env.root_outside)
     half = len(env.token) // 2
-    res = run_json(env, gs.SHARE_READS, env.share, env.outside, env.token[:half], env.token[half:])
+    res = run_json(env, gs.SHARE_READS, share, outside, env.token[:half], env.token[half:])
     assert res["token found"] == [], res
     assert env.token not in json.dumps(res)
     for name in ("dotdot", "absolute", "proc self root", "proc 1 root"):
@@ -178,8 +194,28 @@ def test_share_cannot_be_used_to_read_host_files(env):
     assert res["hard link in"] == "EXDEV" and res["hard link of outside"] in ("ENOENT", "EXDEV")
     assert res["open_by_handle_at"] in ("EOPNOTSUPP", "ESTALE", "EINVAL", "EBADF", "EPERM", "ENOTSUP")
     # the guest's own bind mount stays in the guest: the host folder is an empty dir
-    assert not any((env.share / "bind").iterdir()) if (env.share / "bind").exists() else True
+    assert not any((share / "bind").iterdir()) if (share / "bind").exists() else True
     assert _snapshot(env.outside) == env.before_outside
+    assert _snapshot(env.root_outside) == env.before_root_outside
+
+
+def test_what_the_guest_creates_in_a_root_owned_share_belongs_to_root(env):
+    """The root-owned folder's virtiofsd is not root (above), yet the host sees the guest's files
+    owned by the folder's owner, root, as before; other owners stay out of reach."""
+    fsd = next(p for p in env.vm.helpers if p.name == "virtiofsd[rootnb]")
+    uids = set(_status(fsd.pid)["Uid"].split())
+    assert len(uids) == 1 and "0" not in uids, uids  # on main this virtiofsd was root
+    code, out, err = run(env, ["sh", "-c", f"cd {env.rootshare} && echo hi > new.txt && mkdir -p d/e && "
+                                           f"echo x > d/e/f && echo more >> seed.txt && chown 1000 new.txt; "
+                                           f"echo chown=$?; stat -c '%u %g' new.txt seed.txt"])
+    assert code == 0, err
+    assert "chown=0" not in out  # no other uid exists in virtiofsd's namespace
+    assert out.split()[-4:] == ["0", "0", "0", "0"]  # the guest (root) sees root's files as root's
+    for p in ("new.txt", "d", "d/e", "d/e/f", "seed.txt"):
+        st = (env.rootshare / p).lstat()
+        assert (st.st_uid, st.st_gid) == (0, 0), (p, st.st_uid, st.st_gid)
+    assert (env.rootshare / "seed.txt").read_text() == "seed\nmore\n"
+    assert (env.rootshare / "new.txt").read_text() == "hi\n"
 
 
 def test_share_cannot_plant_setid_devices_links_or_xattrs(env):
@@ -193,8 +229,8 @@ def test_share_cannot_plant_setid_devices_links_or_xattrs(env):
     assert res["chown to uid 1000"] in ("EINVAL", "EPERM")  # no such user in virtiofsd's namespace
     assert res["plain write"] == "ok" and (env.share / "ok.txt").read_text() == "fine"
     # .git is read-only: git would run its hooks and config commands on the host
-    for name in ("git config", "git hook", "git dir rename"):
-        assert res[name] in ("EROFS", "EBUSY", "EXDEV"), (name, res[name])
+    for name in ("git config", "git hook", "git dir rename"):  # EPERM: the share guard refuses before the mount
+        assert res[name] in ("EROFS", "EBUSY", "EXDEV", "EPERM"), (name, res[name])
     assert (env.share / ".git" / "config").read_text() == "[core]\n\tbare = false\n"
     assert list((env.share / ".git" / "hooks").iterdir()) == []
     # on the host: only regular files and dirs, none set-id, all owned by the folder's owner, no xattrs

@@ -1,32 +1,85 @@
 """Audit addon: one row per connection decision, HTTP exchange, WebSocket and raw TCP stream.
 
 URLs are those the guest sent (placeholders, never injected secrets), then redacted
-(capsem_vm.proxy.audit.redact_url)."""
+(capsem_vm.proxy.audit.redact_url). Every row carries a stable code (Decision.code).
+
+It is also the gate of "refused, never unaudited": it runs after Guard, and while the audit log
+cannot be written (AuditLog.available is False) it refuses what Guard allowed: new upstream
+connections, requests (403) and raw TCP streams, with code "audit-unavailable"."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from mitmproxy import http
 
-from ...policy import Decision
+from ... import safetext
+from ...policy import DENY, Decision
 from ..audit import AuditLog, redact_url
-from .guard import meta
+from .guard import _deny_response, meta
+
+log = logging.getLogger("capsem.proxy")
+
+UNAVAILABLE = Decision(DENY, "audit-unavailable",
+                       "the audit log cannot be written: egress is refused rather than unaudited",
+                       code="audit-unavailable")
 
 
 class Audit:
-    def __init__(self, log: AuditLog):
+    def __init__(self, log: AuditLog, state=None):
         self.log = log
+        self.state = state  # the service's State, to name the session of a refused connection
+        self._refused = 0          # refusals for audit-unavailable since the last log line
+        self._refused_logged = -1e9
 
     # called by Guard for connection-level decisions
     def connection(self, sess, target: str, d: Decision, reason: str | None, decision: str | None = None) -> None:
         self.log.record(sess.kernel.id, "connect", url=target, host=sess.host, port=sess.port,
-                        decision=decision or d.action, rule=d.rule, reason=reason or d.reason)
+                        decision=decision or d.action, rule=d.rule, code=d.code, reason=reason or d.reason)
 
     def timeout(self, sess, seconds: float) -> None:
         self.log.record(sess.kernel.id, "connect", url=f"{sess.host}:{sess.port}", host=sess.host, port=sess.port,
-                        decision="deny", rule="header-timeout",
+                        decision="deny", rule="header-timeout", code="header-timeout",
                         reason=f"closed: request headers not complete within {seconds:g} s")
+
+    def header_size(self, sess, limit: int) -> None:
+        self.log.record(sess.kernel.id, "connect", url=f"{sess.host}:{sess.port}", host=sess.host, port=sess.port,
+                        decision="deny", rule="header-size", code="header-size", status=431,
+                        reason=f"closed: request headers larger than {limit} bytes")
+
+    # --- the gate: refused while the audit log cannot be written -------------------------------
+
+    def _unavailable(self, what: str) -> bool:
+        if self.log.available:
+            return False
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:  # bounded: one line a second whatever the guest does
+            log.error("refused %d %s(s): the audit log cannot be written (%s)", self._refused, what,
+                      safetext.escape(self.log.last_error or "?"))
+            self._refused_logged, self._refused = now, 0
+        return True
+
+    def server_connect(self, data) -> None:
+        if data.server.error is None and self._unavailable("connection"):
+            data.server.error = "capsem: the audit log cannot be written"
+            sess = self.state.session(data.client) if self.state is not None else None
+            if sess is not None:  # held in memory (bounded, counted) until the database works again
+                self.connection(sess, f"{sess.host}:{sess.port}", UNAVAILABLE, None)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        m = meta(flow)
+        d = m.get("decision")
+        if d is not None and d.allowed and flow.response is None and self._unavailable("request"):
+            m["decision"] = UNAVAILABLE
+            flow.response = _deny_response(UNAVAILABLE)
+
+    def tcp_start(self, flow) -> None:
+        d = meta(flow).get("decision")
+        if d is not None and d.allowed and self._unavailable("TCP stream"):
+            meta(flow)["decision"] = UNAVAILABLE
+            flow.kill()
 
     def _row(self, flow, *, status=None, error: str | None = None) -> None:
         m = meta(flow)
@@ -52,6 +105,7 @@ class Audit:
             bytes_out=m.get("bytes_out"), bytes_in=m.get("bytes_in"),
             duration_ms=round((time.time() - started) * 1000, 2),
             decision=("error" if error and d and d.allowed else (d.action if d else "error")),
+            code=("error" if error and d and d.allowed else (d.code if d else "error")),
             rule=d.rule if d else "-", reason=reason[:2000] + (" [credential injected]" if m.get("credentials") else ""))
 
     def response(self, flow: http.HTTPFlow) -> None:

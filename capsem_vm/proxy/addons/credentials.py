@@ -1,10 +1,14 @@
-"""Credential injection: host secrets go into requests to the hosts they belong to (HTTPS/WSS only).
+"""Credential injection: host secrets go into requests to the hosts they belong to (HTTPS/WSS only),
+and only into the place each credential declares (capsem_vm/proxy/placement.py): its `header`, set
+to `format` with the value, and/or its `query` parameter when the guest sent the placeholder as
+that parameter's value. A placeholder anywhere else (other headers, cookies, the path, other
+parameters, the body) goes out as the guest wrote it: the guest never chooses where a secret lands.
 
-The guest holds a placeholder. On an allowed request to a credential's host the placeholder is
-replaced in header values and the query string, and the declared header (if any) is set. The
-response is scrubbed (headers, and the streamed body) so an upstream that echoes the secret does
-not hand it to the guest; Accept-Encoding is dropped on such requests so bodies stay scrubbable.
-The secret value is never logged or audited.
+A credential that applies but cannot be read (env unset; file missing, a symlink, or writable by
+others: checked on every read) refuses the request (403, code "credential"), never sends it
+without. The response is scrubbed (headers, and the streamed body) so an upstream that echoes the
+secret does not hand it to the guest; Accept-Encoding is dropped on such requests so bodies stay
+scrubbable. The secret value is never logged or audited.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import logging
 
 from mitmproxy import http
 
+from ...policy import DENY, Decision
+from ..placement import place_in_query, query_value
 from ..scrub import Scrubber  # noqa: F401  (re-exported for streams)
-from .guard import meta
+from .guard import DENIED_BODY_MAX, _deny_response, meta
 from .state import State
 
 log = logging.getLogger("capsem.credentials")
@@ -32,25 +38,42 @@ class Credentials:
         if not m.get("url", "").startswith(("https://", "wss://")):
             return  # never put a secret on a plaintext wire
         sess = self.state.session(flow.client_conn)
+        req = flow.request
         pairs = []
         for cred in sess.kernel.policy.credentials_for(sess.host):
-            value = cred.value()
+            value, why = cred.read()
             if value is None:
-                log.warning("credential %r for %s is not available on the host (env %s / file %s)",
-                            cred.name, sess.host, cred.env, cred.file)
-                continue
-            req = flow.request
-            ph, secret = cred.placeholder.encode(), value.encode()
-            req.headers.fields = tuple((k, v.replace(ph, secret)) for k, v in req.headers.fields)
-            if cred.placeholder in req.path:
-                req.path = req.path.replace(cred.placeholder, value)
+                log.warning("credential %r for %s cannot be used: %s", cred.name, sess.host, why)
+                self._refuse(flow, Decision(DENY, "credential", f"credential {cred.name!r} cannot be used: {why}"))
+                return
             if cred.header:
                 req.headers[cred.header] = cred.format.replace("{value}", value)
             pairs.append((value.encode(), cred.placeholder.encode()))
+            if cred.query:
+                encoded = query_value(value)
+                req.data.path, _ = place_in_query(req.data.path, cred.query.encode(),
+                                                  cred.placeholder.encode(), encoded)
+                if encoded != value.encode():
+                    pairs.append((encoded, cred.placeholder.encode()))
         if pairs:
-            flow.request.headers.pop("accept-encoding", None)
+            req.headers.pop("accept-encoding", None)
             m["secrets"] = pairs
             m["credentials"] = True
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, d: Decision) -> None:
+        m = meta(flow)
+        m["decision"] = d
+        req = flow.request
+        req.stream = False  # the guard streamed allowed uploads; a refused one is never sent
+        size = req.headers.get("content-length")
+        chunked = "chunked" in req.headers.get("transfer-encoding", "").lower()
+        bodyless = size is None and not chunked and (not req.is_http2 or req.method in ("GET", "HEAD", "OPTIONS"))
+        if bodyless or (size is not None and size.isdigit() and int(size) <= DENIED_BODY_MAX):
+            flow.response = _deny_response(d)
+        else:
+            m["killed"] = "refused request with a large or unbounded body: connection reset instead of a 403"
+            flow.kill()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         pairs = meta(flow).get("secrets")

@@ -2,13 +2,16 @@
 stream of a kernel, with that kernel's policy, on the destination the guest asked for.
 
 - server_connect: the connection-level decision, then host-side resolution; loopback, private,
-  link-local (169.254.169.254) and multicast addresses are refused unless the deciding rule names
-  them. The chosen address is pinned (no second lookup, so no DNS-rebinding window) and the
-  upstream TLS SNI is forced to the judged name (no domain fronting).
+  link-local (169.254.169.254), multicast, NAT64, 6to4, Teredo, IPv4-compatible/SIIT, site-local
+  and this host's own addresses are refused unless the deciding rule names them
+  (policy/addresses.py), and a name resolving into the IP/CIDR of a deny rule is refused. The
+  chosen address is pinned (no second lookup, so no DNS-rebinding window) and the upstream TLS
+  SNI is forced to the judged name (no domain fronting).
 - tls_clienthello: a client SNI different from the destination marks the connection: every
   request on it is denied.
 - requestheaders: the request decision (before any body byte is read); Host/:authority must match
-  the destination. Denied: 403 with body and X-Capsem-Policy. Allowed: bodies stream.
+  the destination. The request's path is replaced by its canonical form (policy/paths.py) before
+  it is judged: the upstream receives exactly the path the policy judged. Denied: 403 with body and X-Capsem-Policy. Allowed: bodies stream.
 - tcp_start: non-HTTP streams need a `scheme = "tcp"` rule.
 """
 
@@ -23,7 +26,9 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.tls import ClientHelloData
 
 from ...policy import DENY, Decision
+from ...policy.addresses import own_addresses, protected_class
 from ...policy.match import normalize_host, parse_ip
+from ...policy.paths import canonical_target
 from .state import State
 
 DENIED_BODY_MAX = 64 * 1024  # a denied request's body is read (to answer 403) only up to this size
@@ -46,6 +51,11 @@ def _host_of(authority: str) -> str | None:
         end = authority.find("]")
         return normalize_host(authority[1:end]) if end > 0 else None
     return normalize_host(authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority)
+
+
+def _address_class(address: str, own) -> str:
+    ip = parse_ip(address)
+    return (protected_class(ip, own) or "global") if ip is not None else "invalid"
 
 
 class Guard:
@@ -83,10 +93,19 @@ class Guard:
             self.audit.connection(sess, target, Decision(DENY, "resolve", "the name does not resolve on the host"),
                                   None, decision="error")
             return
-        allowed = [a for a in addresses if d.address_allowed(a)]
+        for a in addresses:  # any address in a denied IP/CIDR refuses the name (not only that address)
+            denied = sess.kernel.policy.address_denied(a, port)
+            if denied is not None:
+                reason = f"{name} resolves to {a}, which deny rule {denied.rule!r} covers: {denied.reason}"
+                data.server.error = f"capsem: denied by rule {denied.rule}"
+                self.audit.connection(sess, target, denied, reason)
+                return
+        own = own_addresses()
+        allowed = [a for a in addresses if d.address_allowed(a, own)]
         if not allowed:
-            reason = (f"{name} resolves to {', '.join(addresses[:4])}: loopback, private, link-local or "
-                      f"multicast, and rule {d.rule!r} does not name that address")
+            classes = ", ".join(f"{a} ({_address_class(a, own)})" for a in addresses[:4])
+            reason = (f"{name} resolves to {classes}: a protected address, and rule {d.rule!r} does not name it"
+                      + (" exactly (this host's own addresses must be named one by one)" if "own" in classes else ""))
             data.server.error = "capsem: destination address not allowed"
             self.audit.connection(sess, target, Decision(DENY, "address", reason), reason)
             return
@@ -130,6 +149,8 @@ class Guard:
         if sess is None or sess.host is None:
             flow.kill()
             return
+        # issue 15 item 2: judge, and send upstream, the one canonical spelling of the path
+        flow.request.path = canonical_target(flow.request.path)
         sess.requests += 1
         m.update(kernel=sess.kernel.id, host=sess.host, port=sess.port)
         req = flow.request
@@ -140,7 +161,7 @@ class Guard:
         host_literal = f"[{sess.host}]" if ":" in sess.host else sess.host
         url = f"{scheme}://{host_literal}:{sess.port}{req.path if req.path.startswith('/') else '/' + req.path}"
         m["url"] = url
-        d = sess.kernel.policy.decide(req.method, url)
+        d = sess.kernel.policy.decide(req.method, url, sess.pinned)
         detail = ""
         if d.allowed and sess.mismatch:
             d, detail = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree"), sess.mismatch
@@ -187,7 +208,7 @@ class Guard:
         host_literal = f"[{sess.host}]" if ":" in sess.host else sess.host
         url = f"tcp://{host_literal}:{sess.port}"
         m["url"] = url
-        d = sess.kernel.policy.decide("", url)
+        d = sess.kernel.policy.decide("", url, sess.pinned)
         if d.allowed and sess.mismatch:
             d = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree")
         m["decision"] = d

@@ -26,9 +26,10 @@ MAX_HEADER_BYTES = 64 * 1024
 _patched = False
 
 
-def patch_http1_header_limit(limit_getter) -> None:
+def patch_http1_header_limit(limit_getter, on_refused=None) -> None:
     """Wrap Http1Server.read_headers: if the head is still incomplete and the buffer holds more
-    than the limit, answer 431 and close. Idempotent."""
+    than the limit, answer 431 and close (and call on_refused(client_connection): the audit row).
+    Idempotent."""
     global _patched
     if _patched:
         return
@@ -39,6 +40,8 @@ def patch_http1_header_limit(limit_getter) -> None:
         if (isinstance(event, events.DataReceived)
                 and getattr(self.state, "__func__", None) is read_headers
                 and len(self.buf) > limit_getter()):
+            if on_refused is not None:
+                on_refused(self.conn)
             yield commands.SendData(self.conn, make_error_response(431, "Request header fields too large"))
             yield commands.CloseConnection(self.conn)
             self.buf = _http1.ReceiveBuffer()  # free the oversized head now
@@ -56,7 +59,12 @@ class Limits:
                           "Seconds a connection may take to send complete request headers.")
         loader.add_option("capsem_max_header_bytes", int, MAX_HEADER_BYTES,
                           "Largest HTTP/1 request head accepted (431 above).")
-        patch_http1_header_limit(lambda: ctx.options.capsem_max_header_bytes)
+        patch_http1_header_limit(lambda: ctx.options.capsem_max_header_bytes, self._header_too_large)
+
+    def _header_too_large(self, client) -> None:
+        sess = self.state.session(client)
+        if sess is not None and self.state.audit is not None:
+            self.state.audit.header_size(sess, ctx.options.capsem_max_header_bytes)
 
     # deadline bookkeeping: a timestamp per session, checked by one sweep task per worker.
     # why not call_later per request: arming and cancelling a timer on every keep-alive request

@@ -1,0 +1,45 @@
+"""What a policy edit from the browser may change (PUT /capsem/kernels/<id>/policy).
+
+Whoever holds the Jupyter token can call it, notebook code included. Rules may change (the admin
+opted in with allow_policy_edits); credentials never: a new credential, or a changed host, header,
+query or file, would let the caller choose where the host's secrets go. So the `[[credential]]`
+tables of the new text must be exactly those of the file it replaces (compared as TOML data), and
+an edit is refused when the current file cannot be read as TOML (its credentials are unknown).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+
+class PolicyEditRefused(Exception):
+    """The edit may not be written; the message says why."""
+
+
+def _credentials(text: str) -> list:
+    creds = tomllib.loads(text).get("credential", [])
+    return creds if isinstance(creds, list) else [creds]
+
+
+def check_credentials_kept(target: Path, new_text: str) -> None:
+    """Raise PolicyEditRefused unless `new_text` declares exactly the credentials `target` does now
+    (none if it does not exist). `new_text` is already known to be a valid policy."""
+    try:
+        current = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        current = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyEditRefused(f"the current policy file {target} cannot be read ({exc}): its credentials "
+                                "are unknown, so no edit is accepted") from None
+    try:
+        before = _credentials(current)
+    except tomllib.TOMLDecodeError:
+        raise PolicyEditRefused(f"the current policy file {target} is not valid TOML: its credentials are "
+                                "unknown, so no edit is accepted; fix it on the host") from None
+    if _credentials(new_text) != before:
+        names = sorted({str(c.get("name")) for c in before if isinstance(c, dict)})
+        raise PolicyEditRefused(
+            "policy edits from the browser cannot add, remove or change credentials ([[credential]] tables); "
+            f"keep them exactly as in {target} ({', '.join(names) if names else 'none'}): credentials are "
+            "changed on the host only")
