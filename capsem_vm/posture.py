@@ -29,15 +29,19 @@ def check_accelerator() -> Result:
     return INFO, f"tcg (emulation): {choice.reason}"
 
 
-def check_seccomp() -> Result:
-    """The kernel filters syscalls, and this QEMU accepts the sandbox capsem asks for."""
+def check_seccomp(actions_avail: str = "/proc/sys/kernel/seccomp/actions_avail") -> Result:
+    """The kernel filters syscalls (and hands calls to a supervisor: the share guard), and this QEMU
+    accepts the sandbox capsem asks for."""
     try:
         status = Path("/proc/self/status").read_text()
-        actions = Path("/proc/sys/kernel/seccomp/actions_avail").read_text().split()
+        actions = Path(actions_avail).read_text().split()
     except OSError as exc:
         return WEAK, f"cannot read the kernel's seccomp support: {exc}"
     if "Seccomp:" not in status or "errno" not in actions:
         return WEAK, "this kernel has no seccomp filter support: QEMU and virtiofsd run unfiltered"
+    if "user_notif" not in actions:
+        return WEAK, ("this kernel has no seccomp user notification: shares cannot be guarded against "
+                      "planted repositories (virtiofsd will not start)")
     qemu = helpers.qemu()
     try:
         out = subprocess.run([str(qemu.path), "-machine", "none", "-nodefaults", "-display", "none",
@@ -49,7 +53,8 @@ def check_seccomp() -> Result:
     if out.returncode != 0:
         msg = out.stderr.decode(errors="replace").strip().splitlines()
         return WEAK, f"QEMU refuses -sandbox ({msg[-1] if msg else out.returncode}): built without seccomp?"
-    return OK, f"kernel seccomp filters; QEMU runs with -sandbox {QEMU_SANDBOX}; virtiofsd with a deny filter"
+    return OK, (f"kernel seccomp filters; QEMU runs with -sandbox {QEMU_SANDBOX}; virtiofsd with a deny filter "
+                "and the share guard (user notification)")
 
 
 def check_helper_privileges() -> Result:

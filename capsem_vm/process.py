@@ -8,7 +8,8 @@ Exit is awaited through a pidfd, so no asyncio child watcher is needed.
 
 Privilege separation: `spawn(..., identity=Identity(uid, gid, groups))` starts the helper as that
 user (supplementary groups replaced), `seccomp=` installs a seccomp filter (seccomp.Filter) before
-exec. Both happen before PDEATHSIG is set, because the kernel clears the parent-death signal on a
+exec; a filter with a listener (share_guard.py) sends the listener fd to capsem and closes it there,
+in the child, before Popen's close_fds and exec. Both happen before PDEATHSIG is set, because the kernel clears the parent-death signal on a
 credential change; a child whose parent died before that point exits at once.
 """
 

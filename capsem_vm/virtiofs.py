@@ -16,9 +16,13 @@ Confinement, outermost first:
   nodes, FIFOs, sockets, symlinks and xattrs in the share, whatever virtiofsd is asked to do.
 - virtiofsd's own sandbox (`sandbox=namespace`: mount, pid and net namespaces, pivot_root into the
   folder, its own seccomp allow-list), `no_xattr`, and `modcaps=-mknod:-setfcap`.
+- the share guard (share_guard.py): virtiofsd's name-creating and writing calls go to a supervisor
+  thread in capsem that refuses repository names (`.git`, `HEAD`, `.hg`, any spelling: host git
+  would run their configuration), writes inside repositories and renames of symlinks.
 - a read-only share is a read-only bind mount in virtiofsd's mount namespace: the guest, root in
-  its VM, cannot remount it writable because enforcement is on the host. An existing `.git` in a
-  writable share is made read-only the same way (git runs hooks and config commands on the host).
+  its VM, cannot remount it writable because enforcement is on the host. Existing repositories in
+  a writable share, at any depth (`.git` directories and gitdir files, `.hg`, directories holding
+  a `HEAD`: repo_names.existing_repositories), are made read-only the same way.
 - the guest mounts shares nosuid,nodev (capsem_agent.mounts) — a courtesy; the host decides.
 
 Folders that would expose the host are refused: system trees and anything inside them (/etc, /usr,
@@ -38,11 +42,12 @@ import stat
 import sys
 from pathlib import Path
 
-from . import helpers, idmap_share, nofollow, paths, privsep, seccomp
+from . import helpers, idmap_share, nofollow, paths, privsep, repo_names
 from .caplog import CappedLog
 from .config import RuntimePaths, Share
 from .errors import VMError
 from .process import Identity, ManagedProcess, spawn
+from .share_guard import ShareGuard
 
 # Runs inside the new mount namespace: make the paths given before "--" read-only bind mounts
 # there, then become virtiofsd.
@@ -56,7 +61,6 @@ SYSTEM_TREE_EXCEPTIONS = ("/var/tmp",)  # its subdirectories are users' folders
 # Refused themselves only: roots that hold other users' folders (a project folder inside is fine).
 SHARED_ROOTS = ("/", "/tmp", "/var/tmp", "/home", "/mnt", "/srv", "/opt", "/media", "/run")
 SHARE_MOUNT_BASE = Path(os.environ.get("CAPSEM_SHARE_MOUNT_BASE", "/run/capsem-share"))
-PROTECTED_NAMES = (".git",)  # made read-only inside a writable share when present
 
 
 def virtiofsd_args(program: helpers.Program, share: Share, fd: int, source: Path | None = None) -> list[str]:
@@ -158,9 +162,17 @@ def subordinate_gid(name: str, uid: int, path: str = "/etc/subgid") -> int | Non
     return None
 
 
-def _seccomp_filter():
-    from .seccomp import Filter
-    return Filter()
+def protected_paths(root: Path) -> list[Path]:
+    """What must be read-only in a writable share: the repositories it already holds."""
+    try:
+        found = repo_names.existing_repositories(root)
+    except repo_names.TooManyDirectories as exc:
+        raise VMError(f"refusing to share {root} writable: {exc}, too many to check for repositories",
+                      "share a smaller folder, or share this one read-only") from None
+    if root in found:
+        raise VMError(f"refusing to share {root} writable: it holds a HEAD file (it is, or could be made, "
+                      "a git repository whose configuration host git would run)", "share it read-only")
+    return found
 
 
 def share_mount_base() -> Path:
@@ -226,15 +238,16 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         map_options, filter_inside = userns_options()
         argv = stage + [str(helpers.unshare().path), *map_options, "--mount", "--propagation", "private", "--"]
         inner = virtiofsd_args(program, share, fd, source)
-        if filter_inside:
-            inner = [sys.executable, "-I", seccomp.__file__] + inner
         if share.readonly and program.dialect == "c" and lease is None:
             ro = [str(source)]  # (the idmapped mount is read-only itself)
         elif not share.readonly:
-            ro = [str(source / name) for name in PROTECTED_NAMES
-                  if (folder / name).is_dir() and not (folder / name).is_symlink()]
+            ro = [str(source / p.relative_to(folder)) for p in await asyncio.to_thread(protected_paths, folder)]
         else:
             ro = []
+        guard = ShareGuard(share.tag)  # virtiofsd's name-creating and writing calls are checked by this thread
+        pass_fds += guard.pass_fds
+        if filter_inside:
+            inner = guard.wrap(inner)
         if ro:
             argv += ["sh", "-c", _RO_WRAPPER, "sh"] + ro + ["--"] + inner
         else:
@@ -242,9 +255,19 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
         log = CappedLog(paths_.root / f"virtiofsd-{share.tag}.log")
         try:
             proc = await spawn(f"virtiofsd[{share.tag}]", argv, pass_fds=tuple(pass_fds), stdout=log.fd,
-                               stderr=log.fd, seccomp=None if filter_inside else _seccomp_filter())
+                               stderr=log.fd, seccomp=None if filter_inside else guard.filter)
+        except BaseException:
+            guard.close()
+            raise
         finally:
             log.close_writer()
+        try:  # before the idmap stage's report: that stage already runs under the filter
+            await guard.attach(proc)
+        except BaseException:
+            guard.close()
+            await proc.stop(grace=1)
+            raise
+        proc.guard = guard  # lives as long as virtiofsd (tests reach it here)
         if lease is not None:
             proc.on_close.append(lease.release)
             lease = None

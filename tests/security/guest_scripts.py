@@ -269,3 +269,98 @@ elif conn is not None and stage == "truncate-then-garbage":
 open(out, "w").write(json.dumps(result))
 print(json.dumps(result))
 """
+
+# Plant repositories in the share every way the guest can, for argv[3] seconds; argv: share, host
+# marker path (what the planted commands would create on the host), seconds (< 0: only the symlink
+# attempts at the end). Prints the outcome of each kind of attempt (the set of results seen) and
+# how many rounds ran.
+SHARE_PLANTS = r"""
+import ctypes, errno, json, os, shutil, stat, sys, time
+share, marker, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+res = {}
+def t(key, f):
+    try:
+        f(); got = "ok"
+    except OSError as e:
+        got = errno.errorcode.get(e.errno, str(e.errno))
+    res.setdefault(key, set()).add(got)
+def sc(*a):
+    r = libc.syscall(*a)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+CMD = f"touch {marker}"
+CONFIG = (f"[core]\n\tbare = false\n\tfsmonitor = {CMD}\n\thooksPath = hooks\n\tpager = {CMD}\n"
+          f"\tsshCommand = {CMD}\n[alias]\n\tst = !{CMD}\n[filter \"x\"]\n\tclean = {CMD}\n\tsmudge = {CMD}\n")
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+def gitdir_parts(d, head="HEAD"):
+    # what a git directory needs: HEAD, objects/, refs/, config (each step may fail)
+    os.makedirs(os.path.join(d, "objects"), exist_ok=True)
+    os.makedirs(os.path.join(d, "refs", "heads"), exist_ok=True)
+    os.makedirs(os.path.join(d, "hooks"), exist_ok=True)
+    write(os.path.join(d, "config"), CONFIG.replace("bare = false", f"bare = false\n\tworktree = {os.path.dirname(d)}"))
+    write(os.path.join(d, "hooks", "post-checkout"), f"#!/bin/sh\n{CMD}\n")
+    write(os.path.join(d, head), "ref: refs/heads/main\n")
+rounds = 0
+deadline = time.monotonic() + seconds
+while seconds >= 0 and (rounds == 0 or time.monotonic() < deadline) and rounds < 20:
+    rounds += 1
+    for depth in ("", "a", "a/b/c/d"):
+        base = os.path.join(share, f"r{rounds}", depth)
+        os.makedirs(base, exist_ok=True)
+        j = lambda *p: os.path.join(base, *p)
+        bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        for name in (".git", ".GIT", ".Git.", ".git ", ".g\u200cit", "git~1"):
+            t(f"mkdir {name!r} + config", lambda: (os.mkdir(j(name)), gitdir_parts(j(name))))
+            t(f"gitdir file {name!r}", lambda: write(j(name), "gitdir: ./prepared\n"))
+            t(f"mkdirat {name!r}", lambda: os.mkdir(name, dir_fd=bfd))
+        for head in ("HEAD", "head", "Head.", "HEAD "):
+            t(f"bare repo with {head!r}", lambda: gitdir_parts(j(f"bare-{head.strip('. ')}"), head))
+        # prepare a complete git dir under ordinary names, then give it the name
+        prep = j("prepared")
+        t("prepared dir (HEAD under another name)", lambda: gitdir_parts(prep, "HEAD.tmp"))
+        t("rename HEAD.tmp to HEAD", lambda: os.rename(os.path.join(prep, "HEAD.tmp"), os.path.join(prep, "HEAD")))
+        t("rename prepared dir to .git", lambda: os.rename(prep, j(".git")))
+        t("renameat2 prepared dir to .GIT noreplace", lambda: sc(316, -100, prep.encode(), -100, j(".GIT").encode(), 1))
+        t("rename prepared dir to .git (renameat)", lambda: sc(264, bfd, b"prepared", bfd, b".git"))
+        t("exchange prepared dir with .git", lambda: sc(316, -100, prep.encode(), -100, j(".git").encode(), 2))
+        write(j("gitfile"), "gitdir: ./prepared\n")
+        t("rename gitdir file to .git", lambda: os.rename(j("gitfile"), j(".git")))
+        t("hard link gitdir file to .git", lambda: os.link(j("gitfile"), j(".git")))
+        t("hard link HEAD.tmp to HEAD", lambda: os.link(os.path.join(prep, "HEAD.tmp"), os.path.join(prep, "HEAD")))
+        t("mknod .git", lambda: os.mknod(j(".git"), 0o644 | stat.S_IFREG))
+        t("open O_CREAT HEAD", lambda: os.close(os.open(os.path.join(prep, "HEAD"), os.O_CREAT | os.O_WRONLY)))
+        t("ordinary file", lambda: write(j("notes.txt"), "fine"))
+        t("ordinary dir", lambda: os.makedirs(j("data", "x"), exist_ok=True))
+        t("ordinary rename", lambda: os.rename(j("notes.txt"), j("notes2.txt")))
+        os.close(bfd)
+    # the host's own repositories are read-only (top, nested, a worktree's gitdir file, a bare one)
+    for key, path in (("host .git config", ".git/config"), ("host nested .git config", "sub/deep/.git/config"),
+                      ("host bare config", "lib.git/config")):
+        t(key, lambda: open(os.path.join(share, path), "a").write(CONFIG))
+    t("host worktree gitdir file", lambda: write(os.path.join(share, "wt", ".git"), "gitdir: ../r1/prepared\n"))
+    # repositories the host made while the VM runs (not read-only mounts: the guard covers them)
+    for key, path in (("later .git config", "later/.git/config"), ("later bare config", "later.git/config")):
+        t(key, lambda: open(os.path.join(share, path), "a").write(CONFIG))
+        t(key + " truncate", lambda: os.truncate(os.path.join(share, path), 0))
+    t("later .git new hook", lambda: write(os.path.join(share, "later", ".git", "hooks", "post-checkout"), CMD))
+    t("later bare new hook", lambda: write(os.path.join(share, "later.git", "hooks", "post-update"), CMD))
+    t("host bare HEAD rename away", lambda: os.rename(os.path.join(share, "lib.git", "HEAD"), os.path.join(share, "h")))
+    t("host .git rename away", lambda: os.rename(os.path.join(share, "sub", "deep", ".git"), os.path.join(share, "g")))
+# the host user's symlink cannot become a guest file's name
+link = os.path.join(share, "host-link")
+if os.path.lexists(os.path.join(share, "analysis.ipynb")):
+    os.unlink(os.path.join(share, "analysis.ipynb"))
+t("hard link to host symlink", lambda: os.link(link, os.path.join(share, "analysis.ipynb"), follow_symlinks=False))
+t("rename host symlink", lambda: os.rename(link, os.path.join(share, "analysis.ipynb")))
+t("renameat2 noreplace host symlink", lambda: sc(316, -100, link.encode(), -100, os.path.join(share, "analysis.ipynb").encode(), 1))
+write(os.path.join(share, "analysis.ipynb"), "{}")
+t("exchange host symlink with a file", lambda: sc(316, -100, link.encode(), -100, os.path.join(share, "analysis.ipynb").encode(), 2))
+t("symlink", lambda: os.symlink("/etc/passwd", os.path.join(share, "evil-link")))
+print(json.dumps({"rounds": rounds, **{k: sorted(v) for k, v in res.items()}}))
+"""

@@ -66,6 +66,13 @@ def test_report_exit_code():
     assert any(line.strip().startswith("WEAK  c") for line in out)
 
 
+def test_a_kernel_without_seccomp_user_notification_is_weak(tmp_path):
+    actions = tmp_path / "actions_avail"
+    actions.write_text("kill_process kill_thread trap errno trace log allow\n")
+    status, detail = posture.check_seccomp(str(actions))
+    assert status == posture.WEAK and "user notification" in detail
+
+
 def test_a_credential_file_others_can_write_is_weak(tmp_path, monkeypatch):
     _env(monkeypatch, tmp_path)
     secret = tmp_path / "config" / "token"
