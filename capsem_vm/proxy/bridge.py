@@ -231,8 +231,8 @@ class EgressBridge:
             denied = self.policy.address_denied(ip, port) if ip is not None else None
             if denied is not None:  # e.g. a deny rule for an IPv4 network, and its NAT64 spelling
                 self._audit("connect", url=target, host=host, port=port, decision="deny", rule=denied.rule,
-                            reason=denied.reason)
-                await _refuse(reader, writer, denied.reason, denied.rule)
+                            code=denied.code, reason=denied.reason)
+                await _refuse(reader, writer, denied.reason, denied.rule, denied.code)
                 return
             if ip is not None and not decision.address_allowed(ip):
                 reason = (f"this address is protected ({protected_class(ip, own_addresses())}: loopback, private, "
