@@ -150,10 +150,10 @@ class World:
 
     @classmethod
     async def create(cls, tmp: Path, *, service: bool = True, extra_policy=None,
-                     extra_names: tuple[str, ...] = ()) -> "World":
+                     extra_names: tuple[str, ...] = (), extra_resolve: dict[str, str] | None = None) -> "World":
         """extra_policy(w) -> TOML appended to the policy, called once the test CA, the leaf
         certificate (w.cert_file, w.key_file) and w.proxy_python exist; extra_names resolve to
-        127.0.0.1 like NAMES."""
+        127.0.0.1 like NAMES; extra_resolve maps further names to other addresses."""
         import asyncio
 
         from capsem_vm.policy import parse_policy
@@ -271,7 +271,7 @@ guest_env = "SVC_TOKEN"
         w.audit_db = tmp / "data" / "audit.sqlite3"
         w.service = None
         if service:
-            resolve = {n: "127.0.0.1" for n in NAMES + tuple(extra_names)}
+            resolve = {n: "127.0.0.1" for n in NAMES + tuple(extra_names)} | (extra_resolve or {})
             ProxyService._shared = None
             w.service = await ProxyService.shared(upstream_ca=w.upstream_ca, resolve=resolve,
                                                   header_timeout=30.0, log_path=tmp / "proxy.log", workers=1)

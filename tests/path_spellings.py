@@ -2,7 +2,7 @@
 
 Used by the pure property tests (tests/test_policy_paths.py), the host-side tests through the real
 proxy service (tests/test_proxy_paths_addresses.py) and the real-VM module
-(tests/security/test_egress_paths_addresses.py).
+(tests/security/test_egress_attacks.py).
 
 - `denied_spelling(base)`: a hypothesis strategy; random mixes, at random positions, of the
   spellings servers treat as the same path: percent-encoding (any case, doubled, IIS %uXXXX,
