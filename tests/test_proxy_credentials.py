@@ -20,11 +20,11 @@ import pytest
 import pytest_asyncio
 
 from capsem_vm.policy import parse_policy
-from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem, read_events
 from capsem_vm.proxy.service import find_proxy_python
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_proxy_fixtures import Guest, make_ca, make_leaf, wait_for, write_pem  # noqa: E402
+from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
+from test_proxy_fixtures import Guest  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -161,29 +161,18 @@ print(json.dumps(out))
 '''
 
 
-class World:
-    pass
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(tmp_path_factory):
-    w = World()
     tmp = tmp_path_factory.mktemp("proxy-creds")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CAPSEM_DATA_DIR", str(tmp / "data"))
-    mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp / "run"))
-    mp.setenv("CAPSEM_TEST_SECRET", SECRET)
-    ca_key, ca_cert = make_ca("capsem test upstream CA")
-    upstream_ca = write_pem(tmp / "upstream-ca.pem", cert=ca_cert)
-    leaf_key, leaf = make_leaf(ca_key, ca_cert, ["*.test.example"], ["127.0.0.1"])
-    cert_file, key_file = write_pem(tmp / "leaf.pem", cert=leaf), write_pem(tmp / "leaf.key", key=leaf_key)
-    sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    sctx.load_cert_chain(cert_file, key_file)
-    w.raw_srv = await asyncio.start_server(_raw_handler, "127.0.0.1", 0, ssl=sctx, limit=1 << 20)
+    w = ProxyWorld(tmp, env={"CAPSEM_TEST_SECRET": SECRET})
+    tls = upstream_tls(tmp, "capsem test upstream CA")
+    w.raw_srv = await asyncio.start_server(_raw_handler, "127.0.0.1", 0, ssl=tls.server_context(), limit=1 << 20)
+    w.on_close(w.raw_srv.close)
     w.RAW = w.raw_srv.sockets[0].getsockname()[1]
     w.h2_log = tmp / "h2.jsonl"
-    w.h2 = subprocess.Popen([find_proxy_python(), "-c", H2_RECORDER, cert_file, key_file, str(w.h2_log)],
+    w.h2 = subprocess.Popen([find_proxy_python(), "-c", H2_RECORDER, tls.cert_file, tls.key_file, str(w.h2_log)],
                             stdout=subprocess.PIPE, text=True)
+    w.on_close(lambda: (w.h2.kill(), w.h2.wait()))
     w.H2 = int(await asyncio.to_thread(w.h2.stdout.readline))
     conf = tmp / "conf"
     conf.mkdir(mode=0o700)
@@ -215,26 +204,11 @@ header = "X-File-Key"
 """
     w.policy = parse_policy(policy_text, "creds-policy.toml")
     assert w.policy.guest_env()["SVC_TOKEN"] == PH
-    w.audit_db = tmp / "audit.sqlite3"
-    w.service = ProxyService(audit_db=w.audit_db, upstream_ca=upstream_ca, log_path=tmp / "proxy.log", workers=1,
-                             resolve={HOST: "127.0.0.1", "file.test.example": "127.0.0.1"})
-    await w.service.start()
-    w.audit = AuditLog(w.audit_db)
-    w.ca_file = str(tmp / "capsem-ca.pem")
-    Path(w.ca_file).write_bytes(ca_cert_pem())
-    ep = await w.service.register("k-creds", w.policy)
-    w.bridge = EgressBridge("k-creds", w.policy, ep, audit=w.audit)
-    e, d = str(tmp / "k.vsock_5002"), str(tmp / "k.vsock_5003")
-    await w.bridge.start(e, d)
-    w.g = Guest(e, d, w.ca_file)
+    await w.start({"k-creds": w.policy}, upstream_ca=tls.ca_file, workers=1,
+                  resolve={HOST: "127.0.0.1", "file.test.example": "127.0.0.1"})
+    w.bridge, w.g = w.bridges["k-creds"], w.guests["k-creds"]
     yield w
-    await w.bridge.close()
-    await w.service.close()
-    w.audit.close()
-    w.h2.kill()
-    w.h2.wait()
-    w.raw_srv.close()
-    mp.undo()
+    await w.close()
 
 
 def exchange(g: Guest, host: str, port: int, raw: bytes) -> bytes:
@@ -371,9 +345,7 @@ async def test_the_declared_query_parameter_gets_the_secret_and_nothing_else(wor
     assert SECRET.encode() not in got and f"X-Echo-Auth: Bearer {PH}".encode() in got
     assert got.count(PH.encode()) >= 4
     # the audit row has the guest's URL (placeholders), never the secret
-    w.audit.flush()
-    rows = await asyncio.to_thread(wait_for, lambda: [r for r in read_events(w.audit_db)
-                                                      if r["kind"] == "http" and "api_key" in (r["url"] or "")])
+    rows = await asyncio.to_thread(w.rows, kind="http", url=lambda u: "api_key" in (u or ""))
     assert rows and all(SECRET not in json.dumps(r) for r in rows)
 
 

@@ -27,12 +27,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capsem_vm.policy import parse_policy
-from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem, read_events
 from capsem_vm.proxy.service import find_proxy_python
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_proxy_fixtures import (H2_RAW_CLIENT, Edge, Guest, header_values, make_ca, make_leaf,  # noqa: E402
-                                 read_http_response, routed_name, wait_for, write_pem)
+from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
+from test_proxy_fixtures import (H2_RAW_CLIENT, Edge, header_values, read_http_response, routed_name,  # noqa: E402
+                                 wait_for)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,19 +46,11 @@ NAMES = (A, OTHER, ALSO, IDN, "nows.test.example", "ws.test.example")
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(tmp_path_factory):
-    class W:
-        pass
-    w = W()
     tmp = tmp_path_factory.mktemp("names")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CAPSEM_DATA_DIR", str(tmp / "data"))
-    mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp / "run"))
-    mp.setenv("CAPSEM_NAMES_SECRET", SECRET)
-    ca_key, ca_cert = make_ca("capsem names test upstream CA")
-    upstream_ca = write_pem(tmp / "upstream-ca.pem", cert=ca_cert)
-    leaf_key, leaf = make_leaf(ca_key, ca_cert, ["*.test.example"], ["127.0.0.1"])
-    w.edge = await asyncio.to_thread(Edge, find_proxy_python(), write_pem(tmp / "leaf.pem", cert=leaf),
-                                     write_pem(tmp / "leaf.key", key=leaf_key))
+    w = ProxyWorld(tmp, env={"CAPSEM_NAMES_SECRET": SECRET})
+    tls = upstream_tls(tmp, "capsem names test upstream CA")
+    w.edge = await asyncio.to_thread(Edge, find_proxy_python(), tls.cert_file, tls.key_file)
+    w.on_close(w.edge.close)
     w.T, w.T1, w.P = w.edge.TLS, w.edge.TLS1, w.edge.PLAIN
     ports = f"[{w.T}, {w.T1}, {w.P}]"
     def allow(name: str, host: str) -> str:
@@ -80,24 +72,11 @@ env = "CAPSEM_NAMES_SECRET"
 header = "Authorization"
 format = "Bearer {{value}}"
 """, "names-policy.toml")
-    w.audit_db = tmp / "audit.sqlite3"
-    w.service = ProxyService(audit_db=w.audit_db, upstream_ca=upstream_ca, resolve={n: "127.0.0.1" for n in NAMES},
-                             header_timeout=10.0, log_path=tmp / "proxy.log", workers=1)
-    await w.service.start()
-    w.audit = AuditLog(w.audit_db)
-    w.ca_file = str(tmp / "capsem-ca.pem")
-    Path(w.ca_file).write_bytes(ca_cert_pem())
-    ep = await w.service.register("k-names", w.policy)
-    w.bridge = EgressBridge("k-names", w.policy, ep, audit=w.audit)
-    e, d = str(tmp / "k-names.vsock_5002"), str(tmp / "k-names.vsock_5003")
-    await w.bridge.start(e, d)
-    w.g = Guest(e, d, w.ca_file)
+    await w.start({"k-names": w.policy}, upstream_ca=tls.ca_file, resolve={n: "127.0.0.1" for n in NAMES},
+                  header_timeout=10.0, workers=1)
+    w.bridge, w.g = w.bridges["k-names"], w.guests["k-names"]
     yield w
-    await w.bridge.close()
-    await w.service.close()
-    w.audit.close()
-    w.edge.close()
-    mp.undo()
+    await w.close()
 
 
 def run(fn, *a, **kw):
@@ -137,9 +116,7 @@ def seen(w, t: str) -> list[dict]:
 
 
 def rows(w, **match):
-    w.audit.flush()
-    return wait_for(lambda: [r for r in read_events(w.audit_db) if all(
-        (v(r[k]) if callable(v) else r[k] == v) for k, v in match.items())], 10)
+    return w.rows(**match)
 
 
 def code_of(row: dict) -> str:

@@ -25,12 +25,12 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from capsem_vm.policy import parse_policy
-from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem, read_events
 
 sys.path.insert(0, str(Path(__file__).parent))
 from path_spellings import denied_spelling, reads_as, rfc_spelling  # noqa: E402
 from raw_upstream import RawUpstream, own_ipv4  # noqa: E402
-from test_proxy_fixtures import Guest, make_ca, make_leaf, recv_exact, wait_for, write_pem  # noqa: E402,F401
+from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
+from test_proxy_fixtures import Guest, recv_exact  # noqa: E402,F401
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,30 +39,23 @@ DOH_GLOBS = ["/dns-query", "/dns-query/*"]
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-class World:
-    pass
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(tmp_path_factory):
-    w = World()
     tmp = tmp_path_factory.mktemp("paths")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CAPSEM_DATA_DIR", str(tmp / "data"))
-    mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp / "run"))
-    ca_key, ca_cert = make_ca("capsem paths test upstream CA")
-    w.upstream_ca = write_pem(tmp / "upstream-ca.pem", cert=ca_cert)
-    leaf_key, leaf = make_leaf(ca_key, ca_cert, ["*.test.example"], ["127.0.0.1"])
-    sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    sctx.load_cert_chain(write_pem(tmp / "leaf.pem", cert=leaf), write_pem(tmp / "leaf.key", key=leaf_key))
+    w = ProxyWorld(tmp, env={})
+    tls = upstream_tls(tmp, "capsem paths test upstream CA")
+    w.upstream_ca = tls.ca_file
     w.own = own_ipv4()
     if w.own is None:
+        w.mp.undo()
         pytest.fail("hostname -I lists no non-loopback IPv4 address of this machine")
     w.http = RawUpstream("127.0.0.1")
-    w.https = RawUpstream("127.0.0.1", ssl_ctx=sctx)
+    w.https = RawUpstream("127.0.0.1", ssl_ctx=tls.server_context())
     w.lab = RawUpstream("127.0.0.2")
     w.own_up = RawUpstream(w.own)
     w.ups = [w.http, w.https, w.lab, w.own_up]
+    for u in w.ups:
+        w.on_close(u.close)
     H, S, L, O = w.http.port, w.https.port, w.lab.port, w.own_up.port
     paths_policy = f"""
 [[rule]]
@@ -137,30 +130,12 @@ action = "allow"
 """
     resolve = {"api.test.example": "127.0.0.1", "pub.test.example": "127.0.0.1", "lab.test.example": "127.0.0.2",
                "own.test.example": w.own, "ownx.test.example": w.own, "ownu.test.example": w.own}
-    w.audit_db = tmp / "audit.sqlite3"
-    w.service = ProxyService(audit_db=w.audit_db, upstream_ca=w.upstream_ca, resolve=resolve,
-                             header_timeout=10.0, log_path=tmp / "proxy.log", workers=2)
-    await w.service.start()
-    w.audit = AuditLog(w.audit_db)
-    ca_file = str(tmp / "capsem-ca.pem")
-    Path(ca_file).write_bytes(ca_cert_pem())
-    w.bridges, w.g = [], {}
-    for kid, text in (("k-paths", paths_policy), ("k-addr", addr_policy)):
-        pol = parse_policy(text, f"{kid}.toml")
-        ep = await w.service.register(kid, pol)
-        b = EgressBridge(kid, pol, ep, audit=w.audit)
-        e, d = str(tmp / f"{kid}.vsock_5002"), str(tmp / f"{kid}.vsock_5003")
-        await b.start(e, d)
-        w.bridges.append(b)
-        w.g[kid] = Guest(e, d, ca_file)
+    await w.start({kid: parse_policy(text, f"{kid}.toml") for kid, text in (("k-paths", paths_policy),
+                                                                          ("k-addr", addr_policy))},
+                  upstream_ca=w.upstream_ca, resolve=resolve, header_timeout=10.0, workers=2)
+    w.g = w.guests
     yield w
-    for b in w.bridges:
-        await b.close()
-    await w.service.close()
-    w.audit.close()
-    for u in w.ups:
-        u.close()
-    mp.undo()
+    await w.close()
 
 
 def raw_get(g: Guest, host: str, port: int, target: bytes, tls: bool = False) -> tuple[dict, int | None, bytes]:
@@ -197,9 +172,7 @@ def _bytes(text: str) -> bytes:
 
 
 def rows(w, **match) -> list[dict]:
-    w.audit.flush()
-    return wait_for(lambda: [r for r in read_events(w.audit_db, limit=100000)
-                             if all(r.get(k) == v for k, v in match.items())], 10)
+    return w.rows(**match)
 
 
 # --- item 2: path spellings ------------------------------------------------------------------------------

@@ -36,13 +36,14 @@ import tornado.web
 from capsem_agent import protocol
 from capsem_vm.policy import parse_policy
 from capsem_vm.policy.codes import CODES
-from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem, read_events
+from capsem_vm.proxy import AuditLog, read_events
 from capsem_vm.proxy import dns
 from capsem_vm.proxy.cli import main as proxy_main
 from capsem_vm.proxy.service import find_proxy_python
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from test_proxy_fixtures import Guest, recv_frame, wait_for  # noqa: E402
+from proxy_world import ProxyWorld  # noqa: E402
+from test_proxy_fixtures import recv_frame, wait_for  # noqa: E402
 
 amark = pytest.mark.asyncio(loop_scope="module")
 
@@ -83,54 +84,33 @@ action = "allow"
 """, "audit-test.toml")
 
 
-class World:
-    pass
-
-
-async def _make_world(tmp: Path, db: Path, *, workers: int = 2) -> World:
+async def _make_world(tmp: Path, db: Path, *, workers: int = 2) -> ProxyWorld:
+    """The real service with kernel k-audit allowed to ok.test.example (a real server); the
+    environment (CAPSEM_DATA_DIR, CAPSEM_RUNTIME_DIR under tmp) is set until w.close()."""
     try:
         find_proxy_python()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"proxy venv missing: {exc}")
-    w = World()
-    w.tmp, w.db = tmp, db
+    w = ProxyWorld(tmp, env={})
+    w.db = db
     w.srv, w.port = _server()
+    w.on_close(w.srv.stop)
     w.policy = _policy(w.port)
-    w.log_path = tmp / "proxy.log"
-    w.service = ProxyService(audit_db=db, resolve={"ok.test.example": "127.0.0.1"}, log_path=w.log_path,
-                             workers=workers)
-    await w.service.start()
-    w.audit = AuditLog(db)
-    ep = await w.service.register("k-audit", w.policy)
-    w.bridge = EgressBridge("k-audit", w.policy, ep, audit=w.audit)
-    w.egress, w.dns = str(tmp / "k.vsock_5002"), str(tmp / "k.vsock_5003")
-    await w.bridge.start(w.egress, w.dns)
-    ca = tmp / "ca.pem"
-    ca.write_bytes(ca_cert_pem())
-    w.g = Guest(w.egress, w.dns, str(ca))
+    await w.start({"k-audit": w.policy}, audit_db=db, resolve={"ok.test.example": "127.0.0.1"}, workers=workers)
+    w.bridge, w.g = w.bridges["k-audit"], w.guests["k-audit"]
+    w.egress, w.dns = w.g.egress_path, w.g.dns_path
     return w
-
-
-async def _close_world(w: World) -> None:
-    await w.bridge.close()
-    await w.service.close()
-    w.audit.close()
-    w.srv.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CAPSEM_DATA_DIR", str(tmp / "data"))
-    mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp / "run"))
     w = await _make_world(tmp, tmp / "audit.sqlite3")
     yield w
-    await _close_world(w)
-    mp.undo()
+    await w.close()
 
 
-async def barrier(w: World) -> None:
+async def barrier(w: ProxyWorld) -> None:
     """What a reader does: the proxy workers' half and this process's half (egress.audit_barrier)."""
     assert await w.service.flush_audit()
     assert await asyncio.to_thread(w.audit.flush)
@@ -145,7 +125,7 @@ def _raw_dns(labels: list[bytes], qtype: int = dns.TYPE_A) -> bytes:
     return dns.HEADER.pack(0x4242, dns.RD, 1, 0, 0, 0) + wire + struct.pack(">HH", qtype, dns.CLASS_IN)
 
 
-def _dns_exchange(w: World, query: bytes) -> dict:
+def _dns_exchange(w: ProxyWorld, query: bytes) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(w.dns)
@@ -153,7 +133,7 @@ def _dns_exchange(w: World, query: bytes) -> dict:
         return recv_frame(s)
 
 
-def _raw_http(w: World, request: bytes) -> bytes:
+def _raw_http(w: ProxyWorld, request: bytes) -> bytes:
     """A request written byte for byte (http.client refuses control characters in a path)."""
     s, reply = w.g.open("ok.test.example", w.port)
     with s:
@@ -455,9 +435,6 @@ class _Locker:
 @pytest.mark.parametrize("breakage", ["disk-full", "locked"])
 async def test_unwritable_database_refuses_egress_with_audit_unavailable_then_recovers(tmp_path, tiny_tmpfs,
                                                                                       breakage):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CAPSEM_DATA_DIR", str(tmp_path / "data"))
-    mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp_path / "run"))
     w = await _make_world(tmp_path, tiny_tmpfs / "audit.sqlite3", workers=1)
     try:
         assert (await run(w.g.http, "GET", "ok.test.example", w.port, "/ok")).status == 200
@@ -508,8 +485,7 @@ async def test_unwritable_database_refuses_egress_with_audit_unavailable_then_re
         assert any(r["code"] == "audit-unavailable" for r in rows)
         assert "works again" in w.log_path.read_text()
     finally:
-        await _close_world(w)
-        mp.undo()
+        await w.close()
 
 
 def test_node_field_is_empty_locally_and_settable(tmp_path, monkeypatch):
