@@ -24,6 +24,7 @@ from capsem_vm.proxy.service import find_proxy_python
 
 sys.path.insert(0, str(Path(__file__).parent))
 from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
+from raw_upstream import RawUpstream  # noqa: E402
 from test_proxy_fixtures import Guest  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -32,51 +33,6 @@ SECRET = "s3cr3t-" + os.urandom(8).hex()
 FILE_SECRET = "f1le-" + os.urandom(8).hex()
 PH = "capsem-placeholder-svc"
 HOST = "secret.test.example"
-
-# --- a recording HTTP/1.1 upstream (every byte of every request) ----------------------------------
-
-RAW_SEEN: list[bytes] = []
-
-
-async def _read_request(reader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    raw = head
-    fields = {}
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.partition(b":")
-        fields[k.strip().lower()] = v.strip()
-    if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            raw += line
-            size = int(line.split(b";")[0].strip(), 16)
-            if size == 0:
-                while True:  # trailers, then an empty line
-                    t = await reader.readuntil(b"\r\n")
-                    raw += t
-                    if t == b"\r\n":
-                        return raw
-            raw += await reader.readexactly(size + 2)
-    n = int(fields.get(b"content-length", b"0") or 0)
-    return raw + (await reader.readexactly(n) if n else b"")
-
-
-async def _raw_handler(reader, writer):
-    try:
-        raw = await _read_request(reader)
-        RAW_SEEN.append(raw)
-        auth = next((line.partition(b":")[2].strip() for line in raw.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
-                     if line.lower().startswith(b"authorization:")), b"")
-        # echo everything back: the guest must still see only placeholders (response scrubbing)
-        body = json.dumps({"raw": raw.decode("latin-1")}).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Echo-Auth: " + auth
-                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-        await writer.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
-        pass
-    finally:
-        writer.close()
-
 
 # --- a recording HTTP/2 upstream (h2 lives in the proxy venv) ---------------------------------------
 
@@ -166,9 +122,10 @@ async def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proxy-creds")
     w = ProxyWorld(tmp, env={"CAPSEM_TEST_SECRET": SECRET})
     tls = upstream_tls(tmp, "capsem test upstream CA")
-    w.raw_srv = await asyncio.start_server(_raw_handler, "127.0.0.1", 0, ssl=tls.server_context(), limit=1 << 20)
-    w.on_close(w.raw_srv.close)
-    w.RAW = w.raw_srv.sockets[0].getsockname()[1]
+    # every byte of every HTTP/1.1 request, echoed back: the guest must still see only placeholders
+    w.raw = RawUpstream("127.0.0.1", ssl_ctx=tls.server_context(), echo=True)
+    w.on_close(w.raw.close)
+    w.RAW = w.raw.port
     w.h2_log = tmp / "h2.jsonl"
     w.h2 = subprocess.Popen([find_proxy_python(), "-c", H2_RECORDER, tls.cert_file, tls.key_file, str(w.h2_log)],
                             stdout=subprocess.PIPE, text=True)
@@ -316,15 +273,15 @@ async def test_the_secret_lands_only_in_the_declared_header_and_query_parameter(
     secret = SECRET.encode()
     failures = []
     for name, (raw, kept) in spellings(w.RAW).items():
-        RAW_SEEN.clear()
+        w.raw.clear()
         got = await asyncio.to_thread(exchange, w.g, HOST, w.RAW, raw)
-        if not RAW_SEEN:
+        if not w.raw.requests:
             # a ';' parameter is an ambiguous path: refused before any credential is placed
             if not (name in REFUSED_AS_AMBIGUOUS and got.startswith(b"HTTP/1.1 403")
                     and b'rule="ambiguous-path"' in got):
                 failures.append(f"{name}: never reached the upstream ({got[:200]!r})")
             continue
-        seen = RAW_SEEN[-1]
+        seen = w.raw.requests[-1]
         failures += [f"{name}: the secret is in the {where}" for where in misplaced(seen, secret)]
         failures += [f"{name}: {k[:80]!r} did not go out as the guest wrote it" for k in kept if k not in seen]
         if secret in got or SECRET.encode() in got.replace(b"\\", b""):
@@ -334,10 +291,10 @@ async def test_the_secret_lands_only_in_the_declared_header_and_query_parameter(
 
 async def test_the_declared_query_parameter_gets_the_secret_and_nothing_else(world):
     w = world
-    RAW_SEEN.clear()
+    w.raw.clear()
     got = await asyncio.to_thread(exchange, w.g, HOST, w.RAW,
                                   req("GET", f"/echo/{PH}?a={PH}&api_key={PH}&b=2&api_key={PH}", port=w.RAW))
-    seen = RAW_SEEN[-1]
+    seen = w.raw.requests[-1]
     target = seen.split(b" ")[1]
     assert target == f"/echo/{PH}?a={PH}&api_key={SECRET}&b=2&api_key={SECRET}".encode()
     assert misplaced(seen, SECRET.encode()) == []
@@ -373,19 +330,19 @@ async def test_an_http2_request_gets_the_secret_only_in_the_declared_places(worl
 
 async def test_a_credential_file_that_became_unsafe_refuses_the_request(world):
     w = world
-    RAW_SEEN.clear()
+    w.raw.clear()
     raw = req("GET", "/echo", port=w.RAW).replace(HOST.encode(), b"file.test.example")
     got = await asyncio.to_thread(exchange, w.g, "file.test.example", w.RAW, raw)
-    assert got.startswith(b"HTTP/1.1 200") and misplaced(RAW_SEEN[-1], FILE_SECRET.encode(), b"x-file-key",
+    assert got.startswith(b"HTTP/1.1 200") and misplaced(w.raw.requests[-1], FILE_SECRET.encode(), b"x-file-key",
                                                         FILE_SECRET.encode()) == []
     # made group-writable after the kernel started: the proxy's own read refuses it, nothing is sent
     w.secret_file.chmod(0o620)
     try:
-        RAW_SEEN.clear()
+        w.raw.clear()
         got = await asyncio.to_thread(exchange, w.g, "file.test.example", w.RAW, raw)
         assert got.startswith(b"HTTP/1.1 403"), got[:300]
         assert b'rule="credential"' in got and b"writable by other users" in got and FILE_SECRET.encode() not in got
-        assert RAW_SEEN == []
+        assert w.raw.requests == []
         # swapped for a symlink to a file with the same mode bits: refused too (O_NOFOLLOW)
         w.secret_file.chmod(0o600)
         other = w.secret_file.with_name("other")
@@ -394,7 +351,7 @@ async def test_a_credential_file_that_became_unsafe_refuses_the_request(world):
         os.rename(w.secret_file, w.secret_file.with_name("moved"))
         os.symlink(other, w.secret_file)
         got = await asyncio.to_thread(exchange, w.g, "file.test.example", w.RAW, raw)
-        assert got.startswith(b"HTTP/1.1 403") and b"symbolic link" in got and RAW_SEEN == []
+        assert got.startswith(b"HTTP/1.1 403") and b"symbolic link" in got and w.raw.requests == []
     finally:
         if w.secret_file.is_symlink():
             w.secret_file.unlink()
