@@ -1,5 +1,29 @@
 """Attack programs run inside the guest (python3 -c SCRIPT args...). Each prints one JSON line."""
 
+# Pieces the probe scripts start with (here and in test_share_guard, which runs them on the host).
+# TRY: res, and t(key, f) storing "ok" or the errno name f() failed with in res[key].
+TRY = r"""
+import errno
+res = {}
+def t(key, f):
+    try:
+        f(); res[key] = "ok"
+    except OSError as e:
+        res[key] = errno.errorcode.get(e.errno, str(e.errno))
+"""
+# SYSCALL: sc(*a), a raw syscall (numbers for x86_64) returning its result or raising OSError(errno).
+SYSCALL = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def sc(*a):
+    r = libc.syscall(*a)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+"""
+
 # Connect to ports argv[2]..argv[3] of CID argv[1] with many connects in flight (a refused vsock
 # connect to the host takes the guest's 2 s connect timeout: the backend drops it silently).
 PORT_SCAN = r"""
@@ -274,24 +298,16 @@ print(json.dumps(result))
 # marker path (what the planted commands would create on the host), seconds (< 0: only the symlink
 # attempts at the end). Prints the outcome of each kind of attempt (the set of results seen) and
 # how many rounds ran.
-SHARE_PLANTS = r"""
+SHARE_PLANTS = SYSCALL + r"""
 import ctypes, errno, json, os, shutil, stat, sys, time
 share, marker, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
 res = {}
-def t(key, f):
+def t(key, f):  # every result seen (the attempts repeat)
     try:
         f(); got = "ok"
     except OSError as e:
         got = errno.errorcode.get(e.errno, str(e.errno))
     res.setdefault(key, set()).add(got)
-def sc(*a):
-    r = libc.syscall(*a)
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return r
 CMD = f"touch {marker}"
 CONFIG = (f"[core]\n\tbare = false\n\tfsmonitor = {CMD}\n\thooksPath = hooks\n\tpager = {CMD}\n"
           f"\tsshCommand = {CMD}\n[alias]\n\tst = !{CMD}\n[filter \"x\"]\n\tclean = {CMD}\n\tsmudge = {CMD}\n")

@@ -22,6 +22,9 @@ from capsem_vm import repo_names
 from capsem_vm.process import spawn
 from capsem_vm.share_guard import ShareGuard
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import guest_scripts as gs  # noqa: E402
+
 REPO_SPELLINGS = [".git", ".GIT", ".Git", ".git.", ".git ", ".git. .", ".g\u200cit", "\ufeff.git", "\uff0egit",
                   "git~1", "GIT~1", ".git::$INDEX_ALLOCATION", "HEAD", "head", "Head", "HEAD.", "HEAD ",
                   "H\u200dEAD", ".hg", ".HG"]
@@ -29,25 +32,11 @@ ORDINARY = ["notes.txt", ".gitignore", ".github", ".gitattributes", "heads", "HE
             "my.git", ".hgignore", "HEAD~", "data"]
 
 # argv: dir. Tries every way to give something in dir (and at depth a/b/c) a name; prints results.
-PROBE = r"""
+PROBE = gs.TRY + gs.SYSCALL + r"""
 import ctypes, errno, json, os, sys
 d = sys.argv[1]
 names = json.loads(sys.argv[2])
 ordinary = json.loads(sys.argv[3])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-res = {}
-def t(key, f):
-    try:
-        f(); res[key] = "ok"
-    except OSError as e:
-        res[key] = errno.errorcode.get(e.errno, str(e.errno))
-def sc(*a):
-    r = libc.syscall(*a)
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return r
 j = lambda *p: os.path.join(d, *p).encode()
 os.chdir(d)  # rename sources are single names, as virtiofsd gives them (see share_guard.py)
 src_n = [0]
@@ -125,16 +114,10 @@ print(json.dumps(res))
 """
 
 # argv: dir. Waits for a line on stdin, then tries to create names (after the guard is gone).
-AFTER = r"""
+AFTER = gs.TRY + r"""
 import errno, json, os, sys
 d = sys.argv[1]
 sys.stdin.readline()
-res = {}
-def t(key, f):
-    try:
-        f(); res[key] = "ok"
-    except OSError as e:
-        res[key] = errno.errorcode.get(e.errno, str(e.errno))
 t("create", lambda: os.close(os.open(os.path.join(d, "late.txt"), os.O_CREAT | os.O_WRONLY)))
 t("create .git", lambda: os.close(os.open(os.path.join(d, ".git"), os.O_CREAT | os.O_WRONLY)))
 t("mkdir", lambda: os.mkdir(os.path.join(d, "late")))
@@ -234,26 +217,16 @@ async def test_a_child_that_never_sends_its_listener_is_not_trusted(tmp_path):
 
 
 # argv: dir. Writes into repositories the host made (after the guard started): every way in.
-INTO = r"""
+INTO = gs.TRY + gs.SYSCALL + r"""
 import ctypes, errno, json, os, sys
 d = sys.argv[1]
 sys.stdin.readline()  # the host makes its repositories first
 os.chdir(d)
-libc = ctypes.CDLL(None, use_errno=True)
-res = {}
-def t(key, f):
-    try:
-        f(); res[key] = "ok"
-    except OSError as e:
-        res[key] = errno.errorcode.get(e.errno, str(e.errno))
 W = os.O_WRONLY | os.O_APPEND
 def reopen(path, flags):  # as virtiofsd does: an O_PATH fd, reopened through /proc/self/fd
     fd = os.open(path, os.O_PATH)
     proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
     os.close(os.open(str(fd), flags, dir_fd=proc))
-def sc(*a):
-    if libc.syscall(*a) < 0:
-        raise OSError(ctypes.get_errno(), "")
 open("plain.txt", "w").close()
 open("moveme", "w").close()
 for repo in ("proj/.git", "bare.git", "nested/lib/.GIT"):
