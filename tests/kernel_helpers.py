@@ -9,6 +9,7 @@
   (runtime dir) or of a given shared folder (virtiofsd's command line names the folder).
 - `execute(kc, code)`: run code, collect the iopub messages of that request until idle.
 - `vm_exec(vm, argv)`: run a command in a VM through the agent's exec (a command, not a cell).
+- `running_vm(config, env)`: a started VM (no kernel) for a module's attacks, stopped at the end.
 
 Timeouts are generous: under TCG the guest is ~10x slower than KVM, and the machine is shared.
 """
@@ -16,6 +17,7 @@ Timeouts are generous: under TCG the guest is ~10x slower than KVM, and the mach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -185,6 +187,29 @@ def run_ok(kc, code: str, timeout: float = CELL_TIMEOUT) -> str:
 def cell_json(kc, code: str, timeout: float = CELL_TIMEOUT):
     """Execute `code`, assert it succeeded, parse the last line it printed as JSON."""
     return json.loads(run_ok(kc, code, timeout).strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def running_vm(config, env: dict[str, str]):
+    """A started capsem_vm.vm.VM of `config`, with `env` (CAPSEM_RUNTIME_DIR, ...) set in
+    os.environ from before it is made until it has stopped; the environment is restored after."""
+    from capsem_kernel import loop_thread
+    from capsem_vm.vm import VM
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        vm = VM(config)
+        try:
+            loop_thread.run_sync(vm.start(), timeout=400)
+            yield vm
+        finally:
+            loop_thread.run_sync(vm.stop(), timeout=120)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def vm_exec(vm, argv: list[str], timeout: float = 300, **exec_kw) -> tuple[int, str, str]:

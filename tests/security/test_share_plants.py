@@ -29,12 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import guest_scripts as gs  # noqa: E402
 from conftest import helper_processes  # noqa: E402
-from kernel_helpers import vm_exec  # noqa: E402
+from kernel_helpers import running_vm, vm_exec  # noqa: E402
 
-from capsem_kernel import loop_thread  # noqa: E402
 from capsem_vm import repo_names  # noqa: E402
 from capsem_vm.config import Share, VMConfig  # noqa: E402
-from capsem_vm.vm import VM  # noqa: E402
 
 pytestmark = pytest.mark.vm
 OWNER = 4321  # the share belongs to a non-root user, who runs git on the host
@@ -83,18 +81,11 @@ def env(image_dir):
                                             e.share / "lib.git" / "config", e.share / "wt" / ".git"]}
     e.runtime = Path("/tmp") / f"capsem-plants-{os.getpid()}"
     e.runtime.mkdir(mode=0o700)
-    saved = os.environ.get("CAPSEM_RUNTIME_DIR")
-    os.environ["CAPSEM_RUNTIME_DIR"] = str(e.runtime)
-    e.vm = VM(VMConfig(memory_mb=512, cpus=1, shares=(Share(e.share, "nb"),)))
     try:
-        loop_thread.run_sync(e.vm.start(), timeout=400)
-        yield e
+        with running_vm(VMConfig(memory_mb=512, cpus=1, shares=(Share(e.share, "nb"),)),
+                        {"CAPSEM_RUNTIME_DIR": str(e.runtime)}) as e.vm:
+            yield e
     finally:
-        loop_thread.run_sync(e.vm.stop(), timeout=120)
-        if saved is None:
-            os.environ.pop("CAPSEM_RUNTIME_DIR", None)
-        else:
-            os.environ["CAPSEM_RUNTIME_DIR"] = saved
         assert helper_processes(str(e.runtime), f"source={e.share}") == []
         shutil.rmtree(e.runtime, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)

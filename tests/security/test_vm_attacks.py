@@ -26,12 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import guest_scripts as gs  # noqa: E402
 from conftest import helper_processes  # noqa: E402
-from kernel_helpers import vm_exec  # noqa: E402
+from kernel_helpers import running_vm, vm_exec  # noqa: E402
 
 from capsem_kernel import loop_thread  # noqa: E402
 from capsem_vm import privsep  # noqa: E402
 from capsem_vm.config import Share, VMConfig  # noqa: E402
-from capsem_vm.vm import VM  # noqa: E402
 
 pytestmark = pytest.mark.vm
 SHARE_OWNER = 4321  # the rw share belongs to a non-root user: virtiofsd must run as that user
@@ -81,22 +80,15 @@ def env(tmp_path_factory, image_dir):
     e.before_root_outside = _snapshot(e.root_outside)
     e.runtime = Path("/tmp") / f"capsem-sec-{os.getpid()}"
     e.runtime.mkdir(mode=0o700)
-    saved = os.environ.get("CAPSEM_RUNTIME_DIR")
-    os.environ["CAPSEM_RUNTIME_DIR"] = str(e.runtime)
     e.before_outside = _snapshot(e.outside)
     e.events = []
-    e.vm = VM(VMConfig(memory_mb=MEMORY_MB, cpus=1, shares=(Share(e.share, "nb"), Share(e.ro, "ro", readonly=True),
-                                                                  Share(e.rootshare, "rootnb"))))
     try:
-        loop_thread.run_sync(e.vm.start(), timeout=400)
-        e.vm.on_event = e.events.append
-        yield e
+        with running_vm(VMConfig(memory_mb=MEMORY_MB, cpus=1, shares=(
+                Share(e.share, "nb"), Share(e.ro, "ro", readonly=True), Share(e.rootshare, "rootnb"))),
+                {"CAPSEM_RUNTIME_DIR": str(e.runtime)}) as e.vm:
+            e.vm.on_event = e.events.append
+            yield e
     finally:
-        loop_thread.run_sync(e.vm.stop(), timeout=120)
-        if saved is None:
-            os.environ.pop("CAPSEM_RUNTIME_DIR", None)
-        else:
-            os.environ["CAPSEM_RUNTIME_DIR"] = saved
         assert helper_processes(str(e.runtime), str(e.share), str(e.ro), str(e.rootshare)) == []
         shutil.rmtree(e.runtime, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)

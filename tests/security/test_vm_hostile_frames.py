@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import guest_scripts as gs  # noqa: E402
-from kernel_helpers import vm_exec  # noqa: E402
+from kernel_helpers import running_vm, vm_exec  # noqa: E402
 
 from capsem_kernel import loop_thread  # noqa: E402
 from capsem_vm import egress as host_egress  # noqa: E402
@@ -34,7 +34,6 @@ from capsem_vm.config import EgressConfig, VMConfig  # noqa: E402
 from capsem_vm.errors import VMError  # noqa: E402
 from capsem_vm.proxy import read_events  # noqa: E402
 from capsem_vm.proxy.cli import main as proxy_main  # noqa: E402
-from capsem_vm.vm import VM  # noqa: E402
 
 pytestmark = pytest.mark.vm
 KERNEL_ID = "k-hostile-" + os.urandom(4).hex()  # unique: the audit database may be shared
@@ -94,29 +93,21 @@ class Env:
 def env(image_dir):
     e = Env()
     base = Path(tempfile.mkdtemp(prefix="capsem-hostile-"))
-    saved = {k: os.environ.get(k) for k in ("CAPSEM_RUNTIME_DIR", "CAPSEM_CONFIG_DIR", "CAPSEM_DATA_DIR")}
     own_audit = host_egress._audit is None  # a private audit database, unless this process has one open
+    env = {"CAPSEM_RUNTIME_DIR": str(base / "run"),
+           "CAPSEM_CONFIG_DIR": str(base / "config")}  # no user policy: deny-all, no proxy
     if own_audit:
-        os.environ["CAPSEM_DATA_DIR"] = str(base / "data")
-    os.environ["CAPSEM_RUNTIME_DIR"] = str(base / "run")
-    os.environ["CAPSEM_CONFIG_DIR"] = str(base / "config")  # no user policy: deny-all, no proxy
+        env["CAPSEM_DATA_DIR"] = str(base / "data")
     (base / "run").mkdir(mode=0o700)
     e.events = []
-    e.vm = VM(VMConfig(memory_mb=512, cpus=1, egress=EgressConfig(kernel_id=KERNEL_ID)))
     try:
-        loop_thread.run_sync(e.vm.start(), timeout=400)
-        e.vm.on_event = e.events.append
-        yield e
+        with running_vm(VMConfig(memory_mb=512, cpus=1, egress=EgressConfig(kernel_id=KERNEL_ID)), env) as e.vm:
+            e.vm.on_event = e.events.append
+            yield e
     finally:
-        loop_thread.run_sync(e.vm.stop(), timeout=120)
         if own_audit and host_egress._audit is not None:
             host_egress._audit.close()
             host_egress._audit = None
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(base, ignore_errors=True)
 
 
