@@ -109,10 +109,20 @@ def redact_url(url: str, secrets: list[str] = ()) -> str:
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = parts.query
     if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(f"{quote(k, safe='')}={'REDACTED' if SECRET_KEYS.search(k) else quote(v, safe='')}"
-                         for k, v in pairs)
+        # surrogateescape both ways: query bytes that are not UTF-8 (mitmproxy hands them over as
+        # lone surrogates, escaped or raw) come back out as the same %XX, and nothing here raises
+        # (a raise would lose the row of a request that already went out)
+        pairs = parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
+        query = "&".join(f"{_quote(k)}={'REDACTED' if SECRET_KEYS.search(k) else _quote(v)}" for k, v in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))[:MAX_TEXT]
+
+
+def _quote(text: str) -> str:
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # U+DC80-U+DCFF: the byte it stood for
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogatepass")    # any other lone surrogate: its own bytes
+    return quote(data, safe="")
 
 
 def migrate(con: sqlite3.Connection) -> None:
