@@ -160,6 +160,7 @@ DISPATCH = textwrap.dedent('''
 
     class Boom:
         def requestheaders(self, flow): raise RuntimeError("bug in a check")
+        def server_connect(self, data): raise RuntimeError("bug in an address check")
 
     class C:
         async def requestheaders(self, flow): calls.append("C")
@@ -176,6 +177,11 @@ DISPATCH = textwrap.dedent('''
         g = tflow.tflow(resp=True)
         await master.addons.handle_lifecycle(HttpResponseHook(g))
         assert calls[-1] == "C.response" and g.live and g.error is None
+        from mitmproxy.proxy import server_hooks
+        data = server_hooks.ServerConnectionHookData(tflow.tserver_conn(), tflow.tclient_conn())
+        data.server.error = None
+        await master.addons.handle_lifecycle(server_hooks.ServerConnectHook(data))
+        assert data.server.error, "a raising server_connect check must fail the connection"
         print("ok")
     asyncio.run(main())
 ''')
