@@ -227,3 +227,35 @@ def test_redact_url_is_total_and_keeps_query_bytes():
         assert "token=REDACTED" in out
     prop()
     assert redact_url("https://h.test/x?a=\udc80&k\udcff=%ff") == "https://h.test/x?a=%80&k%FF=%FF"
+
+
+def test_a_full_audit_queue_makes_the_log_unavailable_until_it_drains(tmp_path, monkeypatch):
+    """A writer stalled (a slow or locked disk, within the busy timeout) lets the queue fill; rows
+    past max_queue are dropped. Before, `available` stayed True meanwhile: egress went on and its
+    rows were dropped (only counted). Now a full queue refuses egress like an unwritable database,
+    and egress comes back once the writer has drained it."""
+    import sqlite3
+    import time
+
+    from capsem_vm.proxy import audit as audit_mod
+    monkeypatch.setattr(audit_mod, "BUSY_TIMEOUT", 30.0)
+    db = tmp_path / "audit.sqlite3"
+    log = AuditLog(db, max_queue=10)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # the writer now waits inside its busy timeout, not failing
+    try:
+        log.record("k", "http", url="https://x.test/first", decision="allow")
+        time.sleep(audit_mod.BATCH_WINDOW + 0.5)  # the writer took it and is stuck on the lock
+        assert log.available
+        for i in range(10):
+            log.record("k", "http", url=f"https://x.test/{i}", decision="allow")
+        assert not log.available
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    deadline = time.monotonic() + 20
+    while not log.available and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.available
+    log.close()
+    assert len([r for r in read_events(db) if r["kind"] == "http"]) == 11

@@ -185,12 +185,19 @@ class AuditLog:
         self._dropped = 0
         self._lock = threading.Lock()
         self._unwritten = 0   # rows the writer holds after a failed write
-        self.available = True  # False while the database cannot be written: egress is refused
+        self._writable = True  # False while the database cannot be written (see `available`)
         self.last_error: str | None = None
         self.rotations = 0
         connect(self.db_path).close()  # fail early (and create the schema) in the caller
         self._thread = threading.Thread(target=self._run, name="capsem-audit", daemon=True)
         self._thread.start()
+
+    @property
+    def available(self) -> bool:
+        """False while rows could not be kept: the database cannot be written, or the queue is full
+        (the writer stalled on a slow disk). Egress is then refused (bridge, proxy addons), never
+        sent with its row dropped."""
+        return self._writable and len(self._rows) < self.max_queue
 
     def record(self, kernel: str, kind: str, **fields) -> None:
         ts = fields.pop("ts", None) or time.time()
@@ -318,16 +325,16 @@ class AuditLog:
             del batch[:i]
             self._failed(exc)
             return False
-        if not self.available:
-            self.available = True
+        if not self._writable:
+            self._writable = True
             print(f"capsem audit: writing {self.db_path} works again; egress is allowed again",
                   file=sys.stderr, flush=True)
         return True
 
     def _failed(self, exc: BaseException) -> None:
         self.last_error = f"{exc.__class__.__name__}: {exc}"
-        if self.available:
-            self.available = False
+        if self._writable:
+            self._writable = False
             print(f"capsem audit: cannot write {self.db_path} ({self.last_error}): new egress is refused "
                   "(code audit-unavailable) until it can", file=sys.stderr, flush=True)
 
