@@ -259,3 +259,29 @@ def test_a_full_audit_queue_makes_the_log_unavailable_until_it_drains(tmp_path, 
     assert log.available
     log.close()
     assert len([r for r in read_events(db) if r["kind"] == "http"]) == 11
+
+
+def test_a_rotation_that_fails_after_its_commit_writes_no_row_twice(tmp_path):
+    """_write commits a chunk, then rotates; a rotation that fails (disk full while deleting) made
+    the retry write the committed chunk again (duplicate rows)."""
+    import sqlite3
+    import time
+
+    db = tmp_path / "audit.sqlite3"
+    log = AuditLog(db)
+    rotate, failed = log._rotate, []
+
+    def rotate_failing_once(con):
+        if not failed:
+            failed.append(1)
+            raise sqlite3.OperationalError("database or disk is full")
+        return rotate(con)
+    log._rotate = rotate_failing_once
+    for i in range(5):
+        log.record("k", "http", url=f"https://x.test/{i}", decision="allow")
+    deadline = time.monotonic() + 10
+    while not (failed and log.flush(1)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log.close()
+    assert failed
+    assert sorted(r["url"] for r in read_events(db) if r["kind"] == "http") == [f"https://x.test/{i}" for i in range(5)]

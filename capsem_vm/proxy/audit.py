@@ -309,11 +309,13 @@ class AuditLog:
             return None
 
     def _write(self, con: sqlite3.Connection, sql: str, batch: list) -> bool:
+        committed = 0
         try:
             for i in range(0, len(batch), CHUNK):
                 con.execute("BEGIN IMMEDIATE")
                 con.executemany(sql, batch[i:i + CHUNK])
                 con.execute("COMMIT")
+                committed = min(i + CHUNK, len(batch))
                 self._rotate(con)  # per chunk: the database exceeds its cap by at most one chunk
         except (sqlite3.Error, OSError) as exc:
             try:
@@ -321,8 +323,9 @@ class AuditLog:
                     con.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            # why: rows of committed chunks must not be written twice
-            del batch[:i]
+            # why: rows of committed chunks must not be written twice (a rotation can fail after
+            # its chunk's COMMIT)
+            del batch[:committed]
             self._failed(exc)
             return False
         if not self._writable:
