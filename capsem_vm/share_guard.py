@@ -227,13 +227,19 @@ class ShareGuard:
     by `python -I seccomp.py` inside the user namespace, with `pass_fds`), then `await attach(proc)`.
     The supervisor thread ends when virtiofsd is gone (or on close())."""
 
-    def __init__(self, label: str = "share"):
+    def __init__(self, label: str = "share", armed: bool = True):
         self.label = label
         self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.filter = seccomp.Filter(listener_to=self._theirs.fileno())
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         self.refused = 0
+        # Until armed, calls are let through unjudged: a root capsem's idmap stage (capsem's own
+        # code, idmap_share.py) runs under this filter and mirrors the folder's host path on its
+        # tmpfs, and a folder such as /srv/Head/nb must not be refused for its parent's name. The
+        # guest cannot reach virtiofsd before start_virtiofsd returns (QEMU connects after), and
+        # start_virtiofsd arms the guard before it returns (after the stage reported ready).
+        self.armed = armed
         self.allowed = 0
         self._last_log = 0.0
 
@@ -320,7 +326,8 @@ class ShareGuard:
             raise OSError(e, "SECCOMP_IOCTL_NOTIF_RECV")
         resp = _Resp(notif.id, 0, 0, _SECCOMP_USER_NOTIF_FLAG_CONTINUE)
         try:
-            judge(notif.data.nr, notif.pid, notif.data.args)
+            if self.armed:
+                judge(notif.data.nr, notif.pid, notif.data.args)
             self.allowed += 1
         except Refused as refusal:
             resp.error, resp.flags = -refusal.errno, 0

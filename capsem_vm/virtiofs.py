@@ -172,7 +172,23 @@ def protected_paths(root: Path) -> list[Path]:
     if root in found:
         raise VMError(f"refusing to share {root} writable: it holds a HEAD file (it is, or could be made, "
                       "a git repository whose configuration host git would run)", "share it read-only")
+    inside = _inside_a_git_directory(root)
+    if inside is not None:
+        raise VMError(f"refusing to share {root} writable: it is inside {inside}, a repository's own directory "
+                      "(hooks and configuration there are run by host git)", "share it read-only")
     return found
+
+
+def _inside_a_git_directory(root: Path) -> Path | None:
+    """The ancestor of `root` that is a repository's own directory (named like .git/.hg, or holding
+    a HEAD file), or None. Why: the share guard sees paths from the share's root down only, so a share
+    such as repo/.git/hooks would let the guest write the hooks host git runs."""
+    for d in root.parents:
+        if repo_names.repository_name(d.name) not in (None, repo_names.REPOSITORY_NAMES["head"]):
+            return d
+        if os.path.isfile(d / "HEAD"):  # a git directory (bare, or a .git by another name)
+            return d
+    return None
 
 
 def share_mount_base() -> Path:
@@ -244,7 +260,9 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
             ro = [str(source / p.relative_to(folder)) for p in await asyncio.to_thread(protected_paths, folder)]
         else:
             ro = []
-        guard = ShareGuard(share.tag)  # virtiofsd's name-creating and writing calls are checked by this thread
+        # virtiofsd's name-creating and writing calls are checked by this thread; armed once the idmap
+        # stage (if any) is done: it mirrors the folder's host path, whose names are not the guest's
+        guard = ShareGuard(share.tag, armed=lease is None)
         pass_fds += guard.pass_fds
         if filter_inside:
             inner = guard.wrap(inner)
@@ -278,6 +296,7 @@ async def start_virtiofsd(share: Share, paths_: RuntimePaths, qemu_identity: Ide
             except BaseException:
                 await proc.stop(grace=1)
                 raise
+            guard.armed = True  # before virtiofsd can serve anything: QEMU connects after we return
         return proc
     finally:
         sock.close()  # the child holds its own copy

@@ -56,3 +56,22 @@ def test_a_hostile_frame_layout_is_counted_not_parsed():
         buf.append(("iopub", parts))
     assert buf.size <= buf.cap + buf.reserve
     buf.add_note(Session(key=KEY))
+
+
+def test_headers_nested_deep_within_the_parse_bound_never_raise():
+    """A header or parent header of at most HEADER_PARSE_MAX bytes can still nest ~2000 deep:
+    json.loads raises RecursionError (not a ValueError) on it. The guest kernel chooses these bytes;
+    before, append() raised into jupyter_server's ZMQ callback (a traceback logged per message, the
+    message neither kept nor counted) and add_note() raised on reconnect (no replay)."""
+    from capsem_kernel.server.offline_buffer import HEADER_PARSE_MAX
+    buf = CappedBuffer(1 << 20, "kid")
+    while buf.size + 10000 <= buf.cap:  # up to the cap: what follows is parsed
+        buf.append(("iopub", [b"x" * 1000]))
+    before = buf.dropped + len(buf)
+    for deep in (b"[" * (HEADER_PARSE_MAX // 2) + b"]" * (HEADER_PARSE_MAX // 2),
+                 b'{"msg_type":' + b"[" * 1500 + b"]" * 1500 + b"}"):
+        assert len(deep) <= HEADER_PARSE_MAX
+        buf.append(("iopub", [b"<IDS|MSG>", b"sig", deep, deep, b"{}", b"{}"]))
+    assert buf.dropped + len(buf) == before + 2 and buf.dropped and buf.size <= buf.cap + buf.reserve
+    buf.add_note(Session(key=KEY))
+    assert buf[0][0] == "iopub"

@@ -160,6 +160,7 @@ DISPATCH = textwrap.dedent('''
 
     class Boom:
         def requestheaders(self, flow): raise RuntimeError("bug in a check")
+        def server_connect(self, data): raise RuntimeError("bug in an address check")
 
     class C:
         async def requestheaders(self, flow): calls.append("C")
@@ -176,6 +177,11 @@ DISPATCH = textwrap.dedent('''
         g = tflow.tflow(resp=True)
         await master.addons.handle_lifecycle(HttpResponseHook(g))
         assert calls[-1] == "C.response" and g.live and g.error is None
+        from mitmproxy.proxy import server_hooks
+        data = server_hooks.ServerConnectionHookData(tflow.tserver_conn(), tflow.tclient_conn())
+        data.server.error = None
+        await master.addons.handle_lifecycle(server_hooks.ServerConnectHook(data))
+        assert data.server.error, "a raising server_connect check must fail the connection"
         print("ok")
     asyncio.run(main())
 ''')
@@ -204,3 +210,78 @@ async def test_sigterm_shuts_the_service_down_in_order(tmp_path, monkeypatch):
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
         await service.close()
+
+
+def test_redact_url_is_total_and_keeps_query_bytes():
+    """Guest query bytes that are not UTF-8 reach redact_url as lone surrogates (mitmproxy decodes
+    with surrogateescape). It must never raise (the Audit addon would lose the row of a request
+    that already went out), must keep such bytes as the %XX they were, and still redact keys."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.text(alphabet=st.characters(blacklist_characters="#"), max_size=40),
+           st.text(alphabet=st.characters(blacklist_characters="#&"), max_size=20))
+    def prop(tail, value):
+        out = redact_url(f"https://h.test/p?{tail}&token={value}")
+        out.encode("utf-8")  # no lone surrogate left: every later write of the row works
+        assert "token=REDACTED" in out
+    prop()
+    assert redact_url("https://h.test/x?a=\udc80&k\udcff=%ff") == "https://h.test/x?a=%80&k%FF=%FF"
+
+
+def test_a_full_audit_queue_makes_the_log_unavailable_until_it_drains(tmp_path, monkeypatch):
+    """A writer stalled (a slow or locked disk, within the busy timeout) lets the queue fill; rows
+    past max_queue are dropped. Before, `available` stayed True meanwhile: egress went on and its
+    rows were dropped (only counted). Now a full queue refuses egress like an unwritable database,
+    and egress comes back once the writer has drained it."""
+    import sqlite3
+    import time
+
+    from capsem_vm.proxy import audit as audit_mod
+    monkeypatch.setattr(audit_mod, "BUSY_TIMEOUT", 30.0)
+    db = tmp_path / "audit.sqlite3"
+    log = AuditLog(db, max_queue=10)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # the writer now waits inside its busy timeout, not failing
+    try:
+        log.record("k", "http", url="https://x.test/first", decision="allow")
+        time.sleep(audit_mod.BATCH_WINDOW + 0.5)  # the writer took it and is stuck on the lock
+        assert log.available
+        for i in range(10):
+            log.record("k", "http", url=f"https://x.test/{i}", decision="allow")
+        assert not log.available
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    deadline = time.monotonic() + 20
+    while not log.available and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.available
+    log.close()
+    assert len([r for r in read_events(db) if r["kind"] == "http"]) == 11
+
+
+def test_a_rotation_that_fails_after_its_commit_writes_no_row_twice(tmp_path):
+    """_write commits a chunk, then rotates; a rotation that fails (disk full while deleting) made
+    the retry write the committed chunk again (duplicate rows)."""
+    import sqlite3
+    import time
+
+    db = tmp_path / "audit.sqlite3"
+    log = AuditLog(db)
+    rotate, failed = log._rotate, []
+
+    def rotate_failing_once(con):
+        if not failed:
+            failed.append(1)
+            raise sqlite3.OperationalError("database or disk is full")
+        return rotate(con)
+    log._rotate = rotate_failing_once
+    for i in range(5):
+        log.record("k", "http", url=f"https://x.test/{i}", decision="allow")
+    deadline = time.monotonic() + 10
+    while not (failed and log.flush(1)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log.close()
+    assert failed
+    assert sorted(r["url"] for r in read_events(db) if r["kind"] == "http") == [f"https://x.test/{i}" for i in range(5)]

@@ -46,7 +46,7 @@ def _is_status(frames: list | None) -> bool:
         return False
     try:
         return json.loads(bytes(frames[1])).get("msg_type") == "status"
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # 4 KiB still nest ~2000 deep
         return False
 
 
@@ -88,7 +88,7 @@ class CappedBuffer(list):
         try:
             parent = json.loads(self.parent) if self.parent else {}
             parent = parent if isinstance(parent, dict) else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             parent = {}
         text = (f"[capsem: {self.dropped} message(s), {self.dropped_bytes} bytes of output were dropped while "
                 f"no browser was connected: the server keeps at most {self.cap} bytes per kernel "

@@ -109,10 +109,20 @@ def redact_url(url: str, secrets: list[str] = ()) -> str:
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = parts.query
     if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(f"{quote(k, safe='')}={'REDACTED' if SECRET_KEYS.search(k) else quote(v, safe='')}"
-                         for k, v in pairs)
+        # surrogateescape both ways: query bytes that are not UTF-8 (mitmproxy hands them over as
+        # lone surrogates, escaped or raw) come back out as the same %XX, and nothing here raises
+        # (a raise would lose the row of a request that already went out)
+        pairs = parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
+        query = "&".join(f"{_quote(k)}={'REDACTED' if SECRET_KEYS.search(k) else _quote(v)}" for k, v in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))[:MAX_TEXT]
+
+
+def _quote(text: str) -> str:
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # U+DC80-U+DCFF: the byte it stood for
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogatepass")    # any other lone surrogate: its own bytes
+    return quote(data, safe="")
 
 
 def migrate(con: sqlite3.Connection) -> None:
@@ -175,12 +185,19 @@ class AuditLog:
         self._dropped = 0
         self._lock = threading.Lock()
         self._unwritten = 0   # rows the writer holds after a failed write
-        self.available = True  # False while the database cannot be written: egress is refused
+        self._writable = True  # False while the database cannot be written (see `available`)
         self.last_error: str | None = None
         self.rotations = 0
         connect(self.db_path).close()  # fail early (and create the schema) in the caller
         self._thread = threading.Thread(target=self._run, name="capsem-audit", daemon=True)
         self._thread.start()
+
+    @property
+    def available(self) -> bool:
+        """False while rows could not be kept: the database cannot be written, or the queue is full
+        (the writer stalled on a slow disk). Egress is then refused (bridge, proxy addons), never
+        sent with its row dropped."""
+        return self._writable and len(self._rows) < self.max_queue
 
     def record(self, kernel: str, kind: str, **fields) -> None:
         ts = fields.pop("ts", None) or time.time()
@@ -292,11 +309,13 @@ class AuditLog:
             return None
 
     def _write(self, con: sqlite3.Connection, sql: str, batch: list) -> bool:
+        committed = 0
         try:
             for i in range(0, len(batch), CHUNK):
                 con.execute("BEGIN IMMEDIATE")
                 con.executemany(sql, batch[i:i + CHUNK])
                 con.execute("COMMIT")
+                committed = min(i + CHUNK, len(batch))
                 self._rotate(con)  # per chunk: the database exceeds its cap by at most one chunk
         except (sqlite3.Error, OSError) as exc:
             try:
@@ -304,20 +323,21 @@ class AuditLog:
                     con.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            # why: rows of committed chunks must not be written twice
-            del batch[:i]
+            # why: rows of committed chunks must not be written twice (a rotation can fail after
+            # its chunk's COMMIT)
+            del batch[:committed]
             self._failed(exc)
             return False
-        if not self.available:
-            self.available = True
+        if not self._writable:
+            self._writable = True
             print(f"capsem audit: writing {self.db_path} works again; egress is allowed again",
                   file=sys.stderr, flush=True)
         return True
 
     def _failed(self, exc: BaseException) -> None:
         self.last_error = f"{exc.__class__.__name__}: {exc}"
-        if self.available:
-            self.available = False
+        if self._writable:
+            self._writable = False
             print(f"capsem audit: cannot write {self.db_path} ({self.last_error}): new egress is refused "
                   "(code audit-unavailable) until it can", file=sys.stderr, flush=True)
 

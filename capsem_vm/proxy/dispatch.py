@@ -6,8 +6,9 @@ our addons handle: ~8 events x 13 addons per HTTP request, a good part of the se
 request. Here each event name maps to the handlers that exist, computed once (the chain is fixed
 after startup; any change clears the cache).
 
-One deliberate difference: a handler that raises during a flow event kills that flow (the stock
-manager logs and carries on, which would let a request pass a crashed policy check unjudged).
+One deliberate difference: a handler that raises during a flow event kills that flow, and one that
+raises in server_connect fails that connection (the stock manager logs and carries on, which would
+let a request or a connection pass a crashed policy check unjudged).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 
 from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addonmanager import AddonManager
+from mitmproxy.proxy import server_hooks
 
 log = logging.getLogger("capsem.dispatch")
 
@@ -68,6 +70,10 @@ class CachedAddonManager(AddonManager):
                 for arg in args:
                     if isinstance(arg, flow.Flow) and arg.killable:
                         arg.kill()  # fail closed: never let a flow go on past a crashed check
+                    elif isinstance(arg, server_hooks.ServerConnectionHookData) and arg.server.error is None:
+                        # the same for a connection: a crashed server_connect check (the address
+                        # checks live there) must not leave the upstream connection to be opened
+                        arg.server.error = f"capsem: the {event.name} check failed"
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)

@@ -60,8 +60,12 @@ def _unsafe(text: str) -> bool:
     return bool(_UNSAFE.search(text))
 
 
+SEEN: list[str] = []  # request targets the server got
+
+
 class Echo(tornado.web.RequestHandler):
     def get(self):
+        SEEN.append(self.request.uri)
         self.write("ok")
 
 
@@ -195,6 +199,27 @@ async def test_built_in_refusals_carry_their_own_codes(world):
     await barrier(w)
     codes = {r["code"] for r in read_events(w.db, kernel="k-audit")}
     assert {"header-size", "protocol", "invalid-host"} <= codes, codes
+
+
+@amark
+async def test_allowed_requests_with_any_query_bytes_are_audited(world):
+    """An allowed request whose query holds bytes that are not UTF-8 (or escapes of them, or such a
+    key) reaches the server: it must have its row, the query kept (escaped), secret-looking keys
+    still redacted. Before: redact_url raised on the lone surrogates mitmproxy decodes such bytes
+    to, the Audit addon's response hook died, and the request went out with no row at all."""
+    w = world
+    for i, query in enumerate((b"a=\x80", b"k\xff=v&a=1", b"token=\xc3\x28&b=%ff", b"a=%80\xfe")):
+        out = await run(_raw_http, w, b"GET /ok/q" + str(i).encode() + b"?" + query
+                        + f" HTTP/1.1\r\nHost: ok.test.example:{w.port}\r\nConnection: close\r\n\r\n".encode())
+        assert any(u.startswith(f"/ok/q{i}?") for u in SEEN), (i, SEEN[-3:], out[:300])  # it went out
+        assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    await barrier(w)
+    rows = [r for r in read_events(w.db, kernel="k-audit") if r["kind"] == "http" and "/ok/q" in (r["url"] or "")]
+    got = {r["url"].split("?")[0].rsplit("/", 1)[-1]: r for r in rows}
+    assert set(got) == {"q0", "q1", "q2", "q3"}, [r["url"] for r in rows]
+    assert all(r["decision"] == "allow" and r["status"] == 200 for r in got.values())
+    assert got["q0"]["url"].endswith("?a=%80") and "token=REDACTED" in got["q2"]["url"]
+    assert not [r for r in rows if _unsafe(r["url"])]
 
 
 # --- aggregation at a bounded rate ---------------------------------------------------------------

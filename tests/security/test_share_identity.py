@@ -191,3 +191,37 @@ def test_the_stage_still_dies_with_its_owner(private_folder):
     while Path(f"/proc/{child}").exists() and "Z" not in _status(child).get("State", "Z"):
         assert time.monotonic() < deadline, "virtiofsd's stage outlived its owner"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("parent", ["Head", "HEAD", "head"])
+async def test_a_folder_below_a_directory_named_like_head_can_be_shared(tmp_path, parent):
+    """The idmap stage runs under the share guard's filter and mirrors the folder's host path on its
+    tmpfs: before, its mkdir of `.../Head` was refused as a repository name (EPERM), so a root
+    capsem could not share any folder below a directory named head/HEAD in any case. The guard is
+    armed once the stage is done (the guest cannot reach virtiofsd before)."""
+    folder = tmp_path / parent / "project"
+    folder.mkdir(parents=True)
+    rp = RuntimePaths(tmp_path / "vm")
+    rp.root.mkdir(mode=0o700)
+    proc = await virtiofs.start_virtiofsd(Share(folder, "nb"), rp)
+    try:
+        assert proc.alive() and proc.guard.armed
+    finally:
+        await proc.stop(grace=2)
+
+
+@pytest.mark.parametrize("inside", [".git/hooks", ".git/info", "bare.git/hooks", ".hg/store"])
+def test_a_folder_inside_a_repositorys_own_directory_is_not_shared_writable(tmp_path, inside):
+    """The share guard judges paths from the share's root down: sharing repo/.git/hooks writable
+    would let the guest write the hooks host git runs. Refused (read-only is fine)."""
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "bare.git").mkdir()
+    (repo / "bare.git" / "HEAD").write_text("ref: refs/heads/main\n")
+    folder = repo / inside
+    folder.mkdir(parents=True)
+    with pytest.raises(VMError, match="inside .*repository's own directory"):
+        virtiofs.protected_paths(folder)
+    (repo / "notebooks").mkdir(exist_ok=True)
+    assert virtiofs.protected_paths(repo / "notebooks") == []  # a work tree's subfolder is fine
