@@ -18,9 +18,11 @@ user instead, via `unshare` (util-linux):
   in that directory.
 
 QEMU keeps its own -sandbox seccomp filter on top; vhost-device-vsock gets seccomp.VSOCK_RULES,
-installed last, after unshare/mount/setpriv (which the filter refuses), by `python -I seccomp.py`. unshare --fork keeps the parent (the process
-capsem manages) outside and does not pass SIGTERM on: a confined helper is stopped with SIGKILL,
-which --kill-child passes on (the guest state is in memory: nothing to flush).
+installed last, after unshare/mount/setpriv (which the filter refuses), by `python -I seccomp.py`.
+
+unshare --fork keeps the parent (the process capsem manages) outside and does not pass SIGTERM
+on: a confined helper is stopped with SIGKILL, which --kill-child passes on (the guest state is in
+memory: nothing to flush).
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ class ExecGate:
     wrapper); call start() before spawning, close_ours() after, and `await done()` when the
     program should be running."""
 
-    def __init__(self, label: str, rules=seccomp.VSOCK_RULES, rules_name: str = "vsock", timeout: float = 60.0):
+    def __init__(self, label: str, rules_name: str = "vsock", timeout: float = 60.0):
         self.label, self.rules_name, self.timeout = label, rules_name, timeout
+        rules = seccomp.RULE_SETS[rules_name]  # by name: the script mode (wrap) picks the same set
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ours = ours
         fd = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, MIN_FD)  # a number the wrapper leaves alone
