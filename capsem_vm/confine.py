@@ -17,9 +17,12 @@ user instead, via `unshare` (util-linux):
   an fd opened before the hiding): what the helper needs from the host reaches it as fds or lives
   in that directory.
 
-QEMU keeps its own -sandbox seccomp filter on top. unshare --fork keeps the parent (the process
-capsem manages) outside and does not pass SIGTERM on: a confined helper is stopped with SIGKILL,
-which --kill-child passes on (the guest state is in memory: nothing to flush).
+QEMU keeps its own -sandbox seccomp filter on top; vhost-device-vsock gets seccomp.VSOCK_RULES,
+installed last, after unshare/mount/setpriv (which the filter refuses), by `python -I seccomp.py`.
+
+unshare --fork keeps the parent (the process capsem manages) outside and does not pass SIGTERM
+on: a confined helper is stopped with SIGKILL, which --kill-child passes on (the guest state is in
+memory: nothing to flush).
 """
 
 from __future__ import annotations
@@ -67,16 +70,18 @@ def hidden_dirs(needed: list[str], uid: int | None = None) -> list[str]:
             continue
         if p is None or not p.is_dir() or str(p) in out:
             continue
-        if any(p == Path(n) or p in Path(n).resolve().parents for n in (*_NEEDED, *needed)):
+        if any(p == Path(n) or p in Path(n).resolve().parents or p in Path(n).absolute().parents
+               for n in (*_NEEDED, *needed)):
             continue
         out.append(str(p))
     return out
 
 
-def wrap(argv: list[str], vm_dir: os.PathLike | str) -> list[str]:
-    """argv of a helper run confined (see the module's doc); its cwd becomes the VM dir."""
+def wrap(argv: list[str], vm_dir: os.PathLike | str, needed: list[str] = ()) -> list[str]:
+    """argv of a helper run confined (see the module's doc); its cwd becomes the VM dir. `needed`:
+    further files it runs (e.g. seccomp.py, the launcher installing its filter), kept visible."""
     vm_dir = Path(vm_dir).resolve()
-    hidden = hidden_dirs([argv[0]])
+    hidden = hidden_dirs([argv[0], *needed])
     rebind = any(Path(h) in vm_dir.parents or Path(h) == vm_dir for h in hidden)
     return [str(helpers.unshare().path), "--map-root-user", "--mount", "--propagation", "private", "--pid",
             "--fork", "--kill-child", "--mount-proc", "--net", "--ipc", "--uts", "--",

@@ -54,7 +54,7 @@ def check_seccomp(actions_avail: str = "/proc/sys/kernel/seccomp/actions_avail")
         msg = out.stderr.decode(errors="replace").strip().splitlines()
         return WEAK, f"QEMU refuses -sandbox ({msg[-1] if msg else out.returncode}): built without seccomp?"
     return OK, (f"kernel seccomp filters; QEMU runs with -sandbox {QEMU_SANDBOX}; virtiofsd with a deny filter "
-                "and the share guard (user notification)")
+                "and the share guard (user notification); vhost-device-vsock with a deny filter and the exec gate")
 
 
 def check_helper_privileges() -> Result:

@@ -1,4 +1,6 @@
-"""A small seccomp-BPF filter for virtiofsd: what the guest must never create on the host.
+"""Small seccomp-BPF deny filters for the helpers QEMU has not filtered itself.
+
+VIRTIOFSD (RULES, the default) — what the guest must never create on the host.
 
 virtiofsd does, on the host, whatever file operation the guest asks for within the shared folder.
 Its own sandbox (namespaces, pivot_root, its own seccomp allow-list) keeps it inside the folder;
@@ -26,12 +28,40 @@ mkdir/mkdirat, rename/renameat/renameat2 — is handed to a supervisor in capsem
 (SECCOMP_RET_USER_NOTIF) that reads the path and refuses repository names and writes inside
 repositories; seccomp alone cannot see path names. Without a listener such calls fail with ENOSYS.
 
-Everything else is allowed (virtiofsd's own filter restricts further). Linux x86_64 only.
+Everything else is allowed (virtiofsd's own filter restricts further).
+
+VHOST-DEVICE-VSOCK (VSOCK_RULES) — what a vsock backend never needs and whoever took it over would
+want (the list was checked against `strace -f` of the real binary over a VM's life: boot, exec,
+channel traffic, egress streams, shutdown; see tests/security/test_host_hardening.py):
+
+    ptrace, process_vm_readv/writev, pidfd_getfd, kcmp                  -> EPERM (other processes)
+    mount, umount2, pivot_root, chroot, move_mount, open_tree, fsopen,
+    fsconfig, fsmount, fspick, mount_setattr, unshare, setns, clone with
+    a CLONE_NEW* flag                                                   -> EPERM (namespaces, mounts)
+    clone3 (its flags hide behind a pointer)                            -> ENOSYS: glibc then falls
+                                                                           back to clone, checked above
+    bpf, perf_event_open, kexec_load/kexec_file_load, init_module,
+    finit_module, delete_module, keyctl/add_key/request_key,
+    userfaultfd, io_uring_*, personality, open_by_handle_at,
+    name_to_handle_at, setuid/setgid/setreuid/setregid/setresuid/
+    setresgid/setfsuid/setfsgid/setgroups/capset, x32 and 32-bit calls -> EPERM
+    execve/execveat                                                     -> the exec gate (exec_gate.py):
+                                                                           the launch is let through
+                                                                           once, every later exec fails
+                                                                           (ENOSYS)
+
+A filter that refuses execve cannot be installed before the exec that starts the program, so
+exec is a NOTIFY rule: capsem answers the one exec of the launch and then closes the listener,
+after which the kernel fails every notified call with ENOSYS, for good (filters cannot be
+removed, and the most restrictive answer of stacked filters wins).
+
+Linux x86_64 only.
 Installed in a child between fork and exec (see process.py): filters survive exec and can only
-be added to, never removed. Run as a script (`python -I seccomp.py [--listener-to FD] PROGRAM
+be added to, never removed. Run as a script (`python -I seccomp.py [--listener-to FD] [--rules vsock] PROGRAM
 ARGS...`) it installs the filter and execs PROGRAM: used where the filter must come after a set-uid
-helper (newgidmap, which no_new_privs would disarm) has run. With --listener-to it installs the
-guarded filter and sends its listener over the Unix socket FD (then closes both) before exec.
+helper (newgidmap, which no_new_privs would disarm) or confine.py's wrapper (unshare, mount,
+setpriv) has run. With --listener-to it installs the notifying filter and sends its listener over
+the Unix socket FD (then closes both) before exec; --rules vsock picks VSOCK_RULES.
 """
 
 from __future__ import annotations
@@ -59,10 +89,21 @@ NR = {
     "mkdirat": 258, "mknodat": 259, "renameat": 264, "linkat": 265, "symlinkat": 266, "fchmodat": 268,
     "renameat2": 316, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "openat2": 437, "fchmodat2": 452,
+    # the vsock backend's refusals
+    "clone": 56, "execve": 59, "ptrace": 101, "setuid": 105, "setgid": 106, "setreuid": 113, "setregid": 114,
+    "setgroups": 116, "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123, "capset": 126,
+    "personality": 135, "pivot_root": 155, "chroot": 161, "mount": 165, "umount2": 166, "init_module": 175,
+    "delete_module": 176, "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250,
+    "unshare": 272, "perf_event_open": 298, "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308,
+    "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
+    "kexec_file_load": 320, "bpf": 321, "execveat": 322, "userfaultfd": 323, "open_tree": 428,
+    "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "clone3": 435,
+    "pidfd_getfd": 438, "mount_setattr": 442,
 }
 SYSCALL_NAMES = {v: k for k, v in NR.items()}
 
 DENY, NOTIFY, ALLOW = "deny", "notify", "allow"
+NOSYS = "nosys"  # ENOSYS: "not implemented", which makes glibc fall back (clone3 -> clone)
 # syscall -> (checks in order: (argument index, bits, action when any of the bits is set), action
 # otherwise). NOTIFY becomes ALLOW in a filter built without notify (no supervisor).
 RULES: dict[str, tuple[tuple[tuple[int, int, str], ...], str]] = {
@@ -82,6 +123,25 @@ RULES: dict[str, tuple[tuple[tuple[int, int, str], ...], str]] = {
     "io_uring_register": ((), DENY),
 }
 
+# CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID |
+# CLONE_NEWNET (CLONE_NEWTIME, 0x80, is clone3/unshare only: in clone's flags it is the exit signal)
+CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+
+VSOCK_RULES: dict[str, tuple[tuple[tuple[int, int, str], ...], str]] = {
+    "execve": ((), NOTIFY), "execveat": ((), NOTIFY),
+    "clone": (((0, CLONE_NAMESPACES, DENY),), ALLOW), "clone3": ((), NOSYS),
+    **{name: ((), DENY) for name in (
+        "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
+        "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
+        "fspick", "mount_setattr", "unshare", "setns",
+        "bpf", "perf_event_open", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+        "keyctl", "add_key", "request_key", "userfaultfd", "io_uring_setup", "io_uring_enter",
+        "io_uring_register", "personality", "name_to_handle_at", "open_by_handle_at",
+        "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setfsuid", "setfsgid",
+        "setgroups", "capset")},
+}
+RULE_SETS = {"virtiofsd": RULES, "vsock": VSOCK_RULES}
+
 # classic BPF opcodes
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
@@ -99,6 +159,8 @@ def build_filter(rules=RULES, err: int = errno.EPERM, notify: bool = False) -> b
     """The BPF program as packed struct sock_filter entries."""
     ret = {DENY: SECCOMP_RET_ERRNO | err, ALLOW: SECCOMP_RET_ALLOW,
            NOTIFY: SECCOMP_RET_USER_NOTIF if notify else SECCOMP_RET_ALLOW}
+    if any(NOSYS in (otherwise, *(c[2] for c in checks)) for checks, otherwise in rules.values()):
+        ret[NOSYS] = SECCOMP_RET_ERRNO | errno.ENOSYS  # only when used: other programs stay as they were
     prog: list[tuple[int, object, object, int]] = []  # (code, jt label, jf label, k)
 
     def op(code, k=0, jt=0, jf=0):
@@ -168,11 +230,11 @@ class Filter:
     program. A failure at any step raises: the caller must not exec unguarded.
     """
 
-    def __init__(self, program: bytes | None = None, listener_to: int | None = None):
+    def __init__(self, program: bytes | None = None, listener_to: int | None = None, rules=RULES):
         if platform.machine() not in ("x86_64", "AMD64"):
-            raise OSError("the virtiofsd seccomp filter is built for x86_64 only")
+            raise OSError("the helpers' seccomp filters are built for x86_64 only")
         self.listener_to = listener_to
-        self.program = program if program is not None else build_filter(notify=listener_to is not None)
+        self.program = program if program is not None else build_filter(rules, notify=listener_to is not None)
         self._buf = ctypes.create_string_buffer(self.program, len(self.program))
         self._fprog = _SockFprog(len(self.program) // 8, ctypes.cast(self._buf, ctypes.c_void_p))
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -209,12 +271,14 @@ class Filter:
 
 def _exec_confined(argv: list[str]) -> None:
     import sys
-    listener_to = None
+    listener_to, rules = None, RULES
     if argv[:1] == ["--listener-to"] and len(argv) > 1 and argv[1].isdigit():
         listener_to, argv = int(argv[1]), argv[2:]
-    if not argv:
-        sys.exit("usage: python -I seccomp.py [--listener-to FD] PROGRAM [ARGS...]")
-    Filter(listener_to=listener_to).install()
+    if argv[:1] == ["--rules"] and len(argv) > 1 and argv[1] in RULE_SETS:
+        rules, argv = RULE_SETS[argv[1]], argv[2:]
+    if not argv or argv[0].startswith("--"):
+        sys.exit("usage: python -I seccomp.py [--listener-to FD] [--rules virtiofsd|vsock] PROGRAM [ARGS...]")
+    Filter(listener_to=listener_to, rules=rules).install()
     os.execvp(argv[0], argv)
 
 

@@ -138,6 +138,8 @@ def test_guest_files_belong_to_the_host_user_running_jupyter(capsem_kernelspecs,
     mine = {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in ("user", "pid", "net", "ipc", "mnt")}
     for name, info in seen.items():
         assert info["uid"] == str(user.pw_uid) and info["capeff"] == 0, (name, info)
+        # seccomp filters: QEMU's -sandbox; the vsock backend's VSOCK_RULES, installed inside the wrapper
+        assert info["seccomp"] == "2", (name, info)
         assert all(info["ns"][kind] != mine[kind] for kind in mine), (name, info)
         assert info["home"] == [] or info["home"] == ["rt"], (name, info)  # the user's home is hidden
 
@@ -155,6 +157,7 @@ def _watch_helpers(marker: str, home: str, seen: dict, stop: threading.Event) ->
                 status = dict(line.split(":\t", 1) for line in (entry / "status").read_text().splitlines()
                               if ":\t" in line)
                 seen[name] = {"uid": status["Uid"].split()[0], "capeff": int(status["CapEff"], 16),
+                              "seccomp": status["Seccomp"].strip(),
                               "ns": {k: os.readlink(entry / "ns" / k) for k in ("user", "pid", "net", "ipc", "mnt")},
                               "home": sorted(os.listdir(f"/proc/{entry.name}/root{home}"))}
             except (OSError, ValueError, KeyError, IndexError):

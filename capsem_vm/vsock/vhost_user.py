@@ -4,15 +4,22 @@ Host -> guest: connect to the backend's --uds-path, write "CONNECT <port>\\n", r
 Guest -> host: the backend connects to the Unix socket "<uds-path>_<port>", which we listen on.
 Only the ports we listen on exist: a guest connecting to any other host port is refused by the
 backend (no such socket).
+
+The backend runs under a seccomp deny filter (seccomp.VSOCK_RULES: no exec after its launch, no
+ptrace, mounts, namespaces, module/kexec/bpf/keyring calls, set-id calls...), installed right
+before its exec: by spawn() for a root capsem, by `python -I seccomp.py` inside confine.py's
+wrapper for a normal user; exec_gate.py lets its launch exec through once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
-from .. import confine, helpers
+from .. import confine, helpers, seccomp
 from ..caplog import CappedLog
 from ..errors import VMError
+from ..exec_gate import ExecGate
 from ..process import ManagedProcess, spawn
 from .base import CONNECT_TIMEOUT, StreamHandler, VsockTransport
 
@@ -35,23 +42,29 @@ class VhostUserTransport(VsockTransport):
     async def start(self) -> None:
         program = helpers.vhost_device_vsock()
         log = CappedLog(self.paths.root / "vsock.log")
+        gate = ExecGate("vhost-device-vsock")
         try:
+            gate.start()
             if self.identity is None:  # a normal user's capsem: namespaces instead of a uid
-                argv = confine.wrap([str(program.path), "--guest-cid", str(GUEST_CID),  # (paths name its VM)
-                                     "--socket", str(self.paths.vsock_backend), "--uds-path",
-                                     str(self.paths.vsock_uds)], self.paths.root)
-                executable = None
+                # the filter goes in last, inside the wrapper (it refuses what unshare/setpriv do)
+                argv = confine.wrap(gate.wrap([str(program.path), "--guest-cid", str(GUEST_CID),  # (paths name its VM)
+                                               "--socket", str(self.paths.vsock_backend), "--uds-path",
+                                               str(self.paths.vsock_uds)]), self.paths.root,
+                                    needed=[seccomp.__file__, sys.executable])
+                executable, seccomp_filter, pass_fds = None, None, gate.pass_fds
             else:
                 argv = [f"vhost-device-vsock[{self.paths.root}]",  # argv[0]: names its VM (ps, tests)
                         "--guest-cid", str(GUEST_CID),
                         # relative to its cwd, the VM dir: its uid cannot walk the dirs above
                         "--socket", self.paths.vsock_backend.name, "--uds-path", self.paths.vsock_uds.name]
-                executable = str(program.path)
+                executable, seccomp_filter, pass_fds = str(program.path), gate.filter, ()
             self.process = await spawn("vhost-device-vsock", argv, executable=executable, stdout=log.fd,
-                                       stderr=log.fd, identity=self.identity, cwd=self.paths.root)
+                                       stderr=log.fd, identity=self.identity, cwd=self.paths.root,
+                                       seccomp=seccomp_filter, pass_fds=pass_fds)
             if self.identity is None:
                 self.process.stop_signal = confine.STOP_SIGNAL
         finally:
+            gate.close_ours()
             log.close_writer()
         # QEMU connects as a client: the backend's socket must exist first.
         deadline = asyncio.get_running_loop().time() + 10
@@ -62,6 +75,10 @@ class VhostUserTransport(VsockTransport):
             if asyncio.get_running_loop().time() > deadline:
                 raise VMError("vhost-device-vsock did not create its socket within 10 s")
             await asyncio.sleep(0.005)
+        try:
+            await gate.done()  # it runs: its launch went through the gate, no exec after this one
+        except OSError as exc:
+            raise VMError(f"vhost-device-vsock: {exc.strerror}") from exc
 
     def helper_processes(self) -> list[ManagedProcess]:
         return [self.process] if self.process else []

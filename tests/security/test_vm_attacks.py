@@ -147,6 +147,8 @@ def test_vsock_backend_and_virtiofsd_are_unprivileged(env):
     vsock = next(p for p in vm.helpers if p.name == "vhost-device-vsock")
     st = _status(vsock.pid)
     assert st["Uid"].split() == [str(vm.identity.uid)] * 4 and int(st["CapEff"], 16) == 0
+    # under its seccomp deny filter (seccomp.VSOCK_RULES), launched through the exec gate
+    assert st["Seccomp"].strip() == "2" and st["NoNewPrivs"].strip() == "1", (st["Seccomp"], st["NoNewPrivs"])
     init_userns = os.readlink("/proc/self/ns/user")  # ours: the namespace capsem runs in
     fs_uids = set()
     for proc in vm.helpers:
