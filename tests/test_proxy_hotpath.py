@@ -151,7 +151,7 @@ DISPATCH = textwrap.dedent('''
     from mitmproxy.master import Master
     from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpResponseHook
     from mitmproxy.test import tflow
-    from capsem_vm.proxy import dispatch
+    from capsem_vm.proxy import mitm_patches
 
     calls = []
 
@@ -168,7 +168,7 @@ DISPATCH = textwrap.dedent('''
 
     async def main():
         master = Master(options.Options())
-        dispatch.install(master)
+        mitm_patches.install_dispatch(master)
         master.addons.add(A(), Boom(), C())
         f = tflow.tflow()
         await master.addons.handle_lifecycle(HttpRequestHeadersHook(f))

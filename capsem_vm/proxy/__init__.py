@@ -6,7 +6,8 @@
 
 Modules: bridge (EgressBridge), service (ProxyService: start/stop/register), ca (ca_cert_pem),
 audit (AuditLog, read_events), dns / dns_responder / synthetic (sans-IO DNS), socks5 (client),
-server + addons/ (the service process; only these import mitmproxy), cli (`capsem audit`, `capsem proxy`).
+server + addons/ + mitm_patches (the service process; only these import mitmproxy; every patch of
+mitmproxy internals is in mitm_patches, behind its version gate), cli (`capsem audit`, `capsem proxy`).
 """
 
 from .audit import AuditLog, read_events

@@ -113,6 +113,21 @@ async def _read_msg(reader: asyncio.StreamReader) -> dict | None:
 
 
 async def run(out) -> int:
+    def send(msg: dict) -> None:
+        out.write(protocol.encode(msg))
+        out.flush()
+
+    reader = await _stdin_reader()
+    cfg = await _read_msg(reader)
+    if not cfg or cfg.get("t") != "start":
+        send({"t": "fatal", "message": "expected a start frame"})
+        return 2
+    try:
+        # the first mitmproxy import: its version gate refuses an unknown mitmproxy with a message
+        from . import mitm_patches
+    except Exception as exc:
+        send({"t": "fatal", "message": f"{exc.__class__.__name__}: {exc}"})
+        return 2
     from mitmproxy import options
     from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
@@ -124,17 +139,7 @@ async def run(out) -> int:
     from .addons.limits import Limits
     from .addons.state import State
     from .addons.streams import Streams
-    from . import dispatch
 
-    def send(msg: dict) -> None:
-        out.write(protocol.encode(msg))
-        out.flush()
-
-    reader = await _stdin_reader()
-    cfg = await _read_msg(reader)
-    if not cfg or cfg.get("t") != "start":
-        send({"t": "fatal", "message": "expected a start frame"})
-        return 2
     try:
         ca = ensure_ca(Path(cfg["ca_dir"]) if cfg.get("ca_dir") else None)
         workdir = Path(tempfile.mkdtemp(prefix="capsem-proxy-"))
@@ -150,11 +155,14 @@ async def run(out) -> int:
     control = Control(state, out)
     opts = options.Options()
     master = Master(opts)
-    dispatch.install(master)
+    limits = Limits(state)
+    # every patch of mitmproxy internals, in one call, before any addon or connection exists
+    mitm_patches.apply(master, idle_timeout=int(cfg.get("idle_timeout") or 600),  # idle connections close
+                       header_limit=limits.max_header_bytes, on_header_refused=limits.header_too_large)
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         disable_h2c.DisableH2C(),
-        KernelAuth(state), Limits(state), Guard(state, audit), Credentials(state), Streams(), audit, control,
+        KernelAuth(state), limits, Guard(state, audit), Credentials(state), Streams(), audit, control,
     )
     host = cfg.get("listen_host") or "127.0.0.1"
     opts.update(
@@ -168,8 +176,6 @@ async def run(out) -> int:
         capsem_header_timeout=float(cfg.get("header_timeout") or 30.0),
         capsem_max_header_bytes=int(cfg.get("max_header_bytes") or 65536),
     )
-    import mitmproxy.proxy.server as mserver
-    mserver.TCP_TIMEOUT = int(cfg.get("idle_timeout") or 600)  # idle connections close
 
     master_task = asyncio.ensure_future(master.run())
     try:
@@ -224,7 +230,6 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("CAPSEM_PROXY_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from . import tuning
-    tuning.skip_message_typecheck()
     return tuning.event_loop_runner()(run(out))
 
 

@@ -1,19 +1,13 @@
-"""Speed settings of the proxy service process (imports mitmproxy: service side only).
+"""Speed settings of the proxy service process (service side only).
 
 Each one removes per-request work that buys nothing here; none changes what is allowed, injected
-or audited. Measured with bench/proxy.py.
+or audited. Measured with bench/proxy.py. (Speed patches of mitmproxy internals live in
+mitm_patches.py, behind its version gate.)
 """
 
 from __future__ import annotations
 
 import asyncio
-
-
-def skip_message_typecheck() -> None:
-    """mitmproxy type-checks every field of every Request/Response it builds (its own `if __debug__`
-    aid, ~5% of the service's CPU per request). Our messages come from mitmproxy's own parsers."""
-    from mitmproxy import http
-    http.MessageData.__post_init__ = lambda self: None
 
 
 def event_loop_runner():

@@ -3,8 +3,9 @@
 - Header deadline (slow loris): a connection must deliver complete request headers within
   `capsem_header_timeout` seconds of opening, and again of each response. Otherwise it is closed.
   Raw TCP and WebSocket streams, once judged, fall back to the idle timeout instead.
-- Header size: mitmproxy 11's HTTP/1 reader buffers request heads without bound; we patch its
-  reader so a head larger than `capsem_max_header_bytes` gets 431 and the connection closes.
+- Header size: mitmproxy 11's HTTP/1 reader buffers request heads without bound; the service
+  patches its reader (mitm_patches.patch_http1_header_limit, with this addon's limit and audit
+  row) so a head larger than `capsem_max_header_bytes` gets 431 and the connection closes.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import asyncio
 import logging
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers.http import _http1
-from mitmproxy.proxy.layers.http._http1 import make_error_response
 
 from .guard import meta
 from .state import State
@@ -23,31 +21,6 @@ from .state import State
 log = logging.getLogger("capsem.limits")
 
 MAX_HEADER_BYTES = 64 * 1024
-_patched = False
-
-
-def patch_http1_header_limit(limit_getter, on_refused=None) -> None:
-    """Wrap Http1Server.read_headers: if the head is still incomplete and the buffer holds more
-    than the limit, answer 431 and close (and call on_refused(client_connection): the audit row).
-    Idempotent."""
-    global _patched
-    if _patched:
-        return
-    original = _http1.Http1Server.read_headers
-
-    def read_headers(self, event):
-        yield from original(self, event)
-        if (isinstance(event, events.DataReceived)
-                and getattr(self.state, "__func__", None) is read_headers
-                and len(self.buf) > limit_getter()):
-            if on_refused is not None:
-                on_refused(self.conn)
-            yield commands.SendData(self.conn, make_error_response(431, "Request header fields too large"))
-            yield commands.CloseConnection(self.conn)
-            self.buf = _http1.ReceiveBuffer()  # free the oversized head now
-            self.state = self.done
-    _http1.Http1Server.read_headers = read_headers
-    _patched = True
 
 
 class Limits:
@@ -59,9 +32,12 @@ class Limits:
                           "Seconds a connection may take to send complete request headers.")
         loader.add_option("capsem_max_header_bytes", int, MAX_HEADER_BYTES,
                           "Largest HTTP/1 request head accepted (431 above).")
-        patch_http1_header_limit(lambda: ctx.options.capsem_max_header_bytes, self._header_too_large)
 
-    def _header_too_large(self, client) -> None:
+    @staticmethod
+    def max_header_bytes() -> int:
+        return ctx.options.capsem_max_header_bytes
+
+    def header_too_large(self, client) -> None:
         sess = self.state.session(client)
         if sess is not None and self.state.audit is not None:
             self.state.audit.header_size(sess, ctx.options.capsem_max_header_bytes)

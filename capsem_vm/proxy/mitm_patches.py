@@ -1,0 +1,199 @@
+"""Every patch of mitmproxy internals, in one place, behind a version gate (service process only).
+
+Each patch below leans on a private detail of mitmproxy (a private method, a module constant, a
+generator state). Those details change between releases without notice, so the service refuses to
+start on a mitmproxy version nobody checked the patches against: an upgrade means reading this one
+module against the new release, then adding the version to KNOWN_VERSIONS. docs/ARCHITECTURE.md
+lists the patches and why ("mitmproxy patches").
+
+The version gate runs when this module is imported, before any mitmproxy internal below is touched,
+so an unknown version fails with the message here rather than an ImportError further down.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+# version -> why it is trusted. The install issue adds the 12.x release for Python 3.12+ here, once
+# each patch below is checked against it.
+KNOWN_VERSIONS: dict[str, str] = {
+    "11.0.2": "pinned by `make proxy-venv` and pyproject's proxy extra (last release for Python 3.11)",
+}
+
+
+class UnsupportedMitmproxy(RuntimeError):
+    """The installed mitmproxy is not one the patches in this module were checked against."""
+
+
+def installed_version() -> str:
+    try:
+        return metadata.version("mitmproxy")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def check_version(found: str | None = None) -> str:
+    """Return the installed mitmproxy version, or raise UnsupportedMitmproxy if it is not known."""
+    found = installed_version() if found is None else found
+    if found not in KNOWN_VERSIONS:
+        raise UnsupportedMitmproxy(
+            f"mitmproxy {found} is installed, but capsem's proxy patches mitmproxy internals and knows "
+            f"only {', '.join(sorted(KNOWN_VERSIONS))}. Recreate the proxy env with `make proxy-venv` "
+            f"(it installs a known version), or point CAPSEM_PROXY_PYTHON at one that has it; to support "
+            f"{found}, check each patch in capsem_vm/proxy/mitm_patches.py against it and add it to "
+            f"KNOWN_VERSIONS.")
+    return found
+
+
+check_version()
+
+import inspect  # noqa: E402  (after the gate on purpose)
+import logging  # noqa: E402
+
+from mitmproxy import exceptions, flow, hooks, http  # noqa: E402
+from mitmproxy.addonmanager import AddonManager  # noqa: E402
+from mitmproxy.proxy import commands, events, server_hooks  # noqa: E402
+from mitmproxy.proxy import server as proxy_server  # noqa: E402
+from mitmproxy.proxy.layers.http import _http1  # noqa: E402
+from mitmproxy.proxy.layers.http._http1 import make_error_response  # noqa: E402
+
+log = logging.getLogger("capsem.dispatch")
+
+
+def apply(master, *, idle_timeout: int, header_limit, on_header_refused=None) -> None:
+    """Apply every patch (idempotent). `master` must have no addons yet; `header_limit()` returns
+    the largest HTTP/1 request head accepted, `on_header_refused(client)` writes the audit row."""
+    check_version()
+    install_dispatch(master)
+    skip_message_typecheck()
+    patch_http1_header_limit(header_limit, on_header_refused)
+    set_idle_timeout(idle_timeout)
+
+
+# --- 1. hook dispatch (AddonManager._iter_hooks, AddonManager._configure_all) ------------------
+#
+# Why: the stock manager walks every addon of the chain for every event (getattr, a context manager
+# and a coroutine per addon), and every flow event is followed by an `update` event that none of
+# our addons handle: ~8 events x 13 addons per HTTP request, a good part of the service's CPU per
+# request. Here each event name maps to the handlers that exist, computed once (the chain is fixed
+# after startup; any change clears the cache).
+#
+# One deliberate difference: a handler that raises during a flow event kills that flow, and one that
+# raises in server_connect fails that connection (the stock manager logs and carries on, which would
+# let a request or a connection pass a crashed policy check unjudged).
+
+class CachedAddonManager(AddonManager):
+    def __init__(self, master):
+        super().__init__(master)
+        self._handlers: dict[str, tuple] = {}
+
+    def register(self, addon):
+        self._handlers.clear()
+        return super().register(addon)
+
+    def add(self, *addons):
+        super().add(*addons)
+        self._handlers.clear()
+
+    def remove(self, addon):
+        super().remove(addon)
+        self._handlers.clear()
+
+    def clear(self):
+        super().clear()
+        self._handlers.clear()
+
+    def _handlers_for(self, event: hooks.Hook) -> tuple:
+        handlers = self._handlers.get(event.name)
+        if handlers is None:
+            handlers = tuple(func for top in self.chain for _, func in self._iter_hooks(top, event))
+            self._handlers[event.name] = handlers
+        return handlers
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        handlers = self._handlers_for(event)
+        if not handlers:
+            return
+        args = event.args()
+        for func in handlers:
+            try:
+                res = func(*args)
+                if res is not None and inspect.isawaitable(res):
+                    await res
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception:
+                log.exception("addon error in %s (%s)", event.name, getattr(func, "__qualname__", func))
+                for arg in args:
+                    if isinstance(arg, flow.Flow) and arg.killable:
+                        arg.kill()  # fail closed: never let a flow go on past a crashed check
+                    elif isinstance(arg, server_hooks.ServerConnectionHookData) and arg.server.error is None:
+                        # the same for a connection: a crashed server_connect check (the address
+                        # checks live there) must not leave the upstream connection to be opened
+                        arg.server.error = f"capsem: the {event.name} check failed"
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        message = event.args()[0]
+        if isinstance(message, flow.Flow) and self._handlers_for(hooks.UpdateHook([])):
+            await self.trigger_event(hooks.UpdateHook([message]))
+
+
+def install_dispatch(master) -> CachedAddonManager:
+    """Swap the master's (still empty) addon manager for a CachedAddonManager."""
+    if isinstance(master.addons, CachedAddonManager):
+        return master.addons
+    assert len(master.addons) == 0, "install the dispatcher before adding addons"
+    master.options.changed.disconnect(master.addons._configure_all)
+    master.addons = CachedAddonManager(master)
+    return master.addons
+
+
+# --- 2. http.MessageData.__post_init__ ------------------------------------------------------------
+
+def _no_typecheck(self) -> None:
+    return None
+
+
+def skip_message_typecheck() -> None:
+    """mitmproxy type-checks every field of every Request/Response it builds (its own `if __debug__`
+    aid, ~5% of the service's CPU per request). Our messages come from mitmproxy's own parsers.
+    Removes per-request work only: changes nothing of what is allowed, injected or audited
+    (measured with bench/proxy.py)."""
+    http.MessageData.__post_init__ = _no_typecheck
+
+
+# --- 3. _http1.Http1Server.read_headers -----------------------------------------------------------
+
+def patch_http1_header_limit(limit_getter, on_refused=None) -> None:
+    """mitmproxy 11's HTTP/1 reader buffers request heads without bound (a guest could exhaust host
+    memory with one endless head). Wrap Http1Server.read_headers: if the head is still incomplete
+    and the buffer holds more than the limit, answer 431 and close (and call
+    on_refused(client_connection): the audit row). Idempotent."""
+    if getattr(_http1.Http1Server.read_headers, "_capsem_header_limit", False):
+        return
+    original = _http1.Http1Server.read_headers
+
+    def read_headers(self, event):
+        yield from original(self, event)
+        if (isinstance(event, events.DataReceived)
+                and getattr(self.state, "__func__", None) is read_headers
+                and len(self.buf) > limit_getter()):
+            if on_refused is not None:
+                on_refused(self.conn)
+            yield commands.SendData(self.conn, make_error_response(431, "Request header fields too large"))
+            yield commands.CloseConnection(self.conn)
+            self.buf = _http1.ReceiveBuffer()  # free the oversized head now
+            self.state = self.done
+    read_headers._capsem_header_limit = True
+    _http1.Http1Server.read_headers = read_headers
+
+
+# --- 4. mitmproxy.proxy.server.TCP_TIMEOUT --------------------------------------------------------
+
+def set_idle_timeout(seconds: int) -> None:
+    """mitmproxy closes a connection idle for TCP_TIMEOUT seconds, a module constant with no option:
+    the service's configured idle timeout goes there (idle guest connections close)."""
+    proxy_server.TCP_TIMEOUT = int(seconds)

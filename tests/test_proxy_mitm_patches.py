@@ -1,0 +1,98 @@
+"""capsem_vm/proxy/mitm_patches.py: every patch of mitmproxy internals is applied by one call, once,
+and only on a mitmproxy version the patches were checked against; an unknown version is refused
+with a message saying what was found, what is known and what to do. Runs in the proxy venv (the
+only one with mitmproxy), like the service itself."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+
+from capsem_agent import protocol
+from capsem_vm.proxy.service import REPO_ROOT, find_proxy_python
+
+ENV = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'guest-agent'}", "PATH": "/usr/bin:/bin"}
+
+
+def _run_in_proxy_venv(script: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run([find_proxy_python(), "-c", textwrap.dedent(script)], input=stdin,
+                          capture_output=True, timeout=120, cwd=REPO_ROOT, env=ENV)
+
+
+GATE = '''
+    import asyncio
+    from mitmproxy import http, options
+    from mitmproxy.master import Master
+    from mitmproxy.proxy import server as proxy_server
+    from mitmproxy.proxy.layers.http import _http1
+    from capsem_vm.proxy import mitm_patches as mp
+
+    assert mp.check_version() == "11.0.2" and "11.0.2" in mp.KNOWN_VERSIONS
+    stock = (http.MessageData.__post_init__, _http1.Http1Server.read_headers, proxy_server.TCP_TIMEOUT)
+
+    async def main():
+        real = mp.installed_version
+        # near misses of the known version and other releases: all refused, nothing patched
+        for found in ("11.0.1", "11.0.3", "11.0", "11", "11.0.2.dev0", "11.0.2rc1", " 11.0.2", "12.0.0", "none", ""):
+            mp.installed_version = lambda: found
+            master = Master(options.Options())
+            manager = master.addons
+            try:
+                mp.apply(master, idle_timeout=7, header_limit=lambda: 10)
+            except mp.UnsupportedMitmproxy as exc:
+                msg = str(exc)
+            else:
+                raise AssertionError(f"{found!r} was accepted")
+            assert f"mitmproxy {found} is installed" in msg, msg
+            assert all(v in msg for v in mp.KNOWN_VERSIONS), msg
+            assert "make proxy-venv" in msg and "mitm_patches.py" in msg, msg
+            assert master.addons is manager, "refused, yet the dispatcher was swapped"
+            assert (http.MessageData.__post_init__, _http1.Http1Server.read_headers,
+                    proxy_server.TCP_TIMEOUT) == stock, "refused, yet something was patched"
+        mp.installed_version = real
+
+        master = Master(options.Options())
+        stock_manager = master.addons
+        refused = []
+        mp.apply(master, idle_timeout=7, header_limit=lambda: 10, on_header_refused=refused.append)
+        patched = (master.addons, http.MessageData.__post_init__, _http1.Http1Server.read_headers)
+        assert isinstance(master.addons, mp.CachedAddonManager)
+        receivers = [r() for r in master.options.changed.receivers]
+        assert stock_manager._configure_all not in receivers and master.addons._configure_all in receivers
+        assert http.MessageData.__post_init__ is mp._no_typecheck
+        assert _http1.Http1Server.read_headers is not stock[1]
+        assert _http1.Http1Server.read_headers._capsem_header_limit
+        assert proxy_server.TCP_TIMEOUT == 7
+        mp.apply(master, idle_timeout=9, header_limit=lambda: 10)  # idempotent: nothing wrapped twice
+        assert (master.addons, http.MessageData.__post_init__, _http1.Http1Server.read_headers) == patched
+        assert [r() for r in master.options.changed.receivers].count(master.addons._configure_all) == 1
+        assert proxy_server.TCP_TIMEOUT == 9  # a setting, not a wrapper: the last value counts
+        print("ok")
+    asyncio.run(main())
+'''
+
+
+def test_an_unknown_mitmproxy_is_refused_and_the_known_one_gets_every_patch_once():
+    out = _run_in_proxy_venv(GATE)
+    assert out.returncode == 0 and out.stdout.decode().strip() == "ok", out.stderr.decode()[-3000:]
+
+
+SERVICE = '''
+    import importlib.metadata as md
+    real = md.version
+    md.version = lambda name: "12.9.9" if name == "mitmproxy" else real(name)
+    from capsem_vm.proxy import server
+    raise SystemExit(server.main())
+'''
+
+
+def test_the_service_process_refuses_an_unknown_mitmproxy_with_a_fatal_frame():
+    """The gate sits before the service's first mitmproxy import: the parent gets the message as the
+    service's fatal frame (shown in ProxyServiceError), not an ImportError from an internal."""
+    out = _run_in_proxy_venv(SERVICE, stdin=protocol.encode({"t": "start"}))
+    assert out.returncode == 2, out.stderr.decode()[-3000:]
+    frames = list(protocol.FrameDecoder().feed(out.stdout))
+    msg = protocol.decode_body(frames[0])
+    assert msg["t"] == "fatal", msg
+    assert msg["message"].startswith("UnsupportedMitmproxy: mitmproxy 12.9.9 is installed"), msg
+    assert "11.0.2" in msg["message"] and "make proxy-venv" in msg["message"], msg
