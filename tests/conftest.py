@@ -1,4 +1,7 @@
-"""Shared fixtures. Tests that boot VMs need the default image (`make image` builds it)."""
+"""Shared fixtures. Tests that boot VMs need the default image (`make image` builds it).
+
+Mark `vm` (pytest.mark.vm) every test that boots a VM or needs the image: `make unit` runs the
+others with an empty image cache, before the image is built; `make vm` runs the marked ones."""
 
 import os
 import shutil

@@ -163,6 +163,7 @@ async def test_a_credential_file_in_any_share_stops_the_vm_before_it_boots(dirs)
         await eg.start(FakeTransport(dirs))
 
 
+@pytest.mark.vm  # needs the image: the refusal comes from `capsem vm run`, after it finds one
 def test_vm_run_refuses_a_credential_file_in_the_shared_folder(image_dir, dirs):
     share = dirs / "nb"
     share.mkdir()
@@ -189,6 +190,7 @@ def test_ca_certificate_sent_to_the_guest_has_no_key(dirs):
     assert pem.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE" not in pem
 
 
+@pytest.mark.vm  # needs the image: the refusal comes from `capsem vm run`, after it finds one
 def test_vm_run_refuses_a_policy_in_the_shared_folder(image_dir, dirs):
     share = dirs / "nb"
     share.mkdir()

@@ -16,7 +16,6 @@ import pytest
 from conftest import REPO
 from kernel_helpers import KERNEL, STARTUP_TIMEOUT, capsem_kernelspecs, wait_gone  # noqa: F401
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]  # one VM per notebook
 
 NOTEBOOKS = REPO / "notebooks"
 OURS = ("files.ipynb", "plot.ipynb", "network.ipynb")
@@ -40,6 +39,8 @@ def test_notebooks_have_stored_outputs_to_compare():
             assert not any(o.output_type == "error" for o in cell.outputs), f"{name}: stored error"
 
 
+@pytest.mark.vm
+@pytest.mark.timeout(3600)  # one VM per notebook
 def test_nbval_passes_on_every_notebook(capsem_kernelspecs, tmp_path):
     work = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOKS, work, ignore=shutil.ignore_patterns("*.executed.ipynb", ".ipynb_checkpoints"))

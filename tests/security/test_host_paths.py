@@ -243,6 +243,7 @@ def test_a_root_only_image_below_a_sticky_tmp_is_accepted(tmp_path):
 
 
 @needs_root
+@pytest.mark.vm  # needs the image: hard-links the stored one
 def test_capsem_vm_run_as_root_refuses_a_world_writable_image(tmp_path):
     """The real command: the stored image hard-linked into a world-writable directory is refused
     before anything boots, with the directory and its mode named."""
