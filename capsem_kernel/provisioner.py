@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from . import loop_thread
 from .kernel_vm import KernelVM
 
 GUEST_ENV_PASSTHROUGH = ("JPY_SESSION_NAME",)
+RESTART_GAP_S = 5.0  # how long a kernel cleaned up for a restart counts as restarting, not dead
 
 
 class CapsemProvisioner(KernelProvisionerBase):
@@ -68,12 +70,20 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     kernel_vm: KernelVM | None = None
     ports_cached = False
+    _restart_until = 0.0  # monotonic deadline: cleaned up for a restart, the relaunch is on its way
 
     # --- launch ------------------------------------------------------------------------------
 
     @property
     def has_process(self) -> bool:
-        return self.kernel_vm is not None
+        return self.kernel_vm is not None or self._restarting()
+
+    def _restarting(self) -> bool:
+        """Between cleanup(restart=True) and the relaunch (jupyter_client then replaces this
+        instance), the kernel is restarting, not dead: a poll in that gap must not report an exit
+        code (a front end would show 'dead', a watcher restart it again). Bounded, so a relaunch
+        that never comes does not keep a dead kernel alive."""
+        return self.kernel_vm is None and time.monotonic() < self._restart_until
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
@@ -170,7 +180,7 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     async def poll(self) -> int | None:
         if self.kernel_vm is None:
-            return 0
+            return None if self._restarting() else 0
         return self.kernel_vm.poll()
 
     async def wait(self) -> int | None:
@@ -200,6 +210,8 @@ class CapsemProvisioner(KernelProvisionerBase):
         if self.kernel_vm is not None:
             await loop_thread.run(self.kernel_vm.stop(grace=0.5))
             self.kernel_vm = None
+            if restart:
+                self._restart_until = time.monotonic() + RESTART_GAP_S
         if self.ports_cached and not restart:
             lpc = LocalPortCache.instance()
             for key in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):

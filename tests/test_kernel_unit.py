@@ -82,3 +82,24 @@ def test_provisioner_settings_from_jupyter_config_and_kernelspec(tmp_path):
     assert (vm_config.memory_mb, vm_config.cpus) == (512, 1)
     assert [(str(s.host_path), s.guest_path, s.readonly) for s in vm_config.shares] == \
         [(str(tmp_path), str(tmp_path), True)]
+
+
+async def test_a_kernel_cleaned_up_for_a_restart_is_restarting_not_dead(tmp_path, monkeypatch):
+    """Between cleanup(restart=True) and the relaunch (jupyter_client makes a new provisioner in
+    between), poll() says running, not an exit code; for a bounded time only, and never after a
+    cleanup that is not a restart."""
+    import capsem_kernel.provisioner as prov
+    install(tmp_path)
+    p = provisioner(tmp_path, "capsem")
+    assert await p.poll() == 0 and not p.has_process  # never launched
+    await p.cleanup(restart=False)
+    assert await p.poll() == 0 and not p.has_process
+
+    class Stopped:  # what cleanup() stops: a kernel VM that is gone
+        async def stop(self, grace):
+            pass
+    p.kernel_vm = Stopped()
+    await p.cleanup(restart=True)
+    assert p.kernel_vm is None and await p.poll() is None and p.has_process
+    p._restart_until = prov.time.monotonic() - 0.01  # the relaunch never came: dead after the gap
+    assert await p.poll() == 0 and not p.has_process
