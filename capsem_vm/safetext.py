@@ -46,14 +46,6 @@ def printable(text: str) -> str:
     return _UNSAFE_RE.sub(_sub, text)
 
 
-def escape_value(value):
-    """escape() for strings, anything else unchanged (row fields)."""
-    return escape(value) if isinstance(value, str) else value
-
-
 def printable_value(value):
     return printable(value) if isinstance(value, str) else value
 
-
-def has_unsafe(text: str) -> bool:
-    return bool(_UNSAFE_RE.search(text))

@@ -10,7 +10,6 @@ import ipaddress
 import re
 
 from .addresses import protected_class
-from .paths import canonicalize
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -167,13 +166,6 @@ class HostPattern:
 
     def __repr__(self) -> str:
         return f"HostPattern({self.text!r})"
-
-
-def path_is_ambiguous(path: str) -> bool:
-    """Paths servers may read differently even after canonicalization (paths.canonicalize: encoded
-    separators, double encoding, `;` parameters, backslashes, control characters, malformed or
-    non-UTF-8 escapes). Allow rules with `paths` never match them; deny rules with `paths` always do."""
-    return bool(canonicalize(path).ambiguous)
 
 
 def is_special_address(ip: IPAddress) -> bool:
