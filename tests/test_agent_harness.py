@@ -172,6 +172,7 @@ class ChannelForwarder:
         self.channels_path = channels_path
         self.ports: dict[str, int] = {}
         self._listeners = []
+        self._streams: list[socket.socket] = []  # every accepted and forwarded socket, closed by close()
         self._stop = False
         for name in protocol.KERNEL_CHANNELS:
             ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -196,6 +197,7 @@ class ChannelForwarder:
                 c.close()
                 u.close()
                 continue
+            self._streams += [c, u]
             for a, b in ((c, u), (u, c)):
                 threading.Thread(target=_pump, args=(a, b), daemon=True).start()
 
@@ -205,9 +207,15 @@ class ChannelForwarder:
         return info
 
     def close(self):
+        # why shutdown first: close() alone does not wake a thread blocked in accept() or recv(),
+        # and the threads and sockets would then outlive the test (each test leaked ten sockets)
         self._stop = True
-        for ls in self._listeners:
-            ls.close()
+        for s in self._listeners + self._streams:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
 
 def _pump(a, b):

@@ -33,9 +33,11 @@ def _in(net: str):
 
 
 DOH_IPS = {h for h in DOH_HOSTS if parse_ip(h) is not None}  # denied by the built-in DoH rules
+# why 192.0.0.0/24 is left out: the policy refuses the whole IETF protocol block, while Python
+# 3.11's is_global calls most of it global (hypothesis found 192.0.0.8; later Pythons agree with us)
 global_v4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address).filter(
     lambda a: a.is_global and not a.is_multicast and a not in ipaddress.ip_network("192.88.99.0/24")
-    and str(a) not in DOH_IPS)
+    and a not in ipaddress.ip_network("192.0.0.0/24") and str(a) not in DOH_IPS)
 
 
 @st.composite
