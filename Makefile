@@ -12,13 +12,14 @@ PYTEST_ARGS ?=
 # env; the proxy service runs from it as a separate process (capsem_vm/proxy/service.py finds it)
 PROXY_VENV ?= .venv-proxy
 
-.PHONY: demo test unit vm system venv proxy-venv image clean help
+.PHONY: demo test unit fuzz vm system venv proxy-venv image clean help
 
 help:
 	@echo "make demo   - set up everything and run a real notebook in a capsem kernel"
 	@echo "make test   - set up everything and run the test suite: the unit tier, then the VM tier"
 	@echo "make unit   - the tests that need no VM and no VM image (no image build; minutes)"
 	@echo "make vm     - build (or reuse) the VM image and run the tests that boot VMs or need it"
+	@echo "make fuzz   - the property tests with fresh random examples, ten times as many (finds new cases)"
 	@echo "make system - install the Debian packages capsem needs (root)"
 	@echo "make venv   - create the Python env in $(VENV)"
 	@echo "make image  - build (or reuse the cached) VM image"
@@ -56,6 +57,10 @@ unit: system venv proxy-venv
 	CAPSEM_CACHE_DIR=$$cache/user CAPSEM_SYSTEM_CACHE_DIR=$$cache/system \
 	  $(VENV)/bin/pytest -m "not vm" $(PYTEST_ARGS); rc=$$?; \
 	rm -rf "$$cache"; echo "make unit: unit tier took $$(( $$(date +%s) - start ))s (exit $$rc)"; exit $$rc
+
+# property tests with fresh random examples (ten times as many): what fails becomes an @example
+fuzz: venv
+	CAPSEM_HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -m "not vm" $$(grep -rl "from hypothesis" tests) $(PYTEST_ARGS)
 
 vm: system venv proxy-venv image
 	$(VENV)/bin/pytest -m vm $(PYTEST_ARGS)
