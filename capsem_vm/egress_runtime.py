@@ -134,8 +134,10 @@ class EgressRuntime:
 
 # --- the one process-wide accessor ----------------------------------------------------------------
 
+# Process-wide by necessity: provisioners are made by jupyter_client with config only. Owner: this
+# process (or whoever installed its own runtime with set_process_runtime, until it puts one back).
 _process_lock = threading.Lock()
-_process: EgressRuntime | None = None  # owner: this process (or whoever installed it: set_process_runtime)
+_process: EgressRuntime | None = None
 
 
 def process_runtime() -> EgressRuntime:
