@@ -39,6 +39,7 @@ class EgressRuntime:
         self.service: ProxyService | None = None
         self.users = 0
         self._audit: AuditLog | None = None
+        self._audit_lock = threading.Lock()  # bridges (loop thread) and readers (tests) may open it at once
         self._lock = asyncio.Lock()  # binds to the loop of its first contended use
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_task: asyncio.Task | None = None
@@ -46,9 +47,10 @@ class EgressRuntime:
     @property
     def audit(self) -> AuditLog:
         """The bridges' audit log (opened on first use, in the data dir of that moment)."""
-        if self._audit is None:
-            self._audit = AuditLog()
-        return self._audit
+        with self._audit_lock:
+            if self._audit is None:
+                self._audit = AuditLog()
+            return self._audit
 
     async def __aenter__(self) -> "EgressRuntime":
         return self
@@ -127,7 +129,8 @@ class EgressRuntime:
         service, self.service = self.service, None
         if service is not None:
             await service.close()
-        audit, self._audit = self._audit, None
+        with self._audit_lock:
+            audit, self._audit = self._audit, None
         if audit is not None:
             await asyncio.to_thread(audit.close)
 
