@@ -23,8 +23,8 @@ import secrets
 from capsem_agent import protocol
 
 from .config import EgressConfig
-from .policy import ALLOW, Policy, load_kernel_policy
 from .egress_runtime import EgressRuntime, process_runtime
+from .policy import ALLOW, Policy, load_kernel_policy
 from .proxy.audit import AuditLog
 from .proxy.bridge import EgressBridge
 from .proxy.ca import ca_cert_pem
