@@ -30,7 +30,6 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "guest-agent"), str(ROOT)]
 from egress_world import World  # noqa: E402
 
 from capsem_vm.config import EgressConfig, VMConfig  # noqa: E402
-from capsem_vm.egress import release_service  # noqa: E402
 from capsem_vm.vm import VM  # noqa: E402
 
 LATENCY = r"""
@@ -115,8 +114,7 @@ async def main(args) -> None:
         rows.append(("guest AES-128-GCM 16 KiB blocks (k/s)", aes.split()[-1] if aes else "?", "-"))
     finally:
         await vm.stop()
-        await w.close()
-        await release_service()
+        await w.close()  # its egress runtime: the proxy service and the audit log
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':{width}}  {'guest (egress)':>18}  {'host direct':>16}")
     for name, g, h in rows:

@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Process-wide by necessity (exempt from "owned state"): jupyter_client makes provisioners from an
+# entry point and drives them from whatever loop or thread it has, so nothing can hand them a loop;
+# every VM of the process, its relays and the process EgressRuntime live on this one.
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 

@@ -9,10 +9,10 @@ VM.stop() closes it. Where the policy comes from: `EgressConfig.policy` (the ker
 config / `capsem vm run --policy`), else the user's config dir, else deny-all; never a folder the
 guest can write (capsem_vm.policy.source).
 
-The proxy service (mitmproxy, its own process) is shared by every VM of this process and started
-on demand: only when a policy can allow something, in parallel with the boot. When the last VM
-of the process is gone it is stopped after SERVICE_IDLE seconds (`release_service()` stops it at
-once, for one-shot commands). Its processes die with ours in any case (service.py).
+The proxy service (mitmproxy, its own process) is shared by every VM of one EgressRuntime
+(egress_runtime.py: the VM's owner's, else the process's) and started on demand: only when a policy
+can allow something, in parallel with the boot. The runtime stops it a while after its last VM is
+gone. Its processes die with ours in any case (service.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import secrets
 from capsem_agent import protocol
 
 from .config import EgressConfig
+from .egress_runtime import EgressRuntime, process_runtime
 from .policy import ALLOW, Policy, load_kernel_policy
 from .proxy.audit import AuditLog
 from .proxy.bridge import EgressBridge
@@ -32,78 +33,18 @@ from .vsock.hangup import hang_up
 
 log = logging.getLogger(__name__)
 
-SERVICE_IDLE = 120.0      # keep the proxy warm this long after the last VM (kernel restarts)
 PROXY_WAIT = 90.0         # the proxy service start (mitmproxy import) on a loaded host
 SETUP_TIMEOUT = 90.0      # egress_setup in the guest: module loading + nft under TCG
-
-
-# --- process-wide: the proxy service users and the audit log ----------------------------------------
-
-_users = 0
-_idle_handle: asyncio.TimerHandle | None = None
-_audit: AuditLog | None = None
-
-
-def shared_audit() -> AuditLog:
-    global _audit
-    if _audit is None:
-        _audit = AuditLog()
-    return _audit
-
-
-async def _acquire_service() -> ProxyService:
-    global _users, _idle_handle
-    _users += 1
-    if _idle_handle is not None:
-        _idle_handle.cancel()
-        _idle_handle = None
-    try:
-        return await ProxyService.shared()
-    except BaseException:
-        _users -= 1
-        raise
-
-
-def _release_later() -> None:
-    global _users, _idle_handle
-    _users -= 1
-    if _users == 0:
-        loop = asyncio.get_running_loop()
-        _idle_handle = loop.call_later(SERVICE_IDLE, lambda: loop.create_task(release_service()))
-
-
-async def release_service() -> None:
-    """Stop the shared proxy service now if no VM uses it (flushes the audit log too)."""
-    global _idle_handle
-    if _idle_handle is not None:
-        _idle_handle.cancel()
-        _idle_handle = None
-    if _users == 0 and ProxyService._shared is not None:
-        await ProxyService._shared.close()
-    if _audit is not None:
-        await asyncio.to_thread(_audit.flush)
-
-
-async def audit_barrier(kernel_id: str | None = None, timeout: float = 10.0) -> bool:
-    """The audit barrier (docs/AUDIT.md): returns once every audit row caused before the call is
-    written, by this process's bridges (DNS, refused streams, the control port) and by every
-    worker of the proxy service, pending counts of aggregated refusals included. False if that
-    could not be done (a database that cannot be written, a worker gone, the timeout).
-    kernel_id: whose rows the reader wants; today every writer is flushed whole (cheap)."""
-    ok = True
-    service = ProxyService._shared
-    if service is not None and service.alive:
-        ok = await service.flush_audit(timeout)
-    if _audit is not None:
-        ok = await asyncio.to_thread(_audit.flush, timeout) and ok
-    return ok
 
 
 # --- one VM ---------------------------------------------------------------------------------------
 
 class Egress:
-    def __init__(self, config: EgressConfig, guest_writable: list[str] = ()):
+    def __init__(self, config: EgressConfig, guest_writable: list[str] = (),
+                 runtime: EgressRuntime | None = None):
+        """runtime: whose proxy service and audit log this VM uses (None: process_runtime())."""
         self.config = config
+        self.runtime = runtime or process_runtime()
         self.guest_writable = list(guest_writable)
         self.kernel_id = config.kernel_id or f"vm-{secrets.token_hex(6)}"
         self.policy: Policy | None = None
@@ -114,6 +55,11 @@ class Egress:
         self._ready: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+
+    @property
+    def audit(self) -> AuditLog:
+        """Where this VM's host-side audit rows go (its runtime's log)."""
+        return self.runtime.audit
 
     @property
     def needs_proxy(self) -> bool:
@@ -133,17 +79,17 @@ class Egress:
             self._make_bridge(None)
 
     def _make_bridge(self, endpoint) -> None:
-        self.bridge = EgressBridge(self.kernel_id, self.policy, endpoint, audit=shared_audit())
+        self.bridge = EgressBridge(self.kernel_id, self.policy, endpoint, audit=self.audit)
         if not self._ready.done():
             self._ready.set_result(self.bridge)
 
     async def _connect_proxy(self) -> None:
         try:
-            self.service = await _acquire_service()
+            self.service = await self.runtime.acquire()
             try:
                 endpoint = await self.service.register(self.kernel_id, self.policy)
             except BaseException:
-                _release_later()
+                self.runtime.release()
                 self.service = None
                 raise
             self._make_bridge(endpoint)
@@ -199,15 +145,15 @@ class Egress:
                 await asyncio.wait_for(self.service.unregister(self.kernel_id), 10)
             except Exception as exc:  # noqa: BLE001 - the service may be gone already
                 log.info("unregistering %s from the proxy service: %s", self.kernel_id, exc)
-            _release_later()
+            self.runtime.release()
             self.service = None
 
     async def audit_barrier(self, timeout: float = 10.0) -> bool:
-        """Every audit row this VM's egress caused so far is written (see audit_barrier())."""
+        """Every audit row this VM's egress caused so far is written (EgressRuntime.audit_barrier)."""
         ok = True
         if self.service is not None and self.service.alive:
             ok = await self.service.flush_audit(timeout)
-        return await asyncio.to_thread(shared_audit().flush, timeout) and ok
+        return await asyncio.to_thread(self.audit.flush, timeout) and ok
 
     def info(self) -> dict:
         return {"kernel_id": self.kernel_id, "policy": self.policy.source if self.policy else None,

@@ -34,6 +34,8 @@ def _first_existing(env_var: str, names: list[str], extra_paths: list[str]) -> P
     return None
 
 
+# The finders below are lru_cache'd: caches, owner this process (where a host program is does not
+# change while it runs; tests that point CAPSEM_QEMU etc. elsewhere call .cache_clear()).
 @lru_cache(maxsize=None)
 def qemu() -> Program:
     path = _first_existing("CAPSEM_QEMU", ["qemu-system-x86_64"], [])

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+# Process-wide by necessity (exempt from "owned state"): PR_SET_PDEATHSIG fires when the *thread*
+# that forked the child ends, so every helper is forked by this one thread that lives as long as the
+# process; an owner object with a shorter life would kill its helpers when it went.
 _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capsem-spawner")
 
 

@@ -44,8 +44,10 @@ Progress = Callable[[str], None]
 
 
 class VM:
-    def __init__(self, config: VMConfig, *, vsock: str = "auto", progress: Progress | None = None):
+    def __init__(self, config: VMConfig, *, vsock: str = "auto", progress: Progress | None = None,
+                 egress_runtime=None):
         self.config = config
+        self.egress_runtime = egress_runtime  # egress_runtime.EgressRuntime; None: the process's
         self.vsock_kind = vsock
         self.progress = progress or (lambda msg: None)
         self.paths: RuntimePaths | None = None
@@ -106,7 +108,8 @@ class VM:
             self.helpers += self.transport.helper_processes()
             if self.config.egress is not None:
                 from .egress import Egress  # why lazy: proxy/policy code only for VMs with egress
-                self.egress = Egress(self.config.egress, [str(s.host_path) for s in self.config.shares])
+                self.egress = Egress(self.config.egress, [str(s.host_path) for s in self.config.shares],
+                                     self.egress_runtime)
                 await self.egress.start(self.transport)  # before QEMU: the guest may connect at once
             for share in self.config.shares:
                 self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
@@ -161,11 +164,10 @@ class VM:
         repeats (docs/AUDIT.md); log them at most once a second."""
         self.refused_control += 1
         if self.egress is not None:
-            from .egress import shared_audit
-            shared_audit().record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
-                                  decision="deny", rule="control-port", code="control-port",
-                                  reason="vsock: extra connection to the host's control port refused "
-                                         "(the host accepts exactly one)")
+            self.egress.audit.record(self.egress.kernel_id, "connect", host="host", port=protocol.PORT_CONTROL,
+                                     decision="deny", rule="control-port", code="control-port",
+                                     reason="vsock: extra connection to the host's control port refused "
+                                            "(the host accepts exactly one)")
         now = time.monotonic()
         if now - self._refused_noted < 1.0:
             return

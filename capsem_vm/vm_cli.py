@@ -95,13 +95,16 @@ def cmd_shell(args) -> int:
 
 async def _run(config: VMConfig, argv: list[str], args, pty: bool) -> int:
     loop = asyncio.get_running_loop()
-    vm = VM(config, vsock=args.vsock, progress=_progress(args))
+    egress_runtime = None
+    if config.egress is not None:
+        from .egress_runtime import EgressRuntime  # why lazy: proxy code only for VMs with egress
+        egress_runtime = EgressRuntime()
+    vm = VM(config, vsock=args.vsock, progress=_progress(args), egress_runtime=egress_runtime)
     try:
         return await _run_in(vm, config, argv, args, pty, loop)
     finally:
-        if config.egress is not None:
-            from .egress import release_service
-            await release_service()  # a one-shot command keeps no proxy around
+        if egress_runtime is not None:
+            await egress_runtime.close()  # a one-shot command keeps no proxy around
 
 
 async def _run_in(vm: VM, config: VMConfig, argv: list[str], args, pty: bool, loop) -> int:

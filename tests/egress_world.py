@@ -157,7 +157,8 @@ class World:
         import asyncio
 
         from capsem_vm.policy import parse_policy
-        from capsem_vm.proxy.service import ProxyService, find_proxy_python
+        from capsem_vm.egress_runtime import EgressRuntime, set_process_runtime
+        from capsem_vm.proxy.service import find_proxy_python
 
         w = cls()
         w.tmp = tmp
@@ -165,10 +166,6 @@ class World:
         os.environ["CAPSEM_DATA_DIR"] = str(tmp / "data")
         os.environ["CAPSEM_CONFIG_DIR"] = str(tmp / "config")  # empty: no user policy
         os.environ["CAPSEM_TEST_SECRET"] = SECRET
-        import capsem_vm.egress as host_egress
-        if host_egress._audit is not None:  # an earlier test's audit log writes into another data dir
-            host_egress._audit.close()
-            host_egress._audit = None
         ca_key, ca_cert = make_ca("capsem egress test upstream CA")
         w.upstream_ca = write_pem(tmp / "upstream-ca.pem", cert=ca_cert)
         leaf_key, leaf = make_leaf(ca_key, ca_cert, ["*.test.example", "test.example"], ["127.0.0.1"])
@@ -269,20 +266,19 @@ guest_env = "SVC_TOKEN"
         os.chmod(w.policy_file, 0o644)
         w.policy = parse_policy(w.policy_text, str(w.policy_file))
         w.audit_db = tmp / "data" / "audit.sqlite3"
-        w.service = None
-        if service:
-            resolve = {n: "127.0.0.1" for n in NAMES + tuple(extra_names)} | (extra_resolve or {})
-            ProxyService._shared = None
-            w.service = await ProxyService.shared(upstream_ca=w.upstream_ca, resolve=resolve,
-                                                  header_timeout=30.0, log_path=tmp / "proxy.log", workers=1)
+        # the world's own egress runtime (its audit log in this data dir), used by the VMs and
+        # provisioners of this process until close()
+        resolve = {n: "127.0.0.1" for n in NAMES + tuple(extra_names)} | (extra_resolve or {})
+        w.runtime = EgressRuntime(upstream_ca=w.upstream_ca, resolve=resolve, header_timeout=30.0,
+                                  log_path=tmp / "proxy.log", workers=1)
+        w.runtime_before = set_process_runtime(w.runtime)
+        w.service = await w.runtime.proxy() if service else None
         return w
 
     def rows(self, **match) -> list[dict]:
         """Audit rows (all kernels) matching every field (a callable field value is a predicate)."""
-        import capsem_vm.egress as host_egress
         from capsem_vm.proxy.audit import read_events
-        if host_egress._audit is not None:
-            host_egress._audit.flush()
+        self.runtime.audit.flush()
         if not self.audit_db.exists():
             return []
         return [r for r in read_events(self.audit_db, limit=100000) if all(
@@ -299,12 +295,9 @@ guest_env = "SVC_TOKEN"
             time.sleep(0.3)
 
     async def close(self) -> None:
-        import capsem_vm.egress as host_egress
-        if self.service is not None:
-            await self.service.close()
-        if host_egress._audit is not None:
-            host_egress._audit.close()
-            host_egress._audit = None
+        from capsem_vm.egress_runtime import set_process_runtime
+        set_process_runtime(self.runtime_before)
+        await self.runtime.close()
         self.h2.kill()
         self.h2.wait()
         for s in self.servers:

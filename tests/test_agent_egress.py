@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest-agent"))
 from egress_world import SECRET, SEEN, World  # noqa: E402
 
 from capsem_agent import dns_stub, egress as agent_egress, egress_stream, httpproxy, procs  # noqa: E402
-from capsem_vm.egress import shared_audit  # noqa: E402
 from capsem_vm.proxy import EgressBridge, ca_cert_pem, dns  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -38,7 +37,7 @@ async def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agent-egress")
     w = await World.create(tmp)
     ep = await w.service.register(KID, w.policy)
-    w.bridge = EgressBridge(KID, w.policy, ep, audit=shared_audit())
+    w.bridge = EgressBridge(KID, w.policy, ep, audit=w.runtime.audit)
     e, d = str(tmp / "v.sock_5002"), str(tmp / "v.sock_5003")
     await w.bridge.start(e, d)
     mp = pytest.MonkeyPatch()

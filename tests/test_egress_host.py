@@ -18,9 +18,9 @@ from test_proxy_fixtures import Guest, wait_for  # noqa: E402
 
 import capsem_vm.egress as host_egress  # noqa: E402
 from capsem_vm.config import EgressConfig  # noqa: E402
+from capsem_vm.egress_runtime import EgressRuntime, process_runtime, set_process_runtime  # noqa: E402
 from capsem_vm.policy import PolicyError  # noqa: E402
 from capsem_vm.proxy import ca_cert_pem, dns, read_events  # noqa: E402
-from capsem_vm.proxy.service import ProxyService  # noqa: E402
 
 from conftest import CAPSEM  # noqa: E402
 
@@ -44,16 +44,17 @@ class FakeTransport:
 
 
 @pytest.fixture
-def dirs(tmp_path, monkeypatch):
+async def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSEM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CAPSEM_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("CAPSEM_RUNTIME_DIR", str(tmp_path / "rt"))
-    monkeypatch.setattr(host_egress, "_audit", None)
-    ProxyService._shared = None
+    # the test's own egress runtime (audit log in this data dir), used by every Egress made
+    # without one; closed at the end with any proxy service it started
+    runtime = EgressRuntime()
+    before = set_process_runtime(runtime)
     yield tmp_path
-    if host_egress._audit is not None:
-        host_egress._audit.close()
-        host_egress._audit = None
+    set_process_runtime(before)
+    await runtime.close()
 
 
 async def test_default_policy_is_deny_all_and_needs_no_proxy(dirs):
@@ -62,7 +63,7 @@ async def test_default_policy_is_deny_all_and_needs_no_proxy(dirs):
     await eg.start(t)
     try:
         assert eg.policy.source.startswith("<default") and not eg.needs_proxy
-        assert eg.kernel_id.startswith("vm-") and ProxyService._shared is None
+        assert eg.kernel_id.startswith("vm-") and process_runtime().service is None
         g = Guest(t.path(5002), t.path(5003), "")
         assert (await asyncio.to_thread(g.dns, "example.com"))[0] == dns.NXDOMAIN
         s, reply = await asyncio.to_thread(g.open, "example.com", 443)
@@ -74,7 +75,7 @@ async def test_default_policy_is_deny_all_and_needs_no_proxy(dirs):
         assert reply["t"] == "refused"
 
         def audited():
-            host_egress.shared_audit().flush()
+            eg.audit.flush()
             return [r for r in read_events(dirs / "data" / "audit.sqlite3", kernel=eg.kernel_id)]
         got = await asyncio.to_thread(wait_for, audited, 10)
         assert {(r["kind"], r["host"], r["decision"]) for r in got} >= {
@@ -83,7 +84,7 @@ async def test_default_policy_is_deny_all_and_needs_no_proxy(dirs):
     finally:
         await eg.close()
         await t.close()
-    assert ProxyService._shared is None
+    assert process_runtime().service is None
 
 
 async def test_user_config_policy_starts_the_shared_service_and_idles_it_out(dirs, monkeypatch):
@@ -91,16 +92,16 @@ async def test_user_config_policy_starts_the_shared_service_and_idles_it_out(dir
     user_policy = dirs / "config" / "policy.toml"
     user_policy.write_text('[[rule]]\nname = "pypi"\nhost = "pypi.org"\naction = "allow"\n')
     os.chmod(user_policy, 0o644)
-    monkeypatch.setattr(host_egress, "SERVICE_IDLE", 0.5)
+    runtime = EgressRuntime(idle=0.5)  # owned here: Egress is handed it
     t = FakeTransport(dirs)
-    eg = host_egress.Egress(EgressConfig(kernel_id="k-user"))
+    eg = host_egress.Egress(EgressConfig(kernel_id="k-user"), runtime=runtime)
     await eg.start(t)
     try:
         assert eg.policy.source == str(user_policy) and eg.needs_proxy
         bridge = await eg._bridge()
         assert bridge.proxy.username == "k-user"
-        assert ProxyService._shared is not None and ProxyService._shared.alive
-        pids = ProxyService._shared.pids
+        assert runtime.service is not None and runtime.service.alive
+        pids = runtime.service.pids
         assert pids and all(Path(f"/proc/{p}").exists() for p in pids)
         # a denied name never reaches the proxy; an allowed one is handed to it
         g = Guest(t.path(5002), t.path(5003), "")
@@ -109,15 +110,16 @@ async def test_user_config_policy_starts_the_shared_service_and_idles_it_out(dir
     finally:
         await eg.close()
         await t.close()
-    # the last VM is gone: the service stops after SERVICE_IDLE
+    # the last VM is gone: the service stops after the runtime's idle time
     await asyncio.sleep(1.5)
     for _ in range(50):
-        if ProxyService._shared is None:
+        if runtime.service is None:
             break
         await asyncio.sleep(0.2)
-    assert ProxyService._shared is None
+    assert runtime.service is None
     for p in pids:
         assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]
+    await runtime.close()
 
 
 async def test_policy_in_a_guest_writable_folder_is_refused(dirs):

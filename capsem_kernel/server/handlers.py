@@ -191,8 +191,8 @@ class NetworkHandler(CapsemHandler):
         if _flag(self.get_argument("barrier", "")):
             # every row caused before this request is written (docs/AUDIT.md): this server's
             # bridges and the proxy workers, on the loop that runs the VMs
-            from capsem_vm.egress import audit_barrier
-            barrier = await loop_thread.run(audit_barrier(kernel_id))
+            from capsem_vm.egress_runtime import process_runtime  # the provisioners' runtime
+            barrier = await loop_thread.run(process_runtime().audit_barrier())
         result = await asyncio.get_running_loop().run_in_executor(
             None, lambda: network.query(db, kernel_id, after_id=after, blocked=_flag(self.get_argument("blocked", "")),
                                         host=self.get_argument("host", "")[:260], limit=min(limit, self.ext.max_rows)))

@@ -86,6 +86,8 @@ def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
 
 # --- this host's own addresses -----------------------------------------------------------------------
 
+# cache, owner: this process (own_addresses() alone reads and replaces it); the host's addresses
+# are the same for every VM and policy of the process
 _cache: tuple[float, tuple[IPNetwork, ...]] = (-1e18, ())
 
 

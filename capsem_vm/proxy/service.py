@@ -12,7 +12,7 @@ parent holds those pipes, so only it can register kernels. Each kernel gets a ra
 username/password; the listener (127.0.0.1, random port) rejects every other client, so no other
 local user or process can use it as an open proxy.
 
-    service = await ProxyService.shared()          # or ProxyService(...); await service.start()
+    service = ProxyService(...); await service.start()   # VMs share one: egress_runtime.py
     endpoint = await service.register(kernel_id, policy)   # -> ProxyEndpoint for the EgressBridge
     await service.flush_audit()                    # every worker's audit rows so far are written
     await service.unregister(kernel_id)
@@ -187,9 +187,6 @@ class ProxyService:
     """The egress proxy: `workers` mitmproxy processes (default: one per core, at most 4), each on
     its own 127.0.0.1 port; every kernel is registered with all of them."""
 
-    _shared: "ProxyService | None" = None
-    _shared_lock: asyncio.Lock | None = None
-
     def __init__(self, *, python: str | None = None, audit_db: str | os.PathLike | None = None,
                  ca_dir: str | os.PathLike | None = None, upstream_ca: str | os.PathLike | None = None,
                  resolve: dict[str, str] | None = None, header_timeout: float = 30.0,
@@ -218,19 +215,6 @@ class ProxyService:
         self._kernels: dict[str, ProxyEndpoint] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
-
-    @classmethod
-    async def shared(cls, **kwargs) -> "ProxyService":
-        """The process-wide service (started on first use, restarted if it died)."""
-        if cls._shared_lock is None:
-            cls._shared_lock = asyncio.Lock()
-        async with cls._shared_lock:
-            if cls._shared is None or not cls._shared.alive:
-                if cls._shared is not None:
-                    await cls._shared.close()
-                cls._shared = cls(**kwargs)
-                await cls._shared.start()
-            return cls._shared
 
     @property
     def alive(self) -> bool:
@@ -262,8 +246,6 @@ class ProxyService:
     async def close(self) -> None:
         workers, self.workers = self.workers, []
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
-        if ProxyService._shared is self:
-            ProxyService._shared = None
 
     # --- kernels -------------------------------------------------------------------------------
 

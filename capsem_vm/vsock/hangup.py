@@ -21,6 +21,8 @@ LINGER_S = 5.0
 MAX_LINGERING = 32
 _READ_CHUNK = 65536
 
+# Process-wide on purpose (owner: this process, only hang_up() changes it): the bound protects the
+# process's descriptors, which every VM of the process shares, from guests opening streams in a loop.
 _lingering = 0
 
 

@@ -20,6 +20,9 @@ from .base import CONNECT_TIMEOUT, StreamHandler, VsockTransport
 
 log = logging.getLogger(__name__)
 
+# Process-wide by necessity (owner: this process; KernelTransport.listen/close alone change them):
+# an AF_VSOCK host port is one per host, so this process binds each port once and every VM's
+# transport registers its CID here; a second listener on the port would fail with EADDRINUSE.
 _dispatch: dict[int, dict[int, StreamHandler]] = {}  # host port -> guest CID -> handler
 _listeners: dict[int, socket.socket] = {}
 VHOST_VSOCK = "/dev/vhost-vsock"

@@ -4,7 +4,7 @@ service with two worker processes, a real HTTP server on 127.0.0.1 standing in f
 
 - every row carries a stable code; refusals repeated by the guest become rows with counts, at a
   bounded rate, counts never lost;
-- the barrier (ProxyService.flush_audit + AuditLog.flush, egress.audit_barrier) returns only once
+- the barrier (ProxyService.flush_audit + AuditLog.flush, EgressRuntime.audit_barrier) returns only once
   every row caused before it is written: rows are read at once, without polling;
 - guest-chosen text (connect names, DNS names, HTTP paths) is stored, printed by `capsem audit`
   and logged with control characters escaped;
@@ -115,7 +115,7 @@ async def world(tmp_path_factory):
 
 
 async def barrier(w: ProxyWorld) -> None:
-    """What a reader does: the proxy workers' half and this process's half (egress.audit_barrier)."""
+    """What a reader does: the proxy workers' half and this process's half (EgressRuntime.audit_barrier)."""
     assert await w.service.flush_audit()
     assert await asyncio.to_thread(w.audit.flush)
 

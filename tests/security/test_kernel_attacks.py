@@ -98,8 +98,8 @@ def test_guest_network_is_loopback_and_a_dummy_device(k):
 
 
 def _audit_rows(kernel_id: str) -> list[dict]:
-    from capsem_vm.egress import shared_audit
-    audit = shared_audit()
+    from capsem_vm.egress_runtime import process_runtime
+    audit = process_runtime().audit  # the provisioners' runtime
     audit.flush()
     con = sqlite3.connect(audit.db_path)
     con.row_factory = sqlite3.Row

@@ -29,7 +29,7 @@ import guest_scripts as gs  # noqa: E402
 from kernel_helpers import running_vm, vm_exec  # noqa: E402
 
 from capsem_kernel import loop_thread  # noqa: E402
-from capsem_vm import egress as host_egress  # noqa: E402
+from capsem_vm.egress_runtime import EgressRuntime, set_process_runtime  # noqa: E402
 from capsem_vm.config import EgressConfig, VMConfig  # noqa: E402
 from capsem_vm.errors import VMError  # noqa: E402
 from capsem_vm.proxy import read_events  # noqa: E402
@@ -93,11 +93,11 @@ class Env:
 def env(image_dir):
     e = Env()
     base = Path(tempfile.mkdtemp(prefix="capsem-hostile-"))
-    own_audit = host_egress._audit is None  # a private audit database, unless this process has one open
     env = {"CAPSEM_RUNTIME_DIR": str(base / "run"),
+           "CAPSEM_DATA_DIR": str(base / "data"),  # a private audit database
            "CAPSEM_CONFIG_DIR": str(base / "config")}  # no user policy: deny-all, no proxy
-    if own_audit:
-        env["CAPSEM_DATA_DIR"] = str(base / "data")
+    e.runtime = EgressRuntime()  # the module's own, used by the VM (made without one) and the barrier
+    before = set_process_runtime(e.runtime)
     (base / "run").mkdir(mode=0o700)
     e.events = []
     try:
@@ -105,9 +105,8 @@ def env(image_dir):
             e.vm.on_event = e.events.append
             yield e
     finally:
-        if own_audit and host_egress._audit is not None:
-            host_egress._audit.close()
-            host_egress._audit = None
+        set_process_runtime(before)
+        loop_thread.run_sync(e.runtime.close(), 30)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -116,7 +115,7 @@ def test_guest_chosen_names_are_stored_and_printed_escaped(env, capsys):
     assert code == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     assert all(r and r["t"] == "refused" for r in res["connect"]), res
-    audit = host_egress.shared_audit()  # the VM owner's writer: the bridge's rows (no proxy: deny-all)
+    audit = env.runtime.audit  # the VM owner's writer: the bridge's rows (no proxy: deny-all)
     audit.flush()
     rows = read_events(audit.db_path, kernel=KERNEL_ID)
     assert len(rows) >= len(NAMES)
@@ -130,7 +129,7 @@ def test_guest_chosen_names_are_stored_and_printed_escaped(env, capsys):
     printed = capsys.readouterr().out
     assert "\\x1b" in printed and not any(UNSAFE.search(line) for line in printed.splitlines())
     # the barrier a reader uses (docs/AUDIT.md) holds here too
-    assert loop_thread.run_sync(host_egress.audit_barrier(KERNEL_ID), 30)
+    assert loop_thread.run_sync(env.runtime.audit_barrier(), 30)
 
 
 def test_a_huge_integer_on_the_control_connection_fails_closed_at_once(env):
