@@ -274,16 +274,13 @@ class EgressBridge:
 
 
 async def _read_frame(reader: asyncio.StreamReader, max_len: int, timeout: float | None) -> dict | None:
-    """One frame read with exact reads, so bytes after it stay in `reader` for the relay."""
-    async def read():
-        (length,) = protocol.HEADER.unpack(await reader.readexactly(protocol.HEADER.size))
-        if not 0 < length <= max_len:
-            return None
-        try:
-            return protocol.decode_body(await reader.readexactly(length))
-        except protocol.MessageError:
-            return None
-    return await asyncio.wait_for(read(), timeout) if timeout else await read()
+    """One frame read exactly (bytes after it stay in `reader` for the relay); None if it is not
+    a message. A truncated stream raises asyncio.IncompleteReadError."""
+    read = protocol.read_message(reader, max_len)
+    try:
+        return await asyncio.wait_for(read, timeout) if timeout else await read
+    except (protocol.FrameError, protocol.MessageError):
+        return None
 
 
 def _refused_answer(query: bytes) -> bytes | None:

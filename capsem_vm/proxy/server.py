@@ -103,12 +103,10 @@ async def _stdin_reader() -> asyncio.StreamReader:
 
 
 async def _read_msg(reader: asyncio.StreamReader) -> dict | None:
+    """The parent's next request; None at EOF or on a broken frame (both end the service)."""
     try:
-        (n,) = protocol.HEADER.unpack(await reader.readexactly(4))
-        if not 0 < n <= protocol.MAX_FRAME:
-            return None
-        return protocol.decode_body(await reader.readexactly(n))
-    except (asyncio.IncompleteReadError, protocol.MessageError):
+        return await protocol.read_message(reader)
+    except (EOFError, protocol.FrameError, protocol.MessageError):
         return None
 
 
