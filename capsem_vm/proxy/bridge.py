@@ -36,6 +36,7 @@ from .. import safetext
 from ..policy import Policy
 from ..policy.addresses import own_addresses, protected_class
 from ..policy.match import normalize_host, parse_ip
+from ..rate import Throttle
 from . import dns, socks5
 from .audit import AuditLog
 from .dns_responder import DnsResponder
@@ -63,8 +64,7 @@ class EgressBridge:
         self.max_streams = max_streams
         self.max_dns_streams = max_dns_streams  # the guest's stub uses one; each costs a host fd
         self._dns_streams = 0
-        self._unaudited = 0            # refusals for audit-unavailable since the last log line
-        self._unaudited_logged = -1e9
+        self._unaudited = Throttle(1.0)  # refusals for audit-unavailable: one log line a second
         self.first_frame_timeout = first_frame_timeout
         self.idle_timeout = idle_timeout
         self._servers: list[asyncio.AbstractServer] = []
@@ -122,12 +122,9 @@ class EgressBridge:
         """True (and logged, at most once a second) if the audit log cannot be written now."""
         if self.audit is None or self.audit.available:
             return False
-        now = time.monotonic()
-        self._unaudited += 1
-        if now - self._unaudited_logged >= 1.0:
+        if n := self._unaudited.count(time.monotonic()):
             log.error("kernel %s: %d egress/DNS request(s) refused: the audit log cannot be written (%s)",
-                      self.kernel_id, self._unaudited, safetext.escape(self.audit.last_error or "?"))
-            self._unaudited_logged, self._unaudited = now, 0
+                      self.kernel_id, n, safetext.escape(self.audit.last_error or "?"))
         return True
 
     # --- DNS -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from mitmproxy import http
 
 from ... import safetext
 from ...policy import DENY, Decision
+from ...rate import Throttle
 from ..audit import AuditLog, redact_url
 from .guard import _deny_response
 from .state import flow_meta
@@ -31,8 +32,7 @@ class Audit:
     def __init__(self, log: AuditLog, state=None):
         self.log = log
         self.state = state  # the service's State, to name the session of a refused connection
-        self._refused = 0          # refusals for audit-unavailable since the last log line
-        self._refused_logged = -1e9
+        self._refused = Throttle(1.0)  # refusals for audit-unavailable: one log line a second
 
     # called by Guard for connection-level decisions
     def connection(self, sess, target: str, d: Decision, reason: str | None, decision: str | None = None) -> None:
@@ -54,12 +54,9 @@ class Audit:
     def _unavailable(self, what: str) -> bool:
         if self.log.available:
             return False
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= 1.0:  # bounded: one line a second whatever the guest does
-            log.error("refused %d %s(s): the audit log cannot be written (%s)", self._refused, what,
+        if n := self._refused.count(time.monotonic()):  # bounded: one line a second whatever the guest does
+            log.error("refused %d %s(s): the audit log cannot be written (%s)", n, what,
                       safetext.escape(self.log.last_error or "?"))
-            self._refused_logged, self._refused = now, 0
         return True
 
     def server_connect(self, data) -> None:
