@@ -3,7 +3,8 @@
 Plain blocking sockets and two threads per stream rather than asyncio: a byte arriving wakes the
 thread blocked in recv and goes straight out in sendall, with no event-loop hop in between; that
 is the lowest latency Python offers, and the blocking sendall is natural flow control (a stalled
-reader stalls the writer; buffers stay at one CHUNK per direction).
+reader stalls the writer; buffers stay at one CHUNK per direction). The copy loop is
+egress_stream.pump, shared with the egress streams.
 """
 
 from __future__ import annotations
