@@ -36,6 +36,8 @@ import socket
 import time
 
 from capsem_agent import protocol
+from capsem_vm.rate import TokenBucket
+from capsem_vm.vsock.base import close_servers
 
 from .zmtp import ZmtpGuard, ZmtpViolation, same_handshake
 
@@ -58,18 +60,12 @@ class RateLimit:
     """Token bucket over bytes; `await take(n)` waits until n bytes may pass."""
 
     def __init__(self, rate: float, burst: float):
-        self.rate, self.burst = float(rate), float(burst)
-        self.tokens = self.burst
-        self.stamp = time.monotonic()
+        self.bucket = TokenBucket(rate, burst)
         self.waited = 0.0  # seconds spent throttled (diagnostics, tests)
 
     async def take(self, n: int) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.tokens -= n
-        if self.tokens < 0:
-            delay = -self.tokens / self.rate
+        delay = self.bucket.debit(time.monotonic(), n)
+        if delay > 0:
             self.waited += delay
             await asyncio.sleep(delay)
 
@@ -182,16 +178,9 @@ class ChannelForwarder:
         return bytes(held)
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
         for task in list(self._tasks):
             task.cancel()
-        for server in self._servers:
-            try:
-                await asyncio.wait_for(server.wait_closed(), 2)
-            except asyncio.TimeoutError:
-                pass
-        self._servers.clear()
+        await close_servers(self._servers)
 
 
 async def _both(*coros) -> None:

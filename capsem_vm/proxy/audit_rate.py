@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from .dns_responder import TokenBucket
+from ..rate import TokenBucket
 
 RATE = 10.0       # itemised rows per second per kernel (sustained)
 BURST = 50.0
@@ -125,7 +125,7 @@ class RefusalAggregator:
                             "reason": f"{o.count} refusals over the audit row rate, not itemised; "
                                       f"by code: {codes}"})
             for kernel, b in list(self._buckets.items()):  # full and idle buckets carry no state
-                if b.stamp is None or b.tokens + (now - b.stamp) * self.rate >= self.burst:
+                if b.full(now):
                     del self._buckets[kernel]
         return out
 

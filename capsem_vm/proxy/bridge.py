@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 from capsem_agent import protocol
 
@@ -36,6 +37,7 @@ from .. import safetext
 from ..policy import Policy
 from ..policy.addresses import own_addresses, protected_class
 from ..policy.match import normalize_host, parse_ip
+from ..rate import Throttle
 from . import dns, socks5
 from .audit import AuditLog
 from .dns_responder import DnsResponder
@@ -63,8 +65,7 @@ class EgressBridge:
         self.max_streams = max_streams
         self.max_dns_streams = max_dns_streams  # the guest's stub uses one; each costs a host fd
         self._dns_streams = 0
-        self._unaudited = 0            # refusals for audit-unavailable since the last log line
-        self._unaudited_logged = -1e9
+        self._unaudited = Throttle(1.0)  # refusals for audit-unavailable: one log line a second
         self.first_frame_timeout = first_frame_timeout
         self.idle_timeout = idle_timeout
         self._servers: list[asyncio.AbstractServer] = []
@@ -122,12 +123,9 @@ class EgressBridge:
         """True (and logged, at most once a second) if the audit log cannot be written now."""
         if self.audit is None or self.audit.available:
             return False
-        now = time.monotonic()
-        self._unaudited += 1
-        if now - self._unaudited_logged >= 1.0:
+        if n := self._unaudited.count(time.monotonic()):
             log.error("kernel %s: %d egress/DNS request(s) refused: the audit log cannot be written (%s)",
-                      self.kernel_id, self._unaudited, safetext.escape(self.audit.last_error or "?"))
-            self._unaudited_logged, self._unaudited = now, 0
+                      self.kernel_id, n, safetext.escape(self.audit.last_error or "?"))
         return True
 
     # --- DNS -----------------------------------------------------------------------------------
@@ -197,93 +195,114 @@ class EgressBridge:
 
     async def handle_egress(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._track()
-        started = time.time()
         if self._streams >= self.max_streams:
             self._audit_limit("connect", "too many concurrent streams")
             await _refuse(reader, writer, "too many concurrent connections from this VM", "limit", "limit")
             return
         self._streams += 1
-        up_writer = None
+        up_writer = target = None
         try:
-            try:
-                msg = await _read_frame(reader, CONNECT_FRAME_MAX, self.first_frame_timeout)
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-                self._audit_limit("connect", "egress stream without a complete first frame", "protocol")
+            msg = await self._first_frame(reader, writer)
+            if msg is None:
                 return
-            if msg is None or msg.get("t") != "connect":
-                self._audit_limit("connect", "egress stream with a malformed first frame", "protocol")
-                await _refuse(reader, writer, "first frame must be {\"t\": \"connect\", ...}", "protocol", "protocol")
-                return
-            host, port, error = self._destination(msg)
+            host, port, refusal = self._judge(msg)
             target = f"{host}:{port}"
-            if error:
-                self._audit("connect", url=target, host=host, port=port, decision="deny", rule="invalid-host",
-                            code="invalid-host", reason=error)
-                await _refuse(reader, writer, error, "invalid-host", "invalid-host")
+            if refusal is not None:
+                self._audit("connect", url=target, host=host, port=port, decision="deny", rule=refusal.rule,
+                            code=refusal.code, reason=refusal.reason)
+                await _refuse(reader, writer, refusal.reason, refusal.rule, refusal.code)
                 return
-            decision = self.policy.decide_connect(host, port)
-            if not decision.allowed:
-                self._audit("connect", url=target, host=host, port=port, decision="deny", rule=decision.rule,
-                            code=decision.code, reason=decision.reason)
-                await _refuse(reader, writer, decision.reason, decision.rule, decision.code)
+            upstream = await self._open_upstream(host, port, reader, writer)
+            if upstream is None:
                 return
-            ip = parse_ip(host)
-            denied = self.policy.address_denied(ip, port) if ip is not None else None
-            if denied is not None:  # e.g. a deny rule for an IPv4 network, and its NAT64 spelling
-                self._audit("connect", url=target, host=host, port=port, decision="deny", rule=denied.rule,
-                            code=denied.code, reason=denied.reason)
-                await _refuse(reader, writer, denied.reason, denied.rule, denied.code)
-                return
-            if ip is not None and not decision.address_allowed(ip):
-                reason = (f"this address is protected ({protected_class(ip, own_addresses())}: loopback, private, "
-                          "link-local, multicast, NAT64, 6to4, this host's own, ...) and no rule names it")
-                self._audit("connect", url=target, host=host, port=port, decision="deny", rule="address",
-                            code="address", reason=reason)
-                await _refuse(reader, writer, reason, "address", "address")
-                return
-            if self._audit_unavailable():
-                reason = "the audit log cannot be written: egress is refused rather than unaudited"
-                self._audit("connect", url=target, host=host, port=port, decision="deny",
-                            rule="audit-unavailable", code="audit-unavailable", reason=reason)
-                await _refuse(reader, writer, reason, "audit-unavailable", "audit-unavailable")
-                return
-            try:
-                port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
-                self._next_port += 1
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.proxy.host, port_), 10)
-                await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
-                                                        self.proxy.username, self.proxy.password), 60)
-            except (OSError, socks5.Socks5Error, asyncio.TimeoutError) as exc:
-                # the proxy service audits its own refusals in detail (address checks, upstream errors)
-                reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
-                await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
-                return
+            up_reader, up_writer = upstream
             writer.write(protocol.encode({"t": "connected"}))
             await writer.drain()
             await splice(reader, writer, up_reader, up_writer, self.idle_timeout)
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - a bug must not kill the VM owner's loop
-            log.exception("egress stream to %s failed", safetext.escape(str(locals().get("target"))))
+            log.exception("egress stream to %s failed", safetext.escape(str(target)))
         finally:
             self._streams -= 1
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
 
+    async def _first_frame(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict | None:
+        """The stream's connect frame, or None once a broken one was audited (and answered)."""
+        try:
+            msg = await _read_frame(reader, CONNECT_FRAME_MAX, self.first_frame_timeout)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            self._audit_limit("connect", "egress stream without a complete first frame", "protocol")
+            return None
+        if msg is None or msg.get("t") != "connect":
+            self._audit_limit("connect", "egress stream with a malformed first frame", "protocol")
+            await _refuse(reader, writer, "first frame must be {\"t\": \"connect\", ...}", "protocol", "protocol")
+            return None
+        return msg
+
+    def _judge(self, msg: dict) -> tuple[str, int, Refusal | None]:
+        """(host, port, why not): the destination, then the checks in order: a valid host, the
+        policy's connection decision, deny rules covering an IP literal, protected addresses,
+        and an audit log that can be written (fail closed)."""
+        host, port, error = self._destination(msg)
+        if error:
+            return host, port, Refusal("invalid-host", "invalid-host", error)
+        decision = self.policy.decide_connect(host, port)
+        if not decision.allowed:
+            return host, port, Refusal(decision.rule, decision.code, decision.reason)
+        ip = parse_ip(host)
+        denied = self.policy.address_denied(ip, port) if ip is not None else None
+        if denied is not None:  # e.g. a deny rule for an IPv4 network, and its NAT64 spelling
+            return host, port, Refusal(denied.rule, denied.code, denied.reason)
+        if ip is not None and not decision.address_allowed(ip):
+            reason = (f"this address is protected ({protected_class(ip, own_addresses())}: loopback, private, "
+                      "link-local, multicast, NAT64, 6to4, this host's own, ...) and no rule names it")
+            return host, port, Refusal("address", "address", reason)
+        if self._audit_unavailable():
+            reason = "the audit log cannot be written: egress is refused rather than unaudited"
+            return host, port, Refusal("audit-unavailable", "audit-unavailable", reason)
+        return host, port, None
+
+    async def _open_upstream(self, host: str, port: int, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter):
+        """A SOCKS5 connection through the proxy service to host:port, or None once the guest got
+        a refusal (the service audits its own refusals in detail: address checks, upstream errors)."""
+        up_writer = None
+        try:
+            port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
+            self._next_port += 1
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(self.proxy.host, port_), 10)
+            await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
+                                                    self.proxy.username, self.proxy.password), 60)
+        except BaseException as exc:
+            if up_writer is not None:
+                up_writer.close()
+            if not isinstance(exc, (OSError, socks5.Socks5Error, asyncio.TimeoutError)):
+                raise  # cancelled (the bridge closes), or a bug: handle_egress deals with it
+            reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
+            await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
+            return None
+        return up_reader, up_writer
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an egress stream is refused: the audit row's rule, code and reason, and the guest's."""
+    rule: str
+    code: str
+    reason: str
+
 
 async def _read_frame(reader: asyncio.StreamReader, max_len: int, timeout: float | None) -> dict | None:
-    """One frame read with exact reads, so bytes after it stay in `reader` for the relay."""
-    async def read():
-        (length,) = protocol.HEADER.unpack(await reader.readexactly(protocol.HEADER.size))
-        if not 0 < length <= max_len:
-            return None
-        try:
-            return protocol.decode_body(await reader.readexactly(length))
-        except protocol.MessageError:
-            return None
-    return await asyncio.wait_for(read(), timeout) if timeout else await read()
+    """One frame read exactly (bytes after it stay in `reader` for the relay); None if it is not
+    a message. A truncated stream raises asyncio.IncompleteReadError."""
+    read = protocol.read_message(reader, max_len)
+    try:
+        return await asyncio.wait_for(read, timeout) if timeout else await read
+    except (protocol.FrameError, protocol.MessageError):
+        return None
 
 
 def _refused_answer(query: bytes) -> bytes | None:

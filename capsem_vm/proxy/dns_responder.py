@@ -10,24 +10,9 @@ from dataclasses import dataclass
 
 from ..policy import Policy
 from ..policy.match import normalize_host, parse_ip
+from ..rate import TokenBucket
 from . import dns
 from .synthetic import SyntheticPool
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self.stamp is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 @dataclass

@@ -103,20 +103,15 @@ async def _stdin_reader() -> asyncio.StreamReader:
 
 
 async def _read_msg(reader: asyncio.StreamReader) -> dict | None:
+    """The parent's next request; None at EOF or on a broken frame (both end the service)."""
     try:
-        (n,) = protocol.HEADER.unpack(await reader.readexactly(4))
-        if not 0 < n <= protocol.MAX_FRAME:
-            return None
-        return protocol.decode_body(await reader.readexactly(n))
-    except (asyncio.IncompleteReadError, protocol.MessageError):
+        return await protocol.read_message(reader)
+    except (EOFError, protocol.FrameError, protocol.MessageError):
         return None
 
 
 async def run(out) -> int:
-    def send(msg: dict) -> None:
-        out.write(protocol.encode(msg))
-        out.flush()
-
+    send = _sender(out)
     reader = await _stdin_reader()
     cfg = await _read_msg(reader)
     if not cfg or cfg.get("t") != "start":
@@ -124,14 +119,63 @@ async def run(out) -> int:
         return 2
     try:
         # the first mitmproxy import: its version gate refuses an unknown mitmproxy with a message
-        from . import mitm_patches
-    except Exception as exc:
-        send({"t": "fatal", "message": f"{exc.__class__.__name__}: {exc}"})
+        from . import mitm_patches  # noqa: F401
+        ca, trust, audit_log = _prepare(cfg)
+    except Exception as exc:  # report any setup failure to the parent, then exit
+        send(_fatal(exc))
         return 2
+    master, control = _build_master(cfg, ca, trust, audit_log, out)
+    master_task = asyncio.ensure_future(master.run())
+    try:
+        addrs = await _listening(master, control)
+    except Exception as exc:
+        send(_fatal(exc))
+        master.shutdown()
+        return 2
+    # SIGTERM (also what PR_SET_PDEATHSIG sends) shuts down like EOF: queued audit rows get written
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, reader.feed_eof)
+    send({"t": "ready", "socks": [addrs[0][0], addrs[0][1]]})
+    log.info("proxy service ready on %s:%s", addrs[0][0], addrs[0][1])
+    await _serve(reader, control, audit_log, send)
+    master.shutdown()
+    try:
+        await asyncio.wait_for(master_task, 10)
+    except (asyncio.TimeoutError, Exception):
+        pass
+    audit_log.close()
+    return 0
+
+
+# --- the steps of run ---------------------------------------------------------------------------
+
+def _sender(out):
+    def send(msg: dict) -> None:
+        out.write(protocol.encode(msg))
+        out.flush()
+    return send
+
+
+def _fatal(exc: BaseException) -> dict:
+    return {"t": "fatal", "message": f"{exc.__class__.__name__}: {exc}"}
+
+
+def _prepare(cfg: dict):
+    """What the service needs on disk: the CA, the upstream trust bundle, the audit log."""
+    ca = ensure_ca(Path(cfg["ca_dir"]) if cfg.get("ca_dir") else None)
+    workdir = Path(tempfile.mkdtemp(prefix="capsem-proxy-"))
+    trust = host_trust_bundle(cfg.get("upstream_ca"), workdir)
+    audit_log = AuditLog(cfg.get("audit_db"), max_bytes=cfg.get("audit_max_bytes"), node=cfg.get("node"))
+    return ca, trust, audit_log
+
+
+def _build_master(cfg: dict, ca, trust: str, audit_log: AuditLog, out):
+    """mitmproxy's Master with its patches, the stock addons it needs and capsem's, configured for
+    SOCKS5 on `listen_host`. Returns (master, control)."""
     from mitmproxy import options
     from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
 
+    from . import mitm_patches
     from .addons.audit import Audit
     from .addons.auth import KernelAuth
     from .addons.credentials import Credentials
@@ -139,15 +183,6 @@ async def run(out) -> int:
     from .addons.limits import Limits
     from .addons.state import State
     from .addons.streams import Streams
-
-    try:
-        ca = ensure_ca(Path(cfg["ca_dir"]) if cfg.get("ca_dir") else None)
-        workdir = Path(tempfile.mkdtemp(prefix="capsem-proxy-"))
-        trust = host_trust_bundle(cfg.get("upstream_ca"), workdir)
-        audit_log = AuditLog(cfg.get("audit_db"), max_bytes=cfg.get("audit_max_bytes"), node=cfg.get("node"))
-    except Exception as exc:  # report any setup failure to the parent, then exit
-        send({"t": "fatal", "message": f"{exc.__class__.__name__}: {exc}"})
-        return 2
 
     state = State(cfg.get("resolve") or {})
     audit = Audit(audit_log, state)
@@ -176,22 +211,20 @@ async def run(out) -> int:
         capsem_header_timeout=float(cfg.get("header_timeout") or 30.0),
         capsem_max_header_bytes=int(cfg.get("max_header_bytes") or 65536),
     )
+    return master, control
 
-    master_task = asyncio.ensure_future(master.run())
-    try:
-        await asyncio.wait_for(control.ready.wait(), 30)
-        addrs = master.addons.get("proxyserver").listen_addrs()
-        if not addrs:
-            raise RuntimeError("mitmproxy did not open its listener")
-    except Exception as exc:
-        send({"t": "fatal", "message": f"{exc.__class__.__name__}: {exc}"})
-        master.shutdown()
-        return 2
-    # SIGTERM (also what PR_SET_PDEATHSIG sends) shuts down like EOF: queued audit rows get written
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, reader.feed_eof)
-    send({"t": "ready", "socks": [addrs[0][0], addrs[0][1]]})
-    log.info("proxy service ready on %s:%s", addrs[0][0], addrs[0][1])
 
+async def _listening(master, control: Control) -> list:
+    """The listener's addresses, once mitmproxy runs (at most 30 s)."""
+    await asyncio.wait_for(control.ready.wait(), 30)
+    addrs = master.addons.get("proxyserver").listen_addrs()
+    if not addrs:
+        raise RuntimeError("mitmproxy did not open its listener")
+    return addrs
+
+
+async def _serve(reader: asyncio.StreamReader, control: Control, audit_log: AuditLog, send) -> None:
+    """Answer the parent's requests until stop or EOF; flushes run beside the others."""
     async def flush(mid) -> None:
         # in a thread: the writer may wait on the database; the proxy's loop must not
         written = await asyncio.to_thread(audit_log.flush)
@@ -212,13 +245,6 @@ async def run(out) -> int:
         except protocol.MessageError as exc:
             reply = protocol.error("bad-request", str(exc), msg.get("id"))
         send(reply)
-    master.shutdown()
-    try:
-        await asyncio.wait_for(master_task, 10)
-    except (asyncio.TimeoutError, Exception):
-        pass
-    audit_log.close()
-    return 0
 
 
 def main() -> int:

@@ -55,14 +55,19 @@ class VsockTransport(abc.ABC):
             nofollow.chown(path, self.identity.uid, self.identity.gid)
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        for server in self._servers:
-            try:
-                await asyncio.wait_for(server.wait_closed(), 2)
-            except asyncio.TimeoutError:
-                pass
-        self._servers.clear()
+        await close_servers(self._servers)
+
+
+async def close_servers(servers: list[asyncio.AbstractServer], wait: float = 2.0) -> None:
+    """Stop every listener, then give each at most `wait` s to finish closing; empties `servers`."""
+    for server in servers:
+        server.close()
+    for server in servers:
+        try:
+            await asyncio.wait_for(server.wait_closed(), wait)
+        except asyncio.TimeoutError:
+            pass
+    servers.clear()
 
 
 def vhost_vsock_usable() -> bool:

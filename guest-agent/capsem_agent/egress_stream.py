@@ -63,11 +63,12 @@ def open_stream(host: str, port: int, early: bytes = b"", timeout: float = REPLY
         sock.connect(target)
         sock.sendall(protocol.encode({"t": "connect", "host": host, "port": port}) + early)
         sock.settimeout(timeout)
-        (length,) = protocol.HEADER.unpack(recv_exact(sock, protocol.HEADER.size))
-        if not 0 < length <= REPLY_MAX:
-            raise ConnectionError(f"the host answered a frame of {length} bytes")
         try:
-            msg = protocol.decode_body(recv_exact(sock, length))
+            msg = protocol.recv_message(sock, REPLY_MAX)
+        except EOFError:
+            raise ConnectionError("the host closed the stream") from None
+        except protocol.FrameError as exc:
+            raise ConnectionError(f"the host answered a bad frame: {exc}") from None
         except protocol.MessageError as exc:
             raise ConnectionError(f"the host's answer is not a message: {exc}") from None
         if msg["t"] == "connected":

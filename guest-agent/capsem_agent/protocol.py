@@ -258,6 +258,38 @@ class FrameDecoder:
         """Bytes buffered but not yet returned."""
         return len(self._buf)
 
+    def wanted(self) -> int:
+        """How many bytes complete the header or body being read. A reader that reads exactly
+        this much each time never takes a byte past a frame (what follows stays in its stream)."""
+        if self._need is None:
+            return HEADER.size - len(self._buf)
+        return self._need - len(self._buf)
+
+
+# --- one frame, read exactly: bytes after it stay in the stream -------------------------------
+# Used where a frame is followed by raw bytes (egress, channels) or where each read is a message
+# (the proxy service's stdin). Both raise EOFError (the stream ended inside a frame; asyncio's
+# IncompleteReadError is one), FrameError (a length outside 1..max_len: nothing of the body is
+# read) or MessageError (a body that is not a message); nothing else of their own.
+
+def recv_message(sock, max_len: int = MAX_FRAME) -> dict:
+    """One message from a blocking socket (its timeouts and errors are OSError, as always)."""
+    decoder = FrameDecoder(max_len)
+    while True:
+        data = sock.recv(decoder.wanted())
+        if not data:
+            raise EOFError("the stream ended inside a frame")
+        if bodies := decoder.feed(data):
+            return decode_body(bodies[0])
+
+
+async def read_message(reader, max_len: int = MAX_FRAME) -> dict:
+    """One message from an asyncio.StreamReader."""
+    decoder = FrameDecoder(max_len)
+    while True:
+        if bodies := decoder.feed(await reader.readexactly(decoder.wanted())):
+            return decode_body(bodies[0])
+
 
 MAX_INT_DIGITS = 40  # any integer of the protocol fits (ids, pids, ports, sizes); 4300+ digits
                      # would raise ValueError inside json (CPython's int-digits limit) and cost CPU

@@ -3,7 +3,8 @@
 Plain blocking sockets and two threads per stream rather than asyncio: a byte arriving wakes the
 thread blocked in recv and goes straight out in sendall, with no event-loop hop in between; that
 is the lowest latency Python offers, and the blocking sendall is natural flow control (a stalled
-reader stalls the writer; buffers stay at one CHUNK per direction).
+reader stalls the writer; buffers stay at one CHUNK per direction). The copy loop is
+egress_stream.pump, shared with the egress streams.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import threading
 import time
 
 from . import protocol
+from .egress_stream import pump, recv_exact
 from .kernel import connect_local, hung_up, shut
 
-CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
 MAX_HELLO = 4096
 CONNECT_WAIT = 120.0  # the kernel may still be importing ipykernel (seconds under TCG)
@@ -30,42 +31,15 @@ def _log(msg: str) -> None:
     log(msg)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
-
-
 def read_channel_frame(sock: socket.socket) -> tuple[str, bool]:
     """Read exactly the first frame (no over-read: ZMTP bytes may follow right behind it): the
     channel's name, and whether the host primes the stream (protocol.ZMTP_GREETING follows)."""
-    (length,) = protocol.HEADER.unpack(_recv_exact(sock, protocol.HEADER.size))
-    if not 0 < length <= MAX_HELLO:
-        raise protocol.FrameError(f"channel frame length {length}")
-    msg = protocol.decode_body(_recv_exact(sock, length))
+    msg = protocol.recv_message(sock, MAX_HELLO)
     name = msg.get("name")
     prime = msg.get("prime", False)
     if msg["t"] != "channel" or name not in protocol.KERNEL_CHANNELS or not isinstance(prime, bool):
         raise protocol.MessageError("first frame must be {t: channel, name: <kernel channel>[, prime: bool]}")
     return name, prime
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    try:
-        while True:
-            n = src.recv_into(buf)
-            if not n:
-                break
-            dst.sendall(view[:n])
-        dst.shutdown(socket.SHUT_WR)  # pass the half-close on; the other direction may go on
-    except OSError:
-        shut(src, dst)  # one side broke: end both directions
 
 
 class ChannelServer:
@@ -112,9 +86,9 @@ class ChannelServer:
             if tcp is None or not kernel.add_relay(sock):
                 return
             sock.settimeout(None)
-            back = threading.Thread(target=_pump, args=(tcp, sock), daemon=True)
+            back = threading.Thread(target=pump, args=(tcp, sock), daemon=True)
             back.start()
-            _pump(sock, tcp)
+            pump(sock, tcp)
             back.join()
         except (OSError, EOFError, ValueError, json.JSONDecodeError):
             pass  # a bad or vanished peer: just close
@@ -137,18 +111,18 @@ class ChannelServer:
             return  # no warm pre-started kernel, or a kernel was started already: the host opens a plain stream later
         spare, spares = primed
         try:
-            spare.sendall(_recv_exact(sock, len(protocol.ZMTP_GREETING)))
+            spare.sendall(recv_exact(sock, len(protocol.ZMTP_GREETING)))
             if not spares.add_relay(sock, spare):
                 return
             sock.settimeout(None)
-            back = threading.Thread(target=_pump, args=(spare, sock), daemon=True)
+            back = threading.Thread(target=pump, args=(spare, sock), daemon=True)
             back.start()
             while not spares.ready.wait(PRIMED_CHECK):
                 if hung_up(sock):  # the pooled VM's host is gone
                     shut(sock, spare)
                     break
             if spares.ready.is_set() and not spares.closed:
-                _pump(sock, spare)
+                pump(sock, spare)
             back.join()
         finally:
             spares.remove_relay(sock)

@@ -16,8 +16,10 @@ from mitmproxy import http
 
 from ... import safetext
 from ...policy import DENY, Decision
+from ...rate import Throttle
 from ..audit import AuditLog, redact_url
-from .guard import _deny_response, meta
+from .guard import _deny_response
+from .state import flow_meta
 
 log = logging.getLogger("capsem.proxy")
 
@@ -30,8 +32,7 @@ class Audit:
     def __init__(self, log: AuditLog, state=None):
         self.log = log
         self.state = state  # the service's State, to name the session of a refused connection
-        self._refused = 0          # refusals for audit-unavailable since the last log line
-        self._refused_logged = -1e9
+        self._refused = Throttle(1.0)  # refusals for audit-unavailable: one log line a second
 
     # called by Guard for connection-level decisions
     def connection(self, sess, target: str, d: Decision, reason: str | None, decision: str | None = None) -> None:
@@ -53,12 +54,9 @@ class Audit:
     def _unavailable(self, what: str) -> bool:
         if self.log.available:
             return False
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= 1.0:  # bounded: one line a second whatever the guest does
-            log.error("refused %d %s(s): the audit log cannot be written (%s)", self._refused, what,
+        if n := self._refused.count(time.monotonic()):  # bounded: one line a second whatever the guest does
+            log.error("refused %d %s(s): the audit log cannot be written (%s)", n, what,
                       safetext.escape(self.log.last_error or "?"))
-            self._refused_logged, self._refused = now, 0
         return True
 
     def server_connect(self, data) -> None:
@@ -69,44 +67,44 @@ class Audit:
                 self.connection(sess, f"{sess.host}:{sess.port}", UNAVAILABLE, None)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        m = meta(flow)
-        d = m.get("decision")
+        m = flow_meta(flow)
+        d = m.decision
         if d is not None and d.allowed and flow.response is None and self._unavailable("request"):
-            m["decision"] = UNAVAILABLE
+            m.decision = UNAVAILABLE
             flow.response = _deny_response(UNAVAILABLE)
 
     def tcp_start(self, flow) -> None:
-        d = meta(flow).get("decision")
+        m = flow_meta(flow)
+        d = m.decision
         if d is not None and d.allowed and self._unavailable("TCP stream"):
-            meta(flow)["decision"] = UNAVAILABLE
+            m.decision = UNAVAILABLE
             flow.kill()
 
     def _row(self, flow, *, status=None, error: str | None = None) -> None:
-        m = meta(flow)
-        if m.get("audited"):
+        m = flow_meta(flow)
+        if m.audited:
             return
-        m["audited"] = True
-        d: Decision | None = m.get("decision")
-        sess_kernel = m.get("kernel") or "?"
-        started = m.get("started") or time.time()
+        m.audited = True
+        d = m.decision
+        started = m.started or time.time()
         reason = d.reason if d else ""
-        if m.get("detail"):
-            reason += f" ({m['detail']})"
-        if m.get("killed"):
-            reason += f"; {m['killed']}"
+        if m.detail:
+            reason += f" ({m.detail})"
+        if m.killed:
+            reason += f"; {m.killed}"
         if error:
             reason += f"; error: {error}"
-        secrets = [s.decode(errors="replace") for s, _ in m.get("secrets") or []]
-        url = redact_url(m.get("url", ""), secrets)
+        secrets = [s.decode(errors="replace") for s, _ in m.secrets]
+        url = redact_url(m.url, secrets)
         self.log.record(
-            sess_kernel, m.get("kind", "http"),
+            m.kernel or "?", m.kind,
             ts=started, method=getattr(getattr(flow, "request", None), "method", None),
-            url=url, host=m.get("host"), port=m.get("port"), status=status,
-            bytes_out=m.get("bytes_out"), bytes_in=m.get("bytes_in"),
+            url=url, host=m.host, port=m.port, status=status,
+            bytes_out=m.bytes_out, bytes_in=m.bytes_in,
             duration_ms=round((time.time() - started) * 1000, 2),
             decision=("error" if error and d and d.allowed else (d.action if d else "error")),
             code=("error" if error and d and d.allowed else (d.code if d else "error")),
-            rule=d.rule if d else "-", reason=reason[:2000] + (" [credential injected]" if m.get("credentials") else ""))
+            rule=d.rule if d else "-", reason=reason[:2000] + (" [credential injected]" if m.credentials else ""))
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is not None:
@@ -118,8 +116,8 @@ class Audit:
                   error=flow.error.msg if flow.error else "error")
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        m = meta(flow)
-        m["bytes_out"], m["bytes_in"] = m.get("ws_out", 0), m.get("ws_in", 0)
+        m = flow_meta(flow)
+        m.bytes_out, m.bytes_in = m.ws_out, m.ws_in
         self._row(flow, status=101)
 
     def tcp_end(self, flow) -> None:

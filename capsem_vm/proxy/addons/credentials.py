@@ -20,8 +20,8 @@ from mitmproxy import http
 from ...policy import DENY, Decision
 from ..placement import place_in_query, query_value
 from ..scrub import Scrubber  # noqa: F401  (re-exported for streams)
-from .guard import DENIED_BODY_MAX, _deny_response, meta
-from .state import State
+from .guard import refuse_request
+from .state import State, flow_meta
 
 log = logging.getLogger("capsem.credentials")
 
@@ -31,11 +31,11 @@ class Credentials:
         self.state = state
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        m = meta(flow)
-        d = m.get("decision")
+        m = flow_meta(flow)
+        d = m.decision
         if d is None or not d.allowed or flow.response is not None:
             return
-        if not m.get("url", "").startswith(("https://", "wss://")):
+        if not m.url.startswith(("https://", "wss://")):
             return  # never put a secret on a plaintext wire
         sess = self.state.session(flow.client_conn)
         req = flow.request
@@ -57,26 +57,16 @@ class Credentials:
                     pairs.append((encoded, cred.placeholder.encode()))
         if pairs:
             req.headers.pop("accept-encoding", None)
-            m["secrets"] = pairs
-            m["credentials"] = True
+            m.secrets = pairs
+            m.credentials = True
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, d: Decision) -> None:
-        m = meta(flow)
-        m["decision"] = d
-        req = flow.request
-        req.stream = False  # the guard streamed allowed uploads; a refused one is never sent
-        size = req.headers.get("content-length")
-        chunked = "chunked" in req.headers.get("transfer-encoding", "").lower()
-        bodyless = size is None and not chunked and (not req.is_http2 or req.method in ("GET", "HEAD", "OPTIONS"))
-        if bodyless or (size is not None and size.isdigit() and int(size) <= DENIED_BODY_MAX):
-            flow.response = _deny_response(d)
-        else:
-            m["killed"] = "refused request with a large or unbounded body: connection reset instead of a 403"
-            flow.kill()
+        flow.request.stream = False  # the guard streamed allowed uploads; a refused one is never sent
+        refuse_request(flow, d, "", "refused")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        pairs = meta(flow).get("secrets")
+        pairs = flow_meta(flow).secrets
         if not pairs or flow.response is None:
             return
         fields = []

@@ -26,7 +26,7 @@ import asyncio
 import socket
 import time
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.tls import ClientHelloData
 
@@ -35,14 +35,10 @@ from ...policy.addresses import own_addresses, protected_class
 from ...policy.authority import authority, disagreement
 from ...policy.match import normalize_host, parse_ip
 from ...policy.paths import canonical_target
-from .state import State
+from .state import FlowMeta, State, flow_meta
 
 DENIED_BODY_MAX = 64 * 1024  # a denied request's body is read (to answer 403) only up to this size
 RESOLVE_TIMEOUT = 10.0
-
-
-def meta(flow) -> dict:
-    return flow.metadata.setdefault("capsem", {})
 
 
 def _deny_response(d: Decision, detail: str = "") -> http.Response:
@@ -97,6 +93,23 @@ def _origin_form(req: http.Request, canonical: str) -> None:
     else:
         req.data.authority = b""  # an empty authority is what makes mitmproxy send origin form
         req.headers["Host"] = canonical
+
+
+def refuse_request(flow: http.HTTPFlow, d: Decision, detail: str, verb: str) -> None:
+    """End a request that will not go upstream: a 403 when its body is small enough to read
+    (none, or a Content-Length up to DENIED_BODY_MAX), else reset the connection (never read an
+    unbounded body only to refuse it). `verb` names the refusal in the audit row."""
+    m = flow_meta(flow)
+    m.decision, m.detail = d, detail
+    req = flow.request
+    size = req.headers.get("content-length")
+    chunked = "chunked" in req.headers.get("transfer-encoding", "").lower()
+    bodyless = size is None and not chunked and (not req.is_http2 or req.method in ("GET", "HEAD", "OPTIONS"))
+    if bodyless or (size is not None and size.isdigit() and int(size) <= DENIED_BODY_MAX):
+        flow.response = _deny_response(d, detail)
+    else:
+        m.killed = f"{verb} request with a large or unbounded body: connection reset instead of a 403"
+        flow.kill()
 
 
 def _address_class(address: str, own) -> str:
@@ -190,92 +203,102 @@ class Guard:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         sess = self.state.session(flow.client_conn)
-        m = meta(flow)
-        m["started"] = time.time()
+        m = flow_meta(flow)
+        m.started = time.time()
         if sess is None or sess.host is None:
             flow.kill()
             return
         # issue 15 item 2: judge, and send upstream, the one canonical spelling of the path
         flow.request.path = canonical_target(flow.request.path)
         sess.requests += 1
-        m.update(kernel=sess.kernel.id, host=sess.host, port=sess.port)
-        req = flow.request
+        m.kernel, m.host, m.port = sess.kernel.id, sess.host, sess.port
         tls = flow.client_conn.tls_established
-        websocket = _is_websocket(req)
-        scheme = ("wss" if tls else "ws") if websocket else ("https" if tls else "http")
-        m["kind"] = "websocket" if websocket else "http"
-        host_literal = f"[{sess.host}]" if ":" in sess.host else sess.host
-        url = f"{scheme}://{host_literal}:{sess.port}{req.path if req.path.startswith('/') else '/' + req.path}"
-        m["url"] = url
+        m.kind, m.url = _describe(flow.request, sess, tls)
         default_port = 443 if tls else 80
-        d = sess.kernel.policy.decide(req.method, url, sess.pinned)
-        detail = _mismatch(req, sess, default_port)
-        if detail is not None:
-            # before the rules' verdict: a request whose names disagree was not judged at all
-            d = Decision(DENY, "host-mismatch", "every name a request carries (Host, request target, "
-                         ":authority) must name the destination host and port")
-        elif d.allowed and sess.mismatch:
-            d, detail = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree"), sess.mismatch
-        elif d.allowed and req.method == "CONNECT" and not (d._rule and d._rule.methods and "CONNECT" in d._rule.methods):
-            d = Decision(DENY, "connect-method", "CONNECT tunnels need a rule listing method CONNECT")
-        detail = detail or ""
-        m["decision"] = d
+        d, detail = _judge_request(flow.request, sess, m.url, default_port)
         if d.allowed:
-            if req.method != "CONNECT":
-                _origin_form(req, authority(sess.host, sess.port, default_port))
-            m["bytes_out"] = 0
-
-            def count(chunk: bytes) -> bytes:
-                m["bytes_out"] += len(chunk)
-                return chunk
-            req.stream = count  # why: uploads are relayed as they come, never buffered whole
-            return
-        m["detail"] = detail
-        size = req.headers.get("content-length")
-        chunked = "chunked" in req.headers.get("transfer-encoding", "").lower()
-        bodyless = (size is None and not chunked and (not req.is_http2 or req.method in ("GET", "HEAD", "OPTIONS")))
-        small = size is not None and size.isdigit() and int(size) <= DENIED_BODY_MAX
-        if bodyless or small:
-            flow.response = _deny_response(d, detail)
+            _send_upstream(flow, m, d, authority(sess.host, sess.port, default_port))
         else:
-            m["killed"] = "denied request with a large or unbounded body: connection reset instead of a 403"
-            flow.kill()
+            refuse_request(flow, d, detail, "denied")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or flow.response.status_code != 101:
             return
-        m = meta(flow)
-        if m.get("kind") == "websocket" and m.get("decision") is not None and m["decision"].allowed \
-                and _becomes_websocket(flow):
+        m = flow_meta(flow)
+        if m.kind == "websocket" and m.decision is not None and m.decision.allowed and _becomes_websocket(flow):
             return
         # the server switched protocols for a request that was not judged as a WebSocket (or to
         # something mitmproxy would pass through uninspected): no byte more either way
         up = flow.response.headers.get("upgrade", "")[:100]
-        m["decision"] = Decision(DENY, "upgrade-mismatch", "a protocol switch (101) is only allowed for a "
-                                 "request judged as a WebSocket, to a WebSocket")
-        m["detail"] = f"101 with Upgrade {up!r} to a request judged as {m.get('url', '?')[:200]!r}"
-        m["killed"] = "connection killed"
+        m.decision = Decision(DENY, "upgrade-mismatch", "a protocol switch (101) is only allowed for a "
+                              "request judged as a WebSocket, to a WebSocket")
+        m.detail = f"101 with Upgrade {up!r} to a request judged as {(m.url or '?')[:200]!r}"
+        m.killed = "connection killed"
         flow.kill()
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
-        if not meta(flow).get("decision") or not meta(flow)["decision"].allowed:
+        d = flow_meta(flow).decision
+        if not d or not d.allowed:
             flow.kill()  # defensive: an upgrade that was not judged never becomes a WebSocket
 
     def tcp_start(self, flow) -> None:
         sess = self.state.session(flow.client_conn)
-        m = meta(flow)
-        m["started"] = time.time()
-        m["kind"] = "tcp"
+        m = flow_meta(flow)
+        m.started = time.time()
+        m.kind = "tcp"
         if sess is None or sess.host is None:
             flow.kill()
             return
-        m.update(kernel=sess.kernel.id, host=sess.host, port=sess.port)
-        host_literal = f"[{sess.host}]" if ":" in sess.host else sess.host
-        url = f"tcp://{host_literal}:{sess.port}"
-        m["url"] = url
-        d = sess.kernel.policy.decide("", url, sess.pinned)
+        m.kernel, m.host, m.port = sess.kernel.id, sess.host, sess.port
+        m.url = f"tcp://{_host_literal(sess.host)}:{sess.port}"
+        d = sess.kernel.policy.decide("", m.url, sess.pinned)
         if d.allowed and sess.mismatch:
             d = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree")
-        m["decision"] = d
+        m.decision = d
         if not d.allowed:
             flow.kill()
+
+
+# --- the steps of Guard.requestheaders ----------------------------------------------------------
+
+def _host_literal(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _describe(req: http.Request, sess, tls: bool) -> tuple[str, str]:
+    """(kind, url) of the request as the policy judges it: the session's destination, the
+    scheme from TLS and any websocket Upgrade, and the (canonical) path."""
+    websocket = _is_websocket(req)
+    scheme = ("wss" if tls else "ws") if websocket else ("https" if tls else "http")
+    path = req.path if req.path.startswith("/") else "/" + req.path
+    return ("websocket" if websocket else "http"), f"{scheme}://{_host_literal(sess.host)}:{sess.port}{path}"
+
+
+def _judge_request(req: http.Request, sess, url: str, default_port: int) -> tuple[Decision, str]:
+    """The request's decision and its detail: the rules', unless the request's names disagree
+    with the destination (judged first: such a request was not judged at all), its connection's
+    SNI disagreed, or it is a CONNECT no rule lists."""
+    d = sess.kernel.policy.decide(req.method, url, sess.pinned)
+    detail = _mismatch(req, sess, default_port)
+    if detail is not None:
+        d = Decision(DENY, "host-mismatch", "every name a request carries (Host, request target, "
+                     ":authority) must name the destination host and port")
+    elif d.allowed and sess.mismatch:
+        d, detail = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree"), sess.mismatch
+    elif d.allowed and req.method == "CONNECT" and not (d._rule and d._rule.methods and "CONNECT" in d._rule.methods):
+        d = Decision(DENY, "connect-method", "CONNECT tunnels need a rule listing method CONNECT")
+    return d, detail or ""
+
+
+def _send_upstream(flow: http.HTTPFlow, m: FlowMeta, d: Decision, canonical: str) -> None:
+    """An allowed request: origin form with the judged authority, and its body streamed (counted)."""
+    m.decision = d
+    req = flow.request
+    if req.method != "CONNECT":
+        _origin_form(req, canonical)
+    m.bytes_out = 0
+
+    def count(chunk: bytes) -> bytes:
+        m.bytes_out += len(chunk)
+        return chunk
+    req.stream = count  # why: uploads are relayed as they come, never buffered whole

@@ -15,8 +15,7 @@ import logging
 
 from mitmproxy import ctx, http
 
-from .guard import meta
-from .state import State
+from .state import State, flow_meta
 
 log = logging.getLogger("capsem.limits")
 
@@ -101,11 +100,12 @@ class Limits:
 
     def _done(self, flow: http.HTTPFlow) -> None:
         sess = self.state.session(flow.client_conn)
-        if sess is None or meta(flow).get("limits_done"):
+        m = flow_meta(flow)
+        if sess is None or m.limits_done:
             return
-        meta(flow)["limits_done"] = True
+        m.limits_done = True
         sess.inflight -= 1
-        if sess.inflight == 0 and flow.websocket is None and meta(flow).get("kind") != "websocket":
+        if sess.inflight == 0 and flow.websocket is None and m.kind != "websocket":
             self._arm(flow.client_conn)  # keep-alive: the next request gets a fresh deadline
 
     def response(self, flow: http.HTTPFlow) -> None:

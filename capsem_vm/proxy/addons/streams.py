@@ -7,33 +7,38 @@ from __future__ import annotations
 from mitmproxy import http
 
 from ..scrub import Scrubber
-from .guard import meta
+from .state import flow_meta
 
 
 class Streams:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        m = meta(flow)
-        if m.get("decision") is None or not m["decision"].allowed:
+        m = flow_meta(flow)
+        if m.decision is None or not m.decision.allowed:
             return  # our own 403: already complete, nothing to stream
-        m.setdefault("bytes_in", 0)
+        if m.bytes_in is None:
+            m.bytes_in = 0
 
         def add(n: int) -> None:
-            m["bytes_in"] += n
+            m.bytes_in += n
         # body replacements keep the length (Content-Length stays true): the placeholder, cut or
         # repeated to the secret's length
-        pairs = [(s, (p * (len(s) // len(p) + 1))[:len(s)]) for s, p in m.get("secrets") or []]
+        pairs = [(s, (p * (len(s) // len(p) + 1))[:len(s)]) for s, p in m.secrets]
         flow.response.stream = Scrubber(pairs, add)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        m = meta(flow)
+        m = flow_meta(flow)
         msg = flow.websocket.messages[-1]
-        key = "ws_out" if msg.from_client else "ws_in"
-        m[key] = m.get(key, 0) + len(msg.content)
+        if msg.from_client:
+            m.ws_out += len(msg.content)
+        else:
+            m.ws_in += len(msg.content)
         del flow.websocket.messages[:]  # the layer keeps its own reference to the current message
 
     def tcp_message(self, flow) -> None:
-        m = meta(flow)
+        m = flow_meta(flow)
         msg = flow.messages[-1]
-        key = "bytes_out" if msg.from_client else "bytes_in"
-        m[key] = m.get(key, 0) + len(msg.content)
+        if msg.from_client:
+            m.bytes_out = (m.bytes_out or 0) + len(msg.content)
+        else:
+            m.bytes_in = (m.bytes_in or 0) + len(msg.content)
         del flow.messages[:]
