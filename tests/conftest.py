@@ -18,9 +18,7 @@ Helper modules (no tests, plain names: agent_harness, proxy_helpers, proxy_world
 
 import os
 import shutil
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import pytest_asyncio
@@ -85,7 +83,7 @@ def agent(tmp_path):
 async def world(request, tmp_path_factory):
     """The module's world: `build_world(tmp_path_factory)` of the test module, an async context
     manager (contextlib.asynccontextmanager) that builds it and takes it down again."""
-    build: Callable[..., AbstractAsyncContextManager] | None = getattr(request.module, "build_world", None)
+    build = getattr(request.module, "build_world", None)
     if build is None:
         pytest.fail(f"{request.module.__name__} uses the `world` fixture but defines no build_world")
     async with build(tmp_path_factory) as w:
