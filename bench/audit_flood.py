@@ -41,7 +41,7 @@ sys.path[:0] = [str(REPO), str(REPO / "guest-agent"), str(REPO / "tests")]
 from capsem_vm.policy import parse_policy  # noqa: E402
 from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem  # noqa: E402
 from capsem_vm.proxy.audit_rate import RefusalAggregator  # noqa: E402
-from test_proxy_fixtures import Guest  # noqa: E402
+from proxy_helpers import Guest  # noqa: E402
 
 
 async def _http_server():

@@ -35,7 +35,7 @@ from capsem_agent import protocol  # noqa: E402
 
 from capsem_vm.policy import parse_policy  # noqa: E402
 from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem  # noqa: E402
-from test_proxy_fixtures import make_ca, make_leaf, write_pem  # noqa: E402
+from proxy_helpers import make_ca, make_leaf, write_pem  # noqa: E402
 
 HOST = "bench.test.example"
 SMALL, BIG = 1024, 10 << 20

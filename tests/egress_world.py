@@ -21,7 +21,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -31,8 +30,7 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_proxy_fixtures import H2_SERVER, make_ca, make_leaf, write_pem  # noqa: E402
+from proxy_helpers import H2_SERVER, make_ca, make_leaf, write_pem
 
 SECRET = "s3cr3t-" + os.urandom(8).hex()
 NAMES = ("api.test.example", "nows.test.example", "secret.test.example", "pypi.test.example",

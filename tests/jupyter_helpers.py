@@ -1,6 +1,7 @@
 """A real Jupyter server (or JupyterLab) in a subprocess, for the server-extension and browser
 tests. Private JUPYTER_CONFIG_DIR/DATA_DIR/RUNTIME_DIR, so nothing of the user's leaks in; the
 extension is enabled by the config the package installs (etc/jupyter/jupyter_server_config.d).
+`capsem_server` adds one running capsem kernel (conftest.py's `server_world` fixture).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,3 +121,52 @@ def start_server(tmp: Path, *, lab: bool = False, root_dir: Path | None = None, 
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"jupyter server did not answer within {startup_timeout} s:\n{server.log()[-4000:]}")
+
+
+@dataclass(frozen=True)
+class ServerWorld:
+    """What a module's `server_world` is: a capsem kernelspec `name` (also its temp folder) with
+    `policy` (TOML), installed with 768 MiB and one CPU, in a server started with `args`."""
+    name: str
+    policy: str
+    args: tuple[str, ...] = ()
+    start_timeout: float = 400  # for POST /api/kernels (and for "ready" when until_ready)
+    until_ready: bool = False   # wait (and assert) until the sandbox state is "ready"
+
+
+@contextmanager
+def capsem_server(tmp: Path, spec: ServerWorld) -> Iterator[dict]:
+    """A Jupyter server with one capsem kernel started through its REST API: {"server", "kernel"
+    (its id), "audit_db", "notebooks" (the server's root), "policy" (the file), "start_s"}."""
+    policy = tmp / "policy.toml"
+    policy.write_text(spec.policy)
+    policy.chmod(0o600)
+    prefix = tmp / "prefix"
+    subprocess.run([sys.executable, "-m", "capsem_vm.cli", "kernel", "install", "--prefix", str(prefix),
+                    "--name", spec.name, "--policy", str(policy), "--memory", "768", "--cpus", "1"],
+                   check=True, capture_output=True, timeout=120)
+    notebooks = tmp / "notebooks"
+    notebooks.mkdir()
+    rt = tmp / "rt"
+    rt.mkdir(mode=0o700)
+    audit_db = tmp / "audit.sqlite3"
+    env = {"JUPYTER_PATH": str(prefix / "share" / "jupyter"), "CAPSEM_RUNTIME_DIR": str(rt)}
+    server = start_server(tmp, root_dir=notebooks, env=env,
+                          args=[f"--CapsemExtension.audit_db={audit_db}", *spec.args])
+    try:
+        t0 = time.monotonic()
+        status, body = server.request("POST", "/api/kernels", {"name": spec.name}, timeout=spec.start_timeout)
+        assert status == 201, (body, server.log()[-4000:])
+        if spec.until_ready:
+            # the VM is up; the sandbox is "booting" until the guest's ipykernel listens, then "ready"
+            states = []
+            while time.monotonic() - t0 < spec.start_timeout:
+                states.append(server.get(f"/capsem/kernels/{body['id']}")[1]["state"])
+                if states[-1] != "booting":
+                    break
+                time.sleep(0.5)
+            assert states[-1] == "ready", states
+        yield {"server": server, "kernel": body["id"], "audit_db": audit_db, "notebooks": notebooks,
+               "policy": policy, "start_s": time.monotonic() - t0}
+    finally:
+        server.stop()

@@ -1,11 +1,11 @@
 """Shared pieces of the capsem kernel tests (tests/test_kernel_*.py): real VMs, real ipykernel.
 
-- `capsem_kernelspecs` (session fixture): installs the kernelspecs with `capsem kernel install
-  --prefix` into a private prefix and puts it first on JUPYTER_PATH, so a clean checkout works and
-  the tests never depend on (or change) a kernelspec installed elsewhere. Also gives all VMs of the
-  session a private CAPSEM_RUNTIME_DIR, so leftover processes can be told apart from other users'
-  VMs on the same machine.
-- `vm_processes(*markers)`: capsem helper processes (conftest.helper_processes) of this session
+- `setup_kernelspecs()` (behind conftest.py's session fixture `capsem_kernelspecs`): installs the
+  kernelspecs with `capsem kernel install --prefix` into a private prefix and puts it first on
+  JUPYTER_PATH, so a clean checkout works and the tests never depend on (or change) a kernelspec
+  installed elsewhere. Also gives all VMs of the session a private CAPSEM_RUNTIME_DIR, so leftover
+  processes can be told apart from other users' VMs on the same machine.
+- `vm_processes(*markers)`: capsem helper processes (host_helpers.helper_processes) of this session
   (runtime dir) or of a given shared folder (virtiofsd's command line names the folder).
 - `execute(kc, code)`: run code, collect the iopub messages of that request until idle.
 - `vm_exec(vm, argv)`: run a command in a VM through the agent's exec (a command, not a cell).
@@ -28,9 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import helper_processes
+from host_helpers import helper_processes
 
 KERNEL = "capsem"
 KERNEL_RO = "capsem-ro"
@@ -74,19 +72,6 @@ def teardown_kernelspecs() -> None:
             os.environ[key] = value
     shutil.rmtree(_state["base"], ignore_errors=True)
     _state.clear()
-
-
-@pytest.fixture(scope="session")
-def capsem_kernelspecs(image_dir):
-    state = setup_kernelspecs()
-    # The installed spec is the real one (CLI output): our provisioner, message-mode interrupt.
-    from jupyter_client.kernelspec import KernelSpecManager
-    spec = KernelSpecManager().get_kernel_spec(KERNEL)
-    assert spec.resource_dir.startswith(str(state["prefix"]))
-    assert spec.metadata["kernel_provisioner"]["provisioner_name"] == "capsem-provisioner"
-    assert spec.interrupt_mode == "message"
-    yield state
-    teardown_kernelspecs()
 
 
 def vm_processes(*markers: str | os.PathLike) -> list[str]:

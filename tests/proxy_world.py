@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem, read_events
-from test_proxy_fixtures import Guest, make_ca, make_leaf, wait_for, write_pem
+from proxy_helpers import Guest, make_ca, make_leaf, wait_for, write_pem
 
 
 @dataclass

@@ -16,24 +16,23 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest-agent"))
-from egress_world import SECRET, SEEN, World  # noqa: E402
+from egress_world import SECRET, SEEN, World
 
-from capsem_agent import dns_stub, egress as agent_egress, egress_stream, httpproxy, procs  # noqa: E402
-from capsem_vm.proxy import EgressBridge, ca_cert_pem, dns  # noqa: E402
+from capsem_agent import dns_stub, egress as agent_egress, egress_stream, httpproxy, procs
+from capsem_vm.proxy import EgressBridge, ca_cert_pem, dns
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 KID = "k-agent-egress"
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
+@asynccontextmanager
+async def build_world(tmp_path_factory):
+    """This module's `world` (conftest.py)."""
     tmp = tmp_path_factory.mktemp("agent-egress")
     w = await World.create(tmp)
     ep = await w.service.register(KID, w.policy)

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from capsem_agent import __version__, protocol
-from test_agent_harness import agent  # noqa: F401 - fixture
 
 
 def test_hello(agent):
@@ -25,7 +24,7 @@ def test_hello(agent):
 
 
 def test_boot_times_from_init_file(tmp_path):
-    from test_agent_harness import Agent
+    from agent_harness import Agent
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "init-times").write_text("2.50 2.75\n")
     a = Agent(tmp_path)
@@ -229,7 +228,7 @@ def test_shutdown_ends_service(agent):
 def test_execs_start_with_sigint_at_its_default_whatever_the_agent_inherited(tmp_path):
     """Started by a launcher that ignores SIGINT (a shell's background job does), the agent still
     gives its execs the default disposition, so ^C in a pty reaches them."""
-    from test_agent_harness import Agent
+    from agent_harness import Agent
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         a = Agent(tmp_path)  # inherits the ignored SIGINT

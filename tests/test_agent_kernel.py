@@ -24,7 +24,7 @@ from jupyter_client import BlockingKernelClient
 
 from capsem_agent import protocol
 
-from test_agent_harness import Agent, ChannelForwarder, agent, closed_by_agent, open_channel  # noqa: F401
+from agent_harness import Agent, ChannelForwarder, closed_by_agent, open_channel
 
 ECHO_KERNEL = r'''
 # Stands in for `python -m ipykernel_launcher -f FILE`: an echo server on each of the five ports.

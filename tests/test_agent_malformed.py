@@ -9,7 +9,7 @@ import time
 import pytest
 
 from capsem_agent import protocol
-from test_agent_harness import agent, closed_by_agent, open_channel  # noqa: F401 - fixture
+from agent_harness import closed_by_agent
 
 
 def raw_frame(body: bytes) -> bytes:

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from capsem_agent import protocol
-from test_agent_harness import LAUNCHER, AgentClient
+from agent_harness import LAUNCHER, AgentClient
 
 
 @pytest.fixture

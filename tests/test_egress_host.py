@@ -8,21 +8,19 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_proxy_fixtures import Guest, wait_for  # noqa: E402
+from proxy_helpers import Guest, wait_for
 
-import capsem_vm.egress as host_egress  # noqa: E402
-from capsem_vm.config import EgressConfig  # noqa: E402
-from capsem_vm.egress_runtime import EgressRuntime, process_runtime, set_process_runtime  # noqa: E402
-from capsem_vm.policy import PolicyError  # noqa: E402
-from capsem_vm.proxy import ca_cert_pem, dns, read_events  # noqa: E402
+import capsem_vm.egress as host_egress
+from capsem_vm.config import EgressConfig
+from capsem_vm.egress_runtime import EgressRuntime, process_runtime, set_process_runtime
+from capsem_vm.policy import PolicyError
+from capsem_vm.proxy import ca_cert_pem, dns, read_events
 
-from conftest import CAPSEM  # noqa: E402
+from host_helpers import CAPSEM
 
 
 class FakeTransport:

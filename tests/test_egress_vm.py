@@ -19,15 +19,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from egress_world import SECRET, SEEN, World  # noqa: E402
-from kernel_helpers import vm_exec  # noqa: E402
+from egress_world import SECRET, SEEN, World
+from kernel_helpers import vm_exec
 
-from capsem_kernel import loop_thread  # noqa: E402
+from capsem_kernel import loop_thread
 
 pytestmark = pytest.mark.vm
 KERNEL = "capsem-egress-test"

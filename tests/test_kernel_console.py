@@ -7,7 +7,7 @@ import time
 import pexpect
 import pytest
 
-from kernel_helpers import BIN, STARTUP_TIMEOUT, capsem_kernelspecs, vm_processes, wait_gone  # noqa: F401
+from kernel_helpers import BIN, STARTUP_TIMEOUT, vm_processes, wait_gone
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 

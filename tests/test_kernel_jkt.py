@@ -13,7 +13,7 @@ import jupyter_kernel_test as jkt
 import pytest
 from jupyter_kernel_test.msgspec_v5 import validate_message
 
-from kernel_helpers import CELL_TIMEOUT, KERNEL, capsem_kernelspecs, start_kernel, stop_kernel  # noqa: F401
+from kernel_helpers import CELL_TIMEOUT, KERNEL, start_kernel, stop_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("capsem_kernelspecs"), pytest.mark.timeout(1200)]
 

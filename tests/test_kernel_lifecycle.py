@@ -14,8 +14,8 @@ import pytest
 from jupyter_client import AsyncKernelManager, BlockingKernelClient
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
-from kernel_helpers import (KERNEL, KERNEL_RO, STARTUP_TIMEOUT, capsem_kernelspecs, collect, execute,  # noqa: F401
-                            pid_alive, qemu_pid, run_ok, start_kernel, stop_kernel, vm_processes, wait_gone)
+from kernel_helpers import (KERNEL, KERNEL_RO, STARTUP_TIMEOUT, collect, pid_alive, qemu_pid, run_ok, start_kernel,
+                            stop_kernel, wait_gone)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]  # boots under a loaded TCG host take minutes
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import REPO
-from kernel_helpers import KERNEL, STARTUP_TIMEOUT, capsem_kernelspecs, wait_gone  # noqa: F401
+from host_helpers import REPO
+from kernel_helpers import KERNEL, STARTUP_TIMEOUT, wait_gone
 
 
 NOTEBOOKS = REPO / "notebooks"

@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from kernel_helpers import (capsem_kernelspecs, execute, run_ok, start_kernel, stdout_of,  # noqa: F401
-                            stop_kernel)
+from kernel_helpers import execute, run_ok, start_kernel, stdout_of, stop_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import pytest
 import websocket
 
-from kernel_helpers import KERNEL, STARTUP_TIMEOUT, capsem_kernelspecs, pid_alive, vm_processes, wait_gone  # noqa: F401
+from kernel_helpers import KERNEL, STARTUP_TIMEOUT, pid_alive, vm_processes, wait_gone
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_helpers import KERNEL, STARTUP_TIMEOUT, capsem_kernelspecs, wait_gone  # noqa: F401
+from kernel_helpers import KERNEL, STARTUP_TIMEOUT, wait_gone
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 

@@ -4,17 +4,14 @@ the real proxy and a real server are in tests/test_proxy_paths_addresses.py."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
-from pathlib import Path
 
 from hypothesis import example, given, settings, strategies as st
 
 from capsem_vm.policy import parse_policy
 from capsem_vm.policy.paths import UNRESERVED, canonical_target, canonicalize
 
-sys.path.insert(0, str(Path(__file__).parent))
-from path_spellings import denied_spelling, liberal_readings, reads_as, rfc_spelling  # noqa: E402
+from path_spellings import denied_spelling, liberal_readings, reads_as, rfc_spelling
 
 POLICY = parse_policy(textwrap.dedent("""
     [[rule]]

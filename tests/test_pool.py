@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 import kernel_helpers as kh
-from kernel_helpers import capsem_kernelspecs  # noqa: F401
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("capsem_kernelspecs"), pytest.mark.timeout(1500)]
 

@@ -14,25 +14,23 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 import tornado.websocket
 
 from capsem_vm.policy import parse_policy
-from capsem_vm.proxy import AuditLog, EgressBridge, ProxyService, ca_cert_pem, read_events
+from capsem_vm.proxy import ca_cert_pem, read_events
 from capsem_vm.proxy import dns
 from capsem_vm.proxy.service import find_proxy_python
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_proxy_fixtures import (H2_CLIENT, H2_SERVER, Guest, make_ca, make_leaf,  # noqa: E402
-                                 wait_for, write_pem)
+from proxy_helpers import H2_CLIENT, H2_SERVER, make_ca, make_leaf, wait_for, write_pem
+from proxy_world import ProxyWorld
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -89,18 +87,11 @@ def start_server(ssl_ctx=None):
 
 # --- the world ------------------------------------------------------------------------------------
 
-class World:
-    pass
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
-    w = World()
+@asynccontextmanager
+async def build_world(tmp_path_factory):
+    """This module's `world` (conftest.py)."""
     tmp = tmp_path_factory.mktemp("proxy")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CAPSEM_DATA_DIR", str(tmp / "data"))
-    mp.setenv("CAPSEM_RUNTIME_DIR", str(tmp / "run"))
-    mp.setenv("CAPSEM_TEST_SECRET", SECRET)
+    w = ProxyWorld(tmp, env={"CAPSEM_TEST_SECRET": SECRET})
 
     ca_key, ca_cert = make_ca("capsem test upstream CA")
     w.upstream_ca = write_pem(tmp / "upstream-ca.pem", cert=ca_cert)
@@ -119,6 +110,9 @@ async def world(tmp_path_factory):
     w.bad_srv, w.BAD = start_server(bctx)
     proxy_py = find_proxy_python()
     w.h2 = subprocess.Popen([proxy_py, "-c", H2_SERVER, cert_file, key_file], stdout=subprocess.PIPE, text=True)
+    w.on_close(lambda: (w.h2.kill(), w.h2.wait()))
+    for srv in (w.http_srv, w.https_srv, w.bad_srv):
+        w.on_close(srv.stop)
     w.H2 = int(await asyncio.to_thread(w.h2.stdout.readline))
 
     w.policy_text = f"""
@@ -207,36 +201,14 @@ guest_env = "SVC_TOKEN"
     w.policy = parse_policy(w.policy_text, "test-policy.toml")
     w.open_policy = parse_policy(f'[[rule]]\nname = "all"\nhost = "*"\nport = [80, {w.HTTP}]\naction = "allow"\n',
                                  "open.toml")
-    w.audit_db = tmp / "audit.sqlite3"
     resolve = {n: "127.0.0.1" for n in ("api.test.example", "nows.test.example", "secret.test.example",
                                          "jupyter.test.example", "untrusted.test.example", "h2.test.example")}
     resolve["metadata.test.example"] = "169.254.169.254"
-    w.service = ProxyService(audit_db=w.audit_db, upstream_ca=w.upstream_ca, resolve=resolve,
-                             header_timeout=HEADER_TIMEOUT, log_path=tmp / "proxy.log", workers=2)
-    await w.service.start()
-    w.audit = AuditLog(w.audit_db)
-    w.ca_file = str(tmp / "capsem-ca.pem")
-    Path(w.ca_file).write_bytes(ca_cert_pem())
-    w.guests, w.bridges = {}, []
-    for kid, pol in (("k-test", w.policy), ("k-open", w.open_policy)):
-        ep = await w.service.register(kid, pol)
-        b = EgressBridge(kid, pol, ep, audit=w.audit)
-        e, d = str(tmp / f"{kid}.vsock_5002"), str(tmp / f"{kid}.vsock_5003")
-        await b.start(e, d)
-        w.bridges.append(b)
-        w.guests[kid] = Guest(e, d, w.ca_file)
+    await w.start({"k-test": w.policy, "k-open": w.open_policy}, upstream_ca=w.upstream_ca, resolve=resolve,
+                  header_timeout=HEADER_TIMEOUT, workers=2)
     w.g = w.guests["k-test"]
-    w.tmp = tmp
     yield w
-    for b in w.bridges:
-        await b.close()
-    await w.service.close()
-    w.audit.close()
-    w.h2.kill()
-    w.h2.wait()
-    for s in (w.http_srv, w.https_srv, w.bad_srv):
-        s.stop()
-    mp.undo()
+    await w.close()
 
 
 def run(fn, *a, **kw):

@@ -13,19 +13,16 @@ import json
 import os
 import ssl
 import subprocess
-import sys
-from pathlib import Path
+from contextlib import asynccontextmanager
 
 import pytest
-import pytest_asyncio
 
 from capsem_vm.policy import parse_policy
 from capsem_vm.proxy.service import find_proxy_python
 
-sys.path.insert(0, str(Path(__file__).parent))
-from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
-from raw_upstream import RawUpstream  # noqa: E402
-from test_proxy_fixtures import Guest  # noqa: E402
+from proxy_world import ProxyWorld, upstream_tls
+from raw_upstream import RawUpstream
+from proxy_helpers import Guest
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -117,8 +114,9 @@ print(json.dumps(out))
 '''
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
+@asynccontextmanager
+async def build_world(tmp_path_factory):
+    """This module's `world` (conftest.py)."""
     tmp = tmp_path_factory.mktemp("proxy-creds")
     w = ProxyWorld(tmp, env={"CAPSEM_TEST_SECRET": SECRET})
     tls = upstream_tls(tmp, "capsem test upstream CA")

@@ -2,7 +2,7 @@
 and 5), checked end to end on the host: guest-protocol client -> EgressBridge -> the real proxy
 service -> a real "edge" server that records the raw request line and headers it received.
 
-The edge (test_proxy_fixtures.EDGE_SERVER) stands in for a CDN that serves several names on one
+The edge (proxy_helpers.EDGE_SERVER) stands in for a CDN that serves several names on one
 address and routes by the absolute-form authority, :authority or Host, which is what makes domain
 fronting work. `allowed.test.example` carries a credential; `also.test.example` is allowed without
 one; `other.test.example` is not allowed at all. Every attack is sent on a connection judged as
@@ -17,22 +17,18 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
+from contextlib import asynccontextmanager
 
 import pytest
-import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capsem_vm.policy import parse_policy
 from capsem_vm.proxy.service import find_proxy_python
 
-sys.path.insert(0, str(Path(__file__).parent))
-from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
-from test_proxy_fixtures import (H2_RAW_CLIENT, Edge, header_values, read_http_response, routed_name,  # noqa: E402
-                                 wait_for)
+from proxy_world import ProxyWorld, upstream_tls
+from proxy_helpers import H2_RAW_CLIENT, Edge, header_values, read_http_response, routed_name, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -44,8 +40,9 @@ IDN, IDN_U = "xn--bcher-kva.test.example", "bücher.test.example"
 NAMES = (A, OTHER, ALSO, IDN, "nows.test.example", "ws.test.example")
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
+@asynccontextmanager
+async def build_world(tmp_path_factory):
+    """This module's `world` (conftest.py)."""
     tmp = tmp_path_factory.mktemp("names")
     w = ProxyWorld(tmp, env={"CAPSEM_NAMES_SECRET": SECRET})
     tls = upstream_tls(tmp, "capsem names test upstream CA")

@@ -17,20 +17,17 @@ import asyncio
 import os
 import socket
 import ssl
-import sys
-from pathlib import Path
+from contextlib import asynccontextmanager
 
 import pytest
-import pytest_asyncio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from capsem_vm.policy import parse_policy
 
-sys.path.insert(0, str(Path(__file__).parent))
-from path_spellings import denied_spelling, reads_as, rfc_spelling  # noqa: E402
-from raw_upstream import RawUpstream, own_ipv4  # noqa: E402
-from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
-from test_proxy_fixtures import Guest, recv_exact  # noqa: E402,F401
+from path_spellings import denied_spelling, reads_as, rfc_spelling
+from raw_upstream import RawUpstream, own_ipv4
+from proxy_world import ProxyWorld, upstream_tls
+from proxy_helpers import Guest, recv_exact  # noqa: F401
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,8 +36,9 @@ DOH_GLOBS = ["/dns-query", "/dns-query/*"]
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
+@asynccontextmanager
+async def build_world(tmp_path_factory):
+    """This module's `world` (conftest.py)."""
     tmp = tmp_path_factory.mktemp("paths")
     w = ProxyWorld(tmp, env={})
     tls = upstream_tls(tmp, "capsem paths test upstream CA")

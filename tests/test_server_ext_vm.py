@@ -6,18 +6,15 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from capsem_vm.proxy.audit import AuditLog
-from jupyter_helpers import start_server
+from jupyter_helpers import ServerWorld
 
 pytestmark = pytest.mark.vm
 
-CAPSEM_CLI = [sys.executable, "-m", "capsem_vm.cli"]
 POLICY = """
 [[rule]]
 name = "pypi-read"
@@ -27,6 +24,7 @@ methods = ["GET"]
 action = "allow"
 reason = "the index"
 """
+SERVER_WORLD = ServerWorld("capsem-ui", POLICY, ("--CapsemExtension.poll_interval=0.2",), until_ready=True)
 
 
 def read_events(server, kernel_id: str, after: int, until, timeout: float = 60) -> list[tuple[str, dict]]:
@@ -55,71 +53,35 @@ def read_events(server, kernel_id: str, after: int, until, timeout: float = 60) 
         con.close()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, image_dir):
-    tmp = tmp_path_factory.mktemp("capsem-ui")
-    policy = tmp / "policy.toml"
-    policy.write_text(POLICY)
-    policy.chmod(0o600)
-    prefix = tmp / "prefix"
-    subprocess.run(CAPSEM_CLI + ["kernel", "install", "--prefix", str(prefix), "--name", "capsem-ui",
-                                 "--policy", str(policy), "--memory", "768", "--cpus", "1"],
-                   check=True, capture_output=True, timeout=120)
-    notebooks = tmp / "notebooks"
-    notebooks.mkdir()
-    rt = tmp / "rt"
-    rt.mkdir(mode=0o700)
-    audit_db = tmp / "audit.sqlite3"
-    env = {"JUPYTER_PATH": str(prefix / "share" / "jupyter"), "CAPSEM_RUNTIME_DIR": str(rt)}
-    server = start_server(tmp, root_dir=notebooks, env=env,
-                          args=[f"--CapsemExtension.audit_db={audit_db}", "--CapsemExtension.poll_interval=0.2"])
-    try:
-        t0 = time.monotonic()
-        status, body = server.request("POST", "/api/kernels", {"name": "capsem-ui"}, timeout=400)
-        assert status == 201, (body, server.log()[-4000:])
-        # the VM is up; the sandbox is "booting" until the guest's ipykernel listens, then "ready"
-        states = []
-        while time.monotonic() - t0 < 400:
-            states.append(server.get(f"/capsem/kernels/{body['id']}")[1]["state"])
-            if states[-1] != "booting":
-                break
-            time.sleep(0.5)
-        assert states[-1] == "ready", states
-        yield {"server": server, "kernel": body["id"], "audit_db": audit_db, "notebooks": notebooks,
-               "policy": policy, "start_s": time.monotonic() - t0}
-    finally:
-        server.stop()
-
-
-def test_vm_facts_of_a_running_capsem_kernel(world):
-    server, kid = world["server"], world["kernel"]
+def test_vm_facts_of_a_running_capsem_kernel(server_world):
+    server, kid = server_world["server"], server_world["kernel"]
     status, facts = server.get(f"/capsem/kernels/{kid}")
     assert status == 200, facts
     assert facts["capsem"] is True and facts["kernel_id"] == kid and facts["kernel_name"] == "capsem-ui"
     assert facts["state"] == "ready", facts
     assert facts["accel"] in ("kvm", "tcg") and facts["accel_label"] in ("KVM", "emulated (TCG)")
     assert (facts["memory_mb"], facts["cpus"]) == (768, 1)
-    assert facts["shares"] == [{"path": str(world["notebooks"].resolve()), "mode": "rw"}]
+    assert facts["shares"] == [{"path": str(server_world["notebooks"].resolve()), "mode": "rw"}]
     assert facts["image_digest"] and len(facts["image_digest"]) >= 32
-    assert 0 < facts["boot_seconds"] < world["start_s"] + 1
+    assert 0 < facts["boot_seconds"] < server_world["start_s"] + 1
     assert facts["started_at"] <= facts["ready_at"] <= time.time()
     assert facts["uptime_seconds"] > 0 and facts["kernel_pid"]
-    assert facts["policy_path"] == str(world["policy"])
+    assert facts["policy_path"] == str(server_world["policy"])
     assert server.get("/capsem/kernels") == (200, {"kernels": [{"kernel_id": kid, "state": "ready",
                                                                 "accel": facts["accel"]}]})
 
 
-def test_policy_of_a_capsem_kernel(world):
-    status, policy = world["server"].get(f"/capsem/kernels/{world['kernel']}/policy")
+def test_policy_of_a_capsem_kernel(server_world):
+    status, policy = server_world["server"].get(f"/capsem/kernels/{server_world['kernel']}/policy")
     assert status == 200, policy
-    assert policy["source"] == str(world["policy"]) and policy["edits_allowed"] is False
+    assert policy["source"] == str(server_world["policy"]) and policy["edits_allowed"] is False
     rule = next(r for r in policy["rules"] if r["name"] == "pypi-read")
     assert rule["summary"] == "allow GET https://pypi.org" and rule["reason"] == "the index"
 
 
-def test_network_log_and_live_events(world):
-    server, kid = world["server"], world["kernel"]
-    log = AuditLog(world["audit_db"])
+def test_network_log_and_live_events(server_world):
+    server, kid = server_world["server"], server_world["kernel"]
+    log = AuditLog(server_world["audit_db"])
     log.record(kid, "http", method="GET", url="https://pypi.org/simple/", host="pypi.org", port=443, status=200,
                decision="allow", rule="pypi-read")
     log.record(kid, "http", method="GET", url="https://evil.example/x", host="evil.example", port=443, status=403,
@@ -152,8 +114,8 @@ def test_network_log_and_live_events(world):
     log.close()
 
 
-def test_kernel_gone(world):
-    server, kid = world["server"], world["kernel"]
+def test_kernel_gone(server_world):
+    server, kid = server_world["server"], server_world["kernel"]
     import threading
     threading.Timer(1.0, lambda: server.request("DELETE", f"/api/kernels/{kid}", timeout=120)).start()
     events = read_events(server, kid, 10**9, lambda ev: ev[-1][0] == "gone", timeout=150)

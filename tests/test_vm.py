@@ -16,7 +16,7 @@ from capsem_vm.config import Share, VMConfig
 from capsem_vm.errors import AssetVerificationError, ImageError
 from capsem_vm.vm import VM
 
-from conftest import CAPSEM, helper_processes
+from host_helpers import CAPSEM, helper_processes
 
 pytestmark = pytest.mark.vm
 

@@ -25,10 +25,10 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
@@ -41,9 +41,8 @@ from capsem_vm.proxy import dns
 from capsem_vm.proxy.cli import main as proxy_main
 from capsem_vm.proxy.service import find_proxy_python
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from proxy_world import ProxyWorld  # noqa: E402
-from test_proxy_fixtures import recv_frame, wait_for  # noqa: E402
+from proxy_world import ProxyWorld
+from proxy_helpers import recv_frame, wait_for
 
 amark = pytest.mark.asyncio(loop_scope="module")
 
@@ -106,8 +105,9 @@ async def _make_world(tmp: Path, db: Path, *, workers: int = 2) -> ProxyWorld:
     return w
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
+@asynccontextmanager
+async def build_world(tmp_path_factory):
+    """This module's `world` (conftest.py)."""
     tmp = tmp_path_factory.mktemp("audit")
     w = await _make_world(tmp, tmp / "audit.sqlite3")
     yield w

@@ -5,7 +5,7 @@ every boot costs 10-30 s under TCG, and the groups use disjoint names, servers a
 
 The "internet" is real servers on this machine, reached through the real proxy service
 (tests/egress_world.py, plus):
-- the recording "edge" of tests/test_proxy_fixtures.py (a CDN-like server for many names on one
+- the recording "edge" of tests/proxy_helpers.py (a CDN-like server for many names on one
   address, routing by absolute-form authority / :authority / Host), under allowed.test.example
   (allowed, carries a credential) and nows.test.example; other.test.example is not allowed;
 - servers that record the raw request targets they receive (tests/raw_upstream.py): 127.0.0.1
@@ -39,22 +39,19 @@ import json
 import os
 import socket
 import ssl
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from egress_world import World  # noqa: E402
-from kernel_helpers import KERNEL, capsem_kernelspecs, cell_json, start_kernel, stop_kernel  # noqa: E402,F401
-from path_spellings import denied_spelling, reads_as, rfc_spelling  # noqa: E402
-from raw_upstream import RawUpstream, own_ipv4  # noqa: E402
-from test_proxy_fixtures import Edge, header_values, routed_name, wait_for  # noqa: E402
+from egress_world import World
+from kernel_helpers import KERNEL, cell_json, start_kernel, stop_kernel
+from path_spellings import denied_spelling, reads_as, rfc_spelling
+from raw_upstream import RawUpstream, own_ipv4
+from proxy_helpers import Edge, header_values, routed_name, wait_for
 
-from capsem_kernel import loop_thread  # noqa: E402
+from capsem_kernel import loop_thread
 
 pytestmark = pytest.mark.vm
 A, OTHER, NOWS = "allowed.test.example", "other.test.example", "nows.test.example"

@@ -96,8 +96,7 @@ async def test_helpers_run_with_the_given_identity_and_no_groups():
 def test_helper_with_another_identity_still_dies_with_its_owner(tmp_path):
     """PDEATHSIG is cleared by a credential change: it must be armed after the switch."""
     script = (
-        "import asyncio, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "import asyncio\n"
         "from capsem_vm.process import Identity, spawn\n"
         "async def main():\n"
         f"    p = await spawn('sleeper', ['sleep', '600'], identity=Identity({HELPER}, {HELPER}))\n"

@@ -20,20 +20,16 @@ import os
 import secrets
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import guest_scripts as gs  # noqa: E402
-from kernel_helpers import (KERNEL, capsem_kernelspecs, cell_json, run_ok, start_kernel,  # noqa: E402,F401,F811
-                            stop_kernel, vm_exec)
+import guest_scripts as gs
+from kernel_helpers import KERNEL, cell_json, run_ok, start_kernel, stop_kernel, vm_exec
 
-from capsem_kernel import loop_thread  # noqa: E402
+from capsem_kernel import loop_thread
 
 pytestmark = pytest.mark.vm
 

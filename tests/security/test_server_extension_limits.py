@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import websocket
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from jupyter_helpers import start_server  # noqa: E402
+from jupyter_helpers import ServerWorld
 
 pytestmark = pytest.mark.vm
 
-CAPSEM_CLI = [sys.executable, "-m", "capsem_vm.cli"]
 CAP = 8 << 20             # the test server's offline buffer cap
 FLOOD_CHUNK = 1 << 20    # one flushed stream message (few large ones: the guest PUB socket drops by count)
 FLOOD_COUNT = 128         # 128 MiB of output while no browser is connected
@@ -47,34 +42,10 @@ scheme = "https"
 methods = ["GET"]
 action = "allow"
 """ + CREDENTIAL
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, image_dir):
-    tmp = tmp_path_factory.mktemp("capsem-limits")
-    policy = tmp / "policy.toml"
-    policy.write_text(POLICY)
-    policy.chmod(0o600)
-    prefix = tmp / "prefix"
-    subprocess.run(CAPSEM_CLI + ["kernel", "install", "--prefix", str(prefix), "--name", "capsem-limits",
-                                 "--policy", str(policy), "--memory", "768", "--cpus", "1"],
-                   check=True, capture_output=True, timeout=120)
-    notebooks = tmp / "notebooks"
-    notebooks.mkdir()
-    rt = tmp / "rt"
-    rt.mkdir(mode=0o700)
-    env = {"JUPYTER_PATH": str(prefix / "share" / "jupyter"), "CAPSEM_RUNTIME_DIR": str(rt)}
-    server = start_server(tmp, root_dir=notebooks, env=env,
-                          # the replay is measured whole: jupyter_server's own iopub rate limit off
-                          args=["--CapsemExtension.allow_policy_edits=True", f"--CapsemExtension.offline_buffer_bytes={CAP}",
-                                "--ZMQChannelsWebsocketConnection.limit_rate=False",
-                                f"--CapsemExtension.audit_db={tmp / 'audit.sqlite3'}"])
-    try:
-        status, body = server.request("POST", "/api/kernels", {"name": "capsem-limits"}, timeout=900)
-        assert status == 201, (body, server.log()[-4000:])
-        yield {"server": server, "kernel": body["id"], "policy": policy}
-    finally:
-        server.stop()
+# the replay is measured whole: jupyter_server's own iopub rate limit off
+SERVER_WORLD = ServerWorld("capsem-limits", POLICY, (
+    "--CapsemExtension.allow_policy_edits=True", f"--CapsemExtension.offline_buffer_bytes={CAP}",
+    "--ZMQChannelsWebsocketConnection.limit_rate=False"), start_timeout=900)
 
 
 def rss_kib(pid: int) -> int:
@@ -111,8 +82,8 @@ def until(ws, msg_id: str, done, timeout: float = 600) -> list[dict]:
     raise AssertionError(f"timed out; {len(out)} messages so far")
 
 
-def test_output_of_a_kernel_with_no_browser_is_capped_and_the_drop_is_reported(world):
-    server, kid = world["server"], world["kernel"]
+def test_output_of_a_kernel_with_no_browser_is_capped_and_the_drop_is_reported(server_world):
+    server, kid = server_world["server"], server_world["kernel"]
     session = uuid.uuid4().hex
     ws = ws_connect(server, kid, session)
     warm = ws_execute(ws, "print('ready')")
@@ -159,12 +130,12 @@ def test_output_of_a_kernel_with_no_browser_is_capped_and_the_drop_is_reported(w
     assert "dropping further output until a client reconnects" in server.log()
 
 
-def put_policy(world, text: str):
-    return world["server"].request("PUT", f"/capsem/kernels/{world['kernel']}/policy", {"text": text})
+def put_policy(server_world, text: str):
+    return server_world["server"].request("PUT", f"/capsem/kernels/{server_world['kernel']}/policy", {"text": text})
 
 
-def test_policy_edits_cannot_add_remove_or_change_credentials(world):
-    policy = world["policy"]
+def test_policy_edits_cannot_add_remove_or_change_credentials(server_world):
+    policy = server_world["policy"]
     before = policy.read_text()
     other = POLICY.replace("pypi.org", "files.pythonhosted.org")
     attempts = {
@@ -177,7 +148,7 @@ def test_policy_edits_cannot_add_remove_or_change_credentials(world):
         "file instead of env": before.replace('env = "CAPSEM_TEST_NOT_SET"', f'file = "{os.path.expanduser("~/.ssh/id_ed25519")}"'),
     }
     for name, text in attempts.items():
-        status, body = put_policy(world, text)
+        status, body = put_policy(server_world, text)
         assert status == 403, (name, status, body)
         assert "cannot add, remove or change credentials" in body["message"] and "svc" in body["message"], body
         assert policy.read_text() == before, name
@@ -185,6 +156,6 @@ def test_policy_edits_cannot_add_remove_or_change_credentials(world):
     same_creds_other_spelling = other.replace(CREDENTIAL, '\n[[credential]]\nname="svc"\nformat="Bearer {value}"\n'
                                               'header="Authorization"\nenv="CAPSEM_TEST_NOT_SET"\n'
                                               'hosts=["api.test.example"]\n')
-    status, body = put_policy(world, same_creds_other_spelling)
+    status, body = put_policy(server_world, same_creds_other_spelling)
     assert status == 200, body
     assert policy.read_text() == same_creds_other_spelling

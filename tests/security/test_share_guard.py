@@ -22,8 +22,7 @@ from capsem_vm import repo_names
 from capsem_vm.process import spawn
 from capsem_vm.share_guard import ShareGuard
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import guest_scripts as gs  # noqa: E402
+import guest_scripts as gs
 
 REPO_SPELLINGS = [".git", ".GIT", ".Git", ".git.", ".git ", ".git. .", ".g\u200cit", "\ufeff.git", "\uff0egit",
                   "git~1", "GIT~1", ".git::$INDEX_ALLOCATION", "HEAD", "head", "Head", "HEAD.", "HEAD ",

@@ -169,8 +169,7 @@ def test_a_mount_point_others_can_write_is_refused_clearly(tmp_path, monkeypatch
 def test_the_stage_still_dies_with_its_owner(private_folder):
     """Dropping to the leased uid clears the parent-death signal: the stage re-arms it."""
     script = (
-        "import asyncio, sys, os\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "import asyncio, os\n"
         "from capsem_vm.process import spawn\n"
         "async def main():\n"
         "    r, w = os.pipe()\n"

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,14 +24,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import guest_scripts as gs  # noqa: E402
-from conftest import helper_processes  # noqa: E402
-from kernel_helpers import running_vm, vm_exec  # noqa: E402
+import guest_scripts as gs
+from host_helpers import helper_processes
+from kernel_helpers import running_vm, vm_exec
 
-from capsem_vm import repo_names  # noqa: E402
-from capsem_vm.config import Share, VMConfig  # noqa: E402
+from capsem_vm import repo_names
+from capsem_vm.config import Share, VMConfig
 
 pytestmark = pytest.mark.vm
 OWNER = 4321  # the share belongs to a non-root user, who runs git on the host

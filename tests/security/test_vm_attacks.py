@@ -16,21 +16,18 @@ import secrets
 import shutil
 import stat
 import tempfile
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import guest_scripts as gs  # noqa: E402
-from conftest import helper_processes  # noqa: E402
-from kernel_helpers import running_vm, vm_exec  # noqa: E402
+import guest_scripts as gs
+from host_helpers import helper_processes
+from kernel_helpers import running_vm, vm_exec
 
-from capsem_kernel import loop_thread  # noqa: E402
-from capsem_vm import privsep  # noqa: E402
-from capsem_vm.config import Share, VMConfig  # noqa: E402
+from capsem_kernel import loop_thread
+from capsem_vm import privsep
+from capsem_vm.config import Share, VMConfig
 
 pytestmark = pytest.mark.vm
 SHARE_OWNER = 4321  # the rw share belongs to a non-root user: virtiofsd must run as that user

@@ -16,24 +16,21 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))
-import guest_scripts as gs  # noqa: E402
-from kernel_helpers import running_vm, vm_exec  # noqa: E402
+import guest_scripts as gs
+from kernel_helpers import running_vm, vm_exec
 
-from capsem_kernel import loop_thread  # noqa: E402
-from capsem_vm.egress_runtime import EgressRuntime, set_process_runtime  # noqa: E402
-from capsem_vm.config import EgressConfig, VMConfig  # noqa: E402
-from capsem_vm.errors import VMError  # noqa: E402
-from capsem_vm.proxy import read_events  # noqa: E402
-from capsem_vm.proxy.cli import main as proxy_main  # noqa: E402
+from capsem_kernel import loop_thread
+from capsem_vm.egress_runtime import EgressRuntime, set_process_runtime
+from capsem_vm.config import EgressConfig, VMConfig
+from capsem_vm.errors import VMError
+from capsem_vm.proxy import read_events
+from capsem_vm.proxy.cli import main as proxy_main
 
 pytestmark = pytest.mark.vm
 KERNEL_ID = "k-hostile-" + os.urandom(4).hex()  # unique: the audit database may be shared

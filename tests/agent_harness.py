@@ -1,4 +1,5 @@
-"""Host-side harness for the guest agent tests (no tests here; imported by test_agent_*.py).
+"""Host-side harness for the guest agent tests (no tests here; imported by test_agent_*.py; the
+`agent` fixture of conftest.py is an `Agent`).
 
 Runs the REAL agent (`python -I guest-agent/capsem-agent`, as /init does, minus PID 1) with its
 control connection pointed at a Unix socket the test listens on, and its channel listener on a
@@ -16,8 +17,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import pytest
 
 from capsem_agent import protocol
 
@@ -139,13 +138,6 @@ class Agent:
                 self.proc.wait()
         self.client.sock.close()
         self.listener.close()
-
-
-@pytest.fixture
-def agent(tmp_path):
-    a = Agent(tmp_path)
-    yield a
-    a.stop()
 
 
 def closed_by_agent(s: socket.socket, timeout: float = 30.0) -> bool:
