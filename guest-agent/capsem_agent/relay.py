@@ -14,7 +14,7 @@ import threading
 import time
 
 from . import protocol
-from .kernel import connect_local, hung_up, shut
+from .ipykernel_host import connect_local, hung_up, shut
 
 CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
@@ -71,7 +71,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 class ChannelServer:
     def __init__(self, listener: socket.socket, kernels):
         self._listener = listener
-        self._kernels = kernels  # kernel.KernelManager: .current, .prime()
+        self._kernels = kernels  # ipykernel_host.IPyKernelHost: .current, .prime()
         self._slots = threading.BoundedSemaphore(MAX_STREAMS)
 
     def start(self) -> None:

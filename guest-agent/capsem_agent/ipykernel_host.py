@@ -392,7 +392,7 @@ class Kernel:
         shut(*relays)
 
 
-class KernelManager:
+class IPyKernelHost:
     def __init__(self, send):
         self._send = send
         self.current: Kernel | None = None
