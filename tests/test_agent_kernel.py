@@ -81,8 +81,9 @@ class Client:
 
 
 def assert_loaded_without_debugpy(c: Client) -> None:
-    """The kernel was imported with debugpy hidden (kernel.WITHOUT_DEBUGPY): it reports no
-    debugger (like the kernelspec) and has not loaded debugpy, which notebook code can still import."""
+    """The kernel was imported with debugpy hidden (kernel_boot.import_ipykernel_without_debugpy):
+    it reports no debugger (like the kernelspec) and has not loaded debugpy, which notebook code
+    can still import."""
     c.kc.kernel_info()
     info = c.kc.get_shell_msg(timeout=60)
     content = info["content"]
@@ -489,6 +490,32 @@ def test_warm_kernel_skipped_when_python_env_differs(tmp_path):
     try:
         r, key = start_kernel(a, env={"PYTHONPATH": str(tmp_path)})
         assert r["t"] == "ok" and r["warm"] is False
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("mode", ["warm", "preinit"])
+def test_pre_started_kernel_does_not_see_the_agents_path_or_modules(tmp_path, mode):
+    """The bootstrap (`python -m capsem_agent.warm_kernel`/`preinit_kernel`, found through a
+    PYTHONPATH set for that start only) leaves no trace in the kernel: no agent directory or
+    launch directory on sys.path, no PYTHONPATH, no capsem_agent module."""
+    a = Agent(tmp_path)
+    try:
+        if mode == "warm":
+            assert a.client.request({"t": "kernel_prewarm", "id": 50, "wait": 120}, timeout=150)["t"] == "ok"
+        else:
+            prewarm_preinit(a)
+        r, key = start_kernel(a)
+        assert r["t"] == "ok" and r["warm"] is True, r
+        c = Client(a, key)
+        try:
+            _, out = c.run("import os, sys; print(repr((sys.path, os.environ.get('PYTHONPATH'), "
+                           "sorted(m for m in sys.modules if m.startswith('capsem_agent')))))")
+        finally:
+            c.close()
+        path, pythonpath, modules = eval(out)
+        agent_root = str(Path(__file__).resolve().parents[1] / "guest-agent")
+        assert agent_root not in path and "/" not in path and pythonpath is None and modules == [], out
     finally:
         a.stop()
 

@@ -16,7 +16,7 @@ pool closes its copy, so ownership moves without the keeper noticing. When the o
 The keeper boots the VM with VM.start() (so the image is verified through the fds QEMU reads, as
 for a cold VM), with no share, no egress and no kernel key; the guest agent pre-starts ipykernel
 (kernel_prewarm {preinit}: imported, initialised and running with a throw-away key, see
-capsem_agent.kernel) and the keeper reports ready once that is done; egress_prepare sets up the
+capsem_agent.ipykernel_host) and the keeper reports ready once that is done; egress_prepare sets up the
 policy-independent part of egress. It also opens one primed channel stream per kernel channel (vsock
 port 5001, the channel named, a front end's ZMTP greeting sent): the agent joins each to the
 pre-started kernel, which greets back, and lets nothing more through until the claimer's kernel

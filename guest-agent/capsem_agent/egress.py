@@ -26,7 +26,7 @@ import os
 import threading
 import time
 
-from . import capture, dns_stub, httpproxy, kernel, netsetup, procs, protocol, sysinit, trust
+from . import capture, dns_stub, httpproxy, ipykernel_host, netsetup, procs, protocol, sysinit, trust
 
 NO_PROXY = "localhost,127.0.0.1,::1"
 ENV_NAME_MAX = 256
@@ -103,7 +103,7 @@ class Egress:
             bundle = trust.BUNDLE
             ca_file = trust.install(pem)
         else:
-            d = os.path.join(kernel.rundir(), "egress")
+            d = os.path.join(ipykernel_host.rundir(), "egress")
             os.makedirs(d, mode=0o755, exist_ok=True)
             bundle = os.path.join(d, "ca-bundle.crt")
             ca_file = trust.install(pem, bundle=bundle, cert_file=os.path.join(d, "capsem-egress.crt"))

@@ -315,61 +315,98 @@ def _open(host: str, port: int, client: socket.socket) -> socket.socket | None:
 
 
 def handle(client: socket.socket) -> None:
-    reader = ClientReader(client)
-    up: Upstream | None = None
-    first = True
-    try:
-        while True:
-            try:
-                head = reader.head(FIRST_TIMEOUT if first else IDLE_TIMEOUT)
-                if head is None:
-                    if up is not None:
-                        up.finish()
-                        up = None
-                    return
-                req = parse_head(head)
-                if req.method == "CONNECT":
-                    host, port = parse_authority(req.target, None)
-                    if up is not None:
-                        up.close()
-                        up = None
-                    _tunnel(client, reader, host, port)
-                    return
-                host, port, path, host_header = absolute_target(req)
-                kind, length = body_kind(req)
-            except HttpError as exc:
-                if up is None or first:
-                    client.sendall(response(exc.status, exc.text + "\n"))
-                return
-            if up is None or up.key != (host, port):
-                if up is not None:
-                    up.close()
-                    up = None
-                sock = _open(host, port, client)
-                if sock is None:
-                    return
-                up = Upstream((host, port), sock, client)
-            first = False
-            try:
-                up.sock.sendall(origin_head(req, path, host_header))
-                if "upgrade" in req.tokens("connection"):
-                    client.settimeout(None)  # a websocket may idle; the host bounds idle streams
-                    if reader.buf:
-                        up.sock.sendall(reader.take())
-                    egress_stream.pump(client, up.sock)
-                    egress_stream.wait_quiet(up.thread, up.activity, up.sock)
-                    return
-                if kind == "length":
-                    reader.copy(length, up.sock)
-                elif kind == "chunked":
-                    copy_chunked(reader, up.sock)
-            except HttpError:
-                return  # mid-request: the upstream has a partial request; just end both
-    except (OSError, ConnectionError):
-        return
-    finally:
-        if up is not None:
-            up.close()
+    ClientConnection(client).serve()
+
+
+class ClientConnection:
+    """One client connection: its requests in turn, over one upstream stream per host:port."""
+
+    def __init__(self, client: socket.socket):
+        self.client = client
+        self.reader = ClientReader(client)
+        self.up: Upstream | None = None
+        self.first = True  # no request forwarded yet
+
+    def serve(self) -> None:
+        try:
+            while self._serve_one():
+                pass
+        except (OSError, ConnectionError):
+            return
+        finally:
+            self._drop_upstream()
+
+    def _serve_one(self) -> bool:
+        """Read, check and forward one request; False once the connection is done."""
+        try:
+            head = self.reader.head(FIRST_TIMEOUT if self.first else IDLE_TIMEOUT)
+            if head is None:
+                self._finish_upstream()
+                return False
+            req = parse_head(head)
+            if req.method == "CONNECT":
+                self._connect(req)
+                return False
+            host, port, path, host_header = absolute_target(req)
+            kind, length = body_kind(req)
+        except HttpError as exc:
+            if self.up is None or self.first:  # nothing forwarded: the client gets the error
+                self.client.sendall(response(exc.status, exc.text + "\n"))
+            return False
+        up = self._upstream_for(host, port)
+        if up is None:
+            return False
+        self.first = False
+        try:
+            return self._forward(up, req, path, host_header, kind, length)
+        except HttpError:
+            return False  # mid-request: the upstream has a partial request; just end both
+
+    def _connect(self, req: Request) -> None:
+        """CONNECT host:port: the connection becomes a tunnel to it."""
+        host, port = parse_authority(req.target, None)
+        self._drop_upstream()
+        _tunnel(self.client, self.reader, host, port)
+
+    def _upstream_for(self, host: str, port: int) -> Upstream | None:
+        """The upstream stream if it goes to host:port, else a new one in its place; None if
+        refused or unreachable (the client got the 403 or 502)."""
+        if self.up is not None and self.up.key == (host, port):
+            return self.up
+        self._drop_upstream()
+        sock = _open(host, port, self.client)
+        if sock is None:
+            return None
+        self.up = Upstream((host, port), sock, self.client)
+        return self.up
+
+    def _forward(self, up: Upstream, req: Request, path: str, host_header: str, kind: str, length: int) -> bool:
+        """The request in origin-form, then its body (or, for an upgrade, every byte both ways
+        until either side ends: the connection is done then)."""
+        up.sock.sendall(origin_head(req, path, host_header))
+        if "upgrade" in req.tokens("connection"):
+            self.client.settimeout(None)  # a websocket may idle; the host bounds idle streams
+            if self.reader.buf:
+                up.sock.sendall(self.reader.take())
+            egress_stream.pump(self.client, up.sock)
+            egress_stream.wait_quiet(up.thread, up.activity, up.sock)
+            return False
+        if kind == "length":
+            self.reader.copy(length, up.sock)
+        elif kind == "chunked":
+            copy_chunked(self.reader, up.sock)
+        return True
+
+    def _finish_upstream(self) -> None:
+        """The client ended its input: let the upstream's response finish, then close it."""
+        if self.up is not None:
+            self.up.finish()
+            self.up = None
+
+    def _drop_upstream(self) -> None:
+        if self.up is not None:
+            self.up.close()
+            self.up = None
 
 
 def _tunnel(client: socket.socket, reader: ClientReader, host: str, port: int) -> None:

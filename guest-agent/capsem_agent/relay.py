@@ -16,7 +16,7 @@ import time
 
 from . import protocol
 from .egress_stream import pump, recv_exact
-from .kernel import connect_local, hung_up, shut
+from .ipykernel_host import connect_local, hung_up, shut
 
 HELLO_TIMEOUT = 10.0  # the first frame must arrive promptly
 MAX_HELLO = 4096
@@ -45,7 +45,7 @@ def read_channel_frame(sock: socket.socket) -> tuple[str, bool]:
 class ChannelServer:
     def __init__(self, listener: socket.socket, kernels):
         self._listener = listener
-        self._kernels = kernels  # kernel.KernelManager: .current, .prime()
+        self._kernels = kernels  # ipykernel_host.IPyKernelHost: .current, .prime()
         self._slots = threading.BoundedSemaphore(MAX_STREAMS)
 
     def start(self) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal as _signal
 
-from . import BOOT_MARKS, __version__, execs, kernel as kernel_mod, mounts, protocol, relay, sysinit, transport
+from . import BOOT_MARKS, __version__, execs, ipykernel_host, mounts, protocol, relay, sysinit, transport
 
 READ_CHUNK = 64 * 1024
 MOUNT_TIMEOUT = 30.0
@@ -28,7 +28,7 @@ def _uptime() -> float | None:
 def boot_times() -> dict:
     kernel_s = init_s = None
     try:
-        with open(os.path.join(kernel_mod.rundir(), "init-times")) as f:
+        with open(os.path.join(ipykernel_host.rundir(), "init-times")) as f:
             vals = [float(x) for x in f.read(256).split()[:2]]
         kernel_s, init_s = vals[0], vals[1]
     except (OSError, ValueError, IndexError):
@@ -56,7 +56,7 @@ class Service:
         self.writer: asyncio.StreamWriter | None = None
         self.closed = False
         self.execs: dict[int, execs.ExecSession] = {}
-        self.kernels = kernel_mod.KernelManager(self.send)
+        self.kernels = ipykernel_host.IPyKernelHost(self.send)
         self.egress = None  # egress.Egress, imported on first egress_setup (keeps boot lean)
         self._tasks: set[asyncio.Task] = set()
         self._stop = False
@@ -159,14 +159,14 @@ class Service:
             await self.send(protocol.error("bad_message", str(exc), exc.msg_id if exc.msg_id is not None else msg_id))
         except execs.StdinOverflow:
             await self.send(protocol.error("stdin_overflow", "stdin window full; data dropped", msg_id))
-        except kernel_mod.KernelRunning:
+        except ipykernel_host.KernelRunning:
             await self.send(protocol.error("kernel_running", "a kernel is already running", msg_id))
-        except kernel_mod.NoKernel:
+        except ipykernel_host.NoKernel:
             await self.send(protocol.error("no_kernel", "no kernel is running", msg_id))
-        except kernel_mod.CannotHold:
+        except ipykernel_host.CannotHold:
             await self.send(protocol.error("cannot_hold", "hold needs the pre-initialised kernel, which is "
                                            "gone or unusable for this uid/env: start without hold", msg_id))
-        except kernel_mod.NothingHeld:
+        except ipykernel_host.NothingHeld:
             await self.send(protocol.error("not_held", "the kernel holds no requests", msg_id))
         except ProcessLookupError:
             await self.send(protocol.error("no_process", "the process is gone", msg_id))

@@ -1,14 +1,16 @@
-"""The Jupyter kernel: one ipykernel per VM, bound to guest 127.0.0.1, reached through the relay.
+"""Hosts the Jupyter kernel: one ipykernel per VM, bound to guest 127.0.0.1, reached through the relay.
 
 Secrets: the HMAC key is written only to a connection file in a 0700 directory owned by the
 kernel's user (so only root and that user can read it); it never appears on a command line.
 
 Start paths:
   cold  `python3 -m ipykernel_launcher -f <file>`: pays the ipykernel import (seconds under TCG).
-  warm  a process started earlier (kernel_prewarm) that already imported ipykernel and blocks on
-        a pipe for its parameters; kernel_start hands them over and it becomes the kernel. It is
-        still our direct child, so waiting and signalling work as for a cold kernel.
-  preinit  (kernel_prewarm {preinit: true}, pooled VMs) a warm process that went further: the
+  warm  a process started earlier (kernel_prewarm, `python3 -m capsem_agent.warm_kernel`) that
+        already imported ipykernel and blocks on a pipe for its parameters; kernel_start hands
+        them over and it becomes the kernel. It is still our direct child, so waiting and
+        signalling work as for a cold kernel.
+  preinit  (kernel_prewarm {preinit: true}, pooled VMs; `python3 -m capsem_agent.preinit_kernel`)
+        a warm process that went further: the
         kernel is initialised and running (ports bound, shell built, loop started, its first
         messages answered) with a throw-away key in its connection file. kernel_start rewrites the
         file with the real key and sends key, scheme, cwd and env; the kernel's loop sets the
@@ -21,9 +23,9 @@ Start paths:
         discarded and the kernel starts cold.
   held  (kernel_start {hold: true}, preinit only) the key is handed over while the host still
         attaches the notebook folder: the kernel takes key and env at once but stays in / and holds
-        every shell request but kernel_info (in order: it handles one at a time) until
-        kernel_release, which changes to the cwd (then existing) and lets them through. Control
-        requests (interrupt, shutdown) are never held.
+        every shell request but kernel_info (in order: it handles one at a time; held_requests.py)
+        until kernel_release, which changes to the cwd (then existing) and lets them through.
+        Control requests (interrupt, shutdown) are never held.
 """
 
 from __future__ import annotations
@@ -39,59 +41,19 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 
 from . import procs, protocol
+from .kernel_boot import AGENT_ROOT, WARM_MARKER
 
 ENV_PYTHON = "CAPSEM_AGENT_KERNEL_PYTHON"
 ENV_RUNDIR = "CAPSEM_AGENT_RUNDIR"
-WARM_MARKER = b"capsem-warm-ready\n"  # the warm process wrote it: its imports are done
 TAIL_BYTES = 8192  # kernel stdout/stderr kept for diagnostics (sent with kernel_exit)
 MAX_KEY = 4096
 _SCHEME = re.compile(r"^hmac-[a-z0-9]{1,16}$")
-
-# ipykernel imports debugpy (and through it pkg_resources) to offer its debugger: about 3 s of
-# emulated CPU per kernel start here, for a debugger the capsem kernelspec turns off
-# ("debugger": false). The warm and preinit processes import ipykernel with debugpy hidden (it
-# then reports no debugger) and unhide it after, so notebook code can still import debugpy.
-WITHOUT_DEBUGPY = r"""
-class HideDebugpy:
-    def find_spec(self, name, path=None, target=None):
-        if name == "debugpy" or name.startswith("debugpy."):
-            raise ImportError("debugpy is not loaded with the kernel (capsem kernels have no debugger)", name=name)
-        return None
-hide_debugpy = HideDebugpy()
-sys.meta_path.insert(0, hide_debugpy)
-try:
-    import ipykernel.ipkernel, ipykernel.debugger  # the debugger module decides, once, at import
-finally:
-    sys.meta_path.remove(hide_debugpy)
-"""
-
-# The warm process: import everything heavy, then wait for one JSON line of parameters.
-# Python startup options (-c) keep sys.path[0] == "" which, like ipykernel_launcher, we drop;
-# IPython's init_path puts the kernel's cwd back.
-WARM_BOOTSTRAP = r"""
-import json, os, sys
-if sys.path and sys.path[0] == "":
-    del sys.path[0]
-""" + WITHOUT_DEBUGPY + r"""
-from ipykernel import kernelapp as app
-import ipykernel.ipkernel, ipykernel.zmqshell, IPython.core.interactiveshell  # noqa
-os.write(1, b"capsem-warm-ready\n")
-line = sys.stdin.buffer.readline(1 << 20)
-if not line:
-    os._exit(0)
-p = json.loads(line)
-fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
-if p.get("gid") is not None:
-    os.setgroups([]); os.setgid(p["gid"])
-if p.get("uid") is not None:
-    os.setuid(p["uid"])
-os.chdir(p["cwd"])
-os.environ.clear(); os.environ.update(p["env"])
-sys.argv = ["ipykernel_launcher", "-f", p["connection_file"]]
-app.launch_new_instance()
-"""
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+WARM_MODULE = "capsem_agent.warm_kernel"
+PREINIT_MODULE = "capsem_agent.preinit_kernel"
 
 
 def _rmtree(path: str) -> None:
@@ -101,144 +63,22 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-# The preinit process: initialise the kernel app and start it with a throw-away key, warm up its
-# message path through its own shell port (first-time code runs slowly under emulation; skipped
-# when the parameters are already waiting, as in a cold start), then wait for the real key, cwd
-# and env. Those are applied on the kernel's loop, between messages; the process then writes "ok"
-# to the ack fd (argv[2]), and only then does the relay let the host's channels through
-# (Kernel.ready). If they cannot be applied, the process exits. Its fds 0/1 are saved first:
-# ipykernel captures fd 1 (and 2) into the kernel's output stream.
-PREINIT_BOOTSTRAP = r"""
-import json, os, sys, threading
-if sys.path and sys.path[0] == "":
-    del sys.path[0]
-out_fd, in_fd, ack_fd = os.dup(1), os.dup(0), int(sys.argv[2])
-""" + WITHOUT_DEBUGPY + r"""
-from ipykernel import kernelapp
-from tornado import ioloop
-env0 = dict(os.environ)
-conn = sys.argv[1]
-sys.argv = ["ipykernel_launcher", "-f", conn]
-app = kernelapp.IPKernelApp.instance()
-import zmq
-class PatientContext(zmq.Context):  # no handshake timeout: the agent's spare connections wait
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.setsockopt(zmq.HANDSHAKE_IVL, 0)
-zmq.Context, plain_context = PatientContext, zmq.Context
-try:
-    app.initialize(["-f", conn])
-finally:
-    zmq.Context = plain_context
-added = {k: v for k, v in os.environ.items() if env0.get(k) != v}
-loop = ioloop.IOLoop.current()
-
-def warm_up():
-    from jupyter_client.session import Session
-    session = Session(key=app.session.key, signature_scheme=app.session.signature_scheme)
-    ctx = zmq.Context()
-    shell = ctx.socket(zmq.DEALER)
-    shell.linger = 0
-    shell.connect("tcp://127.0.0.1:%d" % app.shell_port)
-    try:
-        for msg_type, content in (("kernel_info_request", {}),
-                                  ("execute_request", {"code": "pass", "silent": True, "store_history": False,
-                                                       "user_expressions": {}, "allow_stdin": False})):
-            session.send(shell, msg_type, content)
-            if not shell.poll(600000):
-                return
-            session.recv(shell)
-    finally:
-        shell.close()
-        ctx.term()
-
-# Held requests (kernel_start with hold): every shell handler but kernel_info's first waits for
-# the release; futures are woken on their own loop, whichever thread releases.
-import asyncio, inspect
-held = {"open": True, "waiting": []}
-held_lock = threading.Lock()
-
-async def pass_hold():
-    with held_lock:
-        if held["open"]:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        held["waiting"].append(fut)
-    await fut
-
-def held_handler(handler):
-    async def handle(*args):
-        await pass_hold()
-        result = handler(*args)
-        if inspect.isawaitable(result):
-            await result
-    return handle
-
-def hold():
-    with held_lock:
-        held["open"] = False
-    handlers = app.kernel.shell_handlers
-    for msg_type, handler in list(handlers.items()):
-        if msg_type != "kernel_info_request":
-            handlers[msg_type] = held_handler(handler)
-
-def release(cwd):
-    try:
-        os.chdir(cwd)
-    except BaseException as exc:
-        os.write(out_fd, ("capsem: the kernel could not change to %r: %r\n" % (cwd, exc)).encode())
-        os._exit(1)
-    with held_lock:
-        held["open"] = True
-        waiting, held["waiting"] = held["waiting"], []
-    for fut in waiting:
-        fut.get_loop().call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
-
-def take_over(p):
-    try:
-        fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
-        if p.get("hold"):
-            hold()
-        else:
-            os.chdir(p["cwd"])
-        os.environ.clear(); os.environ.update(p["env"]); os.environ.update(added)
-        app.session.signature_scheme = p["signature_scheme"]
-        app.session.key = p["key"].encode()
-    except BaseException as exc:  # half taken over is no kernel to hand out: die, the host sees it
-        os.write(out_fd, ("capsem: the kernel could not take its parameters: %r\n" % (exc,)).encode())
-        os._exit(1)
-    os.write(ack_fd, b"ok\n")
-    os.close(ack_fd)
-
-def handover():
-    import select
-    if not select.select([in_fd], [], [], 0)[0]:  # parameters already waiting (a cold start): no warm-up
-        try:
-            warm_up()
-        except Exception:
-            pass
-    os.write(out_fd, b"capsem-warm-ready\n")  # out_fd stays open: take_over's errors go there
-    params = os.fdopen(in_fd, "rb")
-    line = params.readline(1 << 20)
-    if not line:
-        os._exit(0)
-    p = json.loads(line)
-    loop.add_callback(take_over, p)
-    if p.get("hold"):
-        line = params.readline(1 << 20)
-        if not line:  # closed without a release: the folder never came
-            os.write(out_fd, b"capsem: the kernel was not released (the notebook folder was not attached)\n")
-            os._exit(1)
-        loop.add_callback(release, json.loads(line)["cwd"])
-
-threading.Thread(target=handover, daemon=True).start()
-app.start()
-"""
 PREINIT_ENV_PREFIXES = ("PYTHON", "IPYTHON", "JUPYTER", "MPL")
 
 
 def kernel_python() -> str:
     return os.environ.get(ENV_PYTHON) or sys.executable or "/usr/bin/python3"
+
+
+def bootstrap_argv(module: str, *args: str) -> list[str]:
+    """`python3 -m <module> args...` for a warm or preinit process (see bootstrap_env)."""
+    return [kernel_python(), "-m", module, *args]
+
+
+def bootstrap_env(env: dict[str, str]) -> dict[str, str]:
+    """The kernel's env plus PYTHONPATH to find capsem_agent, which the bootstrap removes again
+    (kernel_boot.forget_launch_path) before the kernel's own code could see it."""
+    return {**env, "PYTHONPATH": AGENT_ROOT}
 
 
 def rundir() -> str:
@@ -291,7 +131,7 @@ class SpareConnections:
     greeting took 0.1-0.2 s with all five channels arriving at once). A pooled VM's host primes
     them before the claim (relay.ChannelServer._serve_primed: the ZMTP greeting passes, nothing
     else until `ready`); otherwise the relay pairs one with a host stream once the kernel is
-    ready. The kernel has no ZMTP handshake timeout for them (PREINIT_BOOTSTRAP): a pooled VM
+    ready. The kernel has no ZMTP handshake timeout for them (preinit_kernel.py): a pooled VM
     may wait for its claim for hours."""
 
     def __init__(self):
@@ -392,7 +232,50 @@ class Kernel:
         shut(*relays)
 
 
-class KernelManager:
+@dataclass
+class PreinitKernel:
+    """What the agent keeps of a pre-initialised kernel process (kernel_prewarm {preinit}) until
+    kernel_start takes it; the process itself is IPyKernelHost._warm."""
+    ports: dict[str, int]
+    conn_dir: str  # its 0700 directory, holding conn_file (throw-away key until kernel_start)
+    conn_file: str
+    ack_r: int  # read end of the pipe it writes "ok" to once it took the real key
+    spares: SpareConnections
+
+    def discard(self) -> None:
+        _rmtree(self.conn_dir)
+        os.close(self.ack_r)
+        self.spares.close()
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """A kernel_start message, validated."""
+    key: str
+    scheme: str
+    cwd: str
+    env: dict[str, str]
+    uid: int | None
+    gid: int | None
+    hold: bool
+
+    @classmethod
+    def from_message(cls, msg: dict) -> "StartRequest":
+        key = protocol.req_str(msg, "key", max_len=MAX_KEY)
+        scheme = protocol.req_str(msg, "signature_scheme", max_len=32)
+        if not _SCHEME.match(scheme):
+            raise protocol.MessageError("kernel_start: unsupported signature_scheme", msg["id"])
+        return cls(key=key, scheme=scheme, cwd=protocol.req_str(msg, "cwd"), env=protocol.req_env(msg, "env"),
+                   uid=protocol.req_int(msg, "uid", optional=True, lo=0, hi=2**32 - 2),
+                   gid=protocol.req_int(msg, "gid", optional=True, lo=0, hi=2**32 - 2),
+                   hold=protocol.req_bool(msg, "hold"))
+
+
+class IPyKernelHost:
+    """The agent's side of the one ipykernel of this VM: starts it (cold, warm or preinit; see
+    the module's docstring), watches it and reports its exit; the relay reaches it through
+    `current` and `prime`."""
+
     def __init__(self, send):
         self._send = send
         self.current: Kernel | None = None
@@ -400,9 +283,7 @@ class KernelManager:
         self._warm: subprocess.Popen | None = None
         self._warm_env: dict[str, str] | None = None
         self._warm_ready: threading.Event | None = None
-        # the preinit process's ports, conn dir, connection file, the read end of its ack pipe and
-        # its spare connections
-        self._preinit: tuple[dict, str, str, int] | None = None
+        self._preinit: PreinitKernel | None = None  # set while _warm is a preinit process
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
 
@@ -414,26 +295,27 @@ class KernelManager:
                 return self._warm.pid
             self._discard_warm()
         env = self._env(None, {})
-        argv = [kernel_python(), "-c", WARM_BOOTSTRAP]
+        argv = bootstrap_argv(WARM_MODULE)
         self._preinit = None
         if preinit:
-            ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
+            ports = dict(zip(CHANNELS, free_ports(len(CHANNELS))))
             conn_dir, conn_file = self._write_connection_file(ports, secrets.token_hex(32), "hmac-sha256",
                                                               None, None)
             ack_r, ack_w = os.pipe()
-            spares = SpareConnections()
-            self._preinit = (ports, conn_dir, conn_file, ack_r, spares)
-            argv = [kernel_python(), "-c", PREINIT_BOOTSTRAP, conn_file, str(ack_w)]
+            self._preinit = PreinitKernel(ports, conn_dir, conn_file, ack_r, SpareConnections())
+            argv = bootstrap_argv(PREINIT_MODULE, conn_file, str(ack_w))
         try:
             self._warm = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
-                env=env, start_new_session=True, close_fds=True, pass_fds=(ack_w,) if preinit else ())
+                env=bootstrap_env(env), start_new_session=True, close_fds=True,
+                pass_fds=(ack_w,) if preinit else ())
         finally:
             if preinit:
                 os.close(ack_w)
         self._warm_env = env
         self._warm_ready = threading.Event()
-        then = (lambda: spares.connect(ports)) if preinit else None  # its ports are bound by then
+        pre = self._preinit
+        then = (lambda: pre.spares.connect(pre.ports)) if pre is not None else None  # its ports are bound by then
         threading.Thread(target=_read_marker, args=(self._warm, self._warm_ready, then), daemon=True).start()
         return self._warm.pid
 
@@ -444,9 +326,8 @@ class KernelManager:
         pre, warm_ready = self._preinit, self._warm_ready
         if self.started.is_set() or pre is None or warm_ready is None or not warm_ready.is_set():
             return None
-        spares = pre[4]
-        spare = spares.take(name)
-        return (spare, spares) if spare is not None else None
+        spare = pre.spares.take(name)
+        return (spare, pre.spares) if spare is not None else None
 
     async def wait_warm(self, timeout: float) -> bool:
         """True once the warm process finished its imports (within `timeout` seconds)."""
@@ -457,56 +338,24 @@ class KernelManager:
         return await loop.run_in_executor(None, ready.wait, timeout)
 
     async def start(self, msg: dict) -> Kernel:
-        key = protocol.req_str(msg, "key", max_len=MAX_KEY)
-        scheme = protocol.req_str(msg, "signature_scheme", max_len=32)
-        if not _SCHEME.match(scheme):
-            raise protocol.MessageError("kernel_start: unsupported signature_scheme", msg["id"])
-        cwd = protocol.req_str(msg, "cwd")
-        env = protocol.req_env(msg, "env")
-        uid = protocol.req_int(msg, "uid", optional=True, lo=0, hi=2**32 - 2)
-        gid = protocol.req_int(msg, "gid", optional=True, lo=0, hi=2**32 - 2)
-        hold = protocol.req_bool(msg, "hold")
+        req = StartRequest.from_message(msg)
         if self.current is not None:
             raise KernelRunning()
-        if hold and not self._preinit_usable(uid, env):
+        if req.hold and not self._preinit_usable(req.uid, req.env):
             raise CannotHold()
-        if gid is None and uid is not None:
-            gid = procs.credentials(uid, None)["group"]
-        full_env = self._env(uid, env)
+        gid = req.gid
+        if gid is None and req.uid is not None:
+            gid = procs.credentials(req.uid, None)["group"]
+        full_env = self._env(req.uid, req.env)
         warmed_up = self._warm_ready is not None and self._warm_ready.is_set()
-        pre = self._take_preinit(uid, env)
-        if pre is not None:
-            proc, (ports, conn_dir, conn_file, ack_r, spares) = pre
-            try:
-                self._start_preinit(proc, conn_file, key, scheme, cwd, full_env, hold)
-            except BaseException:
-                os.close(ack_r)
-                spares.close()
-                proc.kill()
-                proc.wait()
-                _rmtree(conn_dir)
-                raise
-            kernel = Kernel(proc, ports, conn_dir, True, ready=False, spares=spares)
-            kernel.held_cwd = cwd if hold else None
-            threading.Thread(target=_await_ack, args=(ack_r, kernel), daemon=True).start()
-            # A warmed-up one listens (its ports are bound, its loop runs): the reply says so at
-            # once, without waiting for its acknowledgement. The host's front end then connects
-            # while the kernel takes its key; the relay passes nothing to it before (Kernel.ready).
-            kernel.listening = warmed_up
+        taken = self._take_preinit(req.uid, req.env)
+        if taken is not None:
+            kernel = self._hand_over_preinit(*taken, req, full_env, listening=warmed_up)
         else:
-            ports = dict(zip(("shell", "iopub", "stdin", "control", "hb"), free_ports(5)))
-            conn_dir, conn_file = self._write_connection_file(ports, key, scheme, uid, gid)
-            try:
-                proc, warm = self._launch(conn_file, cwd, full_env, uid, gid)
-            except BaseException:
-                _rmtree(conn_dir)
-                raise
-            kernel = Kernel(proc, ports, conn_dir, warm)
+            kernel = self._start_process(req, full_env, gid)
         self.current = kernel
         self.started.set()
-        task = asyncio.ensure_future(self._watch(kernel))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._watch_in_background(kernel)
         return kernel
 
     def release(self) -> None:
@@ -597,20 +446,18 @@ class KernelManager:
         if warm is not None and warm.poll() is None:
             warm.kill()
             warm.wait()
-        if self._preinit is not None:
-            _rmtree(self._preinit[1])
-            os.close(self._preinit[3])
-            self._preinit[4].close()
-            self._preinit = None
+        pre, self._preinit = self._preinit, None
+        if pre is not None:
+            pre.discard()
 
     def _preinit_usable(self, uid, env) -> bool:
         """A preinit process is alive and can become a kernel of this uid and env."""
         return (self._preinit is not None and self._warm is not None and self._warm.poll() is None
                 and uid is None and not any(k.startswith(PREINIT_ENV_PREFIXES) for k in env))
 
-    def _take_preinit(self, uid, env) -> tuple[subprocess.Popen, tuple] | None:
-        """The preinit process with its (ports, conn_dir, conn_file, ack_r, spares), if alive and usable for a
-        kernel of this uid and env; an unusable one is discarded (the kernel then starts cold)."""
+    def _take_preinit(self, uid, env) -> tuple[subprocess.Popen, PreinitKernel] | None:
+        """The preinit process and what we keep of it, if alive and usable for a kernel of this
+        uid and env; an unusable one is discarded (the kernel then starts cold)."""
         if self._preinit is None:
             return None
         if not self._preinit_usable(uid, env):
@@ -620,24 +467,63 @@ class KernelManager:
         self._warm, self._preinit = None, None
         return taken
 
+    def _hand_over_preinit(self, proc: subprocess.Popen, pre: PreinitKernel, req: StartRequest,
+                           env: dict[str, str], listening: bool) -> Kernel:
+        """kernel_start on the preinit process: the real key to it; the kernel is ready once it
+        acknowledged (_await_ack). A process that cannot take them is killed and discarded."""
+        try:
+            self._send_preinit_params(proc, pre.conn_file, req, env)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            pre.discard()
+            raise
+        kernel = Kernel(proc, pre.ports, pre.conn_dir, True, ready=False, spares=pre.spares)
+        kernel.held_cwd = req.cwd if req.hold else None
+        threading.Thread(target=_await_ack, args=(pre.ack_r, kernel), daemon=True).start()
+        # A warmed-up one listens (its ports are bound, its loop runs): the reply says so at
+        # once, without waiting for its acknowledgement. The host's front end then connects
+        # while the kernel takes its key; the relay passes nothing to it before (Kernel.ready).
+        kernel.listening = listening
+        return kernel
+
     @staticmethod
-    def _start_preinit(proc, conn_file, key, scheme, cwd, env, hold) -> None:
-        if not hold and not os.path.isdir(cwd):  # held: checked at the release
-            raise FileNotFoundError(f"kernel cwd {cwd!r} does not exist")
+    def _send_preinit_params(proc, conn_file: str, req: StartRequest, env: dict[str, str]) -> None:
+        """The real key into the connection file (replaced whole), then key, scheme, cwd, env and
+        hold to the process (see preinit_kernel.Handover)."""
+        if not req.hold and not os.path.isdir(req.cwd):  # held: checked at the release
+            raise FileNotFoundError(f"kernel cwd {req.cwd!r} does not exist")
         with open(conn_file) as f:
             info = json.load(f)
-        info.update(key=key, signature_scheme=scheme)
+        info.update(key=req.key, signature_scheme=req.scheme)
         tmp = conn_file + ".new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(info, f)
         os.replace(tmp, conn_file)
-        proc.stdin.write(json.dumps({"key": key, "signature_scheme": scheme, "cwd": cwd, "env": env,
-                                     "hold": hold}).encode() + b"\n")
-        if hold:
+        proc.stdin.write(json.dumps({"key": req.key, "signature_scheme": req.scheme, "cwd": req.cwd, "env": env,
+                                     "hold": req.hold}).encode() + b"\n")
+        if req.hold:
             proc.stdin.flush()  # stays open for kernel_release
         else:
             proc.stdin.close()
+
+    def _start_process(self, req: StartRequest, env: dict[str, str], gid: int | None) -> Kernel:
+        """A new connection file with the real key, then the warm process (if usable) or a cold
+        `ipykernel_launcher` reads it."""
+        ports = dict(zip(CHANNELS, free_ports(len(CHANNELS))))
+        conn_dir, conn_file = self._write_connection_file(ports, req.key, req.scheme, req.uid, gid)
+        try:
+            proc, warm = self._launch(conn_file, req.cwd, env, req.uid, gid)
+        except BaseException:
+            _rmtree(conn_dir)
+            raise
+        return Kernel(proc, ports, conn_dir, warm)
+
+    def _watch_in_background(self, kernel: Kernel) -> None:
+        task = asyncio.ensure_future(self._watch(kernel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _take_warm(self, env) -> subprocess.Popen | None:
         """The warm process, if alive and its interpreter was started with the same PYTHON* env."""
