@@ -111,7 +111,7 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         wait (s), reply once its
                                                                         imports are done (ready);
                                                                         preinit: the kernel app is
-                                                                        also initialised (kernel.py)
+                                                                        also initialised (ipykernel_host.py)
       shutdown    {id}                                                  -> ok, then the agent ends
                                                                         and the VM powers off
 
