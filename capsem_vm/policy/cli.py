@@ -82,7 +82,7 @@ def _suggest(args) -> int:
         return 0
 
     def confirm(diff_text: str) -> bool:
-        print(f"\n# --- the change to {path} ---\n{diff_text}", end="")
+        print(f"\n# --- the change to {path} ---\n{diff_text}", end="", file=sys.stderr)  # stdout stays TOML
         if args.yes:
             return True
         if not sys.stdin.isatty():

@@ -199,8 +199,13 @@ def _event(row: Mapping, report: Report, n: int) -> Seen | None:
     if kind not in ("http", "websocket", "tcp"):
         report.refuse(_what(row), "invalid-url", f"unknown kind of row {str(kind)[:20]!r}", n)
         return None
+    url = row.get("url")
+    if not isinstance(url, str) or not url.isprintable() or " " in url:
+        # why: urlsplit drops tabs and newlines silently: the rule would name a path never sent
+        report.refuse(_what(row), "invalid-url", "the recorded URL has control characters or spaces", n)
+        return None
     try:
-        parts = urlsplit(row.get("url") or "")
+        parts = urlsplit(url)
         scheme, url_host, port = parts.scheme.lower(), parts.hostname, parts.port
     except (ValueError, TypeError):
         report.refuse(_what(row), "invalid-url", "the recorded URL cannot be parsed", n)
@@ -414,17 +419,19 @@ def suggest(rows: Iterable[Mapping], policy: Policy | None = None, *, own: tuple
                 report.dropped += n
                 continue
             seen[key] = seen.get(key, 0) + n
-    for host in sorted(hosts):
-        report.suggestions += _build(host, hosts[host], own)
-    _verify(report, base_text)
+    for _ in range(3):  # a rebuild only drops what an earlier rule shadows: once is enough, twice is a check
+        report.suggestions = [s for host in sorted(hosts) for s in _build(host, hosts[host], own)]
+        if not _verify(report, base_text, hosts):
+            break
     return report
 
 
-def _verify(report: Report, base_text: str) -> None:
-    """Keep only what the combined policy (base + rules) really allows: an earlier rule of the
-    file may still deny a request (first match wins)."""
+def _verify(report: Report, base_text: str, hosts: dict) -> bool:
+    """Check the rules against the combined policy (base + rules): an earlier rule of the file may
+    still deny a request (first match wins). Such requests are moved to report.refused and taken
+    out of `hosts`; True if any was (the rules must then be built again, narrower)."""
     if not report.rules():
-        return
+        return False
     try:
         combined = parse_policy(append_text(base_text, render_rules(report)), "<policy + suggestions>")
     except PolicyError as exc:  # the base does not parse: nothing can be checked, so nothing is suggested
@@ -432,19 +439,32 @@ def _verify(report: Report, base_text: str) -> None:
             for e, c in s.seen.items():
                 report.refuse(e.text(), "default-deny", f"the policy file is invalid ({exc})", c)
         report.suggestions = []
-        return
-    kept = []
+        hosts.clear()
+        return False
+    changed = False
     for s in report.suggestions:
-        if s.active:
-            for e in list(s.seen):
-                if not _already_allowed(combined, e):
-                    d = combined.decide(e.method or "GET", e.url()) if e.kind not in ("dns", "connect") else (
-                        combined.decide_connect(e.host, e.port if e.kind == "connect" else None))
-                    report.refuse(e.text(), d.code, f"still refused by rule {d.rule!r} of the policy before the "
-                                  "suggestion (first match wins)", s.seen.pop(e))
-        if s.seen:
-            kept.append(s)
-    report.suggestions = kept
+        if not s.active:
+            continue
+        for e, c in s.seen.items():
+            if _already_allowed(combined, e):
+                continue
+            d = combined.decide(e.method or "GET", e.url()) if e.kind not in ("dns", "connect") else (
+                combined.decide_connect(e.host, e.port if e.kind == "connect" else None))
+            report.refuse(e.text(), d.code, f"still refused by rule {d.rule!r} of the policy before the "
+                          "suggestion (first match wins)", c)
+            h = hosts[e.host]
+            if e.kind == "dns":
+                h.dns = 0
+            elif e.kind == "connect":
+                h.connect.pop(e.port, None)
+            elif e.kind == "tcp":
+                h.tcp.pop(e.port, None)
+            else:
+                h.requests[(e.kind, e.scheme, e.port)].pop((e.method, e.path), None)
+            changed = True
+    for h in hosts.values():
+        h.requests = {k: v for k, v in h.requests.items() if v}
+    return changed
 
 
 # --- TOML ----------------------------------------------------------------------------------------
