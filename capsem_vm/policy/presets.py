@@ -3,6 +3,17 @@ DNS-over-HTTPS deny list. Plain data: the loader validates presets like user rul
 
 from __future__ import annotations
 
+_CONDA_FORGE = {"name": "conda-forge", "host": "conda.anaconda.org", "scheme": "https", "methods": ["GET", "HEAD"],
+                "paths": ["/conda-forge/*"], "action": "allow",
+                "reason": "conda reads the conda-forge channel (read-only)"}
+# where huggingface.co redirects file downloads (see "huggingface-models" below)
+_HF_CDN = [
+    {"name": "hf-cdn", "host": "*.hf.co", "scheme": "https", "methods": ["GET", "HEAD"],
+     "action": "allow", "reason": "Hugging Face CDN (read-only)"},
+    {"name": "hf-cdn-legacy", "host": "*.huggingface.co", "scheme": "https", "methods": ["GET", "HEAD"],
+     "paths": ["/repos/*"], "action": "allow", "reason": "Hugging Face's older CDN (read-only)"},
+]
+
 PRESETS: dict[str, list[dict]] = {
     # pip install from PyPI, read-only: the index and the file host, GET/HEAD over HTTPS only.
     "pypi": [
@@ -31,12 +42,10 @@ PRESETS: dict[str, list[dict]] = {
         {"name": "conda-defaults", "host": "repo.anaconda.com", "scheme": "https", "methods": ["GET", "HEAD"],
          "paths": ["/pkgs/main/*", "/pkgs/r/*"], "action": "allow",
          "reason": "conda reads its default channels (read-only)"},
-        {"name": "conda-forge", "host": "conda.anaconda.org", "scheme": "https", "methods": ["GET", "HEAD"],
-         "paths": ["/conda-forge/*"], "action": "allow", "reason": "conda reads the conda-forge channel (read-only)"},
+        _CONDA_FORGE,
     ],
     "conda-forge": [
-        {"name": "conda-forge", "host": "conda.anaconda.org", "scheme": "https", "methods": ["GET", "HEAD"],
-         "paths": ["/conda-forge/*"], "action": "allow", "reason": "conda reads the conda-forge channel (read-only)"},
+        _CONDA_FORGE,
     ],
     # npm install from the public registry, read-only. Host from npm's source,
     # workspaces/config/lib/definitions/definitions.js (`registry`, default https://registry.npmjs.org/);
@@ -69,10 +78,7 @@ PRESETS: dict[str, list[dict]] = {
         {"name": "hf-models", "host": "huggingface.co", "scheme": "https", "methods": ["GET", "HEAD"],
          "paths": ["/api/models/*", "/*/resolve/*"], "action": "allow",
          "reason": "Hugging Face model downloads (read-only)"},
-        {"name": "hf-cdn", "host": "*.hf.co", "scheme": "https", "methods": ["GET", "HEAD"],
-         "action": "allow", "reason": "Hugging Face CDN (read-only)"},
-        {"name": "hf-cdn-legacy", "host": "*.huggingface.co", "scheme": "https", "methods": ["GET", "HEAD"],
-         "paths": ["/repos/*"], "action": "allow", "reason": "Hugging Face's older CDN (read-only)"},
+        *_HF_CDN,
     ],
     "huggingface-datasets": [
         {"name": "hf-datasets", "host": "huggingface.co", "scheme": "https", "methods": ["GET", "HEAD"],
@@ -81,10 +87,7 @@ PRESETS: dict[str, list[dict]] = {
         {"name": "hf-datasets-paths", "host": "huggingface.co", "scheme": "https", "methods": ["POST"],
          "paths": ["/api/datasets/*/paths-info/*"], "action": "allow",
          "reason": "file metadata for Hugging Face datasets (a read sent as POST)"},
-        {"name": "hf-cdn", "host": "*.hf.co", "scheme": "https", "methods": ["GET", "HEAD"],
-         "action": "allow", "reason": "Hugging Face CDN (read-only)"},
-        {"name": "hf-cdn-legacy", "host": "*.huggingface.co", "scheme": "https", "methods": ["GET", "HEAD"],
-         "paths": ["/repos/*"], "action": "allow", "reason": "Hugging Face's older CDN (read-only)"},
+        *_HF_CDN,
     ],
     # LLM APIs: the hosts and path prefixes of the providers' own Python SDKs (openai-python
     # src/openai/_client.py: base_url https://api.openai.com/v1; anthropic-sdk-python
