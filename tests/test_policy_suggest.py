@@ -367,3 +367,26 @@ def test_cli_reads_the_audit_database_prints_toml_and_applies(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 of them are allowed by the current policy already" in out and "Nothing to suggest" in out
     assert policy_main(["policy", "suggest", "--db", str(tmp_path / "none.sqlite3")]) == 2
+
+
+def test_cli_asks_on_the_terminal_and_only_yes_appends(tmp_path, capsys, monkeypatch):
+    import io
+    db = tmp_path / "audit.sqlite3"
+    log = AuditLog(db)
+    log.record("k-1", "connect", url="api.example.com:443", host="api.example.com", port=443,
+               decision="deny", rule="default", code="default-deny", reason="no rule")
+    log.close()
+    policy = tmp_path / "policy.toml"
+    policy.write_text("version = 1\n")
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    args = ["policy", "suggest", "--db", str(db), "--apply", str(policy)]
+    monkeypatch.setattr("sys.stdin", Tty("n\n"))
+    assert policy_main(args) == 1 and policy.read_text() == "version = 1\n"
+    out, err = capsys.readouterr()
+    assert "Append 1 rule(s)" in err and "+[[rule]]" in err and "Append" not in out
+    monkeypatch.setattr("sys.stdin", Tty("y\n"))
+    assert policy_main(args) == 0
+    assert parse_policy(policy.read_text()).decide_connect("api.example.com", 443).allowed

@@ -88,7 +88,8 @@ def _suggest(args) -> int:
         if not sys.stdin.isatty():
             print("capsem policy suggest: not applied (no terminal to ask on: pass --yes)", file=sys.stderr)
             return False
-        return input(f"Append {len(report.rules())} rule(s) to {path}? [y/N] ").strip().lower() in ("y", "yes")
+        print(f"Append {len(report.rules())} rule(s) to {path}? [y/N] ", end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
     try:
         done = suggest_io.apply(path, suggest.render(report, source=str(db), for_apply=True), report.rules(), confirm)
     except suggest_io.SuggestError as exc:
