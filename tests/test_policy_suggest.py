@@ -386,7 +386,7 @@ def test_cli_asks_on_the_terminal_and_only_yes_appends(tmp_path, capsys, monkeyp
     monkeypatch.setattr("sys.stdin", Tty("n\n"))
     assert policy_main(args) == 1 and policy.read_text() == "version = 1\n"
     out, err = capsys.readouterr()
-    assert "Append 1 rule(s)" in err and "+[[rule]]" in err and "Append" not in out
+    assert "Append 1 rule(s)" in err and "+[[rule]]" in err and "rule(s) to" not in out
     monkeypatch.setattr("sys.stdin", Tty("y\n"))
     assert policy_main(args) == 0
     assert parse_policy(policy.read_text()).decide_connect("api.example.com", 443).allowed
