@@ -390,3 +390,17 @@ def test_cli_asks_on_the_terminal_and_only_yes_appends(tmp_path, capsys, monkeyp
     monkeypatch.setattr("sys.stdin", Tty("y\n"))
     assert policy_main(args) == 0
     assert parse_policy(policy.read_text()).decide_connect("api.example.com", 443).allowed
+
+
+def test_suggested_names_do_not_repeat_the_policys_rule_names():
+    base = ('[[rule]]\nname = "suggest-api.example.com"\nhost = "api.example.com"\nmethods = ["GET"]\n'
+            'paths = ["/a"]\naction = "allow"\n')
+    r = suggest([req("GET", "https://api.example.com/b", "api.example.com"),
+                 req("POST", "https://api.example.com/c", "api.example.com")], parse_policy(base), base_text=base)
+    names = [d["name"] for d in r.rules()]
+    assert names == ["suggest-api.example.com-2", "suggest-api.example.com-3"]
+    assert reparsed(render(r), base + "\n")[1:] == shown(r)
+    long = ".".join(["a" * 63] * 3) + ".example"          # a 200-character name
+    r = suggest([conn(long), conn(long, 8443)], default_policy())
+    assert all(len(d["name"]) <= 64 for d in r.rules()) and reparsed(render(r)) == shown(r)
+    assert len({d["name"] for d in r.rules()}) == 2

@@ -275,15 +275,16 @@ def path_globs(paths: Iterable[str]) -> dict[str, list[str]]:
 
 # --- building rules ------------------------------------------------------------------------------
 
-def rule_name(host: str, index: int) -> str:
+def rule_name(host: str) -> str:
+    """`suggest-<host>` within the loader's 64 characters (room left for a `-N` suffix)."""
     base = f"suggest-{host}"
     if len(base) > 52:
         base = f"suggest-{host[:32]}-{hashlib.sha256(host.encode()).hexdigest()[:8]}"
-    return base if index == 0 else f"{base}-{index + 1}"
+    return base
 
 
-def _rule(host: str, index: int, scheme: str, port: int, methods=None, paths=None) -> dict:
-    rule = {"name": rule_name(host, index), "host": host, "scheme": scheme, "port": port}
+def _rule(host: str, scheme: str, port: int, methods=None, paths=None) -> dict:
+    rule = {"name": rule_name(host), "host": host, "scheme": scheme, "port": port}
     if methods:
         rule["methods"] = sorted(methods)
     if paths:
@@ -337,20 +338,20 @@ def _build(host: str, h: _Host, own: tuple[IPNetwork, ...]) -> list[Suggestion]:
             methods = frozenset(m for (m, p) in seen if p in members)
             by_methods.setdefault(methods, []).append(glob)
         for methods, globs_ in sorted(by_methods.items(), key=lambda kv: sorted(kv[0])):
-            s = new(_rule(host, len(out), scheme, port, methods, globs_))
+            s = new(_rule(host, scheme, port, methods, globs_))
             for (m, p), c in seen.items():
                 if m in methods and any(p in globs[g] for g in globs_):
                     s.seen[Seen(kind, host, port, scheme, m, p)] = c
     for port, c in sorted(h.tcp.items()):
         covered_ports.add(port)
-        s = new(_rule(host, len(out), "tcp", port))
+        s = new(_rule(host, "tcp", port))
         s.seen[Seen("tcp", host, port, "tcp")] = c
     for port, c in sorted(h.connect.items()):
         if port in covered_ports:  # the request rules of that port cover it
             next(s for s in out if s.rule["port"] == port).seen[Seen("connect", host, port)] = c
             continue
         scheme = PORT_SCHEME.get(port, "https")
-        s = new(_rule(host, len(out), scheme, port))
+        s = new(_rule(host, scheme, port))
         s.seen[Seen("connect", host, port)] = c
         s.notes.append("Only connections were seen (refused before any request): this allows any method and "
                        "path. For narrower rules, learn the requests in observe mode (planned, not built yet).")
@@ -359,7 +360,7 @@ def _build(host: str, h: _Host, own: tuple[IPNetwork, ...]) -> list[Suggestion]:
                            "(raw TCP: ssh, databases) if the client speaks that.")
     if h.dns:
         if not out:
-            s = new(_rule(host, 0, "https", 443))
+            s = new(_rule(host, "https", 443))
             s.notes.append("Only DNS lookups were seen (refused before any connection): HTTPS on port 443 is "
                            "assumed, any method and path. After applying, a refusal on another port or scheme "
                            "shows up here again; for narrower rules, observe mode (planned, not built yet).")
@@ -419,11 +420,26 @@ def suggest(rows: Iterable[Mapping], policy: Policy | None = None, *, own: tuple
                 report.dropped += n
                 continue
             seen[key] = seen.get(key, 0) + n
+    taken = {r.name for r in policy.rules} if policy is not None else set()
     for _ in range(3):  # a rebuild only drops what an earlier rule shadows: once is enough, twice is a check
         report.suggestions = [s for host in sorted(hosts) for s in _build(host, hosts[host], own)]
+        _unique_names(report.suggestions, taken)
         if not _verify(report, base_text, hosts):
             break
     return report
+
+
+def _unique_names(suggestions: list, taken: set[str]) -> None:
+    """Rename suggestions whose name the policy already uses (an earlier --apply): the audit log and
+    403s name the deciding rule, so one name should mean one rule."""
+    for s in suggestions:
+        base = rule_name(s.host)
+        name, i = base, 1
+        while name in taken:
+            i += 1
+            name = f"{base}-{i}"
+        s.rule["name"] = name
+        taken.add(name)
 
 
 def _verify(report: Report, base_text: str, hosts: dict) -> bool:
