@@ -404,3 +404,10 @@ def test_suggested_names_do_not_repeat_the_policys_rule_names():
     r = suggest([conn(long), conn(long, 8443)], default_policy())
     assert all(len(d["name"]) <= 64 for d in r.rules()) and reparsed(render(r)) == shown(r)
     assert len({d["name"] for d in r.rules()}) == 2
+
+
+def test_hosts_a_preset_covers_point_to_the_preset():
+    text = render(suggest([dns("pypi.org"), dns("conda.anaconda.org"), dns("x.example.com")], default_policy()))
+    assert 'Preset `include = "pypi"` covers this host' in text
+    assert '`include = "conda"` or `include = "conda-forge"`' in text
+    assert text.count("Preset ") == 2

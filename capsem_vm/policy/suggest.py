@@ -35,9 +35,10 @@ from urllib.parse import urlsplit
 from . import codes
 from .addresses import protected_class
 from .loader import PolicyError, parse_policy
-from .match import IPNetwork, normalize_host, parse_ip
+from .match import HostPattern, IPNetwork, normalize_host, parse_ip
 from .model import DEFAULT_PORT, DOH_ORIGIN, Policy
 from .paths import canonicalize
+from .presets import PRESETS
 
 SUGGESTIBLE = frozenset({"default-deny"})
 REASON = "suggested by capsem policy suggest from refused requests"
@@ -305,11 +306,22 @@ def _host_notes(host: str, own: tuple[IPNetwork, ...]) -> tuple[list[str], bool]
                      f"[\"{host}\"]`."], False)
         return ([f"WARNING: {host} is an IP literal: prefer the host's name; whoever holds this address "
                  "later gets the traffic."], True)
+    notes = []
+    presets = presets_for(host)
+    if presets:
+        notes.append("Preset " + " or ".join(f"`include = \"{p}\"`" for p in presets)
+                     + " covers this host with the rules its client needs: consider that instead.")
     labels = host.split(".")
     if len(labels) == 1 or any(host == s or host.endswith("." + s) for s in _LOCAL_SUFFIXES):
-        return ([f"WARNING: {host} looks like a local network name; the proxy still refuses private "
-                 "addresses unless a rule names them."], True)
-    return [], True
+        notes.append(f"WARNING: {host} looks like a local network name; the proxy still refuses private "
+                     "addresses unless a rule names them.")
+    return notes, True
+
+
+def presets_for(host: str) -> list[str]:
+    """The presets with an allow rule for `host` (by its host pattern)."""
+    return [name for name, rules in PRESETS.items()
+            if any(r["action"] == "allow" and HostPattern(r["host"]).matches(host) for r in rules)]
 
 
 class _Host:
