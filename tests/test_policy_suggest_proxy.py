@@ -12,11 +12,9 @@ and nothing else changed. The applied file itself is checked as written, by the 
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
+from contextlib import asynccontextmanager
 
 import pytest
-import pytest_asyncio
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
@@ -27,9 +25,8 @@ from capsem_vm.policy.suggest import REASON, user_rules
 from capsem_vm.proxy import EgressBridge, read_events
 from capsem_vm.proxy.service import find_proxy_python
 
-sys.path.insert(0, str(Path(__file__).parent))
-from proxy_world import ProxyWorld, upstream_tls  # noqa: E402
-from test_proxy_fixtures import Guest  # noqa: E402
+from proxy_helpers import Guest
+from proxy_world import ProxyWorld, upstream_tls
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -68,8 +65,9 @@ action = "allow"
 """
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
+@asynccontextmanager
+async def build_world(tmp_path_factory):
+    """This module's `world` (conftest.py)."""
     try:
         find_proxy_python()
     except Exception as exc:  # noqa: BLE001

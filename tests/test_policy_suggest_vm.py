@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from egress_world import World  # noqa: E402
-from kernel_helpers import KERNEL, capsem_kernelspecs, cell_json, start_kernel, stop_kernel  # noqa: E402,F401
+from egress_world import World
+from kernel_helpers import KERNEL, cell_json, start_kernel, stop_kernel
 
-from capsem_kernel import loop_thread  # noqa: E402
-from capsem_vm.policy import parse_policy  # noqa: E402
-from capsem_vm.policy.suggest import REASON, user_rules  # noqa: E402
+from capsem_kernel import loop_thread
+from capsem_vm.policy import parse_policy
+from capsem_vm.policy.suggest import REASON, user_rules
 
 pytestmark = pytest.mark.vm
 CAPSEM_CLI = [sys.executable, "-m", "capsem_vm.cli"]
