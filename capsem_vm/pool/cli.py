@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 
 from ..config import DEFAULT_CPUS, DEFAULT_MEMORY_MB
 from ..errors import VMError
+from ..polling import PollTimeout, poll_until
 
 
 def add_parser(sub) -> None:
@@ -85,19 +86,16 @@ def cmd_start(args) -> int:
                                 close_fds=True)
     finally:
         os.close(fd)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def answering() -> bool:
         if proc.poll() is not None:
             raise VMError(f"the pool service exited with code {proc.returncode}", f"see {log_path}")
         try:
-            st = asyncio.run(client.status())
-            if st.get("pid") == proc.pid:
-                break
+            return asyncio.run(client.status()).get("pid") == proc.pid
         except client.PoolUnavailable:
-            pass
-        if time.monotonic() > deadline:
-            raise VMError("the pool service did not answer within 30 s", f"see {log_path}")
-        time.sleep(0.2)
+            return False
+    poll_until(answering, what="the pool service to answer", timeout=30, interval=0.2,
+               error=lambda message: VMError(message, f"see {log_path}"))
     kept = ", ".join(s.label() for s in config.shapes)
     print(f"capsem pool started (pid {proc.pid}, {kept}; log {log_path})")
     if args.wait:
@@ -107,29 +105,27 @@ def cmd_start(args) -> int:
 
 def wait_full(size: int, timeout: float) -> dict:
     from . import client
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def full() -> dict | None:
         st = asyncio.run(client.status())
-        if sum(v["state"] == "ready" for v in st["vms"]) >= size:
-            return st
-        if time.monotonic() > deadline:
-            raise VMError(f"the pool did not fill up within {timeout:.0f} s")
-        time.sleep(0.5)
+        return st if sum(v["state"] == "ready" for v in st["vms"]) >= size else None
+    return poll_until(full, what=f"the pool to fill up ({size} ready VMs)", timeout=timeout, interval=0.5,
+                      error=VMError)
 
 
 def cmd_stop(args) -> int:
     from . import client
     st = asyncio.run(client.status())
     asyncio.run(client.stop())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{st['pid']}"):
+
+    def gone() -> bool:  # exited (no /proc entry, or a zombie its parent has not reaped)
         try:
             with open(f"/proc/{st['pid']}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
-            break
-        time.sleep(0.2)
+            return True
+    with contextlib.suppress(PollTimeout):  # still there after a minute: report it stopping anyway
+        poll_until(gone, what="the pool service to exit", timeout=60, interval=0.2)
     print("capsem pool stopped")
     return 0
 
