@@ -168,9 +168,10 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     async def _start_pool(self) -> None:
         import sys
-        argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", "--size", str(self.pool_size),
-                "--memory", str(self.memory_mb), "--cpus", str(self.cpus), "--accel", self.accel]
-        argv += ["--image", self.image] if self.image else []
+        from capsem_vm.pool.config import PoolConfig
+        pool = PoolConfig(size=self.pool_size, memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel,
+                          image=self.image or None)
+        argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", *pool.to_argv()]
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.DEVNULL,
                                                     stderr=asyncio.subprocess.DEVNULL)
