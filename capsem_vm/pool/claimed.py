@@ -217,9 +217,10 @@ class ClaimedVM:
             except RemoteError as exc:  # the device is not there yet
                 refused[:] = [exc]
                 return False
-        await poll_until_async(mounted, what=f"the guest to mount {share.guest_path}", timeout=MOUNT_WAIT,
-                               interval=0.05, error=lambda _: VMError(f"the guest could not mount the hot-plugged folder "
-                                                       f"{share.guest_path}: {refused[-1]}"))
+        await poll_until_async(
+            mounted, what=f"the guest to mount {share.guest_path}", timeout=MOUNT_WAIT, interval=0.05,
+            error=lambda _: VMError(f"the guest could not mount the hot-plugged folder {share.guest_path}: "
+                                    f"{refused[-1]}"))
         self.timings["mount_s"] = time.monotonic() - t
 
     _setup_egress = VM._setup_egress  # same attributes: egress, control, timings

@@ -60,7 +60,8 @@ class PoolConfig:
                 f"--budget={self.budget_mb}", f"--parallel={self.parallel}", f"--boot-timeout={self.boot_timeout!r}"]
         argv += [f"--image={self.image}"] if self.image else []
         for shape in self.more:
-            argv.append(f"--flavour={shape.memory_mb},{shape.cpus},{shape.size}" + (f",{shape.image}" if shape.image else ""))
+            image = f",{shape.image}" if shape.image else ""
+            argv.append(f"--flavour={shape.memory_mb},{shape.cpus},{shape.size}{image}")
         return argv
 
 
