@@ -27,6 +27,7 @@ from capsem_agent import protocol
 from capsem_vm.config import VMConfig
 from capsem_vm.control import RemoteError
 from capsem_vm.errors import VMError
+from capsem_vm.polling import PollTimeout, poll_until_async
 from capsem_vm.vm import VM
 
 from .channels import PORT_KEYS, ChannelForwarder
@@ -124,29 +125,33 @@ class KernelVM:
     async def _open_channels_when_listening(self) -> None:
         """Let the forwarder carry channels once the guest kernel accepts connections on its
         last-bound port (hb): the relay joins a probe stream to it, and the kernel's ZMQ greets."""
-        deadline = time.monotonic() + LISTEN_TIMEOUT
-        while self.exit_code is None:
-            if time.monotonic() > deadline:
-                log.error("the guest kernel did not listen within %.0f s", LISTEN_TIMEOUT)
-                await self.send_signal(signal.SIGKILL)
-                return
-            writer = None
-            try:
-                reader, writer = await self.vm.transport.connect(protocol.PORT_CHANNELS, timeout=30)
-                writer.write(protocol.encode({"t": "channel", "name": "hb"}))
-                await writer.drain()
-                # The relay waits for the kernel's port (up to its own limit, then closes: retry).
-                if await reader.read(1):
-                    break
-            except (OSError, asyncio.TimeoutError) as exc:
-                log.debug("kernel listening probe: %s", exc)
-            finally:
-                if writer is not None:
-                    writer.close()
-            await asyncio.sleep(0.5)
+        try:
+            await poll_until_async(self._listening_or_exited, what="the guest kernel to listen",
+                                   timeout=LISTEN_TIMEOUT, interval=0.5)
+        except PollTimeout:
+            log.error("the guest kernel did not listen within %.0f s", LISTEN_TIMEOUT)
+            await self.send_signal(signal.SIGKILL)
+            return
         if self.exit_code is None:
             self._listening.set()
             self.ready_at = time.time()
+
+    async def _listening_or_exited(self) -> bool:
+        if self.exit_code is not None:
+            return True
+        writer = None
+        try:
+            reader, writer = await self.vm.transport.connect(protocol.PORT_CHANNELS, timeout=30)
+            writer.write(protocol.encode({"t": "channel", "name": "hb"}))
+            await writer.drain()
+            # The relay waits for the kernel's port (up to its own limit, then closes: retry).
+            return bool(await reader.read(1))
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.debug("kernel listening probe: %s", exc)
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
 
     def _on_event(self, msg: dict) -> None:
         t = msg.get("t")

@@ -39,6 +39,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
+from capsem_vm.polling import poll_until_async
 
 from . import loop_thread
 from .kernel_vm import KernelVM
@@ -167,9 +168,10 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     async def _start_pool(self) -> None:
         import sys
-        argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", "--size", str(self.pool_size),
-                "--memory", str(self.memory_mb), "--cpus", str(self.cpus), "--accel", self.accel]
-        argv += ["--image", self.image] if self.image else []
+        from capsem_vm.pool.config import PoolConfig
+        pool = PoolConfig(size=self.pool_size, memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel,
+                          image=self.image or None)
+        argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", *pool.to_argv()]
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.DEVNULL,
                                                     stderr=asyncio.subprocess.DEVNULL)
@@ -186,9 +188,9 @@ class CapsemProvisioner(KernelProvisionerBase):
     async def wait(self) -> int | None:
         if self.kernel_vm is None:
             return 0
-        while (code := self.kernel_vm.poll()) is None:
-            await asyncio.sleep(0.1)
-        return code
+        vm = self.kernel_vm
+        await poll_until_async(lambda: vm.poll() is not None, what="the kernel to exit", timeout=None, interval=0.1)
+        return vm.poll()
 
     async def send_signal(self, signum: int) -> None:
         if self.kernel_vm is None:

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Callable
 
 from .errors import CapsemError
 
@@ -40,14 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="capsem: %(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed sub-command (its `func`): a capsem error becomes its message on stderr and
+    exit code 1, Ctrl-C exit code 130."""
     try:
         return int(args.func(args) or 0)
     except CapsemError as exc:
@@ -56,6 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("capsem: interrupted", file=sys.stderr)
         return 130
+
+
+def group_main(add_parser: Callable[[argparse._SubParsersAction], object], argv: list[str] | None) -> int:
+    """One command group alone (`python -m capsem_vm.policy.cli policy check ...`), run as
+    `capsem` runs it."""
+    parser = argparse.ArgumentParser(prog="capsem")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="capsem: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dirfile import DirFile
+
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_CPUS = 2
 MIN_MEMORY_MB = 256
@@ -59,29 +61,12 @@ class RuntimePaths:
 
     root: Path
 
-    @property
-    def qmp(self) -> Path:
-        return self.root / "qmp.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.root / "console.log"
-
-    @property
-    def vsock_backend(self) -> Path:  # vhost-user socket between QEMU and vhost-device-vsock
-        return self.root / "vsock.vu"
-
-    @property
-    def vsock_uds(self) -> Path:  # host end of the guest's vsock (vhost-device-vsock --uds-path)
-        return self.root / "v.sock"
+    qmp = DirFile("qmp.sock")
+    console_log = DirFile("console.log")
+    vsock_backend = DirFile("vsock.vu")  # vhost-user socket between QEMU and vhost-device-vsock
+    vsock_uds = DirFile("v.sock")        # host end of the guest's vsock (vhost-device-vsock --uds-path)
+    owner = DirFile("owner")             # pid of the capsem process that owns this VM (stale-dir detection)
+    pids = DirFile("pids")               # helper pids, for cleaning up after a crashed owner
 
     def fs_socket(self, tag: str) -> Path:
         return self.root / f"fs-{tag}.vu"
-
-    @property
-    def owner(self) -> Path:  # pid of the capsem process that owns this VM (stale-dir detection)
-        return self.root / "owner"
-
-    @property
-    def pids(self) -> Path:  # helper pids, for cleaning up after a crashed owner
-        return self.root / "pids"

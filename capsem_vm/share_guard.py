@@ -40,7 +40,6 @@ the share fails (the guest sees an error), it never succeeds unchecked and never
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import logging
@@ -54,6 +53,7 @@ import threading
 import time
 
 from . import seccomp
+from .polling import poll_until_async
 from .repo_names import last_component, repository_name
 
 log = logging.getLogger(__name__)
@@ -254,18 +254,21 @@ class ShareGuard:
         """Receive the listener the confined child sent (before its exec) and start serving it.
         Raises OSError if it does not come (the child died, or never installed the filter)."""
         self._theirs.close()
-        loop = asyncio.get_running_loop()
         self._ours.setblocking(False)
-        deadline = loop.time() + timeout
-        while True:
+
+        def no_listener(_message: str = "") -> OSError:
+            self.close()
+            return OSError(errno.ETIMEDOUT, f"virtiofsd[{self.label}] sent no seccomp listener")
+
+        def received():  # (data, fds, flags, address): truthy even when no fd came (EPROTO below)
             try:
-                _, fds, _, _ = socket.recv_fds(self._ours, 1, 1, socket.MSG_CMSG_CLOEXEC)
-                break
+                return socket.recv_fds(self._ours, 1, 1, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
-                if loop.time() > deadline or (proc is not None and proc.popen.poll() is not None):
-                    self.close()
-                    raise OSError(errno.ETIMEDOUT, f"virtiofsd[{self.label}] sent no seccomp listener") from None
-                await asyncio.sleep(0.01)
+                if proc is not None and proc.popen.poll() is not None:
+                    raise no_listener() from None
+                return None
+        _, fds, _, _ = await poll_until_async(received, what=f"virtiofsd[{self.label}]'s seccomp listener",
+                                              timeout=timeout, interval=0.01, error=no_listener)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)

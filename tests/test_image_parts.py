@@ -16,7 +16,7 @@ from capsem_vm.errors import ImageError
 from capsem_vm.image import store
 from capsem_vm.image.cpio import NewcWriter
 from capsem_vm.image.debian import DEFAULT_MIRROR, host_mirrors
-from capsem_vm.image.kernel import extract_vmlinux
+from capsem_vm.image.linux import extract_vmlinux
 from capsem_vm.image.manifest import ASSET_FILES, write_manifest_for
 from capsem_vm.image.modules import load_order
 

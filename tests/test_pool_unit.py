@@ -150,7 +150,7 @@ def test_flavour_option_is_checked(text, ok):
 
 def test_flavour_option_with_an_image_and_the_pools_image_for_the_others():
     from capsem_vm.errors import VMError
-    from capsem_vm.pool.service import PoolConfig
+    from capsem_vm.pool.config import PoolConfig
     assert wire.Shape.parse("640,2,1,gpu-image") == wire.Shape(640, 2, 1, "gpu-image")
     assert wire.Shape.parse("640,2,1,/images/a,b") == wire.Shape(640, 2, 1, "/images/a,b")  # a dir may hold commas
     c = PoolConfig(size=2, memory_mb=512, cpus=1, image="main",

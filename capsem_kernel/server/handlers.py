@@ -17,6 +17,7 @@ Unknown kernel: 404. A kernel that is not a capsem kernel: 200 {"capsem": false,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import tempfile
@@ -90,6 +91,20 @@ class CapsemHandler(APIHandler):
         return out
 
 
+def capsem_kernel_request(method):
+    """A request about one kernel, by an authenticated user authorized for "capsem":
+    method(self, kernel_id, provisioner) runs for a capsem kernel; an unknown kernel gets 404, any
+    other kernel the answer that it is not a capsem kernel (CapsemHandler.capsem_or_explain)."""
+    @web.authenticated
+    @authorized
+    @functools.wraps(method)
+    async def handle(self, kernel_id: str):
+        found = self.capsem_or_explain(kernel_id)
+        if found is not None:
+            await method(self, kernel_id, found[1])
+    return handle
+
+
 class KernelsHandler(CapsemHandler):
     @web.authenticated
     @authorized
@@ -104,23 +119,16 @@ class KernelsHandler(CapsemHandler):
 
 
 class KernelFactsHandler(CapsemHandler):
-    @web.authenticated
-    @authorized
-    async def get(self, kernel_id: str):
-        if self.capsem_or_explain(kernel_id) is None:
-            return
+    @capsem_kernel_request
+    async def get(self, kernel_id: str, prov):
         facts = kernel_facts(kernel_id, self.get_km(kernel_id))
         self.finish(json.dumps(facts))
 
 
 class PolicyHandler(CapsemHandler):
-    @web.authenticated
-    @authorized
-    async def get(self, kernel_id: str):
-        found = self.capsem_or_explain(kernel_id)
-        if found is None:
-            return
-        out = self.policy_json(found[1])
+    @capsem_kernel_request
+    async def get(self, kernel_id: str, prov):
+        out = self.policy_json(prov)
         out.update({"kernel_id": kernel_id, "capsem": True})
         self.finish(json.dumps(out))
 
@@ -175,18 +183,14 @@ def _flag(value: str | None) -> bool:
 
 
 class NetworkHandler(CapsemHandler):
-    @web.authenticated
-    @authorized
-    async def get(self, kernel_id: str):
-        found = self.capsem_or_explain(kernel_id)
-        if found is None:
-            return
+    @capsem_kernel_request
+    async def get(self, kernel_id: str, prov):
         try:
             after = int(self.get_argument("after", "0"))
             limit = int(self.get_argument("limit", str(self.ext.max_rows)))
         except ValueError:
             raise web.HTTPError(400, "after and limit must be integers") from None
-        db = self.ext.audit_db_path(found[1])
+        db = self.ext.audit_db_path(prov)
         barrier = None
         if _flag(self.get_argument("barrier", "")):
             # every row caused before this request is written (docs/AUDIT.md): this server's
@@ -217,12 +221,8 @@ class EventsHandler(CapsemHandler):
         self.write(f"{head}event: {event}\ndata: {json.dumps(data)}\n\n")
         await self.flush()
 
-    @web.authenticated
-    @authorized
-    async def get(self, kernel_id: str):
-        found = self.capsem_or_explain(kernel_id)
-        if found is None:
-            return
+    @capsem_kernel_request
+    async def get(self, kernel_id: str, prov):
         try:
             after = int(self.request.headers.get("Last-Event-ID") or self.get_argument("after", "0"))
         except ValueError:

@@ -19,7 +19,7 @@ from capsem_vm.errors import ImageError
 from . import store
 from .debian import PrivateApt, host_mirrors
 from .initramfs import COMPRESSION, ensure_initramfs, initramfs_key, local_inputs_digest
-from .kernel import ensure_kernel
+from .linux import ensure_kernel
 from .manifest import ASSET_FILES, write_manifest_for
 from .progress import Progress
 from .recipe import BUILDER_VERSION, Recipe, digest_of

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from capsem_vm.errors import CapsemError
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     image = subparsers.add_parser("image", help="build, verify, export and import VM images")
@@ -50,22 +48,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return image
 
 
-def _guard(func):
-    """Turn capsem errors into a message and exit code 1 (the main CLI may do the same)."""
-    def wrapper(args) -> int:
-        try:
-            return func(args)
-        except CapsemError as e:
-            print(f"capsem: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("capsem: interrupted", file=sys.stderr)
-            return 130
-    wrapper.__name__ = func.__name__
-    return wrapper
-
-
-@_guard
 def cmd_build(args) -> int:
     from .build import build_image
     from .recipe import make_recipe
@@ -75,7 +57,6 @@ def cmd_build(args) -> int:
     return 0
 
 
-@_guard
 def cmd_verify(args) -> int:
     from .store import resolve_image
     from .verify import check_image
@@ -110,7 +91,6 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
-@_guard
 def cmd_list(args) -> int:
     from .store import DEFAULT, images_dir, list_images
     default = images_dir() / DEFAULT
@@ -121,7 +101,6 @@ def cmd_list(args) -> int:
     return 0
 
 
-@_guard
 def cmd_export(args) -> int:
     from .store import resolve_image
     from .transfer import export_image
@@ -130,7 +109,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-@_guard
 def cmd_import(args) -> int:
     from .signing import load_trusted_key
     from .transfer import import_image
@@ -139,7 +117,6 @@ def cmd_import(args) -> int:
     return 0
 
 
-@_guard
 def cmd_key(args) -> int:
     from .signing import ensure_signing_key, public_key_b64
     key, pub_path = ensure_signing_key()
@@ -149,11 +126,9 @@ def cmd_key(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="capsem")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import group_main
+    return group_main(add_parser, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from capsem_vm.errors import ImageError, MissingHelperError
 
 from . import store
 from .cpio import NewcWriter
-from .kernel import KernelLayer
+from .linux import KernelLayer
 from .modules import BACKGROUND_MODULES, BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
 from .progress import Progress
 from .recipe import digest_of

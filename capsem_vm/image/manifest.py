@@ -19,7 +19,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 # Asset role -> the only file name it may have (fixed names: a manifest can't point elsewhere).
 # "vmlinuz" is the kernel QEMU boots; since builder 3 that is the uncompressed ELF kernel (PVH
-# direct boot, see kernel.py), older images have the bzImage; QEMU boots either.
+# direct boot, see linux.py), older images have the bzImage; QEMU boots either.
 ASSET_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img", "rootfs": "rootfs.erofs"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REQUIRED = {"format", "created", "kernel_version", "recipe", "assets"}

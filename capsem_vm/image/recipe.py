@@ -12,7 +12,7 @@ from pathlib import Path
 from capsem_vm.errors import ImageError
 
 # Bump when the build steps change in a way that changes the produced assets (3: the kernel asset
-# is the uncompressed ELF kernel, see kernel.py).
+# is the uncompressed ELF kernel, see linux.py).
 BUILDER_VERSION = 3
 # Bump when the rootfs build steps change in a way that changes the rootfs (part of its cache key,
 # separate from BUILDER_VERSION so that a change elsewhere does not rebuild the rootfs).

@@ -62,6 +62,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import CapsemError
 from .match import HostPattern
@@ -125,11 +126,28 @@ class _Ctx:
             where = self.origin
         raise PolicyError(f"{where}: {message}", source=self.source, line=line)
 
+    def only_keys(self, d: dict, allowed: set[str], what: str) -> None:
+        for key in d:
+            if key not in allowed:
+                self.fail(f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})", key)
+
     def here(self, key: str | None = None) -> str:
         if self.lines is None:
             return self.origin
         line = self.lines.line(self.table, self.index, key)
         return f"{self.source}:{line}" if line else self.source
+
+
+def _tables(data: dict, key: str, top: _Ctx) -> Iterator[tuple[_Ctx, dict]]:
+    """The [[key]] tables of a policy, each with the context its errors name."""
+    raw = data.get(key, [])
+    if not isinstance(raw, list):
+        top.fail(f"'{key}' must be an array of tables: write [[{key}]]", key)
+    for i, d in enumerate(raw):
+        ctx = _Ctx(top.source, top.lines, key, i, top.origin)
+        if not isinstance(d, dict):
+            ctx.fail(f"each {key} must be a table")
+        yield ctx, d
 
 
 def _str(ctx: _Ctx, d: dict, key: str, *, required=False, pattern: re.Pattern | None = None, max_len=1024):
@@ -157,10 +175,9 @@ def _str_list(ctx: _Ctx, d: dict, key: str, *, max_items=256) -> list[str] | Non
 
 
 def _rule(ctx: _Ctx, d: dict) -> Rule:
-    allowed = {"name", "host", "scheme", "port", "methods", "paths", "action", "reason", "addresses"}
-    for key in d:
-        if key not in allowed:
-            ctx.fail(f"unknown key {key!r} in a rule (allowed: {', '.join(sorted(allowed | {'include'}))})", key)
+    # 'include' only alone, which parse_policy handles before a rule gets here
+    ctx.only_keys(d, {"name", "host", "scheme", "port", "methods", "paths", "action", "reason", "addresses",
+                      "include"}, "a rule")
     name = _str(ctx, d, "name", required=True, pattern=_NAME)
     action = _str(ctx, d, "action", required=True)
     if action not in (ALLOW, DENY):
@@ -211,10 +228,8 @@ def _rule(ctx: _Ctx, d: dict) -> Rule:
 
 
 def _credential(ctx: _Ctx, d: dict) -> Credential:
-    allowed = {"name", "hosts", "env", "file", "header", "format", "guest_env", "placeholder", "query"}
-    for key in d:
-        if key not in allowed:
-            ctx.fail(f"unknown key {key!r} in a credential (allowed: {', '.join(sorted(allowed))})", key)
+    ctx.only_keys(d, {"name", "hosts", "env", "file", "header", "format", "guest_env", "placeholder", "query"},
+                  "a credential")
     name = _str(ctx, d, "name", required=True, pattern=_NAME)
     hosts = _str_list(ctx, d, "hosts")
     if not hosts:
@@ -284,13 +299,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not settings.get("allow_doh", False):
         doh_ctx = _Ctx("built-in DoH rules", None, None, None, DOH_ORIGIN)
         rules += [_rule(doh_ctx, dict(d)) for d in DOH_RULES]
-    raw_rules = data.get("rule", [])
-    if not isinstance(raw_rules, list):
-        top.fail("'rule' must be an array of tables: write [[rule]]", "rule")
-    for i, d in enumerate(raw_rules):
-        ctx = _Ctx(source, lines, "rule", i, source)
-        if not isinstance(d, dict):
-            ctx.fail("each rule must be a table")
+    for ctx, d in _tables(data, "rule", top):
         if "include" in d:
             if len(d) != 1:
                 ctx.fail("a rule with 'include' must have no other keys", next(k for k in d if k != "include"))
@@ -301,13 +310,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         else:
             rules.append(_rule(ctx, d))
     creds: list[Credential] = []
-    raw_creds = data.get("credential", [])
-    if not isinstance(raw_creds, list):
-        top.fail("'credential' must be an array of tables: write [[credential]]", "credential")
-    for i, d in enumerate(raw_creds):
-        ctx = _Ctx(source, lines, "credential", i, source)
-        if not isinstance(d, dict):
-            ctx.fail("each credential must be a table")
+    for ctx, d in _tables(data, "credential", top):
         cred = _credential(ctx, d)
         if any(c.name == cred.name for c in creds):
             ctx.fail(f"duplicate credential name {cred.name!r}", "name")

@@ -34,6 +34,7 @@ from .. import runtime
 from ..config import RuntimePaths, VMConfig
 from ..control import ControlConnection, RemoteError
 from ..errors import VMError
+from ..polling import poll_until_async
 from ..process import Identity, ManagedProcess
 from ..qmp import QMP
 from ..virtiofs import start_virtiofsd
@@ -207,15 +208,19 @@ class ClaimedVM:
 
     async def _mount(self, share) -> None:
         t = time.monotonic()
-        deadline = t + MOUNT_WAIT
-        while True:
+        refused: list[RemoteError] = []
+
+        async def mounted() -> bool:
             try:  # the agent waits for the device itself (mounts.mount_virtiofs_when_present)
                 await self.control.mount(share.tag, share.guest_path, share.readonly, wait=MOUNT_AGENT_WAIT)
-                break
+                return True
             except RemoteError as exc:  # the device is not there yet
-                if time.monotonic() > deadline:
-                    raise VMError(f"the guest could not mount the hot-plugged folder {share.guest_path}: {exc}")
-                await asyncio.sleep(0.05)
+                refused[:] = [exc]
+                return False
+        await poll_until_async(
+            mounted, what=f"the guest to mount {share.guest_path}", timeout=MOUNT_WAIT, interval=0.05,
+            error=lambda _: VMError(f"the guest could not mount the hot-plugged folder {share.guest_path}: "
+                                    f"{refused[-1]}"))
         self.timings["mount_s"] = time.monotonic() - t
 
     _setup_egress = VM._setup_egress  # same attributes: egress, control, timings

@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 
-from ..config import DEFAULT_CPUS, DEFAULT_MEMORY_MB
 from ..errors import VMError
+from ..polling import PollTimeout, poll_until
+from .config import PoolConfig, add_start_options
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("pool", help="a pool of warm VMs for fast kernel starts")
     psub = p.add_subparsers(dest="pool_command", metavar="ACTION")
     start = psub.add_parser("start", help="start this user's pool service")
-    start.add_argument("--size", type=int, default=2, help="warm VMs to keep (default 2)")
-    start.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="guest memory in MB")
-    start.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="virtual CPUs per VM")
-    start.add_argument("--flavour", action="append", default=[], metavar="MB,CPUS,N[,IMAGE]",
-                       help="also keep N warm VMs of this memory, CPU count and image (name or dir; "
-                            "default: --image) (repeatable; for kernelspecs with other memory_mb/cpus/image; "
-                            "a kernel claims only a VM of its own)")
-    start.add_argument("--image", default=None,
-                       help="image name or dir of the --size VMs and of flavours without one (default: the default image)")
-    start.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-    start.add_argument("--budget", type=int, default=0,
-                       help="memory budget in MB for pooled VMs (default: what all flavours' VMs need)")
-    start.add_argument("--parallel", type=int, default=2, help="VMs booting at once (default 2)")
-    start.add_argument("--boot-timeout", type=float, default=300.0)
+    add_start_options(start)
     start.add_argument("--foreground", action="store_true", help="run in this process (logs to stderr)")
     start.add_argument("--wait", action="store_true", help="return once the pool is full")
     start.set_defaults(func=cmd_start)
@@ -42,22 +30,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
-def _config(args):
-    from .service import PoolConfig
-    from .wire import Shape, WireError
-    if args.size < 0 or args.parallel < 1:
-        raise VMError("--size must be >= 0 and --parallel >= 1")
-    try:
-        Shape.checked(args.memory, args.cpus, args.size)
-        more = tuple(Shape.parse(text) for text in args.flavour)
-    except WireError as exc:
-        raise VMError(str(exc), "see capsem pool start --help") from None
+def _config(args) -> PoolConfig:
+    config = PoolConfig.from_args(args)
     from ..image.store import resolve_image
-    for image in {args.image, *(s.image for s in more)}:
+    for image in {config.image, *(s.image for s in config.more)}:
         resolve_image(image)  # a missing image: said now, not by every boot in the pool's log
-    return PoolConfig(size=args.size, memory_mb=args.memory, cpus=args.cpus, image=args.image,
-                      accel=args.accel, budget_mb=args.budget, parallel=args.parallel,
-                      boot_timeout=args.boot_timeout, more=more)
+    return config
 
 
 def cmd_start(args) -> int:
@@ -72,12 +50,7 @@ def cmd_start(args) -> int:
         pass
     if args.foreground:
         return run_foreground(config)
-    argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", "--foreground",
-            "--size", str(config.size), "--memory", str(config.memory_mb), "--cpus", str(config.cpus),
-            "--accel", config.accel, "--budget", str(config.budget_mb), "--parallel", str(config.parallel),
-            "--boot-timeout", str(config.boot_timeout)] + (["--image", config.image] if config.image else [])
-    for shape in config.more:
-        argv += ["--flavour", f"{shape.memory_mb},{shape.cpus},{shape.size}" + (f",{shape.image}" if shape.image else "")]
+    argv = [sys.executable, "-m", "capsem_vm.cli", "pool", "start", "--foreground", *config.to_argv()]
     log_path = pool_dir() / "pool.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:
@@ -85,19 +58,16 @@ def cmd_start(args) -> int:
                                 close_fds=True)
     finally:
         os.close(fd)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def answering() -> bool:
         if proc.poll() is not None:
             raise VMError(f"the pool service exited with code {proc.returncode}", f"see {log_path}")
         try:
-            st = asyncio.run(client.status())
-            if st.get("pid") == proc.pid:
-                break
+            return asyncio.run(client.status()).get("pid") == proc.pid
         except client.PoolUnavailable:
-            pass
-        if time.monotonic() > deadline:
-            raise VMError("the pool service did not answer within 30 s", f"see {log_path}")
-        time.sleep(0.2)
+            return False
+    poll_until(answering, what="the pool service to answer", timeout=30, interval=0.2,
+               error=lambda message: VMError(message, f"see {log_path}"))
     kept = ", ".join(s.label() for s in config.shapes)
     print(f"capsem pool started (pid {proc.pid}, {kept}; log {log_path})")
     if args.wait:
@@ -107,29 +77,27 @@ def cmd_start(args) -> int:
 
 def wait_full(size: int, timeout: float) -> dict:
     from . import client
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def full() -> dict | None:
         st = asyncio.run(client.status())
-        if sum(v["state"] == "ready" for v in st["vms"]) >= size:
-            return st
-        if time.monotonic() > deadline:
-            raise VMError(f"the pool did not fill up within {timeout:.0f} s")
-        time.sleep(0.5)
+        return st if sum(v["state"] == "ready" for v in st["vms"]) >= size else None
+    return poll_until(full, what=f"the pool to fill up ({size} ready VMs)", timeout=timeout, interval=0.5,
+                      error=VMError)
 
 
 def cmd_stop(args) -> int:
     from . import client
     st = asyncio.run(client.status())
     asyncio.run(client.stop())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{st['pid']}"):
+
+    def gone() -> bool:  # exited (no /proc entry, or a zombie its parent has not reaped)
         try:
             with open(f"/proc/{st['pid']}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
-            break
-        time.sleep(0.2)
+            return True
+    with contextlib.suppress(PollTimeout):  # still there after a minute: report it stopping anyway
+        poll_until(gone, what="the pool service to exit", timeout=60, interval=0.2)
     print("capsem pool stopped")
     return 0
 

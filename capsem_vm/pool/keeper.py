@@ -186,7 +186,14 @@ class Keeper:
             await seqpacket.send(self.owner, {"t": "error", "message": f"unexpected {t!r}"})
 
 
-def main(argv: list[str] | None = None) -> int:
+def keeper_argv(fd: int, config: VMConfig) -> list[str]:
+    """The options parse_keeper_args turns back into (fd, config). Only what a pooled VM boots
+    with travels (memory, CPUs, accelerator, image, boot timeout): shares and egress come at claim."""
+    return [f"--fd={fd}", f"--memory={config.memory_mb}", f"--cpus={config.cpus}", f"--accel={config.accel}",
+            f"--boot-timeout={config.boot_timeout!r}"] + ([f"--image={config.image}"] if config.image else [])
+
+
+def parse_keeper_args(argv: list[str] | None) -> tuple[int, VMConfig]:
     p = argparse.ArgumentParser(prog="capsem-pool-keeper")
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--memory", type=int, required=True)
@@ -195,14 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accel", default="auto")
     p.add_argument("--boot-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
+    return args.fd, VMConfig(memory_mb=args.memory, cpus=args.cpus, accel=args.accel, image=args.image,
+                             boot_timeout=args.boot_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    fd, config = parse_keeper_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"capsem pool keeper {os.getpid()}: %(message)s")
-    owner = socket.socket(fileno=args.fd)
+    owner = socket.socket(fileno=fd)
     if owner.type != socket.SOCK_SEQPACKET:
         print("keeper: --fd is not a seqpacket socket", file=sys.stderr)
         return 2
     owner.setblocking(False)
-    config = VMConfig(memory_mb=args.memory, cpus=args.cpus, accel=args.accel, image=args.image,
-                      boot_timeout=args.boot_timeout)
     return asyncio.run(Keeper(owner, config).run())
 
 

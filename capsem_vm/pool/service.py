@@ -24,7 +24,6 @@ shows the VMs meanwhile.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -36,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import nofollow, paths
+from ..config import VMConfig
 from ..errors import VMError
 from ..process import ManagedProcess
 from . import priority, seqpacket, wire
-from .keeper import PREWARM_WAIT, qemu_rss_kb
+from .config import PoolConfig
+from .keeper import PREWARM_WAIT, keeper_argv, qemu_rss_kb
 
 log = logging.getLogger("capsem.pool")
 REQUEST_TIMEOUT = 10.0
@@ -58,34 +59,6 @@ def pool_dir() -> Path:
 
 def socket_path() -> Path:
     return pool_dir() / "pool.sock"
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    size: int = 2
-    memory_mb: int = 1024
-    cpus: int = 2
-    image: str | None = None
-    accel: str = "auto"
-    budget_mb: int = 0          # 0: what all flavours' VMs need together
-    parallel: int = 2           # boots at once, all flavours (each boot is CPU-heavy under TCG)
-    boot_timeout: float = 300.0
-    more: tuple[wire.Shape, ...] = ()  # further flavours to keep warm (--flavour)
-
-    def __post_init__(self):
-        keys = [(s.memory_mb, s.cpus, s.image) for s in self.shapes]
-        if len(set(keys)) != len(keys):
-            raise VMError("each flavour (memory, CPUs, image) may be given once", "merge the counts")
-
-    @property
-    def shapes(self) -> tuple[wire.Shape, ...]:
-        """Every flavour kept, each with its image (a flavour without one boots the pool's)."""
-        more = tuple(s if s.image else dataclasses.replace(s, image=self.image) for s in self.more)
-        return (wire.Shape(self.memory_mb, self.cpus, self.size, self.image),) + more
-
-    @property
-    def budget(self) -> int:
-        return self.budget_mb or sum(s.size * s.memory_mb for s in self.shapes)
 
 
 @dataclass
@@ -301,9 +274,9 @@ class Pool:
         vm_id = f"p{os.getpid()}-{self._seq}"
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         c = self.config
-        argv = [sys.executable, "-m", "capsem_vm.pool.keeper", "--fd", str(theirs.fileno()),
-                "--memory", str(shape.memory_mb), "--cpus", str(shape.cpus), "--accel", c.accel,
-                "--boot-timeout", str(c.boot_timeout)] + (["--image", shape.image] if shape.image else [])
+        booted = VMConfig(memory_mb=shape.memory_mb, cpus=shape.cpus, accel=c.accel, image=shape.image,
+                          boot_timeout=c.boot_timeout)
+        argv = [sys.executable, "-m", "capsem_vm.pool.keeper", *keeper_argv(theirs.fileno(), booted)]
         try:
             # no PDEATHSIG (process.py's spawn): a claimed VM must outlive the pool
             popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,

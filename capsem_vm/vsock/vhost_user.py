@@ -20,6 +20,7 @@ from .. import confine, helpers, seccomp
 from ..caplog import CappedLog
 from ..errors import VMError
 from ..exec_gate import ExecGate
+from ..polling import poll_until_async
 from ..process import ManagedProcess, spawn
 from .base import CONNECT_TIMEOUT, StreamHandler, VsockTransport
 
@@ -67,18 +68,21 @@ class VhostUserTransport(VsockTransport):
             gate.close_ours()
             log.close_writer()
         # QEMU connects as a client: the backend's socket must exist first.
-        deadline = asyncio.get_running_loop().time() + 10
-        while not self.paths.vsock_backend.exists():
-            if not self.process.alive():
-                raise VMError(f"vhost-device-vsock exited with code {self.process.returncode}: "
-                              + _tail(self.paths.root / "vsock.log"))
-            if asyncio.get_running_loop().time() > deadline:
-                raise VMError("vhost-device-vsock did not create its socket within 10 s")
-            await asyncio.sleep(0.005)
+        process = self.process
+        await poll_until_async(lambda: self._backend_listening(process), timeout=10, interval=0.005,
+                               what="vhost-device-vsock to create its socket", error=VMError)
         try:
             await gate.done()  # it runs: its launch went through the gate, no exec after this one
         except OSError as exc:
             raise VMError(f"vhost-device-vsock: {exc.strerror}") from exc
+
+    def _backend_listening(self, process: ManagedProcess) -> bool:
+        if self.paths.vsock_backend.exists():
+            return True
+        if not process.alive():
+            raise VMError(f"vhost-device-vsock exited with code {process.returncode}: "
+                          + _tail(self.paths.root / "vsock.log"))
+        return False
 
     def helper_processes(self) -> list[ManagedProcess]:
         return [self.process] if self.process else []

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capsem_vm import nofollow
+from capsem_vm.dirfile import DirFile
 from capsem_vm.errors import ImageError, MissingHelperError
 
 from . import store
@@ -38,18 +39,9 @@ class KernelLayer:
     def key(self) -> str:
         return self.package
 
-    @property
-    def vmlinuz(self) -> Path:
-        return self.dir / "vmlinuz"
-
-    @property
-    def vmlinux(self) -> Path:
-        return self.dir / "vmlinux"
-
-    @property
-    def modules(self) -> Path:
-        """The module tree root: lib/modules/<version> below it."""
-        return self.dir / "root"
+    vmlinuz = DirFile("vmlinuz", of="dir")
+    vmlinux = DirFile("vmlinux", of="dir")
+    modules = DirFile("root", of="dir")  # the module tree root: lib/modules/<version> below it
 
 
 def resolve_kernel_package(apt: PrivateApt, workdir: Path) -> tuple[str, str]:
