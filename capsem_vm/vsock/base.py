@@ -71,7 +71,7 @@ def vhost_vsock_usable() -> bool:
 
 def select_transport(kind: str, paths: RuntimePaths) -> VsockTransport:
     """kind: auto | vhost-user | kernel."""
-    from .kernel import KernelTransport
+    from .vhost_kernel import KernelTransport
     from .vhost_user import VhostUserTransport
 
     if kind == "auto":
