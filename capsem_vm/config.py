@@ -61,7 +61,13 @@ class RuntimePaths:
 
     @property
     def qmp(self) -> Path:
+        """QMP for whoever claims a pooled VM (or a person debugging it); see qmp.py."""
         return self.root / "qmp.sock"
+
+    @property
+    def qmp_owner(self) -> Path:
+        """QMP held by the VM's owner (vm.py) for the VM's life."""
+        return self.root / "qmp-owner.sock"
 
     @property
     def console_log(self) -> Path:

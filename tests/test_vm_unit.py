@@ -88,6 +88,31 @@ def test_missing_helper_is_a_clear_error(monkeypatch):
         helpers.qemu.cache_clear()
 
 
+@pytest.mark.parametrize("finder,env_var,package", [
+    ("qemu", "CAPSEM_QEMU", "qemu-system-x86"), ("virtiofsd", "CAPSEM_VIRTIOFSD", "virtiofsd"),
+    ("vhost_device_vsock", "CAPSEM_VHOST_DEVICE_VSOCK", "vhost-device-vsock"),
+    ("unshare", "CAPSEM_UNSHARE", "util-linux"), ("setpriv", "CAPSEM_SETPRIV", "util-linux")])
+def test_each_helper_is_found_through_its_override_or_named_when_missing(monkeypatch, tmp_path, finder, env_var,
+                                                                         package):
+    from capsem_vm import helpers
+    find = getattr(helpers, finder)
+    program = tmp_path / "prog"
+    program.write_bytes(b"#!/bin/sh\n# source=PATH\n")  # (virtiofsd: read as the C dialect)
+    try:
+        for mode, found in ((0o644, False), (0o755, True)):
+            program.chmod(mode)
+            find.cache_clear()
+            monkeypatch.setenv(env_var, str(program))
+            if found:
+                assert find().path == program
+            else:
+                with pytest.raises(MissingHelperError) as err:
+                    find()
+                assert package in str(err.value) and "make system" in str(err.value)
+    finally:
+        find.cache_clear()
+
+
 def test_sweep_removes_dirs_of_dead_owners_and_kills_their_helpers(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSEM_RUNTIME_DIR", str(tmp_path / "rt"))
     # A dead owner: a process that has exited.
