@@ -188,3 +188,31 @@ def test_virtiofsd_dialect_is_read_from_the_binary(tmp_path, monkeypatch):
     assert helpers._virtiofsd_dialect(rust_like) == "rust"
     with pytest.raises(MissingHelperError, match="neither the C nor the Rust"):
         helpers._virtiofsd_dialect(neither)
+
+
+async def test_fd_readable_waits_for_data_or_exit_and_leaves_no_reader():
+    """capsem_agent.fdwait.readable (guest procs.wait_exit, host seqpacket and ManagedProcess.wait)."""
+    import socket
+    from capsem_agent.fdwait import readable
+    a, b = socket.socketpair()
+    with a, b:
+        waiting = asyncio.ensure_future(readable(a.fileno()))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        b.send(b"x")
+        await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(readable(a.fileno()), 5)  # its reader was removed: waiting again works
+        a.recv(1)
+        cancelled = asyncio.ensure_future(readable(a.fileno()))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert not asyncio.get_running_loop().remove_reader(a.fileno())  # none left behind
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        t = time.monotonic()
+        await asyncio.wait_for(readable(pidfd), 10)
+        assert child.wait(timeout=1) == 0 and time.monotonic() - t >= 0.1
+    finally:
+        os.close(pidfd)
