@@ -9,8 +9,8 @@ for the agent (and, with config.egress, load the policy and listen on the egress
 egress.py), start QEMU, wait for the agent's hello, then side by side: set up the guest's egress,
 mount the shares, connect to QEMU's monitor (held until stop(): events, quit; qmp.py).
 stop(): ask the agent to power off, else QMP quit (vm_base.py), then SIGTERM/SIGKILL; stop the
-helpers and the egress bridge; remove the runtime dir. Helpers die with the capsem process anyway (process.py), and
-a dir left behind by a killed owner is swept on the next start (runtime.py).
+helpers and the egress bridge; remove the runtime dir. Helpers die with the capsem process anyway
+(process.py), and a dir left behind by a killed owner is swept on the next start (runtime.py).
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ class VM(VMBase):
         self.helpers: list[ManagedProcess] = []
         self.control: ControlConnection | None = None
         self.hello: dict[str, Any] | None = None
-        self.attaching: asyncio.Task[None] | None = None  # shares are mounted in start() (pool/claimed.py attaches later)
-        self.attach_gate: asyncio.Event | None = None  # (pool/claimed.py: set by the forwarder at the first reply)
+        # shares are mounted in start(): no attach afterwards, as a claimed VM has (pool/claimed.py)
+        self.attaching: asyncio.Task[None] | None = None
+        self.attach_gate: asyncio.Event | None = None
         self.image_digest: str | None = None
         self.egress: Egress | None = None  # when config.egress is set
         self.identity: Identity | None = None  # of QEMU and the vsock backend (capsem as root)

@@ -16,8 +16,8 @@ whose start() does only what is decided per kernel, at claim time:
 
 Ownership: we hold the owner end of the keeper's socket (client.Claim): while we hold it the VM
 lives; stop() asks the agent to power off (else QEMU to quit: vm_base.py), closes it (the keeper
-tears QEMU and its helpers down) and waits for the keeper to exit. If this process dies, the socket closes and the keeper does the
-same. virtiofsd is ours (PDEATHSIG, process.py).
+tears QEMU and its helpers down) and waits for the keeper to exit. If this process dies, the
+socket closes and the keeper does the same. virtiofsd is ours (PDEATHSIG, process.py).
 """
 
 from __future__ import annotations
