@@ -50,9 +50,11 @@ proxy-venv: $(PROXY_VENV)/.installed
 image: system venv
 	$(CAPSEM) image build
 
+# mypy first (seconds): the VM contract (capsem_vm/vm_protocol.py) and both VMs that fulfil it.
 # why: the unit tier runs with an empty image cache, so a test that needs the image but is not
 # marked `vm` fails here, on every machine, instead of passing where an image happens to be cached
 unit: system venv proxy-venv
+	$(VENV)/bin/mypy
 	@cache=$$(mktemp -d); start=$$(date +%s); \
 	CAPSEM_CACHE_DIR=$$cache/user CAPSEM_SYSTEM_CACHE_DIR=$$cache/system \
 	  $(VENV)/bin/pytest -m "not vm" $(PYTEST_ARGS); rc=$$?; \

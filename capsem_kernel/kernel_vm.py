@@ -13,6 +13,8 @@ first reply (kernel_info: every Jupyter client asks for it first) has passed the
 sets vm.attach_gate: under emulation the attach competed with it for the guest's CPUs (a client
 that asks for nothing waits at most ClaimedVM's ATTACH_DELAY). If the attach fails, the kernel
 never runs code outside its folder: the VM is stopped and the kernel reported dead.
+
+What KernelVM needs from a VM, cold or claimed, is capsem_vm.vm_protocol.GuestVM.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 from capsem_agent import protocol
 
 from capsem_vm.config import VMConfig
-from capsem_vm.control import RemoteError
+from capsem_vm.control import ControlConnection, RemoteError
 from capsem_vm.errors import VMError
 from capsem_vm.polling import PollTimeout, poll_until_async
 from capsem_vm.vm import VM
+from capsem_vm.vm_protocol import GuestVM
+from capsem_vm.vsock import VsockTransport
 
 from .channels import PORT_KEYS, ChannelForwarder
 
@@ -39,18 +45,20 @@ LISTEN_TIMEOUT = 900.0  # ipykernel's start under a loaded TCG host can take min
 
 
 class KernelVM:
-    def __init__(self, config: VMConfig, *, vsock: str = "auto", progress=None, vm=None):
+    def __init__(self, config: VMConfig, *, vsock: str = "auto", progress: Callable[[str], None] | None = None,
+                 vm: GuestVM | None = None):
         """vm: a claimed pooled VM (capsem_vm.pool.claimed.ClaimedVM) instead of a cold one."""
-        self.vm = vm if vm is not None else VM(config, vsock=vsock, progress=progress)
+        self.vm: GuestVM = vm if vm is not None else VM(config, vsock=vsock, progress=progress)
+        self.vm.on_event = self._on_event
         self.pooled = vm is not None
         self.forwarder: ChannelForwarder | None = None
         self.kernel_pid: int | None = None
         self.exit_code: int | None = None
         self.exited = asyncio.Event()
-        self._qemu_watch: asyncio.Task | None = None
-        self._gate: asyncio.Task | None = None
-        self._release: asyncio.Task | None = None  # kernel_start {hold}: sends kernel_release
-        self._stopping: asyncio.Task | None = None
+        self._qemu_watch: asyncio.Task[None] | None = None
+        self._gate: asyncio.Task[None] | None = None
+        self._release: asyncio.Task[None] | None = None  # kernel_start {hold}: sends kernel_release
+        self._stopping: asyncio.Future[None] | None = None
         self.attach_error: str | None = None  # why a pooled VM's folder could not be attached
         self._listening = asyncio.Event()  # the guest kernel accepts connections
         self._booted = False  # vm.start() done: from now on a VM that is not alive() is dead
@@ -64,18 +72,31 @@ class KernelVM:
             return "dead"
         return "ready" if self.ready_at is not None else "booting"
 
-    async def start(self, connection_info: dict, cwd: str, env: dict[str, str]) -> None:
-        self.vm.on_event = self._on_event
+    @property
+    def control(self) -> ControlConnection:
+        """The guest agent's connection (there once vm.start() returned)."""
+        if self.vm.control is None:
+            raise VMError("the kernel's VM has no agent connection")
+        return self.vm.control
+
+    @property
+    def transport(self) -> VsockTransport:
+        if self.vm.transport is None:
+            raise VMError("the kernel's VM has no vsock transport")
+        return self.vm.transport
+
+    async def start(self, connection_info: dict[str, Any], cwd: str, env: dict[str, str]) -> None:
         self.started_at = time.time()
         await self.vm.start()
         self._booted = True
         try:
             ports = {name: int(connection_info[key]) for name, key in PORT_KEYS.items()}
-            self.forwarder = ChannelForwarder(self.vm.transport, connection_info["ip"], ports,
+            self.forwarder = ChannelForwarder(self.transport, connection_info["ip"], ports,
                                               early_streams=self.vm.take_channel_stream)
             self.forwarder.ready = self._listening
-            if self.vm.attach_gate is not None:  # a pooled VM attaches its folder after the first reply
-                self.forwarder.shell_replied = self.vm.attach_gate
+            attach_gate = self.vm.attach_gate
+            if attach_gate is not None:  # a pooled VM attaches its folder after the first reply
+                self.forwarder.shell_replied = attach_gate
             await self.forwarder.start()
             key = connection_info["key"]
             request = {
@@ -89,16 +110,17 @@ class KernelVM:
             reply = None
             if attaching is not None:
                 try:
-                    reply = await self.vm.control.request({**request, "hold": True}, timeout=120)
+                    reply = await self.control.request({**request, "hold": True}, timeout=120)
                     self._release = asyncio.ensure_future(self._release_when_attached(attaching))
                 except RemoteError as exc:
                     if exc.code != "cannot_hold":  # no pre-started kernel for this env: start it in the folder
                         raise
                     self.forwarder.early_streams = None  # primed for the pre-started kernel, which goes
-                    self.vm.attach_gate.set()
+                    if attach_gate is not None:
+                        attach_gate.set()
                     await attaching
             if reply is None:
-                reply = await self.vm.control.request(request, timeout=120)
+                reply = await self.control.request(request, timeout=120)
             self.kernel_pid = reply.get("pid")
             self._qemu_watch = asyncio.ensure_future(self._watch_qemu())
             if reply.get("listening") is True:  # a pre-started kernel (taking the key): no probe
@@ -110,10 +132,10 @@ class KernelVM:
             await self.stop()
             raise
 
-    async def _release_when_attached(self, attaching: asyncio.Task) -> None:
+    async def _release_when_attached(self, attaching: asyncio.Task[None]) -> None:
         try:
             await attaching
-            await self.vm.control.request({"t": "kernel_release"}, timeout=30)
+            await self.control.request({"t": "kernel_release"}, timeout=30)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever it was, this kernel must not run
@@ -141,7 +163,7 @@ class KernelVM:
             return True
         writer = None
         try:
-            reader, writer = await self.vm.transport.connect(protocol.PORT_CHANNELS, timeout=30)
+            reader, writer = await self.transport.connect(protocol.PORT_CHANNELS, timeout=30)
             writer.write(protocol.encode({"t": "channel", "name": "hb"}))
             await writer.drain()
             # The relay waits for the kernel's port (up to its own limit, then closes: retry).
@@ -153,16 +175,21 @@ class KernelVM:
             if writer is not None:
                 writer.close()
 
-    def _on_event(self, msg: dict) -> None:
+    def _on_event(self, msg: dict[str, Any]) -> None:
         t = msg.get("t")
         if t == "kernel_exit":
             code = msg.get("code")
             self._set_exit(code if isinstance(code, int) and not isinstance(code, bool) else 1)
         elif t == "closed":  # control connection lost: the VM is gone or broken
             self._set_exit(VM_DIED)
+        elif t == "vm_shutdown":  # QEMU says the guest powered off, reset or panicked
+            if self.exit_code is None and self._stopping is None:
+                log.warning("the kernel's VM ended (%s)", msg.get("reason"))
+            self._set_exit(VM_DIED)
 
     async def _watch_qemu(self) -> None:
-        await self.vm.qemu.wait()
+        if self.vm.qemu is not None:
+            await self.vm.qemu.wait()
         self._set_exit(VM_DIED)
 
     def _set_exit(self, code: int) -> None:
@@ -182,7 +209,7 @@ class KernelVM:
         if self.exit_code is not None or not self.vm.control:
             return
         try:
-            await self.vm.control.request({"t": "signal", "target": "kernel", "signum": int(signum)}, timeout=10)
+            await self.control.request({"t": "signal", "target": "kernel", "signum": int(signum)}, timeout=10)
         except VMError as exc:
             log.warning("could not signal the guest kernel: %s", exc)
 
@@ -202,7 +229,7 @@ class KernelVM:
         await self.vm.stop(grace=grace)
         self._set_exit(self.exit_code if self.exit_code is not None else VM_DIED)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         vm = self.vm
         return {
             "runtime_dir": str(vm.paths.root) if vm.paths else None,
@@ -212,7 +239,7 @@ class KernelVM:
             "image_digest": vm.image_digest,
             "shares": [{"path": s.guest_path, "readonly": s.readonly} for s in vm.config.shares],
             "timings": dict(vm.timings),
-            "boot": (getattr(vm, "hello", None) or {}).get("boot"),
+            "boot": (vm.hello or {}).get("boot"),
             "kernel_pid": self.kernel_pid,
             "state": self.state,
             "started_at": self.started_at,
@@ -220,5 +247,6 @@ class KernelVM:
             "egress": vm.egress.info() if vm.egress else None,
             "held": self._release is not None,  # the key went over while the folder attached
             "attach_error": self.attach_error,
+            "shutdown_reason": vm.shutdown_reason,  # QEMU's reason, once the guest ended
             "pooled": self.pooled,
         }

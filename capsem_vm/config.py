@@ -61,7 +61,8 @@ class RuntimePaths:
 
     root: Path
 
-    qmp = DirFile("qmp.sock")
+    qmp = DirFile("qmp.sock")              # QMP for whoever claims a pooled VM (or a person debugging it); qmp.py
+    qmp_owner = DirFile("qmp-owner.sock")  # QMP held by the VM's owner (vm.py) for the VM's life
     console_log = DirFile("console.log")
     vsock_backend = DirFile("vsock.vu")  # vhost-user socket between QEMU and vhost-device-vsock
     vsock_uds = DirFile("v.sock")        # host end of the guest's vsock (vhost-device-vsock --uds-path)

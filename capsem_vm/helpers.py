@@ -36,21 +36,25 @@ def _first_existing(env_var: str, names: list[str], extra_paths: list[str]) -> P
 
 # The finders below are lru_cache'd: caches, owner this process (where a host program is does not
 # change while it runs; tests that point CAPSEM_QEMU etc. elsewhere call .cache_clear()).
+def _find(name: str, env_var: str, names: list[str], extra_paths: list[str], missing: str) -> Program:
+    path = _first_existing(env_var, names, extra_paths)
+    if not path:
+        raise MissingHelperError(missing, SETUP_HINT)
+    return Program(name, path)
+
+
 @lru_cache(maxsize=None)
 def qemu() -> Program:
-    path = _first_existing("CAPSEM_QEMU", ["qemu-system-x86_64"], [])
-    if not path:
-        raise MissingHelperError("qemu-system-x86_64 not found (Debian package qemu-system-x86)", SETUP_HINT)
-    return Program("qemu-system-x86_64", path)
+    return _find("qemu-system-x86_64", "CAPSEM_QEMU", ["qemu-system-x86_64"], [],
+                 "qemu-system-x86_64 not found (Debian package qemu-system-x86)")
 
 
 @lru_cache(maxsize=None)
 def virtiofsd() -> Program:
     # The Rust virtiofsd (trixie+) installs to /usr/libexec; bookworm's QEMU ships the C one.
-    path = _first_existing("CAPSEM_VIRTIOFSD", [], ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"])
-    if not path:
-        raise MissingHelperError("virtiofsd not found (Debian package qemu-system-common or virtiofsd)", SETUP_HINT)
-    return Program("virtiofsd", path, _virtiofsd_dialect(path))
+    found = _find("virtiofsd", "CAPSEM_VIRTIOFSD", [], ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"],
+                  "virtiofsd not found (Debian package qemu-system-common or virtiofsd)")
+    return Program(found.name, found.path, _virtiofsd_dialect(found.path))
 
 
 def _virtiofsd_dialect(path: Path) -> str:
@@ -70,27 +74,19 @@ def _virtiofsd_dialect(path: Path) -> str:
 
 @lru_cache(maxsize=None)
 def vhost_device_vsock() -> Program:
-    path = _first_existing("CAPSEM_VHOST_DEVICE_VSOCK", ["vhost-device-vsock"], ["/opt/capsem/bin/vhost-device-vsock"])
-    if not path:
-        raise MissingHelperError(
-            "vhost-device-vsock not found (needed when /dev/vhost-vsock is unusable)", SETUP_HINT)
-    return Program("vhost-device-vsock", path)
+    return _find("vhost-device-vsock", "CAPSEM_VHOST_DEVICE_VSOCK", ["vhost-device-vsock"],
+                 ["/opt/capsem/bin/vhost-device-vsock"],
+                 "vhost-device-vsock not found (needed when /dev/vhost-vsock is unusable)")
 
 
 @lru_cache(maxsize=None)
 def unshare() -> Program:
-    path = _first_existing("CAPSEM_UNSHARE", ["unshare"], [])
-    if not path:
-        raise MissingHelperError("unshare not found (Debian package util-linux)", SETUP_HINT)
-    return Program("unshare", path)
+    return _find("unshare", "CAPSEM_UNSHARE", ["unshare"], [], "unshare not found (Debian package util-linux)")
 
 
 @lru_cache(maxsize=None)
 def setpriv() -> Program:
-    path = _first_existing("CAPSEM_SETPRIV", ["setpriv"], [])
-    if not path:
-        raise MissingHelperError("setpriv not found (Debian package util-linux)", SETUP_HINT)
-    return Program("setpriv", path)
+    return _find("setpriv", "CAPSEM_SETPRIV", ["setpriv"], [], "setpriv not found (Debian package util-linux)")
 
 
 def newuidmap_available() -> bool:

@@ -24,6 +24,8 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from capsem_agent.fdwait import readable
+
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 # Process-wide by necessity (exempt from "owned state"): PR_SET_PDEATHSIG fires when the *thread*
@@ -74,18 +76,7 @@ class ManagedProcess:
         """Wait for exit without blocking the loop (pidfd becomes readable when the child exits)."""
         if self.popen.poll() is not None:
             return self.popen.returncode
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def on_exit():
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(self._pidfd, on_exit)
-        try:
-            await done
-        finally:
-            loop.remove_reader(self._pidfd)
+        await readable(self._pidfd)
         return self.popen.wait()
 
     def send_signal(self, signum: int) -> None:

@@ -68,6 +68,9 @@ def build_command(qemu_binary: str, config: VMConfig, accel: str, paths: Runtime
         "-drive", f"file={assets.rootfs},if=none,id=rootfs,format=raw,readonly=on",
         "-device", "virtio-blk-pci,drive=rootfs",
         "-serial", f"file:{console or paths.console_log.name}",
+        # Two QMP monitors (one client each): the owner's, held for the VM's life, and one for the
+        # claimer of a pooled VM (qmp.py).
+        "-qmp", f"unix:{paths.qmp_owner.name},server=on,wait=off",
         "-qmp", f"unix:{paths.qmp.name},server=on,wait=off",
         # seccomp: no spawning, no privilege changes, no obsolete syscalls.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",

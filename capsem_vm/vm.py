@@ -6,10 +6,11 @@
 
 start(): verify the image (through the fds QEMU will use), start vsock + virtiofsd helpers, listen
 for the agent (and, with config.egress, load the policy and listen on the egress ports: see
-egress.py), start QEMU, wait for the agent's hello, set up the guest's egress and mount the shares.
-stop(): ask the agent to power off, then QMP quit, then SIGTERM/SIGKILL; stop the helpers and the
-egress bridge; remove the runtime dir. Helpers die with the capsem process anyway (process.py), and
-a dir left behind by a killed owner is swept on the next start (runtime.py).
+egress.py), start QEMU, wait for the agent's hello, then side by side: set up the guest's egress,
+mount the shares, connect to QEMU's monitor (held until stop(): events, quit; qmp.py).
+stop(): ask the agent to power off, else QMP quit (vm_base.py), then SIGTERM/SIGKILL; stop the
+helpers and the egress bridge; remove the runtime dir. Helpers die with the capsem process anyway
+(process.py), and a dir left behind by a killed owner is swept on the next start (runtime.py).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from capsem_agent import protocol
 
 from . import confine, helpers, privsep, runtime
+from .accel import AccelChoice
 from .accel import choose as choose_accel
 from .caplog import CappedLog
 from .config import RuntimePaths, VMConfig
@@ -31,43 +34,53 @@ from .control import ControlConnection
 from .errors import ImageError, VMError
 from .image.store import resolve_image
 from .image.trust import check_root_only
-from .image.verify import open_verified
-from .process import ManagedProcess, spawn
+from .image.verify import VerifiedImage, open_verified
+from .process import Identity, ManagedProcess, spawn
 from .qemu import BootAssets, build_command
+from .qmp import Monitor
 from .virtiofs import start_virtiofsd
+from .vm_base import VMBase
+from .vm_protocol import GuestVM, OnEvent
 from .vsock import VsockTransport, select_transport
 from .vsock.hangup import hang_up
+
+if TYPE_CHECKING:
+    from .egress_runtime import EgressRuntime
+    from .egress import Egress
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
 
-class VM:
+class VM(VMBase):
     def __init__(self, config: VMConfig, *, vsock: str = "auto", progress: Progress | None = None,
-                 egress_runtime=None):
+                 egress_runtime: EgressRuntime | None = None):
         self.config = config
         self.egress_runtime = egress_runtime  # egress_runtime.EgressRuntime; None: the process's
         self.vsock_kind = vsock
         self.progress = progress or (lambda msg: None)
         self.paths: RuntimePaths | None = None
-        self.accel = None
+        self.accel: AccelChoice | None = None
         self.transport: VsockTransport | None = None
         self.qemu: ManagedProcess | None = None
+        self.monitor: Monitor | None = None  # QMP, from the agent's hello until stop()
         self.helpers: list[ManagedProcess] = []
         self.control: ControlConnection | None = None
-        self.attaching = None  # shares are mounted in start() (pool/claimed.py attaches later)
-        self.attach_gate = None  # (pool/claimed.py: set by the forwarder at the first reply)
-        self.qmp = None
+        self.hello: dict[str, Any] | None = None
+        # shares are mounted in start(): no attach afterwards, as a claimed VM has (pool/claimed.py)
+        self.attaching: asyncio.Task[None] | None = None
+        self.attach_gate: asyncio.Event | None = None
         self.image_digest: str | None = None
-        self.egress = None  # egress.Egress when config.egress is set
-        self.identity = None  # process.Identity of QEMU and the vsock backend (capsem as root)
+        self.egress: Egress | None = None  # when config.egress is set
+        self.identity: Identity | None = None  # of QEMU and the vsock backend (capsem as root)
         self._lease: privsep.Lease | None = None
         self.refused_control = 0  # extra connections to the control port (guest misbehaving)
         self._refused_noted = -1e9
         self.timings: dict[str, float] = {}
-        self.on_event: Callable[[dict], None] | None = None
-        self._control_ready: asyncio.Future | None = None
+        self.on_event: OnEvent | None = None
+        self.shutdown_reason: str | None = None
+        self._control_ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self._stopping = False
         self._stopped = False
 
@@ -138,20 +151,14 @@ class VM:
                 qemu_log.close_writer()
         runtime.record_pids(self.paths, [self.qemu] + self.helpers)
 
-        await self._wait_for_hello(t_qemu)
+        control = await self._wait_for_hello(t_qemu)
         self.timings["hello_s"] = time.monotonic() - t_qemu
-        await asyncio.gather(self._setup_egress(), *(self.control.mount(s.tag, s.guest_path, s.readonly)
-                                                     for s in self.config.shares))
+        await asyncio.gather(self._setup_egress(), self._open_monitor(self.paths.qmp_owner),
+                             *(control.mount(s.tag, s.guest_path, s.readonly) for s in self.config.shares))
         self.timings["ready_s"] = time.monotonic() - t0
         self.progress(f"guest ready in {self.timings['ready_s']:.1f} s")
 
-    async def _setup_egress(self) -> None:
-        if self.egress is not None:
-            t = time.monotonic()
-            await self.egress.setup_guest(self.control)
-            self.timings["egress_s"] = time.monotonic() - t
-
-    async def _on_control_connection(self, reader, writer) -> None:
+    async def _on_control_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Exactly one control connection per VM: anything after the first is the guest misbehaving.
         if self._control_ready is None or self._control_ready.done():
             self._note_refused_control()
@@ -172,11 +179,12 @@ class VM:
         if now - self._refused_noted < 1.0:
             return
         self._refused_noted = now
-        log.warning("VM %s: refused %d extra connection(s) to the control port", self.paths.root.name,
-                    self.refused_control)
+        log.warning("VM %s: refused %d extra connection(s) to the control port",
+                    self.paths.root.name if self.paths else "?", self.refused_control)
 
-    async def _wait_for_hello(self, t_qemu: float) -> None:
-        qemu_exit = asyncio.ensure_future(self.qemu.wait())
+    async def _wait_for_hello(self, t_qemu: float) -> ControlConnection:
+        assert self.qemu is not None and self._control_ready is not None  # set by _start
+        qemu_exit: asyncio.Future[Any] = asyncio.ensure_future(self.qemu.wait())
         try:
             done, _ = await asyncio.wait({self._control_ready, qemu_exit},
                                          timeout=self.config.boot_timeout,
@@ -190,28 +198,22 @@ class VM:
             reader, writer = self._control_ready.result()
             self.control = ControlConnection(reader, writer)
             self.control.on_event = self._on_event
-            hello_task = asyncio.ensure_future(self.control.read_hello(timeout=30))
+            hello_task: asyncio.Future[Any] = asyncio.ensure_future(self.control.read_hello(timeout=30))
             done, _ = await asyncio.wait({hello_task, qemu_exit}, return_when=asyncio.FIRST_COMPLETED)
             if hello_task not in done:
                 hello_task.cancel()
                 raise VMError("QEMU exited before the agent said hello\n" + self.diagnostics())
             self.hello = hello_task.result()
+            return self.control
         finally:
             qemu_exit.cancel()
 
-    def _on_event(self, msg: dict) -> None:
-        if self.on_event:
-            self.on_event(msg)
-
     # --- state -------------------------------------------------------------------------------
 
-    def take_channel_stream(self, name: str):
+    def take_channel_stream(self, name: str) -> None:
         """None: a cold VM has no channel stream opened early (a pooled one does, see
         capsem_vm.pool.claimed)."""
         return None
-
-    def alive(self) -> bool:
-        return bool(self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set())
 
     def diagnostics(self, limit: int = 3000) -> str:
         parts = []
@@ -231,22 +233,13 @@ class VM:
             return
         self._stopping = True
         try:
-            if self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set():
-                try:
-                    await asyncio.wait_for(self.control.shutdown(), 5)
-                    await asyncio.wait_for(self.qemu.wait(), grace)
-                except (asyncio.TimeoutError, VMError, OSError):
-                    log.info("graceful guest shutdown did not finish; forcing")
+            await self._shut_down(grace)
+            await self._close_monitor()
             if self.qemu:
                 await self.qemu.stop(grace=3)
             if self.control:
                 await self.control.close()
-            for proc in self.helpers:
-                await proc.stop(grace=3)
-            if self.egress:
-                await self.egress.close()
-            if self.transport:
-                await self.transport.close()
+            await self._close_helpers()
         finally:
             if self.paths:
                 runtime.remove_vm_dir(self.paths)
@@ -270,8 +263,12 @@ class VM:
     async def __aenter__(self) -> "VM":
         return await self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+if TYPE_CHECKING:  # mypy (`make unit`) checks that a VM is what KernelVM drives
+    _VM_IS_A_GUEST_VM: type[GuestVM] = VM
 
 
 def check_host_resources(config: VMConfig) -> None:
@@ -290,7 +287,7 @@ def check_host_resources(config: VMConfig) -> None:
                       "lower --cpus (or the kernel's cpus setting)")
 
 
-def _check_readable_by_others(image) -> None:
+def _check_readable_by_others(image: VerifiedImage) -> None:
     """QEMU runs as an unprivileged uid and reopens the verified assets through /dev/fd/N."""
     for name, f in (("kernel", image.kernel), ("initrd", image.initrd), ("rootfs", image.rootfs)):
         if not os.fstat(f.fileno()).st_mode & stat.S_IROTH:

@@ -22,8 +22,8 @@ DOCUMENTED = {
     ("capsem_kernel/loop_thread.py", "_loop"),         # the loop thread
     ("capsem_vm/policy/addresses.py", "_cache"),       # the host's own addresses, 5 s
     ("capsem_vm/vsock/hangup.py", "_lingering"),       # the process's bound on lingering streams
-    ("capsem_vm/vsock/kernel.py", "_dispatch"),        # AF_VSOCK host ports are one per host
-    ("capsem_vm/vsock/kernel.py", "_listeners"),
+    ("capsem_vm/vsock/vhost_kernel.py", "_dispatch"),        # AF_VSOCK host ports are one per host
+    ("capsem_vm/vsock/vhost_kernel.py", "_listeners"),
 }
 
 

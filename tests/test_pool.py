@@ -192,7 +192,7 @@ def test_failed_attach_after_the_key_went_over_stops_the_kernel(pool, folder, ca
     the VM is stopped, the kernel reported dead, and the reason logged. The fault: a device put on
     the spare root port of the VM the claim will get (the oldest ready one) through its QMP socket."""
     import asyncio
-    from capsem_vm.qmp import QMP
+    from capsem_vm.qmp import Monitor
     from jupyter_client.manager import KernelManager
     from traitlets.config import Config
     st = wait_ready(SIZE)
@@ -200,11 +200,11 @@ def test_failed_attach_after_the_key_went_over_stops_the_kernel(pool, folder, ca
     qmp_path = Path(os.readlink(f"/proc/{oldest['qemu_pid']}/cwd")) / "qmp.sock"  # QEMU runs in its VM dir
 
     async def block_spare_port():
-        qmp = await QMP.connect(str(qmp_path))
+        qmp = await Monitor.connect(str(qmp_path))
         try:
             await qmp.execute("device_add", {"driver": "virtio-rng-pci", "id": "blocker", "bus": "rp1"})
         finally:
-            qmp.close()
+            await qmp.close()
     asyncio.run(block_spare_port())
     caplog.set_level("ERROR")
     c = Config()

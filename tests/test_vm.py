@@ -189,3 +189,28 @@ async def test_hostile_control_connections_do_not_break_host_or_agent(image_dir,
         await vm.control.ping()
         res, out, _ = await _run(vm, ["echo", "still here"])
         assert out == b"still here\n"
+
+
+async def test_a_guest_that_resets_or_powers_off_is_noticed_through_qemus_event(image_dir, runtime_root):
+    """QEMU's SHUTDOWN event (qmp.py, held monitor) reaches the VM's owner with its reason: a
+    reset (QEMU runs with -no-reboot: it ends the VM) and a power-off behind the agent's back,
+    both by guest root through reboot(2)."""
+    reboot = "import ctypes; ctypes.CDLL(None, use_errno=True).reboot({cmd})"
+    cases = {"guest-reset": 0x01234567, "guest-shutdown": 0x4321FEDC}  # LINUX_REBOOT_CMD_RESTART, _POWER_OFF
+    vms = {reason: VM(VMConfig(memory_mb=384, cpus=1)) for reason in cases}
+    seen: dict[str, list[dict]] = {reason: [] for reason in cases}
+    try:
+        await asyncio.gather(*(vm.start() for vm in vms.values()))
+        for reason, vm in vms.items():
+            vm.on_event = seen[reason].append
+            await vm.control.exec(["python3", "-c", reboot.format(cmd=cases[reason])])
+        for reason, vm in vms.items():
+            await asyncio.wait_for(vm.qemu.wait(), 60)
+            deadline = time.monotonic() + 10
+            while vm.shutdown_reason is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert vm.shutdown_reason == reason
+            assert {"t": "vm_shutdown", "event": "SHUTDOWN", "reason": reason} in seen[reason], seen[reason]
+    finally:
+        await asyncio.gather(*(vm.stop() for vm in vms.values()))
+    assert helper_processes(str(runtime_root)) == []

@@ -88,6 +88,31 @@ def test_missing_helper_is_a_clear_error(monkeypatch):
         helpers.qemu.cache_clear()
 
 
+@pytest.mark.parametrize("finder,env_var,package", [
+    ("qemu", "CAPSEM_QEMU", "qemu-system-x86"), ("virtiofsd", "CAPSEM_VIRTIOFSD", "virtiofsd"),
+    ("vhost_device_vsock", "CAPSEM_VHOST_DEVICE_VSOCK", "vhost-device-vsock"),
+    ("unshare", "CAPSEM_UNSHARE", "util-linux"), ("setpriv", "CAPSEM_SETPRIV", "util-linux")])
+def test_each_helper_is_found_through_its_override_or_named_when_missing(monkeypatch, tmp_path, finder, env_var,
+                                                                         package):
+    from capsem_vm import helpers
+    find = getattr(helpers, finder)
+    program = tmp_path / "prog"
+    program.write_bytes(b"#!/bin/sh\n# source=PATH\n")  # (virtiofsd: read as the C dialect)
+    try:
+        for mode, found in ((0o644, False), (0o755, True)):
+            program.chmod(mode)
+            find.cache_clear()
+            monkeypatch.setenv(env_var, str(program))
+            if found:
+                assert find().path == program
+            else:
+                with pytest.raises(MissingHelperError) as err:
+                    find()
+                assert package in str(err.value) and "make system" in str(err.value)
+    finally:
+        find.cache_clear()
+
+
 def test_sweep_removes_dirs_of_dead_owners_and_kills_their_helpers(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSEM_RUNTIME_DIR", str(tmp_path / "rt"))
     # A dead owner: a process that has exited.
@@ -163,3 +188,31 @@ def test_virtiofsd_dialect_is_read_from_the_binary(tmp_path, monkeypatch):
     assert helpers._virtiofsd_dialect(rust_like) == "rust"
     with pytest.raises(MissingHelperError, match="neither the C nor the Rust"):
         helpers._virtiofsd_dialect(neither)
+
+
+async def test_fd_readable_waits_for_data_or_exit_and_leaves_no_reader():
+    """capsem_agent.fdwait.readable (guest procs.wait_exit, host seqpacket and ManagedProcess.wait)."""
+    import socket
+    from capsem_agent.fdwait import readable
+    a, b = socket.socketpair()
+    with a, b:
+        waiting = asyncio.ensure_future(readable(a.fileno()))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        b.send(b"x")
+        await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(readable(a.fileno()), 5)  # its reader was removed: waiting again works
+        a.recv(1)
+        cancelled = asyncio.ensure_future(readable(a.fileno()))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert not asyncio.get_running_loop().remove_reader(a.fileno())  # none left behind
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        t = time.monotonic()
+        await asyncio.wait_for(readable(pidfd), 10)
+        assert child.wait(timeout=1) == 0 and time.monotonic() - t >= 0.1
+    finally:
+        os.close(pidfd)

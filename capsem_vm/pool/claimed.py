@@ -1,22 +1,23 @@
-"""A claimed pooled VM, driven like a cold `VM` (same attributes KernelVM uses), whose start()
-does only what is decided per kernel, at claim time:
+"""A claimed pooled VM, driven like a cold `VM` (both are a vm_protocol.GuestVM for KernelVM),
+whose start() does only what is decided per kernel, at claim time:
 
-- adopt the agent's control connection the keeper handed over (fd passing; no new hello);
+- adopt the agent's control connection the keeper handed over (fd passing; no new hello), and
+  connect to QEMU's second QMP monitor (held until stop(): hot-plug, events, quit; qmp.py);
 - egress: load this kernel's policy and listen on the guest's egress ports (the guest had no way
   out until now: its egress_setup was never sent), audit rows under this kernel's id;
 - egress_setup (the kernel's env depends on it), then start() returns;
 - the notebook folder, in the background (`attaching`), once `attach_gate` is set (the claimer's
   forwarder sets it when the kernel's first reply passes; at most ATTACH_DELAY): start virtiofsd for it (confined as for
-  a cold VM), hot-plug a vhost-user-fs-pci device on the spare root port rp1 through QMP, have
+  a cold VM), hot-plug a vhost-user-fs-pci device on the spare root port rp1 over that QMP, have
   the agent mount it at the same absolute path with the share's mode (read-only is enforced on
   the host, by virtiofsd). Meanwhile KernelVM hands the key over with kernel_start {hold}: the
   kernel answers kernel_info and holds every other request until the folder is there
   (kernel_release), so the attach and the hand-over share the guest's time instead of adding up.
 
 Ownership: we hold the owner end of the keeper's socket (client.Claim): while we hold it the VM
-lives; stop() asks the agent to power off, closes it (the keeper tears QEMU and its helpers down)
-and waits for the keeper to exit. If this process dies, the socket closes and the keeper does the
-same. virtiofsd is ours (PDEATHSIG, process.py).
+lives; stop() asks the agent to power off (else QEMU to quit: vm_base.py), closes it (the keeper
+tears QEMU and its helpers down) and waits for the keeper to exit. If this process dies, the
+socket closes and the keeper does the same. virtiofsd is ours (PDEATHSIG, process.py).
 """
 
 from __future__ import annotations
@@ -26,22 +27,28 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from .. import paths as capsem_paths
 from .. import runtime
-from ..config import RuntimePaths, VMConfig
+from ..accel import AccelChoice
+from ..config import RuntimePaths, Share, VMConfig
 from ..control import ControlConnection, RemoteError
 from ..errors import VMError
 from ..polling import poll_until_async
 from ..process import Identity, ManagedProcess
-from ..qmp import QMP
+from ..qmp import Monitor
 from ..virtiofs import start_virtiofsd
-from ..vm import VM
+from ..vm_base import VMBase
+from ..vm_protocol import GuestVM, OnEvent
 from ..vsock.vhost_user import VhostUserTransport
 from . import seqpacket
 from .client import Claim
+
+if TYPE_CHECKING:
+    from ..egress import Egress
 
 log = logging.getLogger(__name__)
 MOUNT_WAIT = 60.0  # s: the guest sees a hot-plugged device about a second later (more under load)
@@ -64,7 +71,7 @@ class KeeperWatch:
         except OSError:  # already gone
             self._pidfd = -1
             self._set_gone()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._pidfd >= 0:
@@ -89,7 +96,7 @@ class KeeperWatch:
     def alive(self) -> bool:
         return not self._gone.is_set()
 
-    async def wait(self) -> int:
+    async def wait(self) -> int | None:
         await self._gone.wait()
         return self.returncode
 
@@ -110,7 +117,7 @@ class KeeperWatch:
             self._pidfd = -1
 
 
-def _vm_dir(info: dict) -> Path:
+def _vm_dir(info: dict[str, Any]) -> Path:
     """The keeper's VM dir, which must be one of ours (the claimer writes sockets into it)."""
     raw = info.get("vm_dir")
     if not isinstance(raw, str):
@@ -121,8 +128,8 @@ def _vm_dir(info: dict) -> Path:
     return p
 
 
-class ClaimedVM:
-    def __init__(self, config: VMConfig, claim: Claim, progress=None):
+class ClaimedVM(VMBase):
+    def __init__(self, config: VMConfig, claim: Claim, progress: Callable[[str], None] | None = None):
         if len(config.shares) > 1:
             raise VMError("a pooled VM has one hot-plug slot: at most one shared folder")
         info = claim.info
@@ -131,20 +138,23 @@ class ClaimedVM:
         self.progress = progress or (lambda msg: None)
         self.paths = RuntimePaths(_vm_dir(info))
         flavour = info["flavour"]
-        self.accel = SimpleNamespace(accel=flavour["accel"])
-        self.image_digest = flavour["image_digest"]
-        self.hello = info.get("hello") if isinstance(info.get("hello"), dict) else {}
+        self.accel: AccelChoice | None = AccelChoice(flavour["accel"], "the pool's flavour")
+        self.image_digest: str | None = flavour["image_digest"]
+        self.hello: dict[str, Any] | None = info["hello"] if isinstance(info.get("hello"), dict) else {}
         uid, gid = info.get("uid"), info.get("gid")
         self.identity = Identity(uid, gid, ()) if isinstance(uid, int) and isinstance(gid, int) else None
         self.transport = VhostUserTransport(self.paths)
         self.transport.identity = self.identity
-        self.qemu = KeeperWatch(claim.owner, int(info["keeper_pid"]), int(info["qemu_pid"]))
+        self.qemu: KeeperWatch = KeeperWatch(claim.owner, int(info["keeper_pid"]), int(info["qemu_pid"]))
         self.helpers: list[ManagedProcess] = []
         self.control: ControlConnection | None = None
-        self.egress = None
-        self.on_event = None
+        self.monitor: Monitor | None = None
+        self._monitor_opening: asyncio.Future[None] | None = None  # in start(), beside the egress set-up
+        self.egress: Egress | None = None
+        self.on_event: OnEvent | None = None
+        self.shutdown_reason: str | None = None
         self.timings: dict[str, float] = {"pool_claim_s": claim.claim_s}
-        self.attaching: asyncio.Task | None = None  # the notebook folder, attached after start()
+        self.attaching: asyncio.Task[None] | None = None  # the notebook folder, attached after start()
         # set by the claimer's channel forwarder when the kernel's first shell reply passes
         self.attach_gate = asyncio.Event()
         self.attach_after: str | None = None  # what opened it: "first reply" or "timeout"
@@ -158,22 +168,23 @@ class ClaimedVM:
             reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
             self.control = ControlConnection(reader, writer)
             self.control.on_event = self._on_event
-            self.control.adopt(self.hello)
+            self.control.adopt(self.hello or {})
             self.qemu.start()
+            self._monitor_opening = monitor = asyncio.ensure_future(self._open_monitor(self.paths.qmp))
             if self.config.egress is not None:
                 from ..egress import Egress
                 self.egress = Egress(self.config.egress, [str(s.host_path) for s in self.config.shares])
                 await self.egress.start(self.transport)
             if self.config.shares:
-                self.attaching = asyncio.ensure_future(self._attach(t0))
-            await self._setup_egress()
+                self.attaching = asyncio.ensure_future(self._attach(t0, monitor))
+            await asyncio.gather(self._setup_egress(), monitor)
             self.timings["ready_s"] = time.monotonic() - t0
         except BaseException:
             await self.stop(grace=1)
             raise
         return self
 
-    async def _attach(self, t0: float) -> None:
+    async def _attach(self, t0: float, monitor: asyncio.Future[None]) -> None:
         # The attach (virtiofsd, hot-plug, the guest's PCI and virtiofs probe, mount) competes for
         # the emulated guest's CPUs with the kernel's first reply; that reply comes first.
         try:
@@ -182,6 +193,7 @@ class ClaimedVM:
         except asyncio.TimeoutError:
             self.attach_after = "timeout"
         self.timings["attach_delay_s"] = time.monotonic() - t0
+        await monitor
         for share in self.config.shares:
             t = time.monotonic()
             self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
@@ -191,28 +203,28 @@ class ClaimedVM:
         self.timings["attach_s"] = time.monotonic() - t0
         self.progress(f"claimed a warm VM; folder attached in {self.timings['attach_s']:.2f} s")
 
-    async def _hotplug(self, share) -> None:
+    async def _hotplug(self, share: Share) -> None:
+        assert self.monitor is not None  # _attach awaited it
         chardev = f"fs-{share.tag}"
-        qmp = await QMP.connect(str(self.paths.qmp))
         try:
             # relative: QEMU's cwd is the VM dir (qemu.py)
-            await qmp.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
+            await self.monitor.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
                 "addr": {"type": "unix", "data": {"path": self.paths.fs_socket(share.tag).name}},
                 "server": False}}})
-            await qmp.execute("device_add", {"driver": "vhost-user-fs-pci", "id": f"{chardev}-dev",
-                                             "chardev": chardev, "tag": share.tag, "bus": HOTPLUG_BUS})
+            await self.monitor.execute("device_add", {"driver": "vhost-user-fs-pci", "id": f"{chardev}-dev",
+                                                      "chardev": chardev, "tag": share.tag, "bus": HOTPLUG_BUS})
         except VMError as exc:
             raise VMError(f"could not hot-plug the folder {share.guest_path} into the pooled VM: {exc}") from None
-        finally:
-            qmp.close()
 
-    async def _mount(self, share) -> None:
+    async def _mount(self, share: Share) -> None:
+        control = self.control
+        assert control is not None  # start() adopted it before the attach began
         t = time.monotonic()
         refused: list[RemoteError] = []
 
         async def mounted() -> bool:
             try:  # the agent waits for the device itself (mounts.mount_virtiofs_when_present)
-                await self.control.mount(share.tag, share.guest_path, share.readonly, wait=MOUNT_AGENT_WAIT)
+                await control.mount(share.tag, share.guest_path, share.readonly, wait=MOUNT_AGENT_WAIT)
                 return True
             except RemoteError as exc:  # the device is not there yet
                 refused[:] = [exc]
@@ -223,20 +235,11 @@ class ClaimedVM:
                                     f"{refused[-1]}"))
         self.timings["mount_s"] = time.monotonic() - t
 
-    _setup_egress = VM._setup_egress  # same attributes: egress, control, timings
-
-    def _on_event(self, msg: dict) -> None:
-        if self.on_event:
-            self.on_event(msg)
-
     def take_channel_stream(self, name: str) -> socket.socket | None:
         """The stream for this kernel channel that the keeper opened before the claim (each is
         taken once; the rest close with the claim)."""
         fd = self.claim.channel_fds.pop(name, None)
         return socket.socket(fileno=fd) if fd is not None else None
-
-    def alive(self) -> bool:
-        return bool(self.qemu.alive() and self.control and not self.control.closed.is_set())
 
     def diagnostics(self, limit: int = 3000) -> str:
         text = (runtime.read_trusted(self.paths.console_log, limit, tail=True) or "").strip()
@@ -250,20 +253,15 @@ class ClaimedVM:
             if self.attaching is not None:
                 self.attaching.cancel()
                 await asyncio.gather(self.attaching, return_exceptions=True)
-            if self.alive():
-                try:
-                    await asyncio.wait_for(self.control.shutdown(), 5)
-                    await asyncio.wait_for(self.qemu.wait(), grace)
-                except (asyncio.TimeoutError, VMError, OSError):
-                    log.info("graceful guest shutdown did not finish; the keeper forces it")
+            if self._monitor_opening is not None:
+                self._monitor_opening.cancel()
+                await asyncio.gather(self._monitor_opening, return_exceptions=True)
+            await self._shut_down(grace)  # what is left, the keeper forces
+            await self._close_monitor()
             if self.control:
                 await self.control.close()
             await self.qemu.release(grace=30)
-            for proc in self.helpers:
-                await proc.stop(grace=3)
-            if self.egress:
-                await self.egress.close()
-            await self.transport.close()
+            await self._close_helpers()
         finally:
             self.claim.close()
 
@@ -274,3 +272,7 @@ class ClaimedVM:
             proc.kill_now()
         self.claim.close()
         self._stopped = True
+
+
+if TYPE_CHECKING:  # mypy (`make unit`) checks that a claimed VM is what KernelVM drives
+    _CLAIMED_VM_IS_A_GUEST_VM: type[GuestVM] = ClaimedVM

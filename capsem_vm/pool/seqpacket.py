@@ -9,6 +9,8 @@ import asyncio
 import os
 import socket
 
+from capsem_agent.fdwait import readable
+
 from . import wire
 
 SO_PEERCRED_FMT = "3i"
@@ -27,17 +29,6 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
-
-
 async def recv(sock: socket.socket, *, max_fds: int = 0, timeout: float | None = None) -> tuple[dict | None, list[int]]:
     """One message and its fds; (None, []) at EOF. Raises wire.WireError, asyncio.TimeoutError."""
     async def once():
@@ -45,7 +36,7 @@ async def recv(sock: socket.socket, *, max_fds: int = 0, timeout: float | None =
             try:
                 return sock.recvmsg(wire.MAX_MESSAGE + 1, socket.CMSG_SPACE(max(1, max_fds) * 4))
             except (BlockingIOError, InterruptedError):
-                await _readable(sock)
+                await readable(sock.fileno())
 
     data, ancdata, flags, _ = await asyncio.wait_for(once(), timeout)
     fds: list[int] = []

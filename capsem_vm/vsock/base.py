@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from ..config import RuntimePaths
 from .. import nofollow
 from ..errors import VMError
+from ..process import Identity
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 CONNECT_TIMEOUT = 30.0
@@ -22,7 +23,7 @@ class VsockTransport(abc.ABC):
 
     def __init__(self, paths: RuntimePaths):
         self.paths = paths
-        self.identity = None  # process.Identity the helpers run as (set by VM when capsem is root)
+        self.identity: Identity | None = None  # the helpers run as (set by VM when capsem is root)
         self._servers: list[asyncio.AbstractServer] = []
 
     @abc.abstractmethod
@@ -76,7 +77,7 @@ def vhost_vsock_usable() -> bool:
 
 def select_transport(kind: str, paths: RuntimePaths) -> VsockTransport:
     """kind: auto | vhost-user | kernel."""
-    from .kernel import KernelTransport
+    from .vhost_kernel import KernelTransport
     from .vhost_user import VhostUserTransport
 
     if kind == "auto":

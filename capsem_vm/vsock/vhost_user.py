@@ -18,6 +18,7 @@ import sys
 
 from .. import confine, helpers, seccomp
 from ..caplog import CappedLog
+from ..config import RuntimePaths
 from ..errors import VMError
 from ..exec_gate import ExecGate
 from ..polling import poll_until_async
@@ -31,7 +32,7 @@ MAX_HANDSHAKE_LINE = 64
 class VhostUserTransport(VsockTransport):
     name = "vhost-user"
 
-    def __init__(self, paths):
+    def __init__(self, paths: RuntimePaths) -> None:
         super().__init__(paths)
         self.process: ManagedProcess | None = None
 

@@ -7,6 +7,8 @@ import os
 import pwd
 import subprocess
 
+from . import fdwait
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Filled by egress_setup (egress.py): proxy and CA variables every later exec and kernel gets.
 EGRESS_ENV: dict[str, str] = {}
@@ -56,12 +58,9 @@ async def wait_exit(proc: subprocess.Popen) -> int:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         return await loop.run_in_executor(None, proc.wait)
-    fut = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
     try:
-        await fut
+        await fdwait.readable(fd)
     finally:
-        loop.remove_reader(fd)
         os.close(fd)
     return proc.wait()
 

@@ -277,7 +277,7 @@ def test_guest_writable_root_is_capped():
 
 
 def test_kernel_vsock_qemu_gets_the_device_as_an_fd(tmp_path):
-    from capsem_vm.vsock.kernel import KernelTransport
+    from capsem_vm.vsock.vhost_kernel import KernelTransport
     t = KernelTransport(RuntimePaths(tmp_path))
     t._vhost_fd = 42
     assert t.qemu_args() == ["-device", f"vhost-vsock-pci,guest-cid={t.cid},vhostfd=42"]

@@ -1,6 +1,6 @@
 """The kernel vhost-vsock backend: host ports are shared by all VMs, so every guest connection is
 dispatched by its peer CID. /dev/vhost-vsock is absent on the CI hosts: this drives the dispatch
-logic (capsem_vm/vsock/kernel.py) with socketpairs standing in for accepted AF_VSOCK sockets."""
+logic (capsem_vm/vsock/vhost_kernel.py) with socketpairs standing in for accepted AF_VSOCK sockets."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import socket
 
 import pytest
 
-from capsem_vm.vsock import kernel
+from capsem_vm.vsock import vhost_kernel
 
 
 @pytest.fixture
 def table(monkeypatch):
-    monkeypatch.setattr(kernel, "_dispatch", {})
-    return kernel._dispatch
+    monkeypatch.setattr(vhost_kernel, "_dispatch", {})
+    return vhost_kernel._dispatch
 
 
 async def _roundtrip(sock: socket.socket) -> bytes:
@@ -44,7 +44,7 @@ async def test_connections_reach_only_the_vm_with_that_cid(table):
     results = {}
     for port, cid in [(5000, 7), (5000, 9), (5000, 8), (5002, 9), (5001, 7), (5003, 7)]:
         ours, theirs = socket.socketpair()
-        accepted = await kernel.dispatch(port, theirs, cid)
+        accepted = await vhost_kernel.dispatch(port, theirs, cid)
         results[(port, cid)] = (accepted, await _roundtrip(ours))
         ours.close()
     assert results == {
@@ -58,7 +58,7 @@ async def test_connections_reach_only_the_vm_with_that_cid(table):
 
 async def test_a_closed_vm_no_longer_receives_connections(table, tmp_path):
     from capsem_vm.config import RuntimePaths
-    t = kernel.KernelTransport(RuntimePaths(tmp_path))
+    t = vhost_kernel.KernelTransport(RuntimePaths(tmp_path))
     t._ports.append(5000)
 
     async def handler(reader, writer):
@@ -66,7 +66,7 @@ async def test_a_closed_vm_no_longer_receives_connections(table, tmp_path):
     table[5000] = {t.cid: handler}
     await t.close()
     ours, theirs = socket.socketpair()
-    assert await kernel.dispatch(5000, theirs, t.cid) is False
+    assert await vhost_kernel.dispatch(5000, theirs, t.cid) is False
     ours.close()
 
 
@@ -94,8 +94,8 @@ async def test_accept_loop_survives_accept_errors_and_keeps_dispatching(table, m
             return item
 
     real = asyncio.get_running_loop()
-    monkeypatch.setattr(kernel.asyncio, "get_running_loop", lambda: FakeLoop())
-    task = real.create_task(kernel._accept_loop(5000, None))
+    monkeypatch.setattr(vhost_kernel.asyncio, "get_running_loop", lambda: FakeLoop())
+    task = real.create_task(vhost_kernel._accept_loop(5000, None))
     try:
         await asyncio.wait_for(got.wait(), 5)
     finally:

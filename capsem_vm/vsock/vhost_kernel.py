@@ -16,6 +16,7 @@ import os
 import random
 import socket
 
+from ..config import RuntimePaths
 from .base import CONNECT_TIMEOUT, StreamHandler, VsockTransport
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def _pick_cid() -> int:
 class KernelTransport(VsockTransport):
     name = "kernel"
 
-    def __init__(self, paths):
+    def __init__(self, paths: RuntimePaths) -> None:
         super().__init__(paths)
         self.cid = _pick_cid()
         self._ports: list[int] = []

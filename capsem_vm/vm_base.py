@@ -1,0 +1,96 @@
+"""What a cold VM (vm.py) and a claimed pooled VM (pool/claimed.py) do alike: relay the agent's and
+QEMU's events, set up the guest's egress, the graceful part of stop(), closing the per-VM helpers.
+The contract they fulfil for KernelVM is vm_protocol.GuestVM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import VMError
+from .qmp import Monitor
+from .vm_protocol import OnEvent, QemuWatch
+
+if TYPE_CHECKING:
+    from .config import VMConfig
+    from .control import ControlConnection
+    from .process import ManagedProcess
+    from .egress import Egress
+    from .vsock import VsockTransport
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_REQUEST_TIMEOUT = 5.0  # s for the agent to acknowledge the power-off request
+QUIT_WAIT = 3.0  # s for QEMU to exit after QMP quit
+
+
+class VMBase:
+    config: VMConfig
+    control: ControlConnection | None
+    qemu: QemuWatch | None
+    monitor: Monitor | None
+    egress: Egress | None
+    transport: VsockTransport | None
+    helpers: list[ManagedProcess]
+    timings: dict[str, float]
+    on_event: OnEvent | None
+    shutdown_reason: str | None
+
+    def alive(self) -> bool:
+        return bool(self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set())
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        if self.on_event:
+            self.on_event(msg)
+
+    async def _setup_egress(self) -> None:
+        if self.egress is not None and self.control is not None:
+            t = time.monotonic()
+            await self.egress.setup_guest(self.control)
+            self.timings["egress_s"] = time.monotonic() - t
+
+    async def _open_monitor(self, path: Path) -> None:
+        self.monitor = await Monitor.connect(str(path), on_event=self._on_monitor_event)
+
+    def _on_monitor_event(self, name: str, data: Mapping[str, Any]) -> None:
+        """QEMU says the guest is gone (it powered off, reset, panicked, or the host stopped it)."""
+        reason = data.get("reason")
+        self.shutdown_reason = reason if isinstance(reason, str) else name.lower()
+        log.info("QEMU: %s (%s)", name, self.shutdown_reason)
+        self._on_event({"t": "vm_shutdown", "event": name, "reason": self.shutdown_reason})
+
+    async def _shut_down(self, grace: float) -> None:
+        """The graceful part of stop(): ask the agent to power the guest off (the guest flushes what
+        it wrote to the shares) and wait up to `grace` s for QEMU to exit; failing that (no agent,
+        or it did not answer), ask QEMU to quit over QMP. The caller then forces what is left."""
+        if self.qemu is None or not self.qemu.alive():
+            return
+        if self.control is not None and not self.control.closed.is_set():
+            try:
+                await asyncio.wait_for(self.control.shutdown(), SHUTDOWN_REQUEST_TIMEOUT)
+                await asyncio.wait_for(self.qemu.wait(), grace)
+                return
+            except (asyncio.TimeoutError, VMError, OSError):
+                log.info("graceful guest shutdown did not finish; asking QEMU to quit")
+        if self.monitor is not None and await self.monitor.quit():
+            try:
+                await asyncio.wait_for(self.qemu.wait(), QUIT_WAIT)
+            except asyncio.TimeoutError:
+                log.info("QEMU did not quit within %.0f s; forcing", QUIT_WAIT)
+
+    async def _close_monitor(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
+
+    async def _close_helpers(self) -> None:
+        """virtiofsd (and for a cold VM the vsock backend), the egress bridge, the vsock listeners."""
+        for proc in self.helpers:
+            await proc.stop(grace=3)
+        if self.egress:
+            await self.egress.close()
+        if self.transport:
+            await self.transport.close()
