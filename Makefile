@@ -18,7 +18,7 @@ help:
 	@echo "make demo   - set up everything and run a real notebook in a capsem kernel"
 	@echo "make test   - set up everything and run the test suite: the unit tier, then the VM tier"
 	@echo "make unit   - the tests that need no VM and no VM image (no image build; minutes)"
-	@echo "make vm     - build (or reuse) the VM image and run the tests that boot VMs or need it"
+	@echo "make vm     - build (or reuse) the VM image and run the tests that boot VMs or need it (and the few slow ones)"
 	@echo "make fuzz   - the property tests with fresh random examples, ten times as many (finds new cases)"
 	@echo "make system - install the Debian packages capsem needs (root)"
 	@echo "make venv   - create the Python env in $(VENV)"
@@ -57,7 +57,7 @@ unit: system venv proxy-venv
 	$(VENV)/bin/mypy
 	@cache=$$(mktemp -d); start=$$(date +%s); \
 	CAPSEM_CACHE_DIR=$$cache/user CAPSEM_SYSTEM_CACHE_DIR=$$cache/system \
-	  $(VENV)/bin/pytest -m "not vm" $(PYTEST_ARGS); rc=$$?; \
+	  $(VENV)/bin/pytest -m "not vm and not slow" $(PYTEST_ARGS); rc=$$?; \
 	rm -rf "$$cache"; echo "make unit: unit tier took $$(( $$(date +%s) - start ))s (exit $$rc)"; exit $$rc
 
 # property tests with fresh random examples (ten times as many): what fails becomes an @example
@@ -65,7 +65,7 @@ fuzz: venv
 	CAPSEM_HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -m "not vm" $$(grep -rl "from hypothesis" tests) $(PYTEST_ARGS)
 
 vm: system venv proxy-venv image
-	$(VENV)/bin/pytest -m vm $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "vm or slow" $(PYTEST_ARGS)
 
 # sub-makes, not prerequisites: the order (unit tier, then image, then VM tier) holds under -j too
 test:

@@ -2,7 +2,8 @@
 that boot VMs need the default image (`make image` builds it).
 
 Mark `vm` (pytest.mark.vm) every test that boots a VM or needs the image: `make unit` runs the
-others with an empty image cache, before the image is built; `make vm` runs the marked ones.
+others with an empty image cache, before the image is built; `make vm` runs the marked ones, and the
+few marked `slow` (no VM, but tens of seconds) that would hold up the unit tier.
 
 Helper modules (no tests, plain names: agent_harness, proxy_helpers, proxy_world, kernel_helpers,
 ...) import by name: pyproject.toml puts tests/ and tests/security/ on the path (`pythonpath`).

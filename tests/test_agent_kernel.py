@@ -443,6 +443,7 @@ def _kernel_side_peers(ports: dict[str, int]) -> dict[str, set[int]]:
     return peers
 
 
+@pytest.mark.slow  # waits 35 s, past ZMQ's 30 s handshake interval
 def test_first_streams_use_the_spare_connections_made_before_the_claim(tmp_path):
     """The agent connects to a pre-started kernel's five ports once it is warm (SpareConnections);
     the host's first stream on each channel is paired with that connection instead of a new one.
