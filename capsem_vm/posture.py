@@ -167,8 +167,9 @@ def check_policy() -> Result:
 
 def check_observe(specs: dict | None = None) -> Result:
     """Observe mode lets what the policy refuses go out (recorded as would-deny): weak wherever it is
-    on, in the user's policy or in the policy file of an installed capsem kernelspec. `specs`:
-    KernelSpecManager().get_all_specs() (default: read now)."""
+    on, in the user's policy, in an installed capsem kernelspec (`--observe`) or in its policy file.
+    `specs`: KernelSpecManager().get_all_specs() (default: read now). Not seen here: a Jupyter
+    config setting c.CapsemProvisioner.observe_mode (the kernel's audit rows still say would-deny)."""
     from .policy import PolicyError, load_kernel_policy, load_policy
     found, errors = [], []
     try:
@@ -185,7 +186,13 @@ def check_observe(specs: dict | None = None) -> Result:
             specs, errors = {}, [f"cannot list kernelspecs ({exc.__class__.__name__}: {exc})"]
     for name, info in sorted(specs.items()):
         prov = ((info.get("spec") or {}).get("metadata") or {}).get("kernel_provisioner") or {}
-        path = (prov.get("config") or {}).get("policy") if prov.get("provisioner_name") == "capsem-provisioner" else None
+        if prov.get("provisioner_name") != "capsem-provisioner":
+            continue
+        config = prov.get("config") or {}
+        if config.get("observe_mode") is True:  # capsem kernel install --observe
+            found.append(f"kernelspec {name!r} (installed with --observe)")
+            continue
+        path = config.get("policy")
         if not path:
             continue
         try:
@@ -196,7 +203,7 @@ def check_observe(specs: dict | None = None) -> Result:
     if found:
         return WEAK, ("OBSERVE MODE is on in " + ", ".join(found) + ": requests the policy would deny are "
                       "LET THROUGH and only recorded as would-deny (for trusted code only; remove "
-                      "`observe = true` from [settings] to enforce the policy)")
+                      "`observe = true` from [settings], or reinstall the kernelspec without --observe)")
     if errors:
         return WEAK, "; ".join(errors)
     return OK, "observe mode is off (the user policy and every capsem kernelspec's policy enforce their rules)"

@@ -9,6 +9,7 @@ into a request the policy would refuse. The strict kernel refuses all of it as b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import ssl
@@ -126,7 +127,11 @@ async def build_world(tmp_path_factory):
     resolve = {n: "127.0.0.1" for n in ("api.test.example", "secret.test.example", "blocked.test.example",
                                          "unknown.test.example")}
     resolve["internal.test.example"] = "10.0.0.5"  # refused before any connection: never contacted
-    await w.start({"k-obs": w.obs_policy, "k-strict": w.strict_policy}, upstream_ca=tls.ca_file,
+    # the kernelspec trait (capsem kernel install --observe): a file without the setting, observe set
+    # on the Policy and carried to the service by register()
+    w.trait_policy = dataclasses.replace(w.strict_policy, observe=True)
+    await w.start({"k-obs": w.obs_policy, "k-strict": w.strict_policy, "k-trait": w.trait_policy},
+                  upstream_ca=tls.ca_file,
                   resolve=resolve, workers=1)
     w.obs, w.strict = w.guests["k-obs"], w.guests["k-strict"]
     yield w
@@ -296,3 +301,15 @@ async def test_a_policy_without_observe_refuses_everything_as_before(world):
     w.audit.flush()
     assert not [r for r in read_events(w.audit_db, limit=100000)
                 if r["kernel"] == "k-strict" and r["decision"] == "would-deny"]
+
+
+async def test_observe_set_by_the_kernel_config_reaches_the_proxy_service(world):
+    w = world
+    assert "observe" not in w.trait_policy.text
+    g = w.guests["k-trait"]
+    assert (await run(g.dns, "unknown.test.example"))[0] == dns.NOERROR  # the bridge observes
+    SEEN.clear()
+    r = await run(g.http, "POST", "api.test.example", w.HTTPS, "/echo/trait", tls=True)  # the service observes
+    assert r.status == 200 and seen("POST", "/echo/trait")
+    got = await rows(w, kernel="k-trait", kind="http", url=f"https://api.test.example:{w.HTTPS}/echo/trait")
+    assert got[0]["decision"] == "would-deny" and got[0]["code"] == "default-deny"
