@@ -313,3 +313,26 @@ async def test_observe_set_by_the_kernel_config_reaches_the_proxy_service(world)
     assert r.status == 200 and seen("POST", "/echo/trait")
     got = await rows(w, kernel="k-trait", kind="http", url=f"https://api.test.example:{w.HTTPS}/echo/trait")
     assert got[0]["decision"] == "would-deny" and got[0]["code"] == "default-deny"
+
+
+async def test_suggest_from_what_observe_mode_recorded_allows_exactly_that(world):
+    """The point of observe mode: its would-deny rows become narrow rules (method and path, which
+    connection-level refusals never show), and the strict policy plus them lets those requests through
+    and nothing beside them."""
+    from capsem_vm.policy.suggest import render, suggest
+    from capsem_vm.policy.suggest_io import read_refusals
+    w = world
+    path = "/echo/suggest-me"
+    r = await run(w.obs.http, "POST", "api.test.example", w.HTTPS, path, tls=True)
+    assert r.status == 200
+    await rows(w, kernel="k-obs", kind="http", url=f"https://api.test.example:{w.HTTPS}{path}")
+    got = [r for r in read_refusals(w.audit_db, kernel="k-obs") if r["url"].endswith(path)]
+    assert got and got[0]["decision"] == "would-deny"
+    base = policy_text(w.HTTP, w.HTTPS, w.LAN, False)
+    text = render(suggest(got, w.strict_policy, base_text=base))
+    combined = parse_policy(base + "\n" + text)
+    url = f"https://api.test.example:{w.HTTPS}"
+    assert combined.decide("POST", url + path).allowed, text
+    assert not combined.decide("POST", url + "/echo/other").allowed
+    assert not combined.decide("PUT", url + path).allowed
+    assert not combined.decide("POST", f"https://other.test.example:{w.HTTPS}{path}").allowed
