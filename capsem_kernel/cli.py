@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cpus", type=int, metavar="N", help=f"virtual CPUs per kernel (default {DEFAULT_CPUS})")
     p.add_argument("--share-mode", choices=("rw", "ro"), help="notebook folder shared read-write (default) or read-only")
     p.add_argument("--policy", metavar="FILE", help="egress policy file (host-side; absolute path stored)")
+    p.add_argument("--observe", action="store_true",
+                   help="OBSERVE MODE, for trusted code only: what the policy would refuse goes out and is audited "
+                        "as would-deny, to learn a workload's needs (then `capsem policy suggest`)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="accelerator (default auto)")
     p.add_argument("--image", metavar="DIR", help="VM image directory (default: the built default image)")
     p.add_argument("--pool", action="store_true", help="claim warm VMs from `capsem pool` (use_pool)")
@@ -49,6 +52,8 @@ def cmd_install(args) -> int:
             print(f"capsem: error: --policy {args.policy}: no such file")
             return 2
         config["policy"] = str(policy)
+    if args.observe:
+        config["observe_mode"] = True
     if args.image:
         config["image"] = str(Path(args.image).resolve())
     if args.pool or args.pool_autostart:

@@ -60,6 +60,11 @@ class CapsemProvisioner(KernelProvisionerBase):
     policy = Unicode("", config=True,
                      help="Egress policy file (host-side). Empty: the user's config dir policy.toml "
                           "if it exists, else deny everything. Never read from the notebook folder.")
+    # why not `observe`: HasTraits.observe is traitlets' own method
+    observe_mode = Bool(False, config=True,
+                        help="OBSERVE MODE, for trusted code only: requests the policy would refuse go out and are "
+                             "audited as would-deny (built-in protections still refuse; no credential is "
+                             "injected into them). Same as `observe = true` in the policy's [settings].")
     boot_timeout = Float(180.0, config=True, help="Seconds to wait for the guest agent (TCG is slow).")
     use_pool = Bool(False, config=True,
                     help="Claim a warm VM from this user's pool (`capsem pool start`) when one of this "
@@ -103,7 +108,7 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     def _vm_config(self, cwd: str) -> VMConfig:
         share = Share(Path(cwd).resolve(), "notebook", readonly=self.share_mode == "ro")
-        egress = EgressConfig(policy=self.policy or None, kernel_id=self.kernel_id)
+        egress = EgressConfig(policy=self.policy or None, kernel_id=self.kernel_id, observe=self.observe_mode)
         # capsem.prewarm=preinit: the agent imports ipykernel and initialises its app as soon as it
         # runs, in parallel with egress setup and the mount (kernel_start then hands over the key)
         return VMConfig(memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel, image=self.image,

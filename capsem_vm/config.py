@@ -32,6 +32,7 @@ class EgressConfig:
 
     policy: str | None = None      # policy file; None: the user's config dir, else deny-all
     kernel_id: str | None = None   # who the audit log names; None: a generated "vm-<hex>"
+    observe: bool = False          # observe mode on top of the policy file (as [settings] observe = true)
 
 
 @dataclass(frozen=True)

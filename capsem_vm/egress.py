@@ -18,6 +18,7 @@ gone. Its processes die with ours in any case (service.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 from capsem_agent import protocol
@@ -63,12 +64,15 @@ class Egress:
 
     @property
     def needs_proxy(self) -> bool:
-        return any(r.action == ALLOW for r in self.policy.rules)
+        # observe mode: what the rules refuse goes out too (as would-deny), through the proxy
+        return self.policy.observe or any(r.action == ALLOW for r in self.policy.rules)
 
     async def start(self, transport) -> None:
         """Load the policy, listen on the egress ports, start the proxy service in the background.
         Call before QEMU starts. Raises PolicyError for a bad or misplaced policy."""
         self.policy = await asyncio.to_thread(load_kernel_policy, self.config.policy, self.guest_writable)
+        if self.config.observe:  # the kernelspec's observe trait (capsem kernel install --observe)
+            self.policy = dataclasses.replace(self.policy, observe=True)
         self._ca_pem = (await asyncio.to_thread(ca_cert_pem)).decode()
         self._ready = asyncio.get_running_loop().create_future()
         await transport.listen(protocol.PORT_EGRESS, self._on_egress)

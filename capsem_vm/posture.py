@@ -165,6 +165,50 @@ def check_policy() -> Result:
     return OK, f"{policy.source}: default deny, {len(allows)} allow rule(s) for named hosts"
 
 
+def check_observe(specs: dict | None = None) -> Result:
+    """Observe mode lets what the policy refuses go out (recorded as would-deny): weak wherever it is
+    on, in the user's policy, in an installed capsem kernelspec (`--observe`) or in its policy file.
+    `specs`: KernelSpecManager().get_all_specs() (default: read now). Not seen here: a Jupyter
+    config setting c.CapsemProvisioner.observe_mode (the kernel's audit rows still say would-deny)."""
+    from .policy import PolicyError, load_kernel_policy, load_policy
+    found, errors = [], []
+    try:
+        user = load_kernel_policy(None)
+        if user.observe:
+            found.append(f"the user policy {user.source}")
+    except PolicyError:
+        pass  # the policy check reports it
+    if specs is None:
+        try:
+            from jupyter_client.kernelspec import KernelSpecManager
+            specs = KernelSpecManager().get_all_specs()
+        except Exception as exc:  # noqa: BLE001 - no Jupyter here, or a broken spec dir
+            specs, errors = {}, [f"cannot list kernelspecs ({exc.__class__.__name__}: {exc})"]
+    for name, info in sorted(specs.items()):
+        prov = ((info.get("spec") or {}).get("metadata") or {}).get("kernel_provisioner") or {}
+        if prov.get("provisioner_name") != "capsem-provisioner":
+            continue
+        config = prov.get("config") or {}
+        if config.get("observe_mode") is True:  # capsem kernel install --observe
+            found.append(f"kernelspec {name!r} (installed with --observe)")
+            continue
+        path = config.get("policy")
+        if not path:
+            continue
+        try:
+            if load_policy(path).observe:
+                found.append(f"kernelspec {name!r} ({path})")
+        except PolicyError as exc:
+            errors.append(f"kernelspec {name!r}: {exc.message}")
+    if found:
+        return WEAK, ("OBSERVE MODE is on in " + ", ".join(found) + ": requests the policy would deny are "
+                      "LET THROUGH and only recorded as would-deny (for trusted code only; remove "
+                      "`observe = true` from [settings], or reinstall the kernelspec without --observe)")
+    if errors:
+        return WEAK, "; ".join(errors)
+    return OK, "observe mode is off (the user policy and every capsem kernelspec's policy enforce their rules)"
+
+
 def _names_special(rule, is_special_address) -> bool:
     nets = list(rule.addresses) + ([rule.host.value] if rule.host.kind == "net" else [])
     return any(is_special_address(n.network_address) for n in nets)
@@ -216,6 +260,7 @@ CHECKS: list[tuple[str, Callable[[], Result]]] = [
     ("image owner", check_image_owner),
     ("sysctls", check_host_sysctls),
     ("policy", check_policy),
+    ("observe", check_observe),
     ("ca key", check_ca_key),
     ("runtime dir", check_runtime_dir),
     ("vsock", check_vsock),

@@ -56,7 +56,7 @@ def test_dns_and_connect_refusals_give_host_scheme_and_port_only_with_an_honest_
     assert rules["files.pythonhosted.org"]["scheme"] == "https" and "methods" not in rules["files.pythonhosted.org"]
     assert rules["db.example.com"]["port"] == 5432 and "paths" not in rules["db.example.com"]
     text = render(r)
-    assert "observe mode (planned, not built yet)" in text
+    assert "observe mode (trusted code only" in text  # was "(planned, not built yet)" before observe mode
     assert "The scheme is a guess for port 5432" in text
     assert "x3" in text and "x2" in text
     assert reparsed(text) == shown(r)

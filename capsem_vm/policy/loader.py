@@ -6,6 +6,11 @@ File format (all tables optional; an empty file denies everything):
 
     [settings]
     allow_doh = false            # true removes the implicit DNS-over-HTTPS deny rules
+    observe = false              # true: OBSERVE MODE, for trusted code only. What the rules refuse
+                                 # (default-deny, rule-deny) goes out and is audited "would-deny";
+                                 # built-in protections (DoH, protected addresses, Host/SNI
+                                 # agreement, ambiguous paths, limits) still refuse, and no
+                                 # credential is injected into a would-deny request
 
     [[rule]]
     name = "github-api"          # shown in 403s, X-Capsem-Policy and the audit log
@@ -74,6 +79,7 @@ MAX_POLICY_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+SETTINGS = ("allow_doh", "observe")  # [settings] keys, all booleans, all false by default
 _QUERY = re.compile(r"^[A-Za-z0-9_.~-]{1,64}$")  # unreserved characters: one spelling on every server
 
 
@@ -290,10 +296,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(settings, dict):
         top.fail("'settings' must be a table", "settings")
     for key, v in settings.items():
-        if key != "allow_doh":
-            sctx.fail(f"unknown setting {key!r} (allowed: allow_doh)", key)
+        if key not in SETTINGS:
+            sctx.fail(f"unknown setting {key!r} (allowed: {', '.join(SETTINGS)})", key)
         if not isinstance(v, bool):
-            sctx.fail("'allow_doh' must be true or false", key)
+            sctx.fail(f"{key!r} must be true or false", key)
 
     rules: list[Rule] = []
     if not settings.get("allow_doh", False):
@@ -315,7 +321,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         if any(c.name == cred.name for c in creds):
             ctx.fail(f"duplicate credential name {cred.name!r}", "name")
         creds.append(cred)
-    return Policy(rules=tuple(rules), credentials=tuple(creds), source=source, text=text)
+    return Policy(rules=tuple(rules), credentials=tuple(creds), source=source, text=text,
+                  observe=settings.get("observe", False))
 
 
 def load_policy(path: str | Path) -> Policy:

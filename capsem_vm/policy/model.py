@@ -23,6 +23,12 @@ Semantics (documented for users in `capsem policy --help` and docs):
   (a single address, not a network that contains it).
 - Deny rules whose host is an IP or CIDR also refuse names that resolve into it (and IPv6 forms
   that carry such an IPv4 address), checked by the proxy after resolution.
+- Observe mode (`[settings] observe = true`, never a default): `Policy.observed(d)` turns the
+  policy's own refusals (codes OBSERVABLE_CODES: default-deny, rule-deny) into WOULD_DENY
+  decisions, which pass and are audited as such. Built-in refusals (DoH, ambiguous paths,
+  invalid hosts, Host/SNI disagreement, ...) keep their code and stay refusals; a would-deny
+  never reaches a protected address and never gets a credential (`allowed` is False for it:
+  only `passes` is True).
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from .paths import CanonicalPath, allow_glob, canonicalize, deny_glob
 SCHEMES = ("http", "https", "ws", "wss", "tcp")
 WEB_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 DEFAULT_PORT = {"http": 80, "ws": 80, "https": 443, "wss": 443}
-ALLOW, DENY = "allow", "deny"
+ALLOW, DENY, WOULD_DENY = "allow", "deny", "would-deny"
+# the refusals observe mode lets through: the user's policy saying no, never a built-in protection
+OBSERVABLE_CODES = frozenset({"default-deny", "rule-deny"})
 HOST_CACHE_MAX = 4096
 
 
@@ -148,23 +156,33 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
+        """The policy says yes (what credentials need). A would-deny is not allowed, it only passes."""
         return self.action == ALLOW
+
+    @property
+    def passes(self) -> bool:
+        """The traffic may go on: allowed, or a policy refusal let through by observe mode."""
+        return self.action in (ALLOW, WOULD_DENY)
 
     def address_allowed(self, ip: IPAddress | str, own: tuple[IPNetwork, ...] | None = None) -> bool:
         """May the proxy connect to `ip`, a resolved address of the decided host? A protected address
-        (addresses.protected_class) only if the deciding rule names it; this host's own addresses
-        (`own`, default: read from /proc, cached) other than loopback only if named exactly."""
+        (addresses.protected_class) only if the deciding rule allows and names it; this host's own
+        addresses (`own`, default: read from /proc, cached) other than loopback only if named
+        exactly. A would-deny (observe mode) reaches no protected address at all."""
         if isinstance(ip, str):
             parsed = parse_ip(ip)
             if parsed is None:
                 return False
             ip = parsed
-        if not self.allowed:
+        if not self.passes:
             return False
         cls = protected_class(ip, own_addresses() if own is None else own)
         if cls is None:
             return True
-        return self._rule is not None and self._rule.names_address(ip, exact=cls == "own" and not ip.is_loopback)
+        # why allowed, not passes: the rule deciding a would-deny may be a deny rule whose host is
+        # the very network (10.0.0.0/8) it keeps the guest out of
+        return (self.allowed and self._rule is not None
+                and self._rule.names_address(ip, exact=cls == "own" and not ip.is_loopback))
 
     def header(self) -> str:
         """Value of the X-Capsem-Policy response header."""
@@ -228,6 +246,7 @@ class Policy:
     credentials: tuple[Credential, ...] = ()
     source: str = "<default>"
     text: str = ""  # the TOML it came from (sent to the proxy service verbatim)
+    observe: bool = False  # [settings] observe: policy refusals pass as would-deny (see observed)
     # host -> the rules whose host pattern matches it, in order (decide() runs per request)
     _by_host: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -325,6 +344,14 @@ class Policy:
             if not (rule.conditional or (port is None and rule.ports is not None)):
                 return _decision(rule)
         return DEFAULT_DENY
+
+    def observed(self, d: Decision) -> Decision:
+        """`d` as the proxy enforces it: in observe mode a refusal of the policy itself (code in
+        OBSERVABLE_CODES) becomes WOULD_DENY, same rule, reason and code; anything else unchanged.
+        decide()/decide_connect() stay the policy's own verdicts (suggest, `capsem policy test`)."""
+        if self.observe and d.action == DENY and d.code in OBSERVABLE_CODES:
+            return Decision(WOULD_DENY, d.rule, d.reason, d.origin, d._rule, code=d.code)
+        return d
 
     def credentials_for(self, host: str) -> list[Credential]:
         name = normalize_host(host)

@@ -366,7 +366,8 @@ def _build(host: str, h: _Host, own: tuple[IPNetwork, ...]) -> list[Suggestion]:
         s = new(_rule(host, scheme, port))
         s.seen[Seen("connect", host, port)] = c
         s.notes.append("Only connections were seen (refused before any request): this allows any method and "
-                       "path. For narrower rules, learn the requests in observe mode (planned, not built yet).")
+                       "path. For narrower rules, learn the requests in observe mode (trusted code only: "
+                       "[settings] observe = true, or capsem kernel install --observe).")
         if port not in PORT_SCHEME:
             s.notes.append(f"The scheme is a guess for port {port}: use \"http\" for plain HTTP or \"tcp\" "
                            "(raw TCP: ssh, databases) if the client speaks that.")
@@ -375,7 +376,8 @@ def _build(host: str, h: _Host, own: tuple[IPNetwork, ...]) -> list[Suggestion]:
             s = new(_rule(host, "https", 443))
             s.notes.append("Only DNS lookups were seen (refused before any connection): HTTPS on port 443 is "
                            "assumed, any method and path. After applying, a refusal on another port or scheme "
-                           "shows up here again; for narrower rules, observe mode (planned, not built yet).")
+                           "shows up here again; for narrower rules, observe mode (trusted code only: "
+                           "[settings] observe = true).")
         out[0].seen[Seen("dns", host)] = h.dns
     return out
 
@@ -390,7 +392,8 @@ def suggest(rows: Iterable[Mapping], policy: Policy | None = None, *, own: tuple
     hosts: dict[str, _Host] = {}
     for row in rows:
         report.rows += 1
-        if not isinstance(row, Mapping) or row.get("decision") != "deny":
+        # would-deny: what observe mode let through; it carries the code the refusal would have had
+        if not isinstance(row, Mapping) or row.get("decision") not in ("deny", "would-deny"):
             continue
         n = _count(row)
         code = row.get("code") or ""

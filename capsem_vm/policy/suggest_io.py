@@ -46,14 +46,14 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 def read_refusals(db: Path, *, kernel: str | None = None, since: float | None = None) -> Iterator[dict]:
-    """The refused rows (decision deny), oldest first, streamed from a read-only connection."""
+    """The refused rows (decision deny, or would-deny in observe mode), oldest first, streamed from a read-only connection."""
     if not db.exists():
         raise SuggestError(f"no audit database at {db} (run a kernel first, or pass --db)")
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
         have = {r[1] for r in con.execute("PRAGMA table_info(events)")}
         cols = ", ".join(c if c in have else f"NULL AS {c}" for c in COLUMNS)
-        where, args = ["decision = 'deny'"], []
+        where, args = ["decision IN ('deny', 'would-deny')"], []  # would-deny: observe mode
         if kernel:
             where.append("kernel = ?")
             args.append(kernel)

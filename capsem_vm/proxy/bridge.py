@@ -249,13 +249,18 @@ class EgressBridge:
         host, port, error = self._destination(msg)
         if error:
             return host, port, Refusal("invalid-host", "invalid-host", error)
-        decision = self.policy.decide_connect(host, port)
-        if not decision.allowed:
+        # observe mode: a policy refusal passes as would-deny (the proxy service judges and audits
+        # the connection again); built-in refusals and the address checks below stay
+        decision = self.policy.observed(self.policy.decide_connect(host, port))
+        if not decision.passes:
             return host, port, Refusal(decision.rule, decision.code, decision.reason)
         ip = parse_ip(host)
         denied = self.policy.address_denied(ip, port) if ip is not None else None
         if denied is not None:  # e.g. a deny rule for an IPv4 network, and its NAT64 spelling
-            return host, port, Refusal(denied.rule, denied.code, denied.reason)
+            denied = self.policy.observed(denied)
+            if not denied.passes:
+                return host, port, Refusal(denied.rule, denied.code, denied.reason)
+            decision = denied  # would-deny: reaches no protected address (Decision.address_allowed)
         if ip is not None and not decision.address_allowed(ip):
             reason = (f"this address is protected ({protected_class(ip, own_addresses())}: loopback, private, "
                       "link-local, multicast, NAT64, 6to4, this host's own, ...) and no rule names it")

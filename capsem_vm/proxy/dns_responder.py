@@ -20,7 +20,7 @@ class DnsEvent:
     """What to audit for one query (None fields are unknown)."""
     name: str
     qtype: str
-    decision: str      # allow | deny | refused | error
+    decision: str      # allow | would-deny (observe mode) | deny | refused | error
     rule: str
     reason: str
     rcode: int
@@ -59,17 +59,18 @@ class DnsResponder:
         if name is None or parse_ip(name) is not None:
             return dns.build_response(q, dns.NXDOMAIN), DnsEvent(
                 q.name[:255], q.type_name, "deny", "invalid-host", "not a valid host name", dns.NXDOMAIN, code="invalid-host")
-        decision = self.policy.decide_connect(name)
-        if not decision.allowed:
+        decision = self.policy.observed(self.policy.decide_connect(name))  # observe mode: would-deny passes
+        if not decision.passes:
             return dns.build_response(q, dns.NXDOMAIN), DnsEvent(
                 name, q.type_name, "deny", decision.rule, decision.reason, dns.NXDOMAIN, code=decision.code)
         if q.qtype in (dns.TYPE_A, dns.TYPE_ANY):
             ip = self.pool.address_for(name)
             return dns.build_response(q, dns.NOERROR, [ip], self.ttl), DnsEvent(
-                name, q.type_name, "allow", decision.rule, decision.reason, dns.NOERROR, ip, code=decision.code)
+                name, q.type_name, decision.action, decision.rule, decision.reason, dns.NOERROR, ip,
+                code=decision.code)
         # AAAA (no IPv6 in the guest), CNAME, HTTPS/SVCB, TXT, ...: the name exists, nothing else
         return dns.build_response(q, dns.NOERROR), DnsEvent(
-            name, q.type_name, "allow", decision.rule, "no records of this type are served", dns.NOERROR,
+            name, q.type_name, decision.action, decision.rule, "no records of this type are served", dns.NOERROR,
             code=decision.code)
 
     def take_rate_limited(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -82,6 +83,8 @@ class Control:
                                       protocol.req_str(msg, "source", optional=True) or "<registered>")
             except PolicyError as exc:
                 return protocol.error("policy", str(exc), mid)
+            if msg.get("observe") is True:  # set by the kernel's config, not only by the file
+                policy = dataclasses.replace(policy, observe=True)
             self.state.kernels[kernel] = Kernel(kernel, password, policy)
             return {"t": "ok", "id": mid}
         if t == "unregister":

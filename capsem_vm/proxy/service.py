@@ -258,7 +258,7 @@ class ProxyService:
         ep = ProxyEndpoint(self.workers[0].socks[0], tuple(w.socks[1] for w in self.workers),
                            kernel_id, secrets.token_urlsafe(32))
         msg = {"t": "register", "kernel": kernel_id, "password": ep.password,
-               "policy": policy.text, "source": policy.source}
+               "policy": policy.text, "source": policy.source, "observe": policy.observe}
         await asyncio.gather(*(w.request(msg) for w in self.workers))
         self._kernels[kernel_id] = ep
         return ep

@@ -4,8 +4,9 @@ URLs are those the guest sent (placeholders, never injected secrets), then redac
 (capsem_vm.proxy.audit.redact_url). Every row carries a stable code (Decision.code).
 
 It is also the gate of "refused, never unaudited": it runs after Guard, and while the audit log
-cannot be written (AuditLog.available is False) it refuses what Guard allowed: new upstream
-connections, requests (403) and raw TCP streams, with code "audit-unavailable"."""
+cannot be written (AuditLog.available is False) it refuses what Guard let pass (allowed, or
+would-deny in observe mode): new upstream connections, requests (403) and raw TCP streams, with
+code "audit-unavailable"."""
 
 from __future__ import annotations
 
@@ -69,14 +70,14 @@ class Audit:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         m = flow_meta(flow)
         d = m.decision
-        if d is not None and d.allowed and flow.response is None and self._unavailable("request"):
+        if d is not None and d.passes and flow.response is None and self._unavailable("request"):
             m.decision = UNAVAILABLE
             flow.response = _deny_response(UNAVAILABLE)
 
     def tcp_start(self, flow) -> None:
         m = flow_meta(flow)
         d = m.decision
-        if d is not None and d.allowed and self._unavailable("TCP stream"):
+        if d is not None and d.passes and self._unavailable("TCP stream"):
             m.decision = UNAVAILABLE
             flow.kill()
 
@@ -95,6 +96,8 @@ class Audit:
         if error:
             reason += f"; error: {error}"
         secrets = [s.decode(errors="replace") for s, _ in m.secrets]
+        # an allowed flow that failed is an "error" row; a would-deny keeps its decision and code
+        failed = bool(error) and d is not None and d.allowed
         url = redact_url(m.url, secrets)
         self.log.record(
             m.kernel or "?", m.kind,
@@ -102,8 +105,8 @@ class Audit:
             url=url, host=m.host, port=m.port, status=status,
             bytes_out=m.bytes_out, bytes_in=m.bytes_in,
             duration_ms=round((time.time() - started) * 1000, 2),
-            decision=("error" if error and d and d.allowed else (d.action if d else "error")),
-            code=("error" if error and d and d.allowed else (d.code if d else "error")),
+            decision=("error" if failed else (d.action if d else "error")),
+            code=("error" if failed else (d.code if d else "error")),
             rule=d.rule if d else "-", reason=reason[:2000] + (" [credential injected]" if m.credentials else ""))
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -9,6 +9,9 @@ others: checked on every read) refuses the request (403, code "credential"), nev
 without. The response is scrubbed (headers, and the streamed body) so an upstream that echoes the
 secret does not hand it to the guest; Accept-Encoding is dropped on such requests so bodies stay
 scrubbable. The secret value is never logged or audited.
+
+Observe mode: a request (or its connection) that passes only as would-deny gets no credential:
+the policy would refuse it, so no secret goes with it.
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ class Credentials:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         m = flow_meta(flow)
         d = m.decision
+        sess = self.state.session(flow.client_conn)
+        # only where the policy itself says yes, for the request and its connection: a would-deny
+        # (observe mode) goes out as the guest wrote it, placeholders and all
         if d is None or not d.allowed or flow.response is not None:
+            return
+        if sess is None or sess.connect_decision is None or not sess.connect_decision.allowed:
             return
         if not m.url.startswith(("https://", "wss://")):
             return  # never put a secret on a plaintext wire
-        sess = self.state.session(flow.client_conn)
         req = flow.request
         pairs = []
         for cred in sess.kernel.policy.credentials_for(sess.host):

@@ -18,6 +18,10 @@ stream of a kernel, with that kernel's policy, on the destination the guest aske
   bodies stream.
 - responseheaders: a 101 that would not become the WebSocket that was judged kills the connection.
 - tcp_start: non-HTTP streams need a `scheme = "tcp"` rule.
+
+Observe mode (policy `[settings] observe = true`): at every decision point the policy's own refusal
+(default-deny, rule-deny) becomes a would-deny (Policy.observed) that passes and is audited as
+such; every built-in check above still refuses, and a would-deny reaches no protected address.
 """
 
 from __future__ import annotations
@@ -140,9 +144,10 @@ class Guard:
         name = normalize_host(host)
         sess.host, sess.port = name or host, port
         target = f"{sess.host}:{port}"
-        d = sess.kernel.policy.decide_connect(host, port) if name else Decision(DENY, "invalid-host", "invalid host")
+        policy = sess.kernel.policy
+        d = policy.observed(policy.decide_connect(host, port)) if name else Decision(DENY, "invalid-host", "invalid host")
         sess.connect_decision = d
-        if not d.allowed:
+        if not d.passes:
             data.server.error = f"capsem: denied by rule {d.rule}"
             self.audit.connection(sess, target, d, d.reason)
             return
@@ -153,9 +158,13 @@ class Guard:
                                   None, decision="error")
             return
         for a in addresses:  # any address in a denied IP/CIDR refuses the name (not only that address)
-            denied = sess.kernel.policy.address_denied(a, port)
+            denied = policy.address_denied(a, port)
             if denied is not None:
+                denied = policy.observed(denied)
                 reason = f"{name} resolves to {a}, which deny rule {denied.rule!r} covers: {denied.reason}"
+                if denied.passes:  # observe mode: recorded would-deny, and no protected address below
+                    d = sess.connect_decision = denied
+                    continue
                 data.server.error = f"capsem: denied by rule {denied.rule}"
                 self.audit.connection(sess, target, denied, reason)
                 return
@@ -163,8 +172,12 @@ class Guard:
         allowed = [a for a in addresses if d.address_allowed(a, own)]
         if not allowed:
             classes = ", ".join(f"{a} ({_address_class(a, own)})" for a in addresses[:4])
-            reason = (f"{name} resolves to {classes}: a protected address, and rule {d.rule!r} does not name it"
-                      + (" exactly (this host's own addresses must be named one by one)" if "own" in classes else ""))
+            if d.allowed:
+                reason = (f"{name} resolves to {classes}: a protected address, and rule {d.rule!r} does not name it"
+                          + (" exactly (this host's own addresses must be named one by one)" if "own" in classes else ""))
+            else:
+                reason = (f"{name} resolves to {classes}: a protected address, which observe mode never reaches "
+                          f"(the policy would deny this: {d.code}, rule {d.rule!r})")
             data.server.error = "capsem: destination address not allowed"
             self.audit.connection(sess, target, Decision(DENY, "address", reason), reason)
             return
@@ -216,7 +229,7 @@ class Guard:
         m.kind, m.url = _describe(flow.request, sess, tls)
         default_port = 443 if tls else 80
         d, detail = _judge_request(flow.request, sess, m.url, default_port)
-        if d.allowed:
+        if d.passes:
             _send_upstream(flow, m, d, authority(sess.host, sess.port, default_port))
         else:
             refuse_request(flow, d, detail, "denied")
@@ -225,7 +238,7 @@ class Guard:
         if flow.response is None or flow.response.status_code != 101:
             return
         m = flow_meta(flow)
-        if m.kind == "websocket" and m.decision is not None and m.decision.allowed and _becomes_websocket(flow):
+        if m.kind == "websocket" and m.decision is not None and m.decision.passes and _becomes_websocket(flow):
             return
         # the server switched protocols for a request that was not judged as a WebSocket (or to
         # something mitmproxy would pass through uninspected): no byte more either way
@@ -238,7 +251,7 @@ class Guard:
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         d = flow_meta(flow).decision
-        if not d or not d.allowed:
+        if not d or not d.passes:
             flow.kill()  # defensive: an upgrade that was not judged never becomes a WebSocket
 
     def tcp_start(self, flow) -> None:
@@ -251,11 +264,11 @@ class Guard:
             return
         m.kernel, m.host, m.port = sess.kernel.id, sess.host, sess.port
         m.url = f"tcp://{_host_literal(sess.host)}:{sess.port}"
-        d = sess.kernel.policy.decide("", m.url, sess.pinned)
-        if d.allowed and sess.mismatch:
+        d = sess.kernel.policy.observed(sess.kernel.policy.decide("", m.url, sess.pinned))
+        if d.passes and sess.mismatch:
             d = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree")
         m.decision = d
-        if not d.allowed:
+        if not d.passes:
             flow.kill()
 
 
@@ -277,21 +290,23 @@ def _describe(req: http.Request, sess, tls: bool) -> tuple[str, str]:
 def _judge_request(req: http.Request, sess, url: str, default_port: int) -> tuple[Decision, str]:
     """The request's decision and its detail: the rules', unless the request's names disagree
     with the destination (judged first: such a request was not judged at all), its connection's
-    SNI disagreed, or it is a CONNECT no rule lists."""
-    d = sess.kernel.policy.decide(req.method, url, sess.pinned)
+    SNI disagreed, or it is a CONNECT no rule lists. Observe mode turns only the rules' own
+    refusals into would-deny (Policy.observed): every check after that one still refuses."""
+    d = sess.kernel.policy.observed(sess.kernel.policy.decide(req.method, url, sess.pinned))
     detail = _mismatch(req, sess, default_port)
     if detail is not None:
         d = Decision(DENY, "host-mismatch", "every name a request carries (Host, request target, "
                      ":authority) must name the destination host and port")
-    elif d.allowed and sess.mismatch:
+    elif d.passes and sess.mismatch:
         d, detail = Decision(DENY, "sni-mismatch", "TLS SNI and destination must agree"), sess.mismatch
-    elif d.allowed and req.method == "CONNECT" and not (d._rule and d._rule.methods and "CONNECT" in d._rule.methods):
+    elif d.passes and req.method == "CONNECT" and not (d.allowed and d._rule and d._rule.methods and "CONNECT" in d._rule.methods):
         d = Decision(DENY, "connect-method", "CONNECT tunnels need a rule listing method CONNECT")
     return d, detail or ""
 
 
 def _send_upstream(flow: http.HTTPFlow, m: FlowMeta, d: Decision, canonical: str) -> None:
-    """An allowed request: origin form with the judged authority, and its body streamed (counted)."""
+    """An allowed (or, in observe mode, would-deny) request: origin form with the judged authority,
+    and its body streamed (counted)."""
     m.decision = d
     req = flow.request
     if req.method != "CONNECT":

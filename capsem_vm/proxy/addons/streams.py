@@ -13,7 +13,7 @@ from .state import flow_meta
 class Streams:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         m = flow_meta(flow)
-        if m.decision is None or not m.decision.allowed:
+        if m.decision is None or not m.decision.passes:
             return  # our own 403: already complete, nothing to stream
         if m.bytes_in is None:
             m.bytes_in = 0
