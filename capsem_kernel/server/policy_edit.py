@@ -5,12 +5,16 @@ opted in with allow_policy_edits); credentials never: a new credential, or a cha
 query or file, would let the caller choose where the host's secrets go. So the `[[credential]]`
 tables of the new text must be exactly those of the file it replaces (compared as TOML data), and
 an edit is refused when the current file cannot be read as TOML (its credentials are unknown).
+The `[settings]` are the host's too: `allow_doh` turns a built-in protection off and `observe` lets
+through what the rules refuse, so their values (absent = false) must stay as they are.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+
+from capsem_vm.policy.loader import SETTINGS
 
 
 class PolicyEditRefused(Exception):
@@ -22,9 +26,16 @@ def _credentials(text: str) -> list:
     return creds if isinstance(creds, list) else [creds]
 
 
+def _settings(text: str) -> dict:
+    settings = tomllib.loads(text).get("settings", {})
+    settings = settings if isinstance(settings, dict) else {}
+    return {key: bool(settings.get(key, False)) for key in SETTINGS}
+
+
 def check_credentials_kept(target: Path, new_text: str) -> None:
-    """Raise PolicyEditRefused unless `new_text` declares exactly the credentials `target` does now
-    (none if it does not exist). `new_text` is already known to be a valid policy."""
+    """Raise PolicyEditRefused unless `new_text` declares exactly the credentials and the settings
+    `target` does now (none, all false, if it does not exist). `new_text` is already known to be a
+    valid policy."""
     try:
         current = target.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -43,3 +54,8 @@ def check_credentials_kept(target: Path, new_text: str) -> None:
             "policy edits from the browser cannot add, remove or change credentials ([[credential]] tables); "
             f"keep them exactly as in {target} ({', '.join(names) if names else 'none'}): credentials are "
             "changed on the host only")
+    changed = sorted(k for k, v in _settings(new_text).items() if v != _settings(current)[k])
+    if changed:
+        raise PolicyEditRefused(
+            f"policy edits from the browser cannot change [settings] ({', '.join(changed)}): allow_doh and "
+            f"observe weaken built-in protections and are set in {target} on the host only")
