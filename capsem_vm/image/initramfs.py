@@ -16,7 +16,7 @@ from pathlib import Path
 from capsem_vm.errors import ImageError, MissingHelperError
 
 from . import store
-from .agent_source import PACKAGE, AgentTree, find_agent_tree
+from .agent_source import PACKAGE, AgentFile, AgentTree, find_agent_tree
 from .cpio import NewcWriter
 from .linux import KernelLayer
 from .modules import BACKGROUND_MODULES, BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
@@ -157,15 +157,23 @@ def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[
                 made.add(d)
                 w.directory(f"capsem/{d.as_posix()}")
 
+    for rel, data, mode in agent_entries(files):
+        directory(Path(rel).parent)
+        w.file(f"capsem/{rel}", data, mode)
+    w.close()
+
+
+def agent_entries(files: list[AgentFile]) -> list[tuple[str, bytes, int]]:
+    """(path under /capsem/, content, mode) of the agent's files and their bytecode: the part of
+    the initramfs that comes from the agent tree (besides /init)."""
+    out = []
     for f in files:
         rel = Path(f.rel)
-        directory(rel.parent)
-        w.file(f"capsem/{f.rel}", f.path.read_bytes(), f.mode)
+        out.append((f.rel, f.path.read_bytes(), f.mode))
         if rel.suffix == ".py" and _can_precompile():
-            directory(rel.parent / "__pycache__")
             pyc = rel.parent / "__pycache__" / f"{rel.stem}.{sys.implementation.cache_tag}.pyc"
-            w.file(f"capsem/{pyc.as_posix()}", _bytecode(f.path, f"/opt/capsem/{f.rel}"), 0o644)
-    w.close()
+            out.append((pyc.as_posix(), _bytecode(f.path, f"/opt/capsem/{f.rel}"), 0o644))
+    return out
 
 
 def _can_precompile() -> bool:

@@ -1,0 +1,202 @@
+"""The wheel as a pip user gets it: built from this checkout, installed into a fresh venv (made with
+the system Python) in a temporary folder outside the checkout, run from another directory with
+no PYTHONPATH. It carries everything it needs at run time (the guest agent, the labextension, the
+server config) and never reaches back into the source tree; its proxy child imports capsem's own
+packages and nothing else of the Jupyter env.
+
+Slow-ish (about a minute: the wheel, a venv, its dependencies from the package index) but needs
+no VM image. Skips where the system Python or the package index is unavailable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from capsem_vm.image.agent_source import find_agent_tree
+from capsem_vm.image.initramfs import agent_entries, agent_files_digest
+from capsem_vm.proxy.service import PROXY_REQUIREMENTS, find_proxy_python
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """A user's environment: no PYTHONPATH (the shared dev env points it at a checkout)."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+            "CAPSEM_DATA_DIR": str(home / "data"), "CAPSEM_CONFIG_DIR": str(home / "config"),
+            "CAPSEM_RUNTIME_DIR": str(home / "run"), **extra}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} not installed")
+    root = tmp_path_factory.mktemp("wheel")
+    assert not root.resolve().is_relative_to(CHECKOUT)
+    dist = root / "dist"
+    # the hook rebuilds the labextension with npm only when its sources are newer than the
+    # output (the checkout's prebuilt one is reused otherwise)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(CHECKOUT), "--no-deps", "-q", "-w", str(dist)],
+                           capture_output=True, text=True, timeout=600, cwd=root)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel, = dist.glob("capsem_jupyter-*.whl")
+    venv = root / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
+    home = root / "home"
+    (home / "run").mkdir(parents=True, mode=0o700)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)],
+                         capture_output=True, text=True, timeout=600, cwd=root, env=clean_env(home))
+    if pip.returncode != 0 and "No matching distribution" in pip.stderr + pip.stdout:
+        pytest.skip("the package index is not reachable: " + pip.stderr[-500:])
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    return {"venv": venv, "home": home, "cwd": elsewhere, "wheel": wheel}
+
+
+def run(installed, argv, env_extra=None, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=installed["cwd"],
+                          env=clean_env(installed["home"], **(env_extra or {})), **kw)
+
+
+def py(installed, code, *args, env_extra=None):
+    out = run(installed, [str(installed["venv"] / "bin" / "python"), "-c", code, *args], env_extra)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_the_code_comes_from_the_venv(installed):
+    venv = installed["venv"].resolve()
+    found = json.loads(py(installed, "import json, capsem_vm, capsem_kernel, capsem_agent, sys; "
+                                     "print(json.dumps([m.__file__ for m in (capsem_vm, capsem_kernel, capsem_agent)] + sys.path))"))
+    for f in found[:3]:
+        assert Path(f).resolve().is_relative_to(venv), f
+    assert not any(p and Path(p).resolve().is_relative_to(CHECKOUT) for p in found[3:]), found
+
+
+def test_cli_runs_from_any_directory(installed):
+    capsem = str(installed["venv"] / "bin" / "capsem")
+    out = run(installed, [capsem, "--help"])
+    assert out.returncode == 0 and "image" in out.stdout, out.stderr
+    out = run(installed, [str(installed["venv"] / "bin" / "python"), "-m", "capsem_vm", "--help"])
+    assert out.returncode == 0 and "image" in out.stdout, out.stderr
+    # doctor gives the same verdict as from the checkout (host facts, not where the code is)
+    mine = subprocess.run([sys.executable, "-m", "capsem_vm", "doctor"], capture_output=True, text=True,
+                          timeout=300, env=clean_env(installed["home"], PYTHONPATH=f"{CHECKOUT}:{CHECKOUT / 'guest-agent'}"))
+    theirs = run(installed, [capsem, "doctor"])
+    assert "Traceback" not in theirs.stderr, theirs.stderr
+    assert theirs.returncode == mine.returncode, (theirs.stdout + theirs.stderr, mine.stdout + mine.stderr)
+
+
+ENTRIES = """
+import hashlib, json, sys
+from capsem_vm.image.agent_source import find_agent_tree
+from capsem_vm.image.initramfs import agent_entries, agent_files_digest
+tree = find_agent_tree()
+files = tree.files()
+print(json.dumps({"boot_dir": str(tree.boot_dir), "package_dir": str(tree.package_dir),
+                  "digest": agent_files_digest(tree),
+                  "init": hashlib.sha256(files[0].path.read_bytes()).hexdigest(),
+                  "entries": [[rel, hashlib.sha256(data).hexdigest(), mode] for rel, data, mode in agent_entries(files[1:])]}))
+"""
+
+
+def test_agent_files_ship_in_the_wheel_and_pack_byte_identically(installed):
+    """The wheel's agent tree is the checkout's: same digest (so both share the cached images,
+    for the same Python) and, packed by the same interpreter, the same initramfs entries."""
+    venv = installed["venv"].resolve()
+    wheel = json.loads(py(installed, ENTRIES))
+    assert Path(wheel["boot_dir"]).is_relative_to(venv) and Path(wheel["package_dir"]).is_relative_to(venv)
+    checkout = json.loads(py(installed, ENTRIES, env_extra={"PYTHONPATH": f"{CHECKOUT}:{CHECKOUT / 'guest-agent'}"}))
+    assert Path(checkout["boot_dir"]) == CHECKOUT / "guest-agent"
+    assert wheel["digest"] == checkout["digest"] == agent_files_digest(find_agent_tree())
+    assert wheel["init"] == checkout["init"]
+    assert wheel["entries"] == checkout["entries"]
+    names = {rel for rel, _, _ in wheel["entries"]}
+    assert {"capsem-agent", "capsem_agent/supervisor.py", "capsem_agent/protocol.py"} <= names
+    assert dict((rel, mode) for rel, _, mode in wheel["entries"])["capsem-agent"] == 0o755
+
+
+def test_the_agent_tree_is_all_of_guest_agent():
+    """Nothing in guest-agent/ is left behind by the new enumeration (the wheel ships exactly this)."""
+    root = CHECKOUT / "guest-agent"
+    on_disk = set()
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if x != "__pycache__" and not x.startswith(".")]
+        on_disk |= {(Path(d) / n).relative_to(root).as_posix() for n in names
+                    if not n.endswith(".pyc") and not n.startswith(".")}
+    tree = find_agent_tree()
+    assert {f.rel for f in tree.files()} == on_disk
+    assert [f.rel for f in tree.files()][:2] == ["init", "capsem-agent"]
+    assert all(mode in (0o644, 0o755) for _, _, mode in agent_entries(tree.files()))
+
+
+CHILD = """
+import asyncio, json, os, sys
+from capsem_vm.proxy.service import ProxyService
+async def main():
+    svc = ProxyService(workers=1, audit_db=sys.argv[1], ca_dir=sys.argv[2], log_path=sys.argv[3])
+    await svc.start()
+    try:
+        pid = svc.pids[0]
+        env = dict(e.split("=", 1) for e in open(f"/proc/{pid}/environ").read().split("\\0") if "=" in e)
+        maps = sorted({line.split()[-1] for line in open(f"/proc/{pid}/maps") if "/" in line})
+        code = env["PYTHONPATH"]
+        print(json.dumps({"pythonpath": code, "entries": {n: os.readlink(os.path.join(code, n)) for n in os.listdir(code)},
+                          "maps": maps, "env": env, "exe": os.readlink(f"/proc/{pid}/exe")}))
+    finally:
+        await svc.close()
+asyncio.run(main())
+"""
+
+
+def test_proxy_child_gets_only_capsem_code(installed, tmp_path):
+    venv = installed["venv"].resolve()
+    site = Path(py(installed, "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()).resolve()
+    proxy_python = find_proxy_python()
+    got = json.loads(py(installed, CHILD, str(tmp_path / "audit.sqlite3"), str(tmp_path / "ca"), str(tmp_path / "proxy.log"),
+                        env_extra={"CAPSEM_PROXY_PYTHON": proxy_python}))
+    assert got["entries"] == {"capsem_vm": str(site / "capsem_vm"), "capsem_agent": str(site / "capsem_agent")}
+    assert Path(got["pythonpath"]).resolve().is_relative_to((installed["home"] / "run").resolve())
+    assert ":" not in got["pythonpath"] and "PYTHONHOME" not in got["env"]
+    # nothing the child loaded (its interpreter, extension modules) comes from the Jupyter venv
+    assert not [m for m in got["maps"] if Path(m).is_relative_to(venv)], got["maps"]
+    # and what the child's interpreter puts on sys.path with that environment has no site-packages of it
+    child_path = subprocess.run([proxy_python, "-c", "import json, sys; print(json.dumps(sys.path))"],
+                                capture_output=True, text=True, timeout=60, env=got["env"], check=True).stdout
+    assert not [p for p in json.loads(child_path) if p and Path(p).resolve().is_relative_to(venv)], child_path
+
+
+def test_missing_proxy_env_says_what_a_pip_user_does(installed):
+    out = run(installed, [str(installed["venv"] / "bin" / "python"), "-c",
+                          "from capsem_vm.proxy.service import find_proxy_python; find_proxy_python()"])
+    assert out.returncode != 0
+    assert "make proxy-venv`;" in out.stderr  # only as the checkout's way, after the pip user's
+    assert "CAPSEM_PROXY_PYTHON" in out.stderr and "pip install mitmproxy==11.0.2" in out.stderr
+    assert str(installed["home"] / "data" / "proxy-venv") in out.stderr
+
+
+def test_proxy_requirements_are_the_proxy_extra():
+    extra = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["proxy"]
+    assert sorted(extra) == sorted(PROXY_REQUIREMENTS)
+
+
+def test_wheel_ships_the_labextension_and_server_config(installed):
+    import zipfile
+    names = zipfile.ZipFile(installed["wheel"]).namelist()
+    data = [n.split(".data/data/", 1)[1] for n in names if ".data/data/" in n]
+    assert "etc/jupyter/jupyter_server_config.d/capsem_kernel.json" in data
+    assert "share/jupyter/labextensions/@capsem/jupyterlab-capsem/package.json" in data
+    assert "share/jupyter/labextensions/@capsem/jupyterlab-capsem/install.json" in data
+    assert {"capsem_vm/image/agent_boot/init", "capsem_vm/image/agent_boot/capsem-agent"} <= set(names)
+    venv = installed["venv"]
+    assert (venv / "share/jupyter/labextensions/@capsem/jupyterlab-capsem/static/style.js").is_file()
+    assert (venv / "etc/jupyter/jupyter_server_config.d/capsem_kernel.json").is_file()
