@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -200,3 +201,33 @@ def test_wheel_ships_the_labextension_and_server_config(installed):
     venv = installed["venv"]
     assert (venv / "share/jupyter/labextensions/@capsem/jupyterlab-capsem/static/style.js").is_file()
     assert (venv / "etc/jupyter/jupyter_server_config.d/capsem_kernel.json").is_file()
+
+
+def test_child_code_dir_holds_exactly_the_two_packages_and_is_reused(tmp_path):
+    from capsem_vm.proxy.child_code import child_code_dir, package_dirs
+    runtime = tmp_path / "run"
+    first = child_code_dir(runtime)
+    assert child_code_dir(runtime) == first
+    assert sorted(os.listdir(first)) == ["capsem_agent", "capsem_vm"]
+    assert {n: Path(os.readlink(first / n)) for n in os.listdir(first)} == package_dirs()
+    assert (first.stat().st_mode & 0o777) == 0o700 and [p.name for p in runtime.iterdir()] == [first.name]
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "other_dir", "symlink"])
+def test_child_code_dir_refuses_what_it_did_not_make(tmp_path, in_the_way):
+    from capsem_vm.errors import CapsemError
+    from capsem_vm.proxy.child_code import child_code_dir
+    runtime = tmp_path / "run"
+    final = child_code_dir(runtime)
+    shutil.rmtree(final)
+    if in_the_way == "file":
+        final.write_text("x")
+    elif in_the_way == "other_dir":
+        final.mkdir()
+        (final / "capsem_vm").symlink_to(tmp_path)       # points elsewhere
+        (final / "capsem_agent").symlink_to(tmp_path)
+    else:
+        final.symlink_to(tmp_path)
+    with pytest.raises(CapsemError, match="in the way"):
+        child_code_dir(runtime)
+    assert not [p for p in runtime.iterdir() if p.name.startswith(".proxy-code-")]  # no leftovers

@@ -59,18 +59,19 @@ def child_code_dir(runtime: Path | None = None) -> Path:
     if _holds_exactly(final, targets):
         return final
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".proxy-code-"))
+    moved = False
     try:
         for name, target in targets.items():
             os.symlink(target, tmp / name)
         os.chmod(tmp, 0o700)
         try:
-            os.rename(tmp, final)  # fails if another start made it first (or it is stale)
-            tmp = None
+            os.rename(tmp, final)  # fails if another start made it first (or something else is there)
+            moved = True
         except OSError:
             if not _holds_exactly(final, targets):  # not a concurrent start's: fail closed
                 raise CapsemError(f"{final} is in the way of the proxy service's code directory",
                                   f"remove it (capsem makes it again): rm -r {final}") from None
     finally:
-        if tmp is not None:
+        if not moved:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
