@@ -58,12 +58,11 @@ def child_code_dir(runtime: Path | None = None) -> Path:
     final = root / f"proxy-code-{key}"
     if _holds_exactly(final, targets):
         return final
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".proxy-code-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".proxy-code-"))  # mode 0700
     moved = False
     try:
         for name, target in targets.items():
             os.symlink(target, tmp / name)
-        os.chmod(tmp, 0o700)
         try:
             os.rename(tmp, final)  # fails if another start made it first (or something else is there)
             moved = True
