@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import subprocess
+import shlex
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -37,11 +39,20 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def installed():
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"{SYSTEM_PYTHON} not installed")
-    root = tmp_path_factory.mktemp("wheel")
-    assert not root.resolve().is_relative_to(CHECKOUT)
+    # not under pytest's 0700 basetemp: an unprivileged user runs this venv too
+    root = Path(tempfile.mkdtemp(prefix="capsem-wheel-"))
+    try:
+        os.chmod(root, 0o755)
+        assert not root.resolve().is_relative_to(CHECKOUT)
+        yield _install(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _install(root: Path) -> dict:
     dist = root / "dist"
     # the hook rebuilds the labextension with npm only when its sources are newer than the
     # output (the checkout's prebuilt one is reused otherwise)
@@ -60,7 +71,7 @@ def installed(tmp_path_factory):
     assert pip.returncode == 0, pip.stderr[-3000:]
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
-    return {"venv": venv, "home": home, "cwd": elsewhere, "wheel": wheel}
+    return {"root": root, "venv": venv, "home": home, "cwd": elsewhere, "wheel": wheel}
 
 
 def run(installed, argv, env_extra=None, **kw):
@@ -231,3 +242,96 @@ def test_child_code_dir_refuses_what_it_did_not_make(tmp_path, in_the_way):
     with pytest.raises(CapsemError, match="in the way"):
         child_code_dir(runtime)
     assert not [p for p in runtime.iterdir() if p.name.startswith(".proxy-code-")]  # no leftovers
+
+
+@pytest.mark.vm
+def test_vm_run_with_a_share_from_the_installed_wheel(installed, tmp_path):
+    """`capsem vm run --share DIR` from the wheel: the guest reads and writes the folder. The image is
+    the checkout's cached one (the wheel's own key differs when its Python's version differs)."""
+    from capsem_vm.image.build import build_image
+    from capsem_vm.image.recipe import Recipe
+    image = build_image(Recipe())
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "from_host.txt").write_text("host")
+    passthrough = {k: v for k, v in os.environ.items() if k in ("CAPSEM_VIRTIOFSD", "CAPSEM_CACHE_DIR", "CAPSEM_SYSTEM_CACHE_DIR")}
+    out = run(installed, [str(installed["venv"] / "bin" / "capsem"), "vm", "run", "-q", "--share", str(share),
+                          "--image", str(image), "--", "sh", "-c", "cat from_host.txt; echo guest > from_guest.txt"],
+              env_extra={"CAPSEM_PROXY_PYTHON": find_proxy_python(), **passthrough})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "host" in out.stdout
+    assert (share / "from_guest.txt").read_text() == "guest\n"
+
+
+USER_SCRIPT = """
+set -e
+cd "$HOME"
+python -c 'import capsem_vm, sys; print("FILE", capsem_vm.__file__)'
+if cat {checkout}/pyproject.toml >/dev/null 2>&1; then echo "CHECKOUT READABLE"; exit 1; fi
+capsem doctor
+capsem vm run -q --share "$HOME/share" --policy "$HOME/policy.toml" -- sh -c \\
+  'cat from_host.txt; echo guest > from_guest.txt; python3 -c "import urllib.request; print(urllib.request.urlopen(\\"{url}\\", timeout=60).read().decode())"'
+capsem audit --json --limit 100
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
+def test_an_unprivileged_user_runs_the_installed_wheel(installed):
+    """As a user with no supplementary groups who cannot read the checkout (hidden by a tmpfs in a
+    mount namespace): the code is the venv's, `capsem doctor` passes, `capsem vm run --share`
+    reads and writes the folder, and an allowed fetch from a real server on this machine goes
+    through the proxy (the user's own proxy env) with an audit row."""
+    import http.server
+    import pwd
+    import threading
+
+    from test_kernel_user import USER, ensure_user
+    user = ensure_user()
+    assert os.getgrouplist(USER, user.pw_gid) == [user.pw_gid]
+    root = installed["root"]
+    proxy = root / "proxy-venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(proxy)], check=True, timeout=120)
+    pip = subprocess.run([str(proxy / "bin" / "pip"), "install", "-q", *PROXY_REQUIREMENTS],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    home = root / "user-home"
+    (home / "share").mkdir(parents=True)
+    (home / "share" / "from_host.txt").write_text("host\n")
+    addr = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
+    www = root / "www"
+    www.mkdir()
+    (www / "hello.txt").write_text("hello from this machine")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(www))  # noqa: E731
+    server = http.server.ThreadingHTTPServer((addr, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    url = f"http://{addr}:{port}/hello.txt"
+    (home / "policy.toml").write_text(
+        f'[[rule]]\nname = "here"\nhost = "{addr}"\nport = {port}\naddresses = ["{addr}"]\n'
+        f'action = "allow"\nreason = "a server on this machine"\n')
+    subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)], check=True)
+    os.chmod(home, 0o700)
+    env = [f"PATH={installed['venv'] / 'bin'}:/usr/bin:/bin", f"HOME={home}", "LANG=C.UTF-8",
+           f"CAPSEM_PROXY_PYTHON={proxy / 'bin' / 'python'}"]
+    env += [f"{k}={v}" for k, v in os.environ.items() if k in ("CAPSEM_VIRTIOFSD",)]
+    script = USER_SCRIPT.format(checkout=CHECKOUT, url=url)
+    inner = f"mount -t tmpfs -o mode=0700 none {CHECKOUT} && exec runuser -u {USER} -- env -i " + \
+        " ".join(map(shlex.quote, env)) + " sh -c " + shlex.quote(script)
+    try:
+        out = subprocess.run(["unshare", "--mount", "--", "sh", "-c", inner], capture_output=True, text=True,
+                             timeout=600, cwd="/")
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    file_line = next(line for line in lines if line.startswith("FILE "))
+    assert Path(file_line[5:]).is_relative_to(installed["venv"]), file_line
+    assert "all checks passed" in out.stdout
+    assert "host" in lines and "hello from this machine" in lines
+    assert (home / "share" / "from_guest.txt").read_text() == "guest\n"
+    assert (home / "share" / "from_guest.txt").stat().st_uid == user.pw_uid
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(r.get("url") == url and r.get("decision") == "allow" for r in rows), rows[-5:]
+    assert pwd.getpwuid(os.stat(home / ".local" / "share" / "capsem" / "audit.sqlite3").st_uid).pw_name == USER
