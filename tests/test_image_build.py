@@ -58,8 +58,8 @@ def test_second_build_is_instant(built):
 def test_initramfs_content(built):
     data = subprocess.run(["zstd", "-dc", str(built / "initrd.img")], capture_output=True, check=True).stdout
     files = read_newc(data)
-    from capsem_vm.image.initramfs import guest_agent_dir
-    assert files["init"] == (guest_agent_dir() / "init").read_bytes()
+    from capsem_vm.image.agent_source import find_agent_tree
+    assert files["init"] == find_agent_tree().file("init").path.read_bytes()
     assert files["bin/busybox"][:4] == b"\x7fELF"
     assert "capsem/capsem_agent/protocol.py" in files
     order = [line.rsplit("/", 1)[1] for line in files["etc/capsem/modules.boot"].decode().split()]

@@ -12,7 +12,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from capsem_vm.proxy.addons.state import FLOW_META_KEY, FlowMeta, flow_meta
-from capsem_vm.proxy.service import REPO_ROOT, find_proxy_python
+from capsem_vm.proxy.service import find_proxy_python
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout these tests run from
 
 ADDONS = Path(__file__).resolve().parents[1] / "capsem_vm" / "proxy"
 

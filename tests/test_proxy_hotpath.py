@@ -7,11 +7,14 @@ from __future__ import annotations
 import subprocess
 import textwrap
 import threading
+from pathlib import Path
 
 from capsem_vm.policy import parse_policy
 from capsem_vm.proxy import AuditLog, read_events
 from capsem_vm.proxy.audit import redact_url
-from capsem_vm.proxy.service import REPO_ROOT, find_proxy_python
+from capsem_vm.proxy.service import find_proxy_python
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout these tests run from
 
 
 def test_audit_rows_from_many_threads_all_land_on_close(tmp_path):

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from pathlib import Path
 
 from capsem_agent import protocol
-from capsem_vm.proxy.service import REPO_ROOT, find_proxy_python
+from capsem_vm.proxy.service import find_proxy_python
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout these tests run from
 
 ENV = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'guest-agent'}", "PATH": "/usr/bin:/bin"}
 

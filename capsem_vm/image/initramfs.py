@@ -10,11 +10,13 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from capsem_vm.errors import ImageError, MissingHelperError
 
 from . import store
+from .agent_source import PACKAGE, AgentFile, AgentTree, find_agent_tree
 from .cpio import NewcWriter
 from .linux import KernelLayer
 from .modules import BACKGROUND_MODULES, BOOT_MODULES, ON_DEMAND_MODULES, copy_modules, load_order
@@ -32,29 +34,6 @@ BUSYBOX = Path("/bin/busybox")
 # while compressing better than lz4; see tests/docs for the measurement.
 COMPRESSION = "zstd"
 INITRD_NAME = "initrd.img"
-
-
-def guest_agent_dir() -> Path:
-    """guest-agent/ of this source tree (override: CAPSEM_GUEST_AGENT_DIR)."""
-    override = os.environ.get("CAPSEM_GUEST_AGENT_DIR")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "guest-agent"
-    if not (path / "init").is_file():
-        raise ImageError(f"guest agent sources not found at {path} (no `init`)",
-                         "run capsem from its source checkout or set CAPSEM_GUEST_AGENT_DIR")
-    return path
-
-
-def agent_files(agent_dir: Path) -> list[Path]:
-    """Everything in guest-agent/ that goes to /capsem/ (all but init, caches and dotfiles)."""
-    files = []
-    for root, dirs, names in os.walk(agent_dir):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
-        for n in sorted(names):
-            p = Path(root) / n
-            if p.parent == agent_dir and n == "init" or n.endswith(".pyc") or n.startswith("."):
-                continue
-            files.append(p)
-    return files
 
 
 def check_busybox(path: Path = BUSYBOX) -> Path:
@@ -76,16 +55,21 @@ def check_busybox(path: Path = BUSYBOX) -> Path:
     return path
 
 
+def agent_files_digest(tree: AgentTree) -> str:
+    """The agent's files (paths, bytes, executable bits): the same for a checkout and its wheel."""
+    h = hashlib.sha256()
+    for f in tree.files():
+        rel = f.rel.encode()
+        data = f.path.read_bytes()
+        h.update(b"%d:%s:%d:%o:" % (len(rel), rel, len(data), f.mode & 0o111) + data)
+    return h.hexdigest()
+
+
 def local_inputs_digest() -> str:
     """Everything the initramfs depends on except the kernel: decides the image key offline."""
-    agent_dir = guest_agent_dir()
-    h = hashlib.sha256()
-    for p in [agent_dir / "init", *agent_files(agent_dir)]:
-        rel = p.relative_to(agent_dir).as_posix().encode()
-        data = p.read_bytes()
-        h.update(b"%d:%s:%d:%o:" % (len(rel), rel, len(data), os.stat(p).st_mode & 0o111) + data)
     return digest_of({
-        "initramfs_version": INITRAMFS_VERSION, "pyc": _can_precompile(), "files": h.hexdigest(),
+        "initramfs_version": INITRAMFS_VERSION, "pyc": _can_precompile(),
+        "files": agent_files_digest(find_agent_tree()),
         "busybox": hashlib.sha256(check_busybox().read_bytes()).hexdigest(),
         "boot_modules": list(BOOT_MODULES), "background_modules": list(BACKGROUND_MODULES),
         "on_demand_modules": list(ON_DEMAND_MODULES),
@@ -116,13 +100,17 @@ for m in imported:
 """
 
 
-def readahead_list(agent_dir: Path) -> list[str]:
+def readahead_list(tree: AgentTree) -> list[str]:
     """Guest paths (relative to its root) to read ahead at boot; [] when this Python is not the
     guest's version (the list would be wrong; booting works without it, only slower)."""
     if not _can_precompile():
         return []
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", _IMPORTED_BY_AGENT, str(agent_dir)],
-                         check=True, capture_output=True, text=True).stdout
+    # the package alone on sys.path[0]: in a wheel its parent is site-packages, whose other
+    # modules must not stand in for stdlib ones the guest imports
+    with tempfile.TemporaryDirectory() as d:
+        os.symlink(tree.package_dir, Path(d) / PACKAGE)
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", _IMPORTED_BY_AGENT, d],
+                             check=True, capture_output=True, text=True).stdout
     paths = list(READAHEAD_BASE)
     for rel in out.split():
         rel_path = Path(rel)
@@ -141,7 +129,8 @@ def busybox_applets() -> list[str]:
 
 def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[str],
                background_order: list[str] = ()) -> None:
-    agent_dir = guest_agent_dir()
+    tree = find_agent_tree()
+    files = tree.files()
     moddir = f"lib/modules/{kernel.version}"
     w = NewcWriter(out)
     for d in ("bin", "dev", "proc", "sys", "etc", "etc/capsem", "lib", "lib/modules", "capsem",
@@ -151,11 +140,13 @@ def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[
     w.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
     for applet in busybox_applets():
         w.symlink(f"bin/{applet}", "busybox")
-    w.file("init", (agent_dir / "init").read_bytes(), 0o755)
+    init = files.pop(0)
+    assert init.rel == "init"
+    w.file("init", init.path.read_bytes(), 0o755)
     w.file("etc/capsem/modules.boot", "".join(f"/{moddir}/{rel}\n" for rel in boot_order).encode())
     w.file("etc/capsem/modules.background",
            "".join(f"/{moddir}/{rel}\n" for rel in background_order).encode())
-    w.file("etc/capsem/readahead", "".join(f"{p}\n" for p in readahead_list(agent_dir)).encode())
+    w.file("etc/capsem/readahead", "".join(f"{p}\n" for p in readahead_list(tree)).encode())
     w.directory(moddir)
     w.tree(staging_moddir, moddir)
     made = set()
@@ -166,15 +157,23 @@ def write_cpio(out, kernel: KernelLayer, staging_moddir: Path, boot_order: list[
                 made.add(d)
                 w.directory(f"capsem/{d.as_posix()}")
 
-    for p in agent_files(agent_dir):
-        rel = p.relative_to(agent_dir)
-        directory(rel.parent)
-        w.file(f"capsem/{rel.as_posix()}", p.read_bytes(), os.stat(p).st_mode & 0o777)
-        if p.suffix == ".py" and _can_precompile():
-            directory(rel.parent / "__pycache__")
-            pyc = rel.parent / "__pycache__" / f"{p.stem}.{sys.implementation.cache_tag}.pyc"
-            w.file(f"capsem/{pyc.as_posix()}", _bytecode(p, f"/opt/capsem/{rel.as_posix()}"), 0o644)
+    for rel, data, mode in agent_entries(files):
+        directory(Path(rel).parent)
+        w.file(f"capsem/{rel}", data, mode)
     w.close()
+
+
+def agent_entries(files: list[AgentFile]) -> list[tuple[str, bytes, int]]:
+    """(path under /capsem/, content, mode) of the agent's files and their bytecode: the part of
+    the initramfs that comes from the agent tree (besides /init)."""
+    out = []
+    for f in files:
+        rel = Path(f.rel)
+        out.append((f.rel, f.path.read_bytes(), f.mode))
+        if rel.suffix == ".py" and _can_precompile():
+            pyc = rel.parent / "__pycache__" / f"{rel.stem}.{sys.implementation.cache_tag}.pyc"
+            out.append((pyc.as_posix(), _bytecode(f.path, f"/opt/capsem/{f.rel}"), 0o644))
+    return out
 
 
 def _can_precompile() -> bool:
@@ -185,7 +184,6 @@ def _bytecode(source: Path, guest_path: str) -> bytes:
     """An unchecked-hash .pyc: valid without matching mtimes (cpio entries have mtime 0)."""
     import importlib.util
     import py_compile
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "x.pyc"
         py_compile.compile(str(source), cfile=str(out), dfile=guest_path, doraise=True,

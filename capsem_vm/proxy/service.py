@@ -2,7 +2,8 @@
 
 Why a separate process: mitmproxy wants its own event loop and sets process globals, and it pins
 tornado/cryptography versions that clash with a current Jupyter server; so it runs from its own
-venv (see `make proxy-venv`) as `python -m capsem_vm.proxy.server`. One service per owning process
+venv (find_proxy_python) as `python -m capsem_vm.proxy.server`, importing only capsem's own
+packages from this env (child_code.py). One service per owning process
 (one per Jupyter server, shared by all its kernels): it inherits that server's environment (where
 credential env vars live), dies with it (stdin EOF + PR_SET_PDEATHSIG), and needs no daemon
 management or cross-user coordination.
@@ -26,6 +27,7 @@ import importlib.util
 import itertools
 import os
 import secrets
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +37,11 @@ from capsem_agent import protocol
 from .. import paths
 from ..errors import CapsemError, MissingHelperError
 from ..policy import Policy
+from .child_code import child_code_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
+# what the proxy's own env needs (pyproject's `proxy` extra; tests/test_wheel_install.py checks)
+PROXY_REQUIREMENTS = ("mitmproxy==11.0.2", "platformdirs>=3", "uvloop>=0.19")
 
 
 class ProxyServiceError(CapsemError):
@@ -58,6 +62,22 @@ class ProxyEndpoint:
         return self.ports[0]
 
 
+def proxy_venvs() -> tuple[Path, ...]:
+    """Where a proxy env is looked for: `.venv-proxy` beside this env (what `make proxy-venv`
+    makes beside .venv in a checkout), then the user's own (data dir)."""
+    return (Path(sys.prefix).parent / ".venv-proxy", paths.data_dir() / "proxy-venv")
+
+
+def proxy_env_hint() -> str:
+    """What a user without a proxy env does (pip users have no Makefile)."""
+    venv = shlex.quote(str(paths.data_dir() / "proxy-venv"))
+    reqs = " ".join(map(shlex.quote, PROXY_REQUIREMENTS))
+    return (f"the egress proxy runs mitmproxy from its own Python env: create it with "
+            f"`python3 -m venv {venv} && {venv}/bin/pip install {reqs}`, "
+            f"or set CAPSEM_PROXY_PYTHON to a Python that has them (in a source checkout: `make "
+            f"proxy-venv`; a `capsem setup` command that does this is planned, not there yet)")
+
+
 def find_proxy_python(explicit: str | None = None) -> str:
     """The interpreter that has mitmproxy: explicit, $CAPSEM_PROXY_PYTHON, this one, or a proxy venv."""
     for cand in (explicit, os.environ.get("CAPSEM_PROXY_PYTHON")):
@@ -65,14 +85,12 @@ def find_proxy_python(explicit: str | None = None) -> str:
             return cand
     if importlib.util.find_spec("mitmproxy") is not None:
         return sys.executable
-    for venv in (REPO_ROOT / ".venv-proxy", paths.data_dir() / "proxy-venv"):
+    for venv in proxy_venvs():
         py = venv / "bin" / "python"
         if py.exists():
             return str(py)
-    raise MissingHelperError(
-        "mitmproxy is not installed: the egress proxy service cannot start",
-        hint="run `make proxy-venv` (creates .venv-proxy with mitmproxy), or set CAPSEM_PROXY_PYTHON "
-             "to a Python that has mitmproxy 11")
+    raise MissingHelperError("mitmproxy is not installed: the egress proxy service cannot start "
+                             f"(looked in {', '.join(map(str, proxy_venvs()))})", hint=proxy_env_hint())
 
 
 class _Worker:
@@ -93,9 +111,10 @@ class _Worker:
 
     async def start(self) -> None:
         env = dict(os.environ)
-        # why: the child imports the same capsem code as we do, whatever its venv has installed
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), str(REPO_ROOT / "guest-agent")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # why: the child imports the same capsem code as we do, whatever its venv has installed,
+        # and nothing else of this env (no site-packages, no inherited PYTHONPATH/PYTHONHOME)
+        env.pop("PYTHONHOME", None)
+        env["PYTHONPATH"] = str(child_code_dir())
         env["PYTHONUNBUFFERED"] = "1"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
@@ -106,7 +125,7 @@ class _Worker:
                 limit=protocol.MAX_FRAME + 16)
         except OSError as exc:
             raise ProxyServiceError(f"cannot start the proxy service with {self.python}: {exc}",
-                                    hint="run `make proxy-venv` or set CAPSEM_PROXY_PYTHON") from None
+                                    hint=proxy_env_hint()) from None
         finally:
             log.close()
         self._ready = asyncio.get_running_loop().create_future()
