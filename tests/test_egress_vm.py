@@ -163,7 +163,9 @@ for pid in os.listdir("/proc"):
         cmd = open(f"/proc/{pid}/cmdline", "rb").read()
     except OSError:
         continue
-    if pid != "1" and b"capsem-agent" not in cmd and b"ipykernel" not in cmd:
+    # the agent (capsem-agent), and the kernel: `python3 -m capsem_agent.warm_kernel` / `.preinit_kernel`
+    # since the bootstrap became modules, `-m ipykernel_launcher` before
+    if pid != "1" and not any(w in cmd for w in (b"capsem-agent", b"capsem_agent.", b"ipykernel")):
         continue
     found["pids"] += 1
     try:
