@@ -28,7 +28,7 @@ from capsem_vm.proxy.service import PROXY_REQUIREMENTS, find_proxy_python
 CHECKOUT = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # slow: builds the wheel and a venv (~30 s)
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
