@@ -82,6 +82,7 @@ class Sandbox:
                  timeout: float | None = None, use_pool: bool = True, keep_folder: bool = False,
                  start_timeout: float = START_TIMEOUT, share_mode: str = "rw"):
         self.timeout = timeout
+        self.interrupt_grace = INTERRUPT_GRACE  # seconds a timed-out cell gets to stop before a restart
         self._lock = threading.RLock()  # one execution / restart at a time
         self._closed = False
         self._own_folder = folder is None
@@ -149,7 +150,7 @@ class Sandbox:
                 self._drain_reply(msg_id)
             else:
                 self.interrupt()
-                finished = self._collect(builder, msg_id, time.monotonic() + INTERRUPT_GRACE)
+                finished = self._collect(builder, msg_id, time.monotonic() + self.interrupt_grace)
                 if not finished:
                     self.restart()
                 builder.timed_out(timeout, restarted=not finished)
