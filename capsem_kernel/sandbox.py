@@ -11,13 +11,13 @@ installed). Every guarantee of a notebook kernel therefore holds unchanged and i
 per kernel, only the folder shared, egress only through the policy proxy, audit rows under the
 kernel id, a warm VM from the pool when one of this flavour runs (`use_pool`) else a cold boot.
 
-Network rows of one execution (`Execution.network`): the kernel's rows with an id above the
-kernel's last row id read just before the execute_request was sent, read once the kernel went
-idle and the audit barrier (docs/AUDIT.md) returned. Rows of a request are written before the
-guest sees its answer and the barrier flushes every writer, so a request in the cell's last line
-is there; the next execution's cut starts above every id this one could read, so two executions
-never share a row. (Traffic a background thread of the kernel makes between executions is
-counted to the next execution.)
+Network rows of one execution (`Execution.network`): the kernel's rows with an id above its
+last row id just before the execute_request was sent, read once the kernel went idle; both reads
+come after the audit barrier (docs/AUDIT.md), which writes every row caused before it. Rows of a
+request are recorded before the guest sees its answer, so a request in the cell's last line is
+there, and rows caused before the send (a command's, the previous cell's) are below the cut: two
+executions never share a row. (Traffic of a background thread of the kernel while a cell runs is
+counted to that cell; between cells, to none: see `network_log()`.)
 """
 
 from __future__ import annotations
@@ -193,22 +193,32 @@ class Sandbox:
 
     # --- network rows ----------------------------------------------------------------------------
 
-    def _network_cursor(self) -> int:
-        from .server.network import query
-        return int(query(self._audit_db, self.kernel_id, limit=1)["last_id"])
-
-    def _attach_network(self, execution: Execution, cursor: int) -> None:
+    def _barrier(self) -> bool:
+        """The audit barrier (docs/AUDIT.md) of the runtime the provisioner's VMs use."""
         from capsem_vm.egress_runtime import process_runtime  # the provisioners' runtime
 
         from . import loop_thread
+        return bool(loop_thread.run_sync(process_runtime().audit_barrier(), timeout=60))
+
+    def _rows(self, after_id: int, limit: int = NETWORK_ROWS) -> dict:
         from .server.network import query
-        execution.network_complete = bool(loop_thread.run_sync(process_runtime().audit_barrier(), timeout=60))
-        execution.network = query(self._audit_db, self.kernel_id, after_id=cursor, limit=NETWORK_ROWS)["rows"]
+        return query(self._audit_db, self.kernel_id, after_id=after_id, limit=limit)
+
+    def _network_cursor(self) -> int:
+        """The kernel's last row id once every row caused so far is written (a command's request
+        just before, or a background thread's, is not the next execution's)."""
+        self._barrier()
+        return int(self._rows(0, limit=1)["last_id"])
+
+    def _attach_network(self, execution: Execution, cursor: int) -> None:
+        execution.network_complete = self._barrier()
+        execution.network = self._rows(cursor)["rows"]
 
     def network_log(self, after_id: int = 0, limit: int = NETWORK_ROWS) -> list[dict]:
-        """Every audit row of this sandbox's kernel with id > after_id (after the barrier)."""
-        self._attach_network(execution := Execution(), after_id)
-        return execution.network[-limit:]
+        """This sandbox's audit rows with id > after_id, the newest `limit` (<= 5000) of them, read
+        after the audit barrier: executions', commands' and anything else its VM caused."""
+        self._barrier()
+        return self._rows(after_id, limit)["rows"]
 
     # --- lifecycle -------------------------------------------------------------------------------
 

@@ -124,6 +124,19 @@ def test_back_to_back_executions_never_share_rows(sb):
     assert sb.sandbox.run_code("1").network == []  # no traffic, no rows
 
 
+def test_rows_caused_before_an_execution_are_not_its_own(sb):
+    """A command's request just before run_code: its rows are the command's (network_log), not
+    the execution's, even though they may still be queued in a writer when the cell is sent."""
+    s = sb.sandbox
+    url = f"https://api.test.example:{sb.w.HTTPS}/echo/before-the-cell"
+    for i in range(3):
+        r = s.commands.run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}-{i}")
+        assert r.stdout == "200", r
+        ex = s.run_code("2")
+        assert ex.text == "2" and ex.network == [], ex.network
+        assert any(f"before-the-cell-{i}" in (row["url"] or "") for row in s.network_log())
+
+
 def test_commands_run_in_the_vm_and_folder(sb):
     s = sb.sandbox
     seen = []
