@@ -89,13 +89,13 @@ class Sandbox:
         self._keep_folder = keep_folder
         if folder is None:
             folder = tempfile.mkdtemp(prefix="capsem-sandbox-")
-        self.folder = Path(folder).resolve()
+        self.folder = Path(folder).expanduser().resolve()
         if not self.folder.is_dir():
             raise SandboxError(f"the sandbox folder {self.folder} is not a directory")
         config: dict[str, Any] = {"memory_mb": int(memory_mb), "cpus": int(cpus), "use_pool": bool(use_pool),
                                   "share_mode": share_mode}
         if policy is not None:
-            config["policy"] = str(Path(policy).resolve())
+            config["policy"] = str(Path(policy).expanduser().resolve())
         if image is not None:
             config["image"] = str(image)
         self._km = KernelManager(kernel_name=DEFAULT_NAME, kernel_spec_manager=_OneSpec(_kernel_spec(config)))
