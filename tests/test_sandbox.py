@@ -9,7 +9,10 @@ the VM is left.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -171,6 +174,44 @@ def test_cell_ignoring_sigint_gets_a_bounded_restart(sb):
     assert s.run_code("'marker' in dir()").text == "False"  # a fresh kernel in a fresh VM
     assert s.run_code("print('again')").logs.stdout == ["again\n"]
     assert s.info()["state"] == "ready" and pid_before is not None
+
+
+POOL_MEMORY, POOL_CPUS = 512, 1
+
+
+def pool_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capsem_vm.cli", "pool", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_warm_sandbox_from_the_pool(sb):
+    """With a pool of this flavour running, Sandbox() claims a warm VM: the kernel's own policy,
+    audit id and per-execution rows, as for a cold one."""
+    out = pool_cli("start", "--size", "1", "--memory", str(POOL_MEMORY), "--cpus", str(POOL_CPUS))
+    assert out.returncode == 0, out.stdout + out.stderr
+    from capsem_kernel import Sandbox
+    warm = None
+    try:
+        deadline = time.monotonic() + 900
+        while not any(v["state"] == "ready" for v in json.loads(pool_cli("status", "--json").stdout)["vms"]):
+            assert time.monotonic() < deadline, "no pooled VM ready within 900 s"
+            time.sleep(1)
+        t0 = time.monotonic()
+        warm = Sandbox(policy=sb.w.policy_file, memory_mb=POOL_MEMORY, cpus=POOL_CPUS)
+        ready = time.monotonic() - t0
+        ex = warm.run_code(GET + f"get({'https://api.test.example:%d/echo/warm' % sb.w.HTTPS!r})")
+        first = time.monotonic() - t0
+        print(f"\nwarm Sandbox(): ready {ready:.2f} s, first result {first:.2f} s")
+        info = warm.info()
+        assert info["pooled"] is True and info["egress"]["kernel_id"] == warm.kernel_id != sb.sandbox.kernel_id
+        assert ex.text == "200" and ex.network_complete
+        assert [(r["decision"], r["rule"]) for r in ex.network if r["kind"] == "http"] == [("allow", "api")]
+        assert str(warm.folder) == warm.commands.run("pwd").stdout.strip()
+    finally:
+        if warm is not None:
+            warm.close()
+        stopped = pool_cli("stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 def test_close_leaves_no_vm_and_removes_the_temporary_folder(sb):
