@@ -55,7 +55,7 @@ class Commands:
         future = asyncio.run_coroutine_threadsafe(
             _exec(control, ["/bin/sh", "-c", cmd], cwd or str(sandbox.folder), dict(env or {}), timeout, chunks),
             loop_thread.get_loop())
-        out = {1: [], 2: []}
+        out: dict[int, list[str]] = {1: [], 2: []}
         while (item := chunks.get()) is not _DONE:
             fd, text = item
             out[fd].append(text)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jupyter_client import KernelManager
+from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB
@@ -49,6 +49,12 @@ NETWORK_ROWS = 5000       # newest rows kept per execution (capsem_kernel.server
 
 class SandboxError(RuntimeError):
     """The sandbox cannot do what was asked (closed, kernel dead, failed to start)."""
+
+
+def _parent_id(msg: Any) -> Any:
+    """The msg_id of a message's parent request; None if the (guest's) message has none."""
+    parent = msg.get("parent_header") if isinstance(msg, dict) else None
+    return parent.get("msg_id") if isinstance(parent, dict) else None
 
 
 class _OneSpec(KernelSpecManager):
@@ -99,7 +105,7 @@ class Sandbox:
         if image is not None:
             config["image"] = str(image)
         self._km = KernelManager(kernel_name=DEFAULT_NAME, kernel_spec_manager=_OneSpec(_kernel_spec(config)))
-        self._kc = None
+        self._kc: BlockingKernelClient | None = None
         self._start_timeout = start_timeout
         from capsem_vm.proxy.audit import default_db_path
         self._audit_db = default_db_path()  # where the proxy workers and the VM's bridges write
@@ -153,19 +159,20 @@ class Sandbox:
                 finished = self._collect(builder, msg_id, time.monotonic() + self.interrupt_grace)
                 if not finished:
                     self.restart()
-                builder.timed_out(timeout, restarted=not finished)
+                builder.timed_out(timeout or 0.0, restarted=not finished)
             self._attach_network(builder.execution, cursor)
         return builder.execution
 
-    def _client(self):
+    def _client(self) -> BlockingKernelClient:
         if self._closed or self._kc is None:
             raise SandboxError("the sandbox is closed")
         return self._kc
 
     def _collect(self, builder: ExecutionBuilder, msg_id: str, deadline: float | None) -> bool:
         """Feed the request's iopub messages to `builder` until idle (True) or `deadline` (False).
-        A kernel that died meanwhile raises SandboxError."""
-        kc = self._kc
+        A kernel that died meanwhile raises SandboxError. A message the guest made unreadable
+        (its kernel holds the key, so it can sign anything) is skipped, never raised."""
+        kc = self._client()
         while not builder.idle:
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if wait <= 0:
@@ -176,19 +183,24 @@ class Sandbox:
                 if not self._km.is_alive():
                     raise SandboxError("the kernel died while running the code (restart() for a fresh one)") from None
                 continue
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+            except Exception:  # noqa: BLE001 - undecodable message from the guest: skip it
+                continue
+            if _parent_id(msg) == msg_id:
                 builder.feed(msg)
         return True
 
     def _drain_reply(self, msg_id: str) -> None:
         """Take this request's execute_reply off the shell queue (so replies never pile up)."""
+        kc = self._client()
         deadline = time.monotonic() + REPLY_WAIT
         while time.monotonic() < deadline:
             try:
-                msg = self._kc.get_shell_msg(timeout=max(0.05, deadline - time.monotonic()))
+                msg = kc.get_shell_msg(timeout=max(0.05, deadline - time.monotonic()))
             except queue.Empty:
                 return
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+            except Exception:  # noqa: BLE001 - undecodable message from the guest: skip it
+                continue
+            if _parent_id(msg) == msg_id:
                 return
 
     # --- network rows ----------------------------------------------------------------------------
@@ -230,9 +242,9 @@ class Sandbox:
     def restart(self) -> None:
         """A fresh kernel in a fresh VM (nothing of the old one survives); same folder and policy."""
         with self._lock:
-            self._client()
+            kc = self._client()
             self._km.restart_kernel(now=True)
-            self._kc.wait_for_ready(timeout=RESTART_TIMEOUT)
+            kc.wait_for_ready(timeout=RESTART_TIMEOUT)
 
     def is_alive(self) -> bool:
         return not self._closed and self._km.has_kernel and self._km.is_alive()

@@ -133,3 +133,13 @@ def test_provisioner_accepts_the_sandbox_options():
 def test_execution_defaults():
     ex = Execution()
     assert ex.text is None and ex.error is None and ex.network == [] and ex.network_complete is False
+
+
+@given(json_values)
+def test_parent_id_of_any_message(value):
+    """Which request a message answers, for anything the guest's kernel could send."""
+    from capsem_kernel.sandbox import _parent_id
+    _parent_id(value)
+    _parent_id({"parent_header": value})
+    assert _parent_id({"parent_header": {"msg_id": "m"}}) == "m"
+    assert _parent_id({"parent_header": ["msg_id"]}) is None and _parent_id("x") is None
