@@ -8,3 +8,18 @@ def _jupyter_labextension_paths() -> list[dict]:
 
 def _jupyter_server_extension_points() -> list[dict]:
     return [{"module": "capsem_kernel.server"}]
+
+
+# The agent API, imported on first use: the provisioner and the server extension import this
+# package too, and need none of it.
+_LAZY = {"Sandbox": "sandbox", "SandboxError": "sandbox", "AsyncSandbox": "async_sandbox",
+         "Execution": "execution", "Result": "execution", "ExecutionError": "execution",
+         "OutputMessage": "execution", "Logs": "execution", "CommandResult": "commands"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{module}", __name__), name)
