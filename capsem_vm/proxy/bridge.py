@@ -9,7 +9,9 @@ It serves the guest's two egress vsock ports and turns them into policy-checked 
 
 Each allowed egress stream becomes a SOCKS5 connection to the proxy service, authenticated with
 this kernel's own username/password (registered with the service), naming the destination the
-guest asked for (synthetic addresses are mapped back to their names first).
+guest asked for (synthetic addresses are mapped back to their names first). While no worker of
+the service serves (a dead one is being replaced: proxy/supervisor.py), allowed streams are
+refused with code `proxy-restarting` (`proxy-unavailable` if nobody replaces it), and audited here.
 
 API (all async, on the VM owner's event loop):
 
@@ -263,22 +265,38 @@ class EgressBridge:
         if self._audit_unavailable():
             reason = "the audit log cannot be written: egress is refused rather than unaudited"
             return host, port, Refusal("audit-unavailable", "audit-unavailable", reason)
+        if self.proxy is None or not self.proxy.serving_ports():
+            return host, port, self._proxy_down()
         return host, port, None
+
+    def _proxy_down(self) -> Refusal:
+        """Why an allowed stream cannot go out now: the proxy service is not there."""
+        if self.proxy is not None and self.proxy.restarting:
+            return Refusal("proxy-restarting", "proxy-restarting",
+                           "the egress proxy is restarting after a crash: try again in a moment")
+        return Refusal("proxy-unavailable", "proxy-unavailable", "the egress proxy is not running")
 
     async def _open_upstream(self, host: str, port: int, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter):
         """A SOCKS5 connection through the proxy service to host:port, or None once the guest got
         a refusal (the service audits its own refusals in detail: address checks, upstream errors)."""
-        up_writer = None
+        ports = self.proxy.serving_ports()
         try:
-            port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
+            port_ = ports[self._next_port % len(ports)]  # spread over workers
             self._next_port += 1
             up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(self.proxy.host, port_), 10)
+        except (OSError, asyncio.TimeoutError, ZeroDivisionError):
+            # no worker, or it died since (not yet noticed): no proxy row exists, so audit here
+            down = self._proxy_down()
+            self._audit("connect", url=f"{host}:{port}", host=host, port=port, decision="deny", rule=down.rule,
+                        code=down.code, reason=down.reason)
+            await _refuse(reader, writer, down.reason, down.rule, down.code)
+            return None
+        try:
             await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
                                                     self.proxy.username, self.proxy.password), 60)
         except BaseException as exc:
-            if up_writer is not None:
-                up_writer.close()
+            up_writer.close()
             if not isinstance(exc, (OSError, socks5.Socks5Error, asyncio.TimeoutError)):
                 raise  # cancelled (the bridge closes), or a bug: handle_egress deals with it
             reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
