@@ -5,7 +5,7 @@ streams in the gap are refused with code `proxy-restarting` and audited; a worke
 is restarted with growing delays, and the state says so.
 
 Real parts: the egress test world (egress_world.World: real HTTPS servers on 127.0.0.1, the real
-mitmproxy service of the world's EgressRuntime, one worker), a kernel's real Egress (policy file,
+mitmproxy service of the world's EgressRuntime, with two workers as on a 2-core host), a kernel's real Egress (policy file,
 bridge) on Unix sockets standing in for its vsock ports, and the guest-protocol client.
 """
 
@@ -71,7 +71,8 @@ async def build_world(tmp_path_factory):
     """This module's `world` (conftest.py): the egress world and one kernel's Egress (the world's
     policy file: the test API allowed with /admin denied, a credential for secret.test.example)."""
     tmp = tmp_path_factory.mktemp("proxy-supervision")
-    w = await World.create(tmp)
+    w = await World.create(tmp, service=False)
+    w.runtime.service_options["workers"] = 2  # the Egress starts the service
     w.transport = FakeTransport(tmp)
     w.egress = Egress(EgressConfig(policy=str(w.policy_file), kernel_id=KID), runtime=w.runtime)
     await w.egress.start(w.transport)
@@ -97,8 +98,9 @@ def injected(r) -> bool:
         SEEN[-1]["headers"].get("Authorization") == f"Bearer {SECRET}"
 
 
-def worker_pids(w) -> list[int]:
-    return [wk.proc.pid for wk in w.runtime.service.workers if wk.proc is not None and wk.alive]
+def worker_pids(w) -> list[int | None]:
+    """Per worker slot: the pid of a serving worker, None while the slot is down."""
+    return [wk.proc.pid if wk.proc is not None and wk.serving else None for wk in w.runtime.service.workers]
 
 
 async def wait_serving(w, timeout: float) -> float:
@@ -113,13 +115,35 @@ async def wait_serving(w, timeout: float) -> float:
 
 
 @amark
-async def test_a_killed_worker_is_replaced_and_the_kernel_keeps_its_policy_and_credential(world):
+async def test_one_dead_worker_of_two_costs_no_request(world):
+    """The bridge skips a worker that died (noticed or not) for one that serves; the dead one is
+    replaced and both serve again."""
+    w = world
+    pids = worker_pids(w)
+    assert None not in pids and len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    for _ in range(6):  # spread over both slots: none is refused
+        assert injected(await credentialed(w))
+    t0 = time.monotonic()
+    while None in worker_pids(w) or worker_pids(w)[0] == pids[0]:
+        assert time.monotonic() - t0 < RECOVERY_BOUND, w.runtime.proxy_state()
+        await asyncio.sleep(0.01)
+    assert worker_pids(w)[1] == pids[1] and w.runtime.proxy_state()["serving"] == 2
+    assert not w.rows(kernel=KID, code="proxy-restarting")
+
+
+@amark
+async def test_a_killed_service_is_replaced_and_the_kernel_keeps_its_policy_and_credential(world):
+    """Every worker killed: the gap is refused (proxy-restarting, audited), then egress resumes
+    within RECOVERY_BOUND with the kernel's credential and policy."""
     w = world
     assert injected(await credentialed(w))
-    [pid] = worker_pids(w)
+    pids = worker_pids(w)
+    restarts = w.runtime.proxy_state()["restarts"]
 
     t_kill = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     # the gap: an allowed stream is refused (fail closed) with the stable code, and audited
     s, gap = await asyncio.to_thread(w.guest.open, "secret.test.example", w.HTTPS, 5)
     s.close()
@@ -132,9 +156,10 @@ async def test_a_killed_worker_is_replaced_and_the_kernel_keeps_its_policy_and_c
     assert total <= RECOVERY_BOUND, w.runtime.proxy_state()
     assert recovered >= 0
 
-    # same kernel, same bridge, a new worker: the credential is injected, the policy applies
-    [new_pid] = worker_pids(w)
-    assert new_pid != pid
+    # same kernel, same bridge, new workers: the credential is injected, the policy applies
+    while None in worker_pids(w):
+        await asyncio.sleep(0.01)
+    assert not set(worker_pids(w)) & set(pids)
     assert injected(await credentialed(w))
     admin = await asyncio.to_thread(w.guest.http, "GET", "api.test.example", w.HTTPS, "/admin/x", tls=True)
     assert admin.status == 403 and 'rule="admin"' in admin.policy
@@ -145,26 +170,26 @@ async def test_a_killed_worker_is_replaced_and_the_kernel_keeps_its_policy_and_c
     rows = await asyncio.to_thread(w.wait_rows, kernel=KID, code="proxy-restarting")
     assert rows and rows[0]["decision"] == "deny" and rows[0]["host"] == "secret.test.example"
     state = w.egress.info()["proxy_service"]
-    assert state["state"] == "running" and state["restarts"] == 1 and state["serving"] == 1
-    assert state["last_exit"]["pid"] == pid and state["last_exit"]["returncode"] == -signal.SIGKILL
+    assert state["state"] == "running" and state["restarts"] == restarts + 2 and state["serving"] == 2
+    assert state["last_exit"]["pid"] in pids and state["last_exit"]["returncode"] == -signal.SIGKILL
     assert await w.runtime.audit_barrier()
 
 
 @amark
 async def test_repeated_crashes_back_off_and_are_reported(world, caplog):
-    """Kill the worker again as soon as each replacement serves: the restarts wait 0, 0.5, 1, 2 s
-    (measured from each death to the replacement's start), the state shows the back-off while it
-    waits, every death is logged, and egress still resumes at the end."""
+    """Kill worker 0 again as soon as each replacement serves: the restarts wait 0, 0.5, 1, 2 s
+    (measured from each death to the replacement serving), the state shows the back-off while it
+    waits, every death is logged, and egress resumes at the end (worker 1 serves meanwhile)."""
     w = world
     caplog.set_level(logging.WARNING, logger="capsem_vm.proxy.supervisor")
     sup = w.runtime.supervisor
     sup.backoffs[0].started_at -= sup.backoffs[0].stable_after  # the first kill follows a stable run
     gaps, seen_backoff = [], []
     for _ in range(4):
-        [pid] = worker_pids(w)
+        pid = worker_pids(w)[0]
         t_kill = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        while not worker_pids(w) or worker_pids(w) == [pid]:
+        while worker_pids(w)[0] in (None, pid):
             st_ = w.runtime.proxy_state()
             if st_["state"] == "backoff":
                 seen_backoff.append(st_["next_restart_in"])
@@ -172,14 +197,13 @@ async def test_repeated_crashes_back_off_and_are_reported(world, caplog):
         gaps.append(time.monotonic() - t_kill)
         await wait_serving(w, 60)
     print(f"\nkill -> replacement up, 4 kills in a row: {', '.join(f'{g:.2f} s' for g in gaps)}")
-    assert gaps[0] < 1.5                       # immediate restart
+    assert gaps[0] <= RECOVERY_BOUND                 # restarted at once
     for want, got in zip((0.5, 1.0, 2.0), gaps[1:]):
-        assert got >= want                     # backed off
-    assert gaps[1] < gaps[2] < gaps[3]
+        assert want <= got <= want + RECOVERY_BOUND  # backed off (the start itself takes ~0.4-1 s here)
     assert seen_backoff and max(seen_backoff) <= 2.0
-    deaths = [r for r in caplog.records if "died: restarting it" in r.getMessage()]
-    assert len(deaths) == 4 and "in 2.0 s" in deaths[-1].getMessage()
-    assert w.runtime.proxy_state()["restarts"] >= 5
+    deaths = [r.getMessage() for r in caplog.records if "died: restarting it" in r.getMessage()]
+    assert [d.split("restarting it ")[1].split(" (")[0] for d in deaths] == ["now", "in 0.5 s", "in 1.0 s", "in 2.0 s"]
+    assert w.runtime.proxy_state()["restarts"] >= 4
     assert injected(await credentialed(w))
 
 

@@ -51,6 +51,7 @@ from ..vsock.hangup import hang_up
 log = logging.getLogger(__name__)
 
 CONNECT_FRAME_MAX = 4096
+WORKER_DEATH_POLLS = 20  # x 10 ms: how long a failed SOCKS handshake waits to tell a dead worker
 
 
 class EgressBridge:
@@ -279,30 +280,58 @@ class EgressBridge:
     async def _open_upstream(self, host: str, port: int, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter):
         """A SOCKS5 connection through the proxy service to host:port, or None once the guest got
-        a refusal (the service audits its own refusals in detail: address checks, upstream errors)."""
-        ports = self.proxy.serving_ports()
-        try:
-            port_ = ports[self._next_port % len(ports)]  # spread over workers
-            self._next_port += 1
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(self.proxy.host, port_), 10)
-        except (OSError, asyncio.TimeoutError, ZeroDivisionError):
-            # no worker, or it died since (not yet noticed): no proxy row exists, so audit here
-            down = self._proxy_down()
-            self._audit("connect", url=f"{host}:{port}", host=host, port=port, decision="deny", rule=down.rule,
-                        code=down.code, reason=down.reason)
-            await _refuse(reader, writer, down.reason, down.rule, down.code)
-            return None
-        try:
-            await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
-                                                    self.proxy.username, self.proxy.password), 60)
-        except BaseException as exc:
-            up_writer.close()
-            if not isinstance(exc, (OSError, socks5.Socks5Error, asyncio.TimeoutError)):
-                raise  # cancelled (the bridge closes), or a bug: handle_egress deals with it
-            reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
-            await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
-            return None
-        return up_reader, up_writer
+        a refusal (the service audits its own refusals in detail: address checks, upstream errors).
+        A worker found dead on the way is skipped for another; with none left, the refusal is
+        proxy-restarting (or proxy-unavailable), audited here: no proxy row exists for it."""
+        dead: set[int] = set()
+        while True:
+            upstream = await self._connect_proxy(dead)
+            if upstream is None:
+                down = self._proxy_down()
+                self._audit("connect", url=f"{host}:{port}", host=host, port=port, decision="deny",
+                            rule=down.rule, code=down.code, reason=down.reason)
+                await _refuse(reader, writer, down.reason, down.rule, down.code)
+                return None
+            worker, up_reader, up_writer = upstream
+            try:
+                await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
+                                                        self.proxy.username, self.proxy.password), 60)
+                return up_reader, up_writer
+            except BaseException as exc:
+                up_writer.close()
+                if not isinstance(exc, (OSError, socks5.Socks5Error, asyncio.TimeoutError)):
+                    raise  # cancelled (the bridge closes), or a bug: handle_egress deals with it
+                lost = isinstance(exc, ConnectionError) or up_reader.at_eof()  # not a SOCKS refusal
+                if lost and await self._worker_died(worker):  # killed under us: nothing went out
+                    dead.add(worker)
+                    continue
+                reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
+                await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
+                return None
+
+    async def _connect_proxy(self, dead: set[int]):
+        """(port, reader, writer) of a connection to a serving worker, spread over them; a worker
+        that refuses (it just died) is added to `dead` and skipped. None if none could be reached."""
+        ports = [p for p in self.proxy.serving_ports() if p not in dead]
+        start, self._next_port = self._next_port, self._next_port + 1
+        for i in range(len(ports)):
+            port = ports[(start + i) % len(ports)]
+            try:
+                return port, *await asyncio.wait_for(asyncio.open_connection(self.proxy.host, port), 10)
+            except OSError:
+                dead.add(port)
+            except asyncio.TimeoutError:
+                return None
+        return None
+
+    async def _worker_died(self, port: int) -> bool:
+        """The worker on `port` left the serving set, waiting a moment for its death to be noticed
+        (its control pipe and our connection to it close at the same time)."""
+        for _ in range(WORKER_DEATH_POLLS):
+            if port not in self.proxy.serving_ports():
+                return True
+            await asyncio.sleep(0.01)
+        return False
 
 
 @dataclass(frozen=True)
