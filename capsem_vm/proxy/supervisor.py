@@ -68,6 +68,9 @@ class ServiceSupervisor:
         self._tasks: dict[int, asyncio.Task] = {}
         self._next_start: dict[int, float] = {}  # worker index -> clock() of its next start
         service.on_worker_exit = self._worker_exited
+        for index, worker in enumerate(service.workers):
+            if not worker.alive:  # died between its start and now, when nobody listened
+                self._worker_exited(index, worker)
 
     def _worker_exited(self, index: int, worker) -> None:
         if index not in self._tasks:  # a death during its own restart: that task handles it
