@@ -161,4 +161,5 @@ class Egress:
 
     def info(self) -> dict:
         return {"kernel_id": self.kernel_id, "policy": self.policy.source if self.policy else None,
-                "proxy": bool(self.service), "guest": self.setup_reply}
+                "proxy": bool(self.service), "guest": self.setup_reply,
+                "proxy_service": self.runtime.proxy_state() if self.service else None}

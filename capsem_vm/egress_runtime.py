@@ -17,7 +17,9 @@ service's pipes and its idle timer live there.
 
 The service is started on demand (the first VM whose policy can allow something) and, when the
 last user is gone, stopped after `idle` seconds (kernel restarts find it warm);
-`release_service()` stops it at once (one-shot commands).
+`release_service()` stops it at once (one-shot commands). While it runs, a supervisor
+(proxy/supervisor.py) replaces any worker process that dies, within a second when it does not
+keep dying, and registers every kernel with the new one again; `proxy_state()` says how it is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import threading
 
 from .proxy.audit import AuditLog
 from .proxy.service import ProxyService
+from .proxy.supervisor import ServiceSupervisor
 
 SERVICE_IDLE = 120.0      # keep the proxy warm this long after the last VM (kernel restarts)
 
@@ -37,6 +40,7 @@ class EgressRuntime:
         self.idle = idle
         self.service_options = service_options
         self.service: ProxyService | None = None
+        self.supervisor: ServiceSupervisor | None = None  # of self.service
         self.users = 0
         self._audit: AuditLog | None = None
         self._audit_lock = threading.Lock()  # bridges (loop thread) and readers (tests) may open it at once
@@ -61,16 +65,30 @@ class EgressRuntime:
     # --- the proxy service -----------------------------------------------------------------------
 
     async def proxy(self) -> ProxyService:
-        """The service, started on first use and restarted if it died. Counts no user."""
+        """The service, started on first use, its dead workers replaced by its supervisor (while
+        one is, the service is returned anyway: kernels registered now are registered with the
+        new worker too). Counts no user."""
         async with self._lock:
-            if self.service is None or not self.service.alive:
-                dead, self.service = self.service, None
-                if dead is not None:
-                    await dead.close()
+            if self.service is None:
                 service = ProxyService(**self.service_options)
                 await service.start()  # closes what it started if it fails
+                self.supervisor = ServiceSupervisor(service)
                 self.service = service
             return self.service
+
+    def proxy_state(self) -> dict:
+        """How the proxy service is: `stopped`, or its supervisor's state (running, restarting,
+        backoff, and the figures: restarts, last exit, last recovery time). Any thread."""
+        supervisor = self.supervisor
+        return supervisor.state() if supervisor is not None else {"state": "stopped"}
+
+    async def _stop_service(self) -> None:
+        service, self.service = self.service, None
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            await supervisor.stop()
+        if service is not None:
+            await service.close()
 
     async def acquire(self) -> ProxyService:
         """The service, for one more user (a VM); pair with release()."""
@@ -102,8 +120,7 @@ class EgressRuntime:
         """Stop the service now if no VM uses it (flushes the audit log too)."""
         self._cancel_idle()
         if self.users == 0 and self.service is not None:
-            service, self.service = self.service, None
-            await service.close()
+            await self._stop_service()
         if self._audit is not None:
             await asyncio.to_thread(self._audit.flush)
 
@@ -117,7 +134,7 @@ class EgressRuntime:
         Every writer is flushed whole (cheap), whichever kernel the reader wants."""
         ok = True
         service = self.service
-        if service is not None and service.alive:
+        if service is not None:  # False while a worker is dead: its unwritten rows are lost
             ok = await service.flush_audit(timeout)
         if self._audit is not None:
             ok = await asyncio.to_thread(self._audit.flush, timeout) and ok
@@ -126,9 +143,7 @@ class EgressRuntime:
     async def close(self) -> None:
         """Stop the service (whoever still uses it) and close the audit log (written out first)."""
         self._cancel_idle()
-        service, self.service = self.service, None
-        if service is not None:
-            await service.close()
+        await self._stop_service()
         with self._audit_lock:
             audit, self._audit = self._audit, None
         if audit is not None:

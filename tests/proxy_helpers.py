@@ -4,6 +4,7 @@ protocol over the bridge's Unix sockets exactly as the guest agent will, then HT
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import http.client
 import ipaddress
@@ -22,6 +23,27 @@ from cryptography.x509.oid import NameOID
 
 from capsem_agent import protocol
 from capsem_vm.proxy import dns
+
+
+# --- the vsock ports as the host sees them ---------------------------------------------------------
+
+class FakeTransport:
+    """listen(port, handler) on a Unix socket per port, as vhost-user vsock delivers them (what
+    Egress.start needs of a VM's transport)."""
+
+    def __init__(self, d):
+        self.d = d
+        self.servers = []
+
+    def path(self, port: int) -> str:
+        return str(self.d / f"v.sock_{port}")
+
+    async def listen(self, port, handler):
+        self.servers.append(await asyncio.start_unix_server(handler, path=self.path(port)))
+
+    async def close(self):
+        for s in self.servers:
+            s.close()
 
 
 # --- certificates ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy_helpers import Guest, wait_for
+from proxy_helpers import FakeTransport, Guest, wait_for
 
 import capsem_vm.egress as host_egress
 from capsem_vm.config import EgressConfig
@@ -21,24 +21,6 @@ from capsem_vm.policy import PolicyError
 from capsem_vm.proxy import ca_cert_pem, dns, read_events
 
 from host_helpers import CAPSEM
-
-
-class FakeTransport:
-    """listen(port, handler) on a Unix socket per port, as vhost-user vsock delivers them."""
-
-    def __init__(self, d: Path):
-        self.d = d
-        self.servers = []
-
-    def path(self, port: int) -> str:
-        return str(self.d / f"v.sock_{port}")
-
-    async def listen(self, port, handler):
-        self.servers.append(await asyncio.start_unix_server(handler, path=self.path(port)))
-
-    async def close(self):
-        for s in self.servers:
-            s.close()
 
 
 @pytest.fixture

@@ -691,3 +691,52 @@ print(json.dumps(R))
             km.shutdown_kernel(now=True)
         stopped = pool_cli("stop")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+# --- the proxy service dies mid-session (issue 21): the kernel's egress comes back by itself ---------
+
+def test_proxy_killed_mid_session_egress_resumes_without_a_kernel_restart(ek):
+    """SIGKILL of every proxy service worker while the guest loops on requests: the guest sees
+    403s naming proxy-restarting (audited), then within the bound its requests pass again through
+    the replaced service, with the credential injected and the policy applied. No kernel restart."""
+    import signal
+    import threading
+
+    w = ek.w
+    run_ok(ek.kc, PRELUDE)  # imports done before the clock runs
+    old = list(w.runtime.service.pids)
+    killed = threading.Timer(3.0, lambda: [os.kill(p, signal.SIGKILL) for p in old])
+    killed.start()
+    try:
+        res = cell_json(ek, PRELUDE + f"""
+url = "http://api.test.example:{w.HTTP}/echo/vmsup"
+seq, t0 = [], time.time()
+while time.time() - t0 < 12:
+    t = time.time()
+    try:
+        r = requests.get(url, timeout=10)
+        seq.append([round(t - t0, 3), r.status_code, r.headers.get("X-Capsem-Policy") or ""])
+    except Exception as exc:
+        seq.append([round(t - t0, 3), type(exc).__name__, str(exc)[:200]])
+    time.sleep(0.05)
+r = requests.get("https://secret.test.example:{w.HTTPS}/echo/vmsup-after", timeout=60)
+print(json.dumps({{"seq": seq, "after": r.status_code}}))
+""", timeout=300)
+    finally:
+        killed.join()
+    seq = res["seq"]
+    bad = [i for i, x in enumerate(seq) if x[1] != 200]
+    assert bad, f"no request fell into the gap: {seq}"
+    assert all(seq[i][1] == 403 and 'rule="proxy-restarting"' in seq[i][2] for i in bad), [seq[i] for i in bad]
+    assert bad == list(range(bad[0], bad[-1] + 1)) and bad[-1] + 1 < len(seq)  # one gap, then 200s
+    assert seq[0][1] == 200
+    gap = seq[bad[-1] + 1][0] - seq[bad[0]][0]
+    print(f"\nguest: requests refused for {gap:.2f} s after the proxy was killed ({len(bad)} requests); "
+          f"supervisor state {w.runtime.proxy_state()}")
+    assert gap <= 3.0  # the 2 s goal plus a request's time in the TCG guest
+    assert not set(w.runtime.service.pids) & set(old)
+    assert res["after"] == 200
+    seen = [s for s in SEEN if s["path"] == "/echo/vmsup-after"]
+    assert seen and seen[-1]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert rows(ek, code="proxy-restarting", host="api.test.example")
+    assert ek.km.is_alive()

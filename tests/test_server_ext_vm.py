@@ -67,6 +67,8 @@ def test_vm_facts_of_a_running_capsem_kernel(server_world):
     assert facts["started_at"] <= facts["ready_at"] <= time.time()
     assert facts["uptime_seconds"] > 0 and facts["kernel_pid"]
     assert facts["policy_path"] == str(server_world["policy"])
+    proxy = facts["proxy"]  # its policy allows something: the supervised proxy service serves it
+    assert proxy["state"] == "running" and proxy["serving"] == proxy["workers"] >= 1, proxy
     assert server.get("/capsem/kernels") == (200, {"kernels": [{"kernel_id": kid, "state": "ready",
                                                                 "accel": facts["accel"]}]})
 

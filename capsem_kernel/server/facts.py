@@ -72,6 +72,7 @@ def kernel_facts(kernel_id: str, km: Any, now: float | None = None) -> dict:
         "accel": None, "accel_label": None, "memory_mb": None, "cpus": None, "shares": [],
         "image_digest": None, "started_at": None, "ready_at": None, "boot_seconds": None,
         "uptime_seconds": None, "kernel_pid": None, "policy_path": None,
+        "proxy": None,  # the egress proxy service's supervision state, when the kernel uses it
     }
     if prov is None:
         return out
@@ -94,6 +95,7 @@ def kernel_facts(kernel_id: str, km: Any, now: float | None = None) -> dict:
         "boot_seconds": (info.get("timings") or {}).get("ready_s"),
         "shares": [{"path": s.get("path"), "mode": "ro" if s.get("readonly") else "rw"}
                    for s in info.get("shares") or []],
+        "proxy": (info.get("egress") or {}).get("proxy_service"),  # supervisor.py: state()
     })
     if out["started_at"] and out["state"] != "dead":
         out["uptime_seconds"] = max(0.0, now - out["started_at"])

@@ -42,6 +42,7 @@ CODES: dict[str, str] = {
                   "instead of one row each (their own codes are listed in the reason)",
     "audit-rotated": "the audit database reached its size cap: the oldest rows were deleted",
     "proxy-unavailable": "the proxy service is not running for this kernel",
+    "proxy-restarting": "a proxy service worker died and is being restarted: egress is refused until it is back",
     "error": "the request was allowed but failed (upstream error, reset, timeout)",
 }
 

@@ -9,7 +9,9 @@ It serves the guest's two egress vsock ports and turns them into policy-checked 
 
 Each allowed egress stream becomes a SOCKS5 connection to the proxy service, authenticated with
 this kernel's own username/password (registered with the service), naming the destination the
-guest asked for (synthetic addresses are mapped back to their names first).
+guest asked for (synthetic addresses are mapped back to their names first). While no worker of
+the service serves (a dead one is being replaced: proxy/supervisor.py), allowed streams are
+refused with code `proxy-restarting` (`proxy-unavailable` if nobody replaces it), and audited here.
 
 API (all async, on the VM owner's event loop):
 
@@ -49,6 +51,7 @@ from ..vsock.hangup import hang_up
 log = logging.getLogger(__name__)
 
 CONNECT_FRAME_MAX = 4096
+WORKER_DEATH_POLLS = 20  # x 10 ms: how long a failed SOCKS handshake waits to tell a dead worker
 
 
 class EgressBridge:
@@ -268,28 +271,72 @@ class EgressBridge:
         if self._audit_unavailable():
             reason = "the audit log cannot be written: egress is refused rather than unaudited"
             return host, port, Refusal("audit-unavailable", "audit-unavailable", reason)
+        if self.proxy is None or not self.proxy.serving_ports():
+            return host, port, self._proxy_down()
         return host, port, None
+
+    def _proxy_down(self) -> Refusal:
+        """Why an allowed stream cannot go out now: the proxy service is not there."""
+        if self.proxy is not None and self.proxy.restarting:
+            return Refusal("proxy-restarting", "proxy-restarting",
+                           "the egress proxy is restarting after a crash: try again in a moment")
+        return Refusal("proxy-unavailable", "proxy-unavailable", "the egress proxy is not running")
 
     async def _open_upstream(self, host: str, port: int, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter):
         """A SOCKS5 connection through the proxy service to host:port, or None once the guest got
-        a refusal (the service audits its own refusals in detail: address checks, upstream errors)."""
-        up_writer = None
-        try:
-            port_ = self.proxy.ports[self._next_port % len(self.proxy.ports)]  # spread over workers
-            self._next_port += 1
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(self.proxy.host, port_), 10)
-            await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
-                                                    self.proxy.username, self.proxy.password), 60)
-        except BaseException as exc:
-            if up_writer is not None:
+        a refusal (the service audits its own refusals in detail: address checks, upstream errors).
+        A worker found dead on the way is skipped for another; with none left, the refusal is
+        proxy-restarting (or proxy-unavailable), audited here: no proxy row exists for it."""
+        dead: set[int] = set()
+        while True:
+            upstream = await self._connect_proxy(dead)
+            if upstream is None:
+                down = self._proxy_down()
+                self._audit("connect", url=f"{host}:{port}", host=host, port=port, decision="deny",
+                            rule=down.rule, code=down.code, reason=down.reason)
+                await _refuse(reader, writer, down.reason, down.rule, down.code)
+                return None
+            worker, up_reader, up_writer = upstream
+            try:
+                await asyncio.wait_for(socks5.handshake(up_reader, up_writer, host, port,
+                                                        self.proxy.username, self.proxy.password), 60)
+                return up_reader, up_writer
+            except BaseException as exc:
                 up_writer.close()
-            if not isinstance(exc, (OSError, socks5.Socks5Error, asyncio.TimeoutError)):
-                raise  # cancelled (the bridge closes), or a bug: handle_egress deals with it
-            reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
-            await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
-            return None
-        return up_reader, up_writer
+                if not isinstance(exc, (OSError, socks5.Socks5Error, asyncio.TimeoutError)):
+                    raise  # cancelled (the bridge closes), or a bug: handle_egress deals with it
+                lost = isinstance(exc, ConnectionError) or up_reader.at_eof()  # not a SOCKS refusal
+                if lost and await self._worker_died(worker):  # killed under us: nothing went out
+                    dead.add(worker)
+                    continue
+                reason = f"the proxy did not connect ({exc.__class__.__name__}: {exc})"
+                await _refuse(reader, writer, reason[:500], "proxy", "error")  # the proxy's own row has the precise code
+                return None
+
+    async def _connect_proxy(self, dead: set[int]):
+        """(port, reader, writer) of a connection to a serving worker, spread over them; a worker
+        that refuses (it just died) is added to `dead` and skipped. None if none could be reached."""
+        ports = [p for p in self.proxy.serving_ports() if p not in dead]
+        start, self._next_port = self._next_port, self._next_port + 1
+        for i in range(len(ports)):
+            port = ports[(start + i) % len(ports)]
+            try:
+                return port, *await asyncio.wait_for(asyncio.open_connection(self.proxy.host, port), 10)
+            except OSError:
+                dead.add(port)
+            except asyncio.TimeoutError:
+                return None
+        return None
+
+    async def _worker_died(self, port: int) -> bool:
+        """The worker on `port` left the serving set, waiting a moment for its death to be noticed
+        (its control pipe and our connection to it close at the same time)."""
+        for _ in range(WORKER_DEATH_POLLS):
+            if port not in self.proxy.serving_ports():
+                return True
+            await asyncio.sleep(0.01)
+        return False
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ local user or process can use it as an open proxy.
     await service.flush_audit()                    # every worker's audit rows so far are written
     await service.unregister(kernel_id)
     await service.close()
+
+A worker that dies is not replaced here: its owner (the EgressRuntime's supervisor,
+proxy/supervisor.py) is told through `on_worker_exit` at once (the worker's control pipe closes)
+and calls `replace_worker`, which starts a new process and registers every kernel with it again,
+with the policy and credentials it had. Bridges ask their endpoint for the serving workers'
+ports on every stream (`ProxyEndpoint.serving_ports`), so they follow the replacement.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from capsem_agent import protocol
 
@@ -51,15 +58,26 @@ class ProxyServiceError(CapsemError):
 @dataclass(frozen=True)
 class ProxyEndpoint:
     """Where and how one kernel's bridge reaches the proxy service (SOCKS5 with user/password).
-    `ports`: one listener per worker process; the bridge spreads connections over them."""
+    `ports`: one listener per worker process when registered; the bridge spreads connections
+    over `serving_ports()`, which follows the service when it replaces a dead worker."""
     host: str
     ports: tuple[int, ...]
     username: str
     password: str = field(repr=False)
+    service: "ProxyService | None" = field(default=None, repr=False, compare=False)
 
     @property
     def port(self) -> int:
         return self.ports[0]
+
+    def serving_ports(self) -> tuple[int, ...]:
+        """The ports of the workers that serve this kernel now (empty: none is up)."""
+        return self.service.serving_ports() if self.service is not None else self.ports
+
+    @property
+    def restarting(self) -> bool:
+        """A supervisor is bringing a dead worker of this service back (proxy-restarting)."""
+        return self.service is not None and self.service.supervised
 
 
 def proxy_venvs() -> tuple[Path, ...]:
@@ -96,10 +114,17 @@ def find_proxy_python(explicit: str | None = None) -> str:
 class _Worker:
     """One service process and its control pipe."""
 
-    def __init__(self, python: str, config: dict, log_path: Path):
+    def __init__(self, python: str, config: dict, log_path: Path,
+                 on_exit: Callable[["_Worker"], None] | None = None):
+        """on_exit(worker): called once, on the loop, when a worker that was ready dies without
+        being closed (its stdout closed: SIGKILL, a crash)."""
         self.python, self.config, self.log_path = python, config, log_path
+        self.on_exit = on_exit
         self.proc: asyncio.subprocess.Process | None = None
         self.socks: tuple[str, int] | None = None
+        self.serving = False  # every registered kernel is registered with it: bridges may use it
+        self._ready_seen = False
+        self._closing = False
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future] = {}
         self._reader_task: asyncio.Task | None = None
@@ -143,8 +168,11 @@ class _Worker:
                                     hint=f"see its log: {self.log_path}")
         host, port = msg["socks"]
         self.socks = (host, int(port))
+        self._ready_seen = True
 
     async def close(self) -> None:
+        self._closing = True  # an exit from here on is ours, not a crash
+        self.serving = False
         proc, self.proc = self.proc, None
         if proc is not None and proc.returncode is None:
             try:
@@ -163,6 +191,8 @@ class _Worker:
         self.socks = None
 
     async def request(self, msg: dict, timeout: float = 30.0) -> dict:
+        if not self.alive:  # why: nobody would answer; fail now rather than after the timeout
+            raise ProxyServiceError(f"the proxy service worker is gone (see {self.log_path})")
         msg_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiters[msg_id] = fut
@@ -200,6 +230,9 @@ class _Worker:
                 if not fut.done():
                     fut.set_result({"t": "error", "message": err["message"]})
             self.socks = None
+            self.serving = False
+            if self._ready_seen and not self._closing and self.on_exit is not None:
+                self.on_exit(self)
 
 
 class ProxyService:
@@ -231,7 +264,10 @@ class ProxyService:
         self.log_path = Path(log_path) if log_path else paths.runtime_dir() / f"proxy-{os.getpid()}.log"
         self.workers_n = max(1, workers if workers else min(4, os.cpu_count() or 1))
         self.workers: list[_Worker] = []
-        self._kernels: dict[str, ProxyEndpoint] = {}
+        self._kernels: dict[str, _Registration] = {}
+        # on_worker_exit(index, worker): set by the owner that replaces dead workers (supervisor.py)
+        self.on_worker_exit: Callable[[int, _Worker], None] | None = None
+        self._closed = False
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -248,6 +284,22 @@ class ProxyService:
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc]
 
+    @property
+    def supervised(self) -> bool:
+        """Dead workers are replaced (an owner listens to on_worker_exit) and it is not closed."""
+        return self.on_worker_exit is not None and not self._closed
+
+    def serving_ports(self) -> tuple[int, ...]:
+        """The listeners of the workers that are up and hold every kernel's registration."""
+        return tuple(w.socks[1] for w in self.workers if w.serving and w.alive)
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self.python, self.config, self.log_path, on_exit=self._worker_exited)
+
+    def _worker_exited(self, worker: _Worker) -> None:
+        if self.on_worker_exit is not None and not self._closed and worker in self.workers:
+            self.on_worker_exit(self.workers.index(worker), worker)
+
     async def start(self) -> None:
         from .audit import connect, default_db_path
         from .ca import ensure_ca
@@ -255,32 +307,72 @@ class ProxyService:
         # workers: two workers switching a new database to WAL at once got "database is locked"
         await asyncio.to_thread(ensure_ca, Path(self.config["ca_dir"]) if self.config["ca_dir"] else None)
         await asyncio.to_thread(lambda: connect(self.config["audit_db"] or default_db_path()).close())
-        self.workers = [_Worker(self.python, self.config, self.log_path) for _ in range(self.workers_n)]
+        self.workers = [self._new_worker() for _ in range(self.workers_n)]
         try:
             await asyncio.gather(*(w.start() for w in self.workers))
         except BaseException:
             await self.close()
             raise
+        for w in self.workers:
+            w.serving = True  # no kernel registered yet
+
+    async def replace_worker(self, index: int) -> None:
+        """Start a new worker in place of worker `index` (dead or not), register every kernel with
+        it (same policy, same SOCKS credentials: bridges keep theirs), then let bridges use it.
+        Raises ProxyServiceError if it cannot start; the slot then stays dead."""
+        if self._closed:
+            raise ProxyServiceError("the proxy service is closed")
+        old, new = self.workers[index], self._new_worker()
+        self.workers[index] = new
+        await old.close()
+        await new.start()
+        if self._closed or new not in self.workers:
+            await new.close()
+            raise ProxyServiceError("the proxy service was closed while a worker restarted")
+        await self._sync(new)
+
+    async def _sync(self, worker: _Worker) -> None:
+        """Make `worker` hold exactly the current registrations. register()/unregister() calls
+        racing with this also reach it (it is alive); the loop ends when nothing changed while
+        it waited, and marks the worker serving without yielding in between."""
+        sent: dict[str, _Registration] = {}
+        while True:
+            todo = {k: r for k, r in self._kernels.items() if sent.get(k) is not r}
+            gone = [k for k in sent if k not in self._kernels]
+            if not todo and not gone:
+                break
+            await asyncio.gather(*(worker.request(r.message(k)) for k, r in todo.items()),
+                                 *(worker.request({"t": "unregister", "kernel": k}) for k in gone))
+            sent.update(todo)
+            for k in gone:
+                sent.pop(k, None)
+        worker.serving = True
 
     async def close(self) -> None:
+        self._closed = True
         workers, self.workers = self.workers, []
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
 
     # --- kernels -------------------------------------------------------------------------------
 
     async def register(self, kernel_id: str, policy: Policy) -> ProxyEndpoint:
-        """Make `policy` the policy of `kernel_id` and return the credentials its bridge uses."""
-        if not self.alive:
+        """Make `policy` the policy of `kernel_id` and return the credentials its bridge uses.
+        Workers being replaced get it when they start (replace_worker)."""
+        if not (self.alive or (self.supervised and self.workers)):
             raise ProxyServiceError("the proxy service is not running", hint=f"see its log: {self.log_path}")
         if not 0 < len(kernel_id.encode()) < 200:
             raise ValueError("kernel id must be 1..199 bytes")
-        ep = ProxyEndpoint(self.workers[0].socks[0], tuple(w.socks[1] for w in self.workers),
-                           kernel_id, secrets.token_urlsafe(32))
-        msg = {"t": "register", "kernel": kernel_id, "password": ep.password,
-               "policy": policy.text, "source": policy.source, "observe": policy.observe}
-        await asyncio.gather(*(w.request(msg) for w in self.workers))
-        self._kernels[kernel_id] = ep
-        return ep
+        reg = _Registration(policy, secrets.token_urlsafe(32))
+        self._kernels[kernel_id] = reg
+        try:
+            await asyncio.gather(*(w.request(reg.message(kernel_id)) for w in self.workers if w.alive))
+        except BaseException:
+            if self._kernels.get(kernel_id) is reg:
+                self._kernels.pop(kernel_id)
+            raise
+        up = [w for w in self.workers if w.alive]
+        host = up[0].socks[0] if up else self.config["listen_host"]
+        return ProxyEndpoint(host, self.serving_ports(), kernel_id, reg.password, service=self)
 
     async def flush_audit(self, timeout: float = 10.0) -> bool:
         """The workers' half of the audit barrier: True once every row each worker recorded before
@@ -294,6 +386,17 @@ class ProxyService:
         return all(r.get("written") for r in replies)
 
     async def unregister(self, kernel_id: str) -> None:
-        self._kernels.pop(kernel_id, None)
+        self._kernels.pop(kernel_id, None)  # first: a worker being replaced must not get it
         await asyncio.gather(*(w.request({"t": "unregister", "kernel": kernel_id})
                                for w in self.workers if w.alive), return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _Registration:
+    """What a worker needs to serve one kernel; kept to register it again with a new worker."""
+    policy: Policy
+    password: str = field(repr=False)
+
+    def message(self, kernel_id: str) -> dict:
+        return {"t": "register", "kernel": kernel_id, "password": self.password,
+                "policy": self.policy.text, "source": self.policy.source, "observe": self.policy.observe}
