@@ -224,3 +224,16 @@ async def test_a_worker_that_cannot_be_restarted_is_retried_with_back_off(tmp_pa
         assert state["state"] in ("backoff", "restarting") and "gone" in state["last_error"]
         assert time.monotonic() - t0 >= 0.5  # the second attempt waited
         assert await rt.proxy() is service and not service.alive
+
+
+@pytest.mark.parametrize("observe", [False, True])
+def test_a_registration_sent_again_to_a_new_worker_keeps_the_kernels_observe_switch(observe):
+    """A replaced worker gets each kernel's registration again: the observe switch (which may come
+    from the kernel's config, not the file) must travel with it, or a restart would flip the mode."""
+    import dataclasses
+    from capsem_vm.policy import parse_policy
+    from capsem_vm.proxy.service import _Registration
+    policy = dataclasses.replace(parse_policy('[[rule]]\nname = "a"\nhost = "a.example"\naction = "allow"\n', "p.toml"),
+                                 observe=observe)
+    msg = _Registration(policy, "pw").message("k1")
+    assert msg["observe"] is observe and msg["policy"] == policy.text and msg["password"] == "pw"
