@@ -1,7 +1,10 @@
-"""`capsem kernel install`: make the capsem kernel available to Jupyter front ends."""
+"""`capsem kernel install`: make the capsem kernel available to Jupyter front ends; `capsem mcp`:
+serve a sandbox to MCP clients (capsem_kernel/mcp_server.py)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB
@@ -38,6 +41,7 @@ def add_parser(sub) -> None:
                    help="with --pool: start the pool service on demand (pool_autostart)")
     p.set_defaults(func=cmd_install)
     kernel.set_defaults(func=lambda args: kernel.print_help() or 2)
+    add_mcp_parser(sub)
 
 
 def cmd_install(args) -> int:
@@ -64,3 +68,52 @@ def cmd_install(args) -> int:
     path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix, provisioner_config=config)
     print(f"installed kernelspec {args.name!r} in {path}")
     return 0
+
+
+MCP_EPILOG = """\
+Register it with an MCP client (Claude Desktop's claude_desktop_config.json, VS Code's mcp.json):
+  {"mcpServers": {"capsem": {"command": "capsem", "args": ["mcp", "--policy", "/abs/policy.toml"]}}}
+The sandbox (one VM) starts on the first tool call and stops when the client disconnects."""
+
+
+def add_mcp_parser(sub) -> None:
+    from .mcp_server import IDLE_TIMEOUT
+    p = sub.add_parser("mcp", help="serve a capsem sandbox to MCP clients (agents) over stdio",
+                       description="An MCP server (stdio) whose tools (run_code, run_command, restart,\n"
+                                   "network_log) run in one capsem sandbox: a Jupyter kernel in its own VM,\n"
+                                   "egress only through the policy proxy, every request audited.",
+                       epilog=MCP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", metavar="FILE",
+                   help="egress policy file (default: the user's config dir policy, else deny-all)")
+    p.add_argument("--folder", metavar="DIR",
+                   help="shared working folder (default: a fresh temporary folder, removed at the end)")
+    p.add_argument("--keep-folder", action="store_true", help="keep the temporary folder at the end")
+    p.add_argument("--memory", type=int, metavar="MB", help=f"guest memory (default {DEFAULT_MEMORY_MB})")
+    p.add_argument("--cpus", type=int, metavar="N", help=f"virtual CPUs (default {DEFAULT_CPUS})")
+    p.add_argument("--image", metavar="DIR", help="VM image directory (default: the built default image)")
+    p.add_argument("--no-pool", action="store_true", help="always cold-boot (never claim a warm VM from `capsem pool`)")
+    p.add_argument("--timeout", type=float, metavar="S", help="default timeout of run_code / run_command (default: none)")
+    p.add_argument("--idle-timeout", type=float, metavar="S", default=IDLE_TIMEOUT,
+                   help=f"close the sandbox after S seconds without a tool call; 0: never (default {IDLE_TIMEOUT:g})")
+    p.set_defaults(func=cmd_mcp)
+
+
+def cmd_mcp(args) -> int:
+    if (args.memory is not None and args.memory < 256) or (args.cpus is not None and not 1 <= args.cpus <= 64):
+        print("capsem: error: --memory must be >= 256 and --cpus between 1 and 64", file=sys.stderr)
+        return 2
+    for flag, path, check in (("--policy", args.policy, Path.is_file), ("--folder", args.folder, Path.is_dir),
+                              ("--image", args.image, Path.is_dir)):
+        if path and not check(Path(path).expanduser()):
+            print(f"capsem: error: {flag} {path}: not found", file=sys.stderr)
+            return 2
+    try:
+        from .mcp_server import Options, serve_stdio
+        import mcp  # noqa: F401 - the optional dependency: a clear message when it is missing
+    except ImportError:
+        print("capsem: error: `capsem mcp` needs the MCP SDK: pip install 'capsem-jupyter[mcp]'", file=sys.stderr)
+        return 2
+    return serve_stdio(Options(folder=args.folder, policy=args.policy, memory_mb=args.memory, cpus=args.cpus,
+                               image=args.image and str(Path(args.image).expanduser().resolve()),
+                               use_pool=not args.no_pool, timeout=args.timeout, idle_timeout=args.idle_timeout,
+                               keep_folder=args.keep_folder))
