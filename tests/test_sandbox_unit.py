@@ -143,3 +143,29 @@ def test_parent_id_of_any_message(value):
     _parent_id({"parent_header": value})
     assert _parent_id({"parent_header": {"msg_id": "m"}}) == "m"
     assert _parent_id({"parent_header": ["msg_id"]}) is None and _parent_id("x") is None
+
+
+async def test_async_sandbox_calls_do_not_inherit_the_callers_jupyter_loop():
+    """jupyter_client's blocking calls run on the loop jupyter_core keeps in a ContextVar. A worker
+    that inherits the caller's context would share that loop with every other worker (two sandboxes
+    starting at once: "This event loop is already running", seen in CI). Each AsyncSandbox call runs
+    in its own thread's context: the caller's loop is not there, and one sandbox keeps one loop."""
+    import asyncio
+    from jupyter_core.utils import _loop, ensure_event_loop
+
+    from capsem_kernel.async_sandbox import _on, _worker
+
+    callers = asyncio.new_event_loop()
+    token = _loop.set(callers)
+    a, b = _worker("a"), _worker("b")
+    try:
+        seen = await asyncio.gather(_on(a, _loop.get), _on(b, _loop.get))
+        assert seen == [None, None]
+        first, again, other = (await _on(a, ensure_event_loop), await _on(a, ensure_event_loop),
+                               await _on(b, ensure_event_loop))
+        assert first is again and first is not other and callers not in (first, other)
+    finally:
+        _loop.reset(token)
+        callers.close()
+        a.shutdown(wait=True)
+        b.shutdown(wait=True)
