@@ -112,8 +112,11 @@ async def _hostile_qmp(path, send_after_greeting: bytes, greeting: bytes | None 
                      json.dumps({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
                                                      "package": ""}, "capabilities": []}}).encode() + b"\n")
         await writer.drain()
-        await reader.read(1 << 16)  # qmp_capabilities (sent without an id, nor a newline)
-        writer.write(b'{"return": {}}\n')
+        request = await reader.read(1 << 16)  # qmp_capabilities
+        if not request:
+            return
+        msg_id = json.loads(request).get("id")
+        writer.write(json.dumps({"return": {}, "id": msg_id}).encode() + b"\n")
         await writer.drain()
         await reader.read(1 << 16)  # the command
         if not send_after_greeting:
@@ -143,6 +146,46 @@ async def test_a_misbehaving_qmp_peer_fails_the_command_and_nothing_else(tmp_pat
             await monitor.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("event", ["RESUME", "SHUTDOWN", "RTC_CHANGE"])
+async def test_an_event_before_the_capabilities_answer_is_no_failure(tmp_path, event):
+    """QEMU can emit an event between entering command mode and answering qmp_capabilities:
+    connecting must not fail on it (it did, in CI under load), and later commands are answered."""
+    ev = json.dumps({"event": event, "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}).encode() + b"\n"
+    answer = b'{"return": {"status": "running"}, "id": "__ID__"}\n'
+    server = await _echoing_qmp(tmp_path / "q.sock", before_capabilities_reply=ev, answer=answer)
+    seen = []
+    try:
+        monitor = await Monitor.connect(str(tmp_path / "q.sock"), on_event=lambda n, d: seen.append(n), timeout=5)
+        try:
+            assert await monitor.execute("query-status", timeout=5) == {"status": "running"}
+            await asyncio.sleep(0.05)
+            assert seen == ([event] if event in ("SHUTDOWN", "RESET") else [])
+        finally:
+            await monitor.close()
+    finally:
+        server.close()
+
+
+async def _echoing_qmp(path, before_capabilities_reply: bytes, answer: bytes):
+    """A QMP server that puts `before_capabilities_reply` ahead of the capabilities answer, then
+    answers each command with `answer` (its "__ID__" replaced by the command's id)."""
+    async def serve(reader, writer):
+        writer.write(json.dumps({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                                                     "package": ""}, "capabilities": []}}).encode() + b"\n")
+        await writer.drain()
+        first = True
+        while request := await reader.read(1 << 16):
+            msg_id = json.loads(request).get("id")
+            if first:
+                writer.write(before_capabilities_reply + json.dumps({"return": {}, "id": msg_id}).encode() + b"\n")
+                first = False
+            else:
+                writer.write(answer.replace(b"__ID__", str(msg_id).encode()))
+            await writer.drain()
+
+    return await asyncio.start_unix_server(serve, str(path), limit=1 << 24)
 
 
 async def test_a_peer_that_does_not_greet_like_qemu_is_refused(tmp_path):
