@@ -54,7 +54,8 @@ def check_credentials_kept(target: Path, new_text: str) -> None:
             "policy edits from the browser cannot add, remove or change credentials ([[credential]] tables); "
             f"keep them exactly as in {target} ({', '.join(names) if names else 'none'}): credentials are "
             "changed on the host only")
-    changed = sorted(k for k, v in _settings(new_text).items() if v != _settings(current)[k])
+    before_settings, after_settings = _settings(current), _settings(new_text)
+    changed = sorted(k for k in SETTINGS if after_settings[k] != before_settings[k])
     if changed:
         raise PolicyEditRefused(
             f"policy edits from the browser cannot change [settings] ({', '.join(changed)}): allow_doh and "
