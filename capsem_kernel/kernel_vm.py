@@ -60,6 +60,7 @@ class KernelVM:
         self._release: asyncio.Task[None] | None = None  # kernel_start {hold}: sends kernel_release
         self._stopping: asyncio.Future[None] | None = None
         self.attach_error: str | None = None  # why a pooled VM's folder could not be attached
+        self.death_reason: str | None = None  # e.g. "virtiofsd for /path exited (signal 9)"
         self._listening = asyncio.Event()  # the guest kernel accepts connections
         self._booted = False  # vm.start() done: from now on a VM that is not alive() is dead
         self.started_at: float | None = None  # wall clock: boot began / ipykernel answered
@@ -182,6 +183,11 @@ class KernelVM:
             self._set_exit(code if isinstance(code, int) and not isinstance(code, bool) else 1)
         elif t == "closed":  # control connection lost: the VM is gone or broken
             self._set_exit(VM_DIED)
+        elif t == "vm_died":  # a helper the VM cannot live without exited; the VM tears itself down
+            reason = msg.get("reason")
+            self.death_reason = reason if isinstance(reason, str) else "a helper of the VM exited"
+            log.error("the kernel's VM died: %s", self.death_reason)
+            self._set_exit(VM_DIED)
         elif t == "vm_shutdown":  # QEMU says the guest powered off, reset or panicked
             if self.exit_code is None and self._stopping is None:
                 log.warning("the kernel's VM ended (%s)", msg.get("reason"))
@@ -248,5 +254,6 @@ class KernelVM:
             "held": self._release is not None,  # the key went over while the folder attached
             "attach_error": self.attach_error,
             "shutdown_reason": vm.shutdown_reason,  # QEMU's reason, once the guest ended
+            "death_reason": self.death_reason,  # a helper the VM could not live without exited
             "pooled": self.pooled,
         }

@@ -81,8 +81,7 @@ class VM(VMBase):
         self.on_event: OnEvent | None = None
         self.shutdown_reason: str | None = None
         self._control_ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
-        self._stopping = False
-        self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None  # the one teardown (stop() awaits it)
 
     # --- start -------------------------------------------------------------------------------
 
@@ -90,8 +89,13 @@ class VM(VMBase):
         t0 = time.monotonic()
         try:
             await self._start(t0)
-        except BaseException:
+            self._started = True
+            if self.death_reason is not None:  # a helper died at the very end of the boot
+                raise VMError(self.death_reason)
+        except BaseException as exc:
             await self.stop()
+            if self.death_reason is not None and isinstance(exc, Exception):  # what broke the boot
+                raise VMError(f"the VM died while booting: {self.death_reason}\n" + self.diagnostics()) from exc
             raise
         return self
 
@@ -118,7 +122,9 @@ class VM(VMBase):
                 check_root_only(image_dir, {"kernel": image.kernel, "initrd": image.initrd, "rootfs": image.rootfs})
                 _check_readable_by_others(image)
             await self.transport.start()
-            self.helpers += self.transport.helper_processes()
+            for proc in self.transport.helper_processes():
+                self.helpers.append(proc)
+                self._watch_helper(proc, proc.name)
             if self.config.egress is not None:
                 from .egress import Egress  # why lazy: proxy/policy code only for VMs with egress
                 self.egress = Egress(self.config.egress, [str(s.host_path) for s in self.config.shares],
@@ -126,6 +132,7 @@ class VM(VMBase):
                 await self.egress.start(self.transport)  # before QEMU: the guest may connect at once
             for share in self.config.shares:
                 self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
+                self._watch_helper(self.helpers[-1], f"virtiofsd for {share.host_path}")
             self._control_ready = loop.create_future()
             await self.transport.listen(protocol.PORT_CONTROL, self._on_control_connection)
             fds = {name: f.fileno() for name, f in (("kernel", image.kernel), ("initrd", image.initrd),
@@ -140,6 +147,8 @@ class VM(VMBase):
                                      assets, self.transport.qemu_args(), console=f"/dev/fd/{console.fd}")
                 if self.identity is None:  # a normal user's capsem: namespaces instead of a uid
                     argv = confine.wrap(argv, self.paths.root)
+                if self.death_reason is not None:
+                    raise VMError(self.death_reason)
                 t_qemu = time.monotonic()
                 self.qemu = await spawn("qemu", argv, identity=self.identity, cwd=self.paths.root,
                                         pass_fds=(*fds.values(), console.fd, *self.transport.qemu_fds()),
@@ -228,10 +237,16 @@ class VM(VMBase):
     # --- stop --------------------------------------------------------------------------------
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Idempotent teardown: graceful first, then forced. Never raises for an already-dead VM."""
-        if self._stopped or self._stopping:
-            return
-        self._stopping = True
+        """Idempotent teardown: graceful first, then forced. Never raises for an already-dead VM.
+        Every caller waits for the one teardown to end (a dead helper starts it on its own:
+        vm_base.py), even if that caller is cancelled."""
+        if self._stopping is None:
+            self._stop_began = True
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        await self._end_helper_watches()
         try:
             await self._shut_down(grace)
             await self._close_monitor()
@@ -244,7 +259,6 @@ class VM(VMBase):
             if self.paths:
                 runtime.remove_vm_dir(self.paths)
             self._release_lease()
-            self._stopped = True
 
     def _release_lease(self) -> None:
         if self._lease is not None:
@@ -253,12 +267,12 @@ class VM(VMBase):
 
     def kill_now(self) -> None:
         """Synchronous forced teardown (for atexit or a dying event loop)."""
+        self._stop_began = True
         for proc in ([self.qemu] if self.qemu else []) + self.helpers:
             proc.kill_now()
         if self.paths:
             runtime.remove_vm_dir(self.paths)
         self._release_lease()
-        self._stopped = True
 
     async def __aenter__(self) -> "VM":
         return await self.start()

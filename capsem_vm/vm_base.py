@@ -1,28 +1,43 @@
 """What a cold VM (vm.py) and a claimed pooled VM (pool/claimed.py) do alike: relay the agent's and
-QEMU's events, set up the guest's egress, the graceful part of stop(), closing the per-VM helpers.
-The contract they fulfil for KernelVM is vm_protocol.GuestVM."""
+QEMU's events, set up the guest's egress, the graceful part of stop(), closing the per-VM helpers,
+and watching the helpers the VM cannot live without.
+The contract they fulfil for KernelVM is vm_protocol.GuestVM.
+
+A helper that exits while the VM runs (virtiofsd: the guest's next file access would wait forever
+on a FUSE request nobody answers; the vsock backend: the agent is cut off) makes the VM dead: its
+exit is awaited on a pidfd the way QEMU's is, `death_reason` names it, a {"t": "vm_died"} event
+goes out first, then the whole VM is torn down (QEMU killed, no graceful power-off: a guest stuck
+on a dead share would not finish one)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import VMError
+from .process import ManagedProcess
 from .qmp import Monitor
 from .vm_protocol import OnEvent, QemuWatch
 
 if TYPE_CHECKING:
     from .config import VMConfig
     from .control import ControlConnection
-    from .process import ManagedProcess
     from .egress import Egress
     from .vsock import VsockTransport
 
 log = logging.getLogger(__name__)
+
+
+def exit_description(returncode: int | None) -> str:
+    """'signal 9', 'code 1' (Popen's returncode: negative for a signal)."""
+    if returncode is None:
+        return "unknown status"
+    return f"signal {-returncode}" if returncode < 0 else f"code {returncode}"
 
 SHUTDOWN_REQUEST_TIMEOUT = 5.0  # s for the agent to acknowledge the power-off request
 QUIT_WAIT = 3.0  # s for QEMU to exit after QMP quit
@@ -39,9 +54,14 @@ class VMBase:
     timings: dict[str, float]
     on_event: OnEvent | None
     shutdown_reason: str | None
+    death_reason: str | None = None  # a helper the VM cannot live without exited (set once)
+    _helper_watches: list[asyncio.Task[None]] | None = None
+    _death_teardown: asyncio.Task[None] | None = None
+    _stop_began = False  # from then on helpers exiting is expected
+    _started = False  # start() returned
 
     def alive(self) -> bool:
-        return bool(self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set())
+        return bool(self.death_reason is None and self.qemu and self.qemu.alive() and self.control and not self.control.closed.is_set())
 
     def _on_event(self, msg: dict[str, Any]) -> None:
         if self.on_event:
@@ -67,7 +87,7 @@ class VMBase:
         """The graceful part of stop(): ask the agent to power the guest off (the guest flushes what
         it wrote to the shares) and wait up to `grace` s for QEMU to exit; failing that (no agent,
         or it did not answer), ask QEMU to quit over QMP. The caller then forces what is left."""
-        if self.qemu is None or not self.qemu.alive():
+        if self.qemu is None or not self.qemu.alive() or self.death_reason is not None:
             return
         if self.control is not None and not self.control.closed.is_set():
             try:
@@ -94,3 +114,38 @@ class VMBase:
             await self.egress.close()
         if self.transport:
             await self.transport.close()
+
+    # --- helpers the VM cannot live without -------------------------------------------------
+
+    def _watch_helper(self, proc: ManagedProcess, what: str) -> None:
+        """From now on, `proc` exiting (before stop() began) kills the VM; `what` names it."""
+        if self._helper_watches is None:
+            self._helper_watches = []
+        self._helper_watches.append(asyncio.ensure_future(self._await_helper(proc, what)))
+
+    async def _await_helper(self, proc: ManagedProcess, what: str) -> None:
+        code = await proc.wait()
+        if not self._stop_began:
+            self._helper_died(f"{what} exited ({exit_description(code)})")
+
+    def _helper_died(self, reason: str) -> None:
+        if self.death_reason is not None:
+            return
+        self.death_reason = reason
+        log.error("the VM is dead: %s", reason)
+        self._on_event({"t": "vm_died", "reason": reason})
+        if isinstance(self.qemu, ManagedProcess):  # the guest stops at once (nothing to flush: see above)
+            self.qemu.send_signal(signal.SIGKILL)
+        if self._started:  # while booting, start()'s own failure path tears down (QEMU's exit ends the wait)
+            self._death_teardown = asyncio.ensure_future(self.stop(grace=0))
+
+    async def _end_helper_watches(self) -> None:
+        """First thing in stop(): the helpers are about to be stopped on purpose. Awaited, so no
+        watch is still registered on a helper's pidfd when stop() waits on it."""
+        watches = [t for t in self._helper_watches or () if t is not asyncio.current_task()]
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        raise NotImplementedError

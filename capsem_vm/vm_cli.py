@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import accel
 from .config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
+from .errors import VMError
 from .vm import VM
 
 STDIN_CHUNK = 65536
@@ -137,12 +138,26 @@ async def _run_in(vm: VM, config: VMConfig, argv: list[str], args, pty: bool, lo
         except asyncio.CancelledError:
             print("\ncapsem: guest did not stop after repeated interrupts; tearing the VM down", file=sys.stderr)
             return 130
+        except VMError as exc:  # the VM went away mid-command: say which helper took it down, if one did
+            reason = await _death_reason(vm)
+            if reason is not None:
+                raise VMError(f"the VM died: {reason}") from exc
+            raise
         finally:
             if saved is not None:
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
             stdin_task.cancel()
             loop.remove_signal_handler(signal.SIGINT)
         return proc.result.shell_code
+
+
+async def _death_reason(vm: VM, wait: float = 1.0) -> str | None:
+    """Why the VM died, if a helper's exit did it. A dead vsock backend closes the agent's connection
+    at about the moment its pidfd fires: give the watch that moment."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while vm.death_reason is None and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    return vm.death_reason
 
 
 async def _pump_output(proc) -> None:
