@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CAPSEM := $(VENV)/bin/capsem
 PYTEST_ARGS ?=
+# xdist workers of the unit tier (scripts/unit-tier.sh says why two)
+UNIT_WORKERS ?= 2
 # mitmproxy 11 (the last for py3.11) pins tornado<=6.4.2 and an older cryptography: it gets its own
 # env; the proxy service runs from it as a separate process (capsem_vm/proxy/service.py finds it)
 PROXY_VENV ?= .venv-proxy
@@ -55,10 +57,7 @@ image: system venv
 # marked `vm` fails here, on every machine, instead of passing where an image happens to be cached
 unit: system venv proxy-venv
 	$(VENV)/bin/mypy
-	@cache=$$(mktemp -d); start=$$(date +%s); \
-	CAPSEM_CACHE_DIR=$$cache/user CAPSEM_SYSTEM_CACHE_DIR=$$cache/system \
-	  $(VENV)/bin/pytest -m "not vm and not slow" $(PYTEST_ARGS); rc=$$?; \
-	rm -rf "$$cache"; echo "make unit: unit tier took $$(( $$(date +%s) - start ))s (exit $$rc)"; exit $$rc
+	UNIT_WORKERS=$(UNIT_WORKERS) scripts/unit-tier.sh $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # property tests with fresh random examples (ten times as many): what fails becomes an @example
 fuzz: venv

@@ -629,6 +629,7 @@ def _rtts(s: socket.socket, n: int, size: int = 64) -> list[float]:
     return times
 
 
+@pytest.mark.serial  # a sub-millisecond bound: no second test worker beside it (make unit)
 def test_relay_latency_added_per_round_trip(echo_agent):
     s = open_channel(echo_agent, "hb")
     s.settimeout(10)

@@ -103,8 +103,10 @@ def test_held_requests_wait_in_order_until_released_and_kernel_info_passes():
             ran.append(tag)
 
         async def async_handler(tag):
-            await asyncio.sleep(0)
+            # recorded on entry: the gate wakes its waiters in order; what a handler does after
+            # its first await may interleave (the real kernel serializes shell handlers itself)
             ran.append(tag)
+            await asyncio.sleep(0)
 
         handlers = {"kernel_info_request": sync_handler, "execute_request": async_handler,
                     "complete_request": sync_handler}
