@@ -110,9 +110,10 @@ _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 
 
 class Refused(Exception):
-    def __init__(self, err: int, reason: str):
+    def __init__(self, err: int, reason: str, expected: bool = False):
         super().__init__(reason)
         self.errno = err
+        self.expected = expected  # a refusal every virtiofsd start meets: logged at debug level only
 
 
 def read_name(pid: int, addr: int) -> bytes:
@@ -150,6 +151,10 @@ def _source_is_symlink(pid: int, dirfd: int | None, name: bytes) -> bool:
 
 
 _PROC_FD = re.compile(rb"^/proc/(?:self|thread-self|[0-9]+)/fd/([0-9]+)$")
+# virtiofsd probes SELinux at start by opening its thread's attr/fscreate (relative to its proc
+# task dir) for writing. Refused like any write into proc (virtiofsd then runs without it), but
+# expected: not worth a warning on every VM start
+_FSCREATE_PROBE = re.compile(rb"^(?:[0-9]+|self|thread-self)/attr/fscreate$")
 _PROC_SUPER_MAGIC = 0x9FA0
 
 
@@ -177,7 +182,7 @@ def _target_path(pid: int, dirfd: int | None, name: bytes) -> bytes:
         if _on_procfs(fd_dir):
             link = f"{fd_dir}/{os.fsdecode(name)}"
             if not os.path.islink(link):
-                raise Refused(errno.EPERM, f"writing {name!r} in proc")
+                raise Refused(errno.EPERM, f"writing {name!r} in proc", expected=bool(_FSCREATE_PROBE.match(name)))
             return os.readlink(link).encode("utf-8", "surrogateescape")
         return os.readlink(fd_dir).encode("utf-8", "surrogateescape").rstrip(b"/") + b"/" + name
     except OSError as exc:
@@ -334,8 +339,11 @@ class ShareGuard:
             self.allowed += 1
         except Refused as refusal:
             resp.error, resp.flags = -refusal.errno, 0
-            self.refused += 1
-            self._log_refusal(str(refusal))
+            if refusal.expected:
+                log.debug("share %s: refused %s (expected)", self.label, refusal)
+            else:
+                self.refused += 1
+                self._log_refusal(str(refusal))
         except Exception as exc:  # fail closed on anything unexpected
             resp.error, resp.flags = -errno.EPERM, 0
             self.refused += 1

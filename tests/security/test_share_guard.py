@@ -207,6 +207,34 @@ async def test_calls_pending_when_the_guard_dies_fail_instead_of_hanging(tmp_pat
     assert not (tmp_path / ".git").exists() and not (tmp_path / "late.txt").exists()
 
 
+# argv: none. Opens files of its own proc task dir for writing, relative to a dirfd (as virtiofsd does).
+PROC_WRITES = gs.TRY + r"""
+import json, os, threading
+task = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY)
+tid = threading.get_native_id()
+for name in (f"{tid}/attr/fscreate", f"{tid}/comm", f"{tid}/attr/fscreate/../../comm"):
+    t(name.replace(str(tid), "TID"), lambda: os.close(os.open(name, os.O_WRONLY, dir_fd=task)))
+print(json.dumps(res))
+"""
+
+
+async def test_virtiofsds_fscreate_probe_is_refused_quietly_other_proc_writes_loudly(caplog):
+    """virtiofsd's start-up SELinux probe (its thread's attr/fscreate) is refused like every write
+    into proc, without the warning each VM start used to log; any other write into proc is still
+    refused and warned about (also a spelling that only starts like the probe)."""
+    caplog.set_level("DEBUG", logger="capsem_vm.share_guard")
+    guard, proc = await _guarded([sys.executable, "-c", PROC_WRITES], "preexec",
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await _communicate(proc, timeout=60)
+    await proc.wait()
+    guard.close()
+    assert json.loads(out) == {"TID/attr/fscreate": "EPERM", "TID/comm": "EPERM",
+                               "TID/attr/fscreate/../../comm": "EPERM"}, err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned and not any("fscreate'" in w for w in warned), warned
+    assert guard.refused == 2  # the probe is not counted with the refusals worth reporting
+
+
 async def test_a_child_that_never_sends_its_listener_is_not_trusted(tmp_path):
     guard = ShareGuard("test")
     proc = await spawn("probe", ["sleep", "30"])  # no filter: nothing arrives
