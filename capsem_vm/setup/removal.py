@@ -91,11 +91,12 @@ def candidates() -> list[Target]:
     """Everything capsem may have put on this host for this user (and for everyone, as root)."""
     from capsem_vm import paths
     from .plan import SYSTEM_PREFIX
+    prefix = os.environ.get("CAPSEM_SYSTEM_PREFIX") or SYSTEM_PREFIX  # a test's stand-in for /opt/capsem
     out = capsem_kernelspecs()
     out.append(Target(str(paths.cache_dir()), "images and build cache", STATE))
     if os.geteuid() == 0:
         out.append(Target(str(paths.system_cache_dir()), "system images", STATE))
-        out.append(Target(SYSTEM_PREFIX, "system proxy env and vhost-device-vsock", STATE))
+        out.append(Target(prefix, "system proxy env and vhost-device-vsock", STATE))
     out.append(Target(str(paths.data_dir() / "proxy-venv"), "proxy env", STATE))
     out.append(Target(str(paths.data_dir() / "run"), "runtime state", STATE))
     runtime = _runtime_root()
