@@ -177,6 +177,13 @@ def test_the_proxy_env_is_looked_for_in_the_checkout_then_the_system_then_the_us
                              paths.data_dir() / "proxy-venv")
 
 
+def test_capsem_system_prefix_moves_the_system_proxy_env(monkeypatch, tmp_path):
+    from capsem_vm.proxy.service import proxy_venvs
+    from capsem_vm.setup.locations import system_proxy_env
+    monkeypatch.setenv("CAPSEM_SYSTEM_PREFIX", str(tmp_path))
+    assert system_proxy_env() == f"{tmp_path}/proxy-venv" and proxy_venvs()[1] == tmp_path / "proxy-venv"
+
+
 # --- uninstall: which paths -------------------------------------------------------------------
 
 @given(st.lists(st.sampled_from(["home", "u", "a", "..", "."]), max_size=5))

@@ -27,7 +27,6 @@ import pytest
 
 from capsem_vm.setup.facts import installed_packages, proxy_env
 from capsem_vm.setup.hostos import host_release, parse_os_release
-from capsem_vm.setup.plan import SYSTEM_PROXY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 OS = REPO / "tests" / "data" / "os-release"
@@ -122,31 +121,32 @@ def test_setup_makes_the_proxy_env_and_a_second_run_changes_nothing(world_dir):
 
 @root_only
 @pytest.mark.slow  # as a normal user without a system proxy env: makes the user's own (about a minute)
-def test_a_normal_user_gets_a_proxy_env_of_its_own_or_uses_the_system_one(world_dir):
+def test_a_normal_user_without_a_system_proxy_env_makes_its_own(world_dir):
+    """No system env (CAPSEM_SYSTEM_PREFIX: an empty place instead of /opt/capsem): the user's
+    `capsem setup` makes one in its data dir, owned by it, which its proxy service then uses; a
+    second run changes nothing. (With a system env the user's plan says it serves: test_setup_plan.)"""
     user = User(world_dir / "home")
-    system_ok = proxy_env(SYSTEM_PROXY_ENV).mitmproxy == "11.0.2"
-    first = user.capsem("setup", "--no-image")
-    assert first.returncode == 0, first.stdout + first.stderr
+    user.env["CAPSEM_SYSTEM_PREFIX"] = str(world_dir / "opt")
     own = user.home / "data" / "proxy-venv"
-    if system_ok:
-        assert f"the system one: {SYSTEM_PROXY_ENV}" in first.stdout and not own.exists()
-    else:
-        assert f"create {own}" in first.stdout, first.stdout
-        assert proxy_env(str(own)).mitmproxy == "11.0.2"
-        assert own.stat().st_uid == user.entry.pw_uid
-        assert not Path(SYSTEM_PROXY_ENV).exists()  # nothing of root's was touched
+    started = time.monotonic()
+    first = user.capsem("setup", "--no-image")
+    took = time.monotonic() - started
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"create {own}" in first.stdout, first.stdout
+    assert proxy_env(str(own)).mitmproxy == "11.0.2"
+    assert own.stat().st_uid == user.entry.pw_uid and not (world_dir / "opt").exists()
+    before = _tree(own)
     second = user.capsem("setup", "--no-image")
     assert second.returncode == 0 and "done: nothing (all was already there)" in second.stdout, second.stdout
-    # the proxy service, run as this user, picks that env
-    found = user.capsem  # (same interpreter and env)
+    assert _tree(own) == before
     code = ("import site, sys\n"
             f"if {user.site!r}: site.addsitedir({user.site!r})\n"
             "from capsem_vm.proxy.service import find_proxy_python; print(find_proxy_python())")
     out = subprocess.run(user.prefix + ["env", "-i", *(f"{k}={v}" for k, v in user.env.items()),
                                         user.python, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd="/")
-    del found
-    assert out.stdout.strip() == (f"{SYSTEM_PROXY_ENV}/bin/python" if system_ok else f"{own}/bin/python"), out
+    assert out.stdout.strip() == f"{own}/bin/python", out
+    print(f"capsem setup as a normal user: own proxy env from nothing (empty pip cache) {took:.1f}s")
 
 
 @pytest.mark.vm  # needs the default image (built by `make image` before the VM tier)

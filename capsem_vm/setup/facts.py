@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .plan import SYSTEM_PROXY_ENV, VSOCK_BIN, Facts, ImageFacts, Options, ProxyEnvFacts, requirement_name
+from .locations import system_proxy_env
+from .plan import VSOCK_BIN, Facts, ImageFacts, Options, ProxyEnvFacts, requirement_name
 from .hostos import MIN_PYTHON, parse_os_release
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -138,7 +139,7 @@ def gather(options: Options, os_release_file: str | None = None) -> Facts:
         else:
             from capsem_vm import paths
             user = proxy_env(str(paths.data_dir() / "proxy-venv"))
-        facts.update(system_proxy=proxy_env(SYSTEM_PROXY_ENV), user_proxy=user, proxy_python=python,
+        facts.update(system_proxy=proxy_env(system_proxy_env()), user_proxy=user, proxy_python=python,
                      proxy_python_version=version, requirements=requirements,
                      known_mitmproxy=tuple(r.split("==", 1)[1].split(";")[0].strip() for r in requirements
                                            if requirement_name(r) == "mitmproxy" and "==" in r))

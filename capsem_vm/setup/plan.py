@@ -14,10 +14,10 @@ import shlex
 from dataclasses import dataclass, field
 
 from .hostos import DEV_PACKAGES, MIN_PYTHON, host_release, manual_install_text
+from .locations import SYSTEM_PREFIX
 
-SYSTEM_PREFIX = "/opt/capsem"
-SYSTEM_PROXY_ENV = f"{SYSTEM_PREFIX}/proxy-venv"   # the proxy service looks here (proxy/service.py)
-VSOCK_BIN = f"{SYSTEM_PREFIX}/bin/vhost-device-vsock"  # and helpers.py here
+SYSTEM_PROXY_ENV = f"{SYSTEM_PREFIX}/proxy-venv"   # (locations.system_proxy_env(): unless moved)
+VSOCK_BIN = f"{SYSTEM_PREFIX}/bin/vhost-device-vsock"  # helpers.py looks here
 
 DO, DONE, ROOT, BLOCKED, OFF = "do", "done", "root", "blocked", "off"
 # what an administrator runs for the parts a normal user cannot do (capsem installed for root)

@@ -90,8 +90,8 @@ def capsem_kernelspecs() -> list[Target]:
 def candidates() -> list[Target]:
     """Everything capsem may have put on this host for this user (and for everyone, as root)."""
     from capsem_vm import paths
-    from .plan import SYSTEM_PREFIX
-    prefix = os.environ.get("CAPSEM_SYSTEM_PREFIX") or SYSTEM_PREFIX  # a test's stand-in for /opt/capsem
+    from .locations import system_prefix
+    prefix = system_prefix()
     out = capsem_kernelspecs()
     out.append(Target(str(paths.cache_dir()), "images and build cache", STATE))
     if os.geteuid() == 0:
