@@ -258,3 +258,21 @@ def test_uninstall_dry_run_as_root_lists_the_system_parts_too(world_dir):
     for what in ("syscache", "opt", "rt", "cache"):
         assert f": {world_dir / what}\n" in out.stdout + "\n", out.stdout
     assert all((world_dir / v).exists() for v in ("cache", "syscache", "opt", "data", "cfg", "rt"))
+
+
+@root_only
+@pytest.mark.slow  # fetches Debian unstable's package lists (a few seconds to a minute)
+def test_vhost_device_vsock_is_fetched_where_the_release_lacks_it(world_dir):
+    """The step root's setup runs when no vhost-device-vsock is found: on Debian 12 (no package) the
+    unstable .deb, unpacked to the destination with the system's apt sources untouched."""
+    from capsem_vm.setup.plan import Step
+    from capsem_vm.setup.steps import install_vsock
+    if subprocess.run(["apt-cache", "show", "vhost-device-vsock"], capture_output=True).returncode == 0:
+        pytest.skip("this release packages vhost-device-vsock: setup would install the package system-wide")
+    sources = {p: p.read_bytes() for p in Path("/etc/apt").rglob("*.list*") if p.is_file()}
+    dest = world_dir / "opt" / "bin" / "vhost-device-vsock"
+    install_vsock(Step("vsock", "vhost-device-vsock", "do", data={"dest": str(dest)}))
+    out = subprocess.run([str(dest), "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("vhost-device-vsock"), out
+    assert dest.stat().st_mode & 0o777 == 0o755
+    assert {p: p.read_bytes() for p in Path("/etc/apt").rglob("*.list*") if p.is_file()} == sources

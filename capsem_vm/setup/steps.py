@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -77,8 +78,13 @@ def install_vsock(step: Step) -> None:
         dest = Path(step.data["dest"])
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.new")
-        shutil.copyfile(f"{work}/root/usr/bin/vhost-device-vsock", tmp)
-        os.chmod(tmp, 0o755)
+        # a fresh file (O_EXCL: never through a link someone left there), mode set on the fd
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+        with os.fdopen(fd, "wb") as out, open(f"{work}/root/usr/bin/vhost-device-vsock", "rb") as src:
+            shutil.copyfileobj(src, out)
+            os.fchmod(out.fileno(), 0o755)
         os.replace(tmp, dest)
     _run([str(dest), "--version"], timeout=30)
 
