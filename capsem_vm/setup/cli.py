@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                                    "kernelspecs, images, runtime state, proxy envs. The CA, signing keys, audit "
                                    "database and policies only with --data, after a confirmation (or --yes). "
                                    "Host packages, your notebooks and anything outside capsem's own "
-                                   "directories stay.")
+                                   "directories stay. Stop kernels and `capsem pool` first: their runtime "
+                                   "state goes too.")
     u.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     u.add_argument("--data", action="store_true", help="also the CA, signing keys, audit database and policies")
     u.add_argument("--yes", action="store_true", help="do not ask before removing --data")
