@@ -10,8 +10,9 @@ CAPSEM := $(VENV)/bin/capsem
 PYTEST_ARGS ?=
 # xdist workers of the unit tier (scripts/unit-tier.sh says why two)
 UNIT_WORKERS ?= 2
-# mitmproxy 11 (the last for py3.11) pins tornado<=6.4.2 and an older cryptography: it gets its own
-# env; the proxy service runs from it as a separate process (capsem_vm/proxy/service.py finds it)
+# mitmproxy 11 pins tornado<=6.4.2 and an older cryptography: it gets its own env (pyproject's `proxy`
+# extra); the proxy service runs from it as a separate process (capsem_vm/proxy/service.py finds it:
+# .venv-proxy beside .venv is the checkout's, /opt/capsem/proxy-venv an installed host's)
 PROXY_VENV ?= .venv-proxy
 
 .PHONY: demo test unit fuzz vm system venv proxy-venv image clean help
@@ -22,11 +23,14 @@ help:
 	@echo "make unit   - the tests that need no VM and no VM image (no image build; minutes)"
 	@echo "make vm     - build (or reuse) the VM image and run the tests that boot VMs or need it (and the few slow ones)"
 	@echo "make fuzz   - the property tests with fresh random examples, ten times as many (finds new cases)"
-	@echo "make system - install the Debian packages capsem needs (root)"
+	@echo "make system - install the Debian packages capsem (and working on it) needs (root): capsem setup --dev"
 	@echo "make venv   - create the Python env in $(VENV)"
-	@echo "make image  - build (or reuse the cached) VM image"
-	@echo "make proxy-venv - create the egress proxy's env (mitmproxy) in $(PROXY_VENV)"
+	@echo "make image  - build (or reuse the cached) VM image: capsem setup --image"
+	@echo "make proxy-venv - create the egress proxy's env (mitmproxy) in $(PROXY_VENV): capsem setup --proxy-env"
 
+# The three set-up targets are `capsem setup` with parts turned off. `system` comes before the venv
+# exists (the venv needs python3-venv and npm): scripts/setup-system.sh runs the same code with the
+# system's python3 from this checkout (capsem_vm.setup's packages part needs only the stdlib).
 system:
 	bash scripts/setup-system.sh
 
@@ -41,16 +45,14 @@ $(VENV)/.installed: pyproject.toml $(LABEXT_SRC)
 
 venv: $(VENV)/.installed
 
-$(PROXY_VENV)/.installed: pyproject.toml
-	python3 -m venv $(PROXY_VENV)
-	$(PROXY_VENV)/bin/pip install -q --upgrade pip
-	$(PROXY_VENV)/bin/pip install -q 'mitmproxy==11.0.2' 'platformdirs>=3' 'uvloop>=0.19'
+$(PROXY_VENV)/.installed: pyproject.toml | $(VENV)/.installed
+	$(CAPSEM) setup --no-packages --no-image --proxy-env $(PROXY_VENV)
 	touch $@
 
 proxy-venv: $(PROXY_VENV)/.installed
 
 image: system venv
-	$(CAPSEM) image build
+	$(CAPSEM) setup --no-packages --no-proxy-env --image
 
 # mypy first (seconds): the VM contract (capsem_vm/vm_protocol.py) and both VMs that fulfil it.
 # why: the unit tier runs with an empty image cache, so a test that needs the image but is not

@@ -19,6 +19,7 @@ _GROUPS = (
     "capsem_vm.policy.cli",
     "capsem_vm.proxy.cli",
     "capsem_kernel.cli",
+    "capsem_vm.setup.cli",
 )
 
 

@@ -84,5 +84,6 @@ def cmd_doctor(args) -> int:
         except Exception as exc:  # a check must never crash the report
             failed += 1
             print(f"  FAIL  {name:12} {exc.__class__.__name__}: {exc}")
-    print("all checks passed" if not failed else f"{failed} check(s) failed")
+    print("all checks passed" if not failed else f"{failed} check(s) failed; `capsem setup --dry-run` shows what "
+          "`capsem setup` would install (as root: for everyone)")
     return 1 if failed else 0

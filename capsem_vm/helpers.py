@@ -1,4 +1,4 @@
-"""Find the host programs capsem drives. Each comes from a Debian package (see scripts/setup-system.sh)."""
+"""Find the host programs capsem drives. Each comes from a Debian package (`capsem setup`: capsem_vm/setup/hostos.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import MissingHelperError
 
-SETUP_HINT = "run `make system` (or scripts/setup-system.sh as root) to install it"
+SETUP_HINT = "run `capsem setup` as root to install it (in a source checkout: `make system`)"
 
 
 @dataclass(frozen=True)

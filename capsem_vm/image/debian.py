@@ -79,7 +79,7 @@ class PrivateApt:
         if not shutil.which("apt-get"):
             raise MissingHelperError("apt-get is not installed", "building images needs a Debian-like host with apt")
         if not Path(KEYRING).exists():
-            raise MissingHelperError(f"{KEYRING} is missing", "install debian-archive-keyring (`make system`)")
+            raise MissingHelperError(f"{KEYRING} is missing", "install debian-archive-keyring (`capsem setup` as root)")
         self.state = state
         self.run = run  # progress-aware subprocess runner
         (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)

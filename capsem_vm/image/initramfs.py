@@ -39,7 +39,7 @@ INITRD_NAME = "initrd.img"
 def check_busybox(path: Path = BUSYBOX) -> Path:
     """The initramfs has no libc: busybox must be the static build (package busybox-static)."""
     if not path.is_file():
-        raise MissingHelperError(f"{path} not found", "install busybox-static (`make system`)")
+        raise MissingHelperError(f"{path} not found", "install busybox-static (`capsem setup` as root)")
     with open(path, "rb") as f:
         head = f.read(64)
         if head[:4] != b"\x7fELF" or head[4] != 2:
@@ -51,7 +51,7 @@ def check_busybox(path: Path = BUSYBOX) -> Path:
     for i in range(phnum):
         if struct.unpack_from("<I", table, i * phentsize)[0] == 3:  # PT_INTERP: dynamically linked
             raise MissingHelperError(f"{path} is dynamically linked",
-                                     "install busybox-static instead of busybox (`make system`)")
+                                     "install busybox-static instead of busybox (`capsem setup` as root)")
     return path
 
 
@@ -205,7 +205,7 @@ def compress(data: bytes, method: str, progress: Progress) -> bytes:
     else:
         raise ValueError(method)
     if not shutil.which(argv[0]):
-        raise MissingHelperError(f"{argv[0]} is not installed", "run `make system`")
+        raise MissingHelperError(f"{argv[0]} is not installed", "run `capsem setup` as root")
     return subprocess.run(argv, input=data, check=True, capture_output=True).stdout
 
 

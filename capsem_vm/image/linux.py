@@ -144,7 +144,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         tool = shutil.which(kind)
         if not tool:
             raise MissingHelperError(f"{kind} is not installed (the kernel is {kind}-compressed)",
-                                     "run `make system`")
+                                     "run `capsem setup` as root")
         elf = subprocess.run([tool, "-d", "-c"], input=payload, capture_output=True, check=True).stdout
     check_pvh_elf(elf)
     return elf

@@ -47,7 +47,7 @@ class Progress:
             proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                   stdout=target, stderr=subprocess.STDOUT if target else None)
         except FileNotFoundError:
-            raise ImageError(f"{argv[0]} is not installed", "run `make system` (scripts/setup-system.sh)")
+            raise ImageError(f"{argv[0]} is not installed", "run `capsem setup` as root")
         if proc.returncode != 0:
             raise ImageError(f"`{' '.join(map(str, argv[:3]))} ...` failed (exit {proc.returncode})"
                              + self._tail(), self._hint())

@@ -89,7 +89,7 @@ def ensure_rootfs(recipe: Recipe, mirrors: Mirrors, progress: Progress, refresh:
         return layer / ROOTFS_NAME
     for tool, package in (("mmdebstrap", "mmdebstrap"), ("mkfs.erofs", "erofs-utils")):
         if not shutil.which(tool):
-            raise MissingHelperError(f"{tool} is not installed", f"install {package} (`make system`)")
+            raise MissingHelperError(f"{tool} is not installed", f"install {package} (`capsem setup` as root)")
     mode = build_mode()
     work = store.new_temp_dir(root, "rootfs")
     try:

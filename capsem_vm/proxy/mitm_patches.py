@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from importlib import metadata
 
-# version -> why it is trusted. The install issue adds the 12.x release for Python 3.12+ here, once
-# each patch below is checked against it.
+# version -> why it is trusted. Exactly the versions pyproject's `proxy` extra pins, which is what
+# `capsem setup` installs (tests/test_setup_plan.py checks both ways). 11.0.2 declares Python >=3.10,
+# so it serves 3.12/3.13 hosts too; a 12.x joins here once each patch below is checked against it.
 KNOWN_VERSIONS: dict[str, str] = {
-    "11.0.2": "pinned by `make proxy-venv` and pyproject's proxy extra (last release for Python 3.11)",
+    "11.0.2": "pinned by pyproject's proxy extra, installed by `capsem setup` (last release for Python 3.11)",
 }
 
 
@@ -38,9 +39,9 @@ def check_version(found: str | None = None) -> str:
     if found not in KNOWN_VERSIONS:
         raise UnsupportedMitmproxy(
             f"mitmproxy {found} is installed, but capsem's proxy patches mitmproxy internals and knows "
-            f"only {', '.join(sorted(KNOWN_VERSIONS))}. Recreate the proxy env with `make proxy-venv` "
-            f"(it installs a known version), or point CAPSEM_PROXY_PYTHON at one that has it; to support "
-            f"{found}, check each patch in capsem_vm/proxy/mitm_patches.py against it and add it to "
+            f"only {', '.join(sorted(KNOWN_VERSIONS))}. Recreate the proxy env with `capsem setup` "
+            f"(it installs a known version; in a source checkout `make proxy-venv`, which runs it), "
+            f"or point CAPSEM_PROXY_PYTHON at one that has it; to support {found}, check each patch in capsem_vm/proxy/mitm_patches.py against it and add it to "
             f"KNOWN_VERSIONS.")
     return found
 

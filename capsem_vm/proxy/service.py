@@ -44,6 +44,7 @@ from capsem_agent import protocol
 from .. import paths
 from ..errors import CapsemError, MissingHelperError
 from ..policy import Policy
+from ..setup.locations import system_proxy_env
 from .child_code import child_code_dir
 
 START_TIMEOUT = 60.0
@@ -82,18 +83,20 @@ class ProxyEndpoint:
 
 def proxy_venvs() -> tuple[Path, ...]:
     """Where a proxy env is looked for: `.venv-proxy` beside this env (what `make proxy-venv`
-    makes beside .venv in a checkout), then the user's own (data dir)."""
-    return (Path(sys.prefix).parent / ".venv-proxy", paths.data_dir() / "proxy-venv")
+    makes beside .venv in a checkout), then the system's (root's `capsem setup`: /opt/capsem),
+    then the user's own (data dir; a normal user's `capsem setup` makes it when there is no system one)."""
+    return (Path(sys.prefix).parent / ".venv-proxy", Path(system_proxy_env()), paths.data_dir() / "proxy-venv")
 
 
 def proxy_env_hint() -> str:
     """What a user without a proxy env does (pip users have no Makefile)."""
     venv = shlex.quote(str(paths.data_dir() / "proxy-venv"))
     reqs = " ".join(map(shlex.quote, PROXY_REQUIREMENTS))
-    return (f"the egress proxy runs mitmproxy from its own Python env: create it with "
+    return (f"the egress proxy runs mitmproxy from its own Python env: run `capsem setup` (as root it "
+            f"makes {system_proxy_env()} for every user, as yourself {venv}), or create it by hand with "
             f"`python3 -m venv {venv} && {venv}/bin/pip install {reqs}`, "
             f"or set CAPSEM_PROXY_PYTHON to a Python that has them (in a source checkout: `make "
-            f"proxy-venv`; a `capsem setup` command that does this is planned, not there yet)")
+            f"proxy-venv`; it runs `capsem setup --proxy-env .venv-proxy`)")
 
 
 def find_proxy_python(explicit: str | None = None) -> str:
