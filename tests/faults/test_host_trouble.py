@@ -1,0 +1,192 @@
+"""Host trouble (issue 21): a full file system (notebook folder, runtime dir, audit database), a
+locked audit database, a helper program removed or replaced by an upgrade. Each gives an error that
+names the cause and what to do, fails closed where egress is concerned, and loses nothing already
+written. Full file systems are real tmpfs mounts in a child's own mount namespace (private_fs.py);
+the real disk is never filled."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from capsem_vm import helpers
+from capsem_vm.errors import MissingHelperError, VMError
+from capsem_vm.proxy.audit import AuditLog, read_events, unwritable_hint
+from host_helpers import CAPSEM, helper_processes
+from private_fs import run_child
+
+# --- the audit database ------------------------------------------------------------------------
+
+AUDIT_FULL_AT_START = '''
+os.environ["CAPSEM_DATA_DIR"] = str(MNT / "data")
+from capsem_vm.proxy.audit import AuditLog, read_events
+db = MNT / "data" / "audit.sqlite3"
+fill(MNT / "filler")
+t0 = time.monotonic()
+log = AuditLog(db)                      # main: sqlite3.OperationalError, the worker/bridge never starts
+started_s = time.monotonic() - t0
+out = {"started_s": started_s, "available_full": log.available, "last_error": log.last_error}
+log.record("k-full", "http", method="GET", url="http://a.example/", decision="deny", rule="audit-unavailable")
+out["flush_full"] = log.flush(3)
+os.unlink(MNT / "filler")               # space again: the held rows are written, the log is available
+t0 = time.monotonic()
+out["flush_after"] = log.flush(10)
+out["resumed_s"] = time.monotonic() - t0
+out["available_after"] = log.available
+out["rows"] = [(r["kind"], r["code"], r["kernel"]) for r in read_events(db)]
+log.close()
+print(json.dumps(out))
+'''
+
+
+def test_audit_database_full_at_start_refuses_egress_then_resumes_without_losing_rows(tmp_path):
+    r = run_child(AUDIT_FULL_AT_START, tmp_path / "mnt", size="256k")
+    assert r["started_s"] < 3 and r["available_full"] is False
+    assert "full" in r["last_error"]
+    # the log line names the file, the cause and what to do
+    err = r["_stderr"]
+    assert "cannot write" in err and "audit.sqlite3" in err and "audit-unavailable" in err
+    assert "is full: free space there" in err and "CAPSEM_DATA_DIR" in err
+    assert r["flush_full"] is False
+    assert r["flush_after"] is True and r["available_after"] is True
+    assert ("http", "audit-unavailable", "k-full") in [tuple(x) for x in r["rows"]]  # nothing recorded is lost
+    assert ("note", "audit-unavailable", "-") in [tuple(x) for x in r["rows"]]  # the gap is on record
+    assert "works again" in err
+
+
+class _Locker:
+    """Another process holding the database's write lock (BEGIN EXCLUSIVE) until released."""
+
+    def __init__(self, db: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sqlite3, sys\n"
+             "con = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+             "con.execute('PRAGMA journal_mode=WAL'); con.execute('CREATE TABLE IF NOT EXISTS t (x)')\n"
+             "con.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()", str(db)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def test_audit_database_locked_at_start_refuses_egress_then_resumes(tmp_path, capfd):
+    db = tmp_path / "audit.sqlite3"
+    locker = _Locker(db)
+    try:
+        t0 = time.monotonic()
+        log = AuditLog(db)  # main: waits 10 s, then sqlite3.OperationalError "database is locked"
+        started_s = time.monotonic() - t0
+        assert started_s < 4 and not log.available and "locked" in log.last_error
+        log.record("k-lock", "dns", url="a.example", decision="deny", rule="audit-unavailable")
+        assert not log.flush(1)
+    finally:
+        locker.release()
+    try:
+        assert log.flush(10) and log.available
+        rows = [(r["kind"], r["code"]) for r in read_events(db)]
+        assert ("dns", "audit-unavailable") in rows and ("note", "audit-unavailable") in rows
+    finally:
+        log.close()
+    err = capfd.readouterr().err
+    assert "write lock" in err and "fuser" in err
+
+
+@pytest.mark.parametrize("exc,words", [
+    (sqlite3.OperationalError("database or disk is full"), ["is full", "CAPSEM_DATA_DIR"]),
+    (OSError(errno.ENOSPC, "No space left on device"), ["is full"]),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), ["is full"]),
+    (sqlite3.OperationalError("database is locked"), ["write lock", "fuser"]),
+    (sqlite3.OperationalError("attempt to write a readonly database"), ["read-only"]),
+    (OSError(errno.EROFS, "Read-only file system"), ["read-only"]),
+    (sqlite3.DatabaseError("file is not a database"), ["check"]),
+])
+def test_every_unwritable_cause_gets_a_hint_naming_it(exc, words):
+    hint = unwritable_hint(exc, Path("/d/audit.sqlite3"))
+    assert all(w in hint for w in words), hint
+
+
+# --- the runtime dir ---------------------------------------------------------------------------
+
+RUNTIME_FULL = '''
+os.environ["CAPSEM_RUNTIME_DIR"] = str(MNT / "rt")
+from capsem_vm import runtime
+from capsem_vm.errors import VMError
+(MNT / "rt").mkdir(mode=0o700)
+fill(MNT / "filler")
+try:
+    runtime.create_vm_dir()
+    out = {"error": None}
+except VMError as exc:
+    out = {"error": str(exc), "type": "VMError"}
+except Exception as exc:
+    out = {"error": str(exc), "type": type(exc).__name__}
+out["left"] = sorted(os.listdir(MNT / "rt"))
+print(json.dumps(out))
+'''
+
+
+def test_runtime_dir_full_is_a_clear_error_and_leaves_no_vm_dir(tmp_path):
+    r = run_child(RUNTIME_FULL, tmp_path / "mnt", size="256k")
+    assert r["type"] == "VMError", r
+    assert "cannot create the VM's runtime directory" in r["error"] and "No space left" in r["error"]
+    assert "is full" in r["error"] and "CAPSEM_RUNTIME_DIR" in r["error"]
+    assert r["left"] == [], r  # main: an empty vm-* dir without owner file, until a sweep
+
+
+# --- a helper program removed or replaced after it was found -----------------------------------
+
+FINDERS = [("qemu", "CAPSEM_QEMU"), ("virtiofsd", "CAPSEM_VIRTIOFSD"),
+           ("vhost_device_vsock", "CAPSEM_VHOST_DEVICE_VSOCK"), ("unshare", "CAPSEM_UNSHARE"),
+           ("setpriv", "CAPSEM_SETPRIV")]
+
+
+@pytest.mark.parametrize("finder,env_var", FINDERS)
+def test_a_helper_removed_after_it_was_found_is_named_not_run(monkeypatch, tmp_path, finder, env_var):
+    find = getattr(helpers, finder)
+    program = tmp_path / "prog"
+    program.write_bytes(b"#!/bin/sh\n# source=PATH\n")
+    program.chmod(0o755)
+    monkeypatch.setenv(env_var, str(program))
+    find.cache_clear()
+    try:
+        assert find().path == program
+        program.unlink()  # an upgrade removed it while this process (a Jupyter server) ran
+        with pytest.raises(MissingHelperError) as err:
+            find()  # main: the cached path, a bare ENOENT at the next spawn
+        text = str(err.value)
+        assert f"{env_var}={program}" in text and "not an executable file" in text and "make system" in text
+    finally:
+        find.cache_clear()
+
+
+def test_a_replaced_virtiofsd_is_read_again_for_its_flag_dialect(monkeypatch, tmp_path):
+    program = tmp_path / "virtiofsd"
+    program.write_bytes(b"#!/bin/sh\n# -o source=PATH\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("CAPSEM_VIRTIOFSD", str(program))
+    helpers.virtiofsd.cache_clear()
+    try:
+        assert helpers.virtiofsd().dialect == "c"
+        new = tmp_path / "virtiofsd.new"  # what a package upgrade does: a new file renamed over the old
+        new.write_bytes(b"#!/bin/sh\n# --shared-dir\n")
+        new.chmod(0o755)
+        os.utime(new, ns=(1, 1))
+        new.rename(program)
+        assert helpers.virtiofsd().dialect == "rust"  # main: "c", the new binary run with the old flags
+        other = tmp_path / "other"
+        shutil.copy(program, other)
+        monkeypatch.setenv("CAPSEM_VIRTIOFSD", str(other))
+        assert helpers.virtiofsd().path == other  # a changed override is looked up again
+    finally:
+        helpers.virtiofsd.cache_clear()
