@@ -190,3 +190,108 @@ def test_a_replaced_virtiofsd_is_read_again_for_its_flag_dialect(monkeypatch, tm
         assert helpers.virtiofsd().path == other  # a changed override is looked up again
     finally:
         helpers.virtiofsd.cache_clear()
+
+
+# --- real VMs ----------------------------------------------------------------------------------
+
+@pytest.mark.vm
+@pytest.mark.parametrize("finder,env_var,real", [
+    ("qemu", "CAPSEM_QEMU", lambda: helpers.qemu().path),
+    ("virtiofsd", "CAPSEM_VIRTIOFSD", lambda: helpers.virtiofsd().path),
+    ("vhost_device_vsock", "CAPSEM_VHOST_DEVICE_VSOCK", lambda: helpers.vhost_device_vsock().path)],
+    ids=["qemu", "virtiofsd", "vhost-device-vsock"])
+async def test_a_helper_removed_by_an_upgrade_fails_the_next_vm_naming_it(image_dir, runtime_root, tmp_path,
+                                                                        monkeypatch, finder, env_var, real):
+    """The real program, found (as a running server would have), then removed: the next VM start
+    fails with MissingHelperError naming it, and leaves no process and no runtime dir."""
+    from capsem_vm.config import Share, VMConfig
+    from capsem_vm.vm import VM
+    find = getattr(helpers, finder)
+    find.cache_clear()
+    copy = tmp_path / "bin" / Path(str(real())).name
+    copy.parent.mkdir()
+    shutil.copy2(real(), copy)
+    monkeypatch.setenv(env_var, str(copy))
+    find.cache_clear()
+    try:
+        assert find().path == copy
+        copy.unlink()
+        share = tmp_path / "nb"
+        share.mkdir()
+        vm = VM(VMConfig(memory_mb=512, cpus=1, shares=(Share(share, "nb"),)))
+        with pytest.raises(MissingHelperError) as err:  # main: FileNotFoundError from the spawn
+            await asyncio.wait_for(vm.start(), 120)
+        assert f"{env_var}={copy}" in str(err.value) and "make system" in str(err.value)
+        await vm.stop()
+        assert not helper_processes(str(runtime_root), str(share))
+        assert not list(runtime_root.glob("vm-*"))
+    finally:
+        find.cache_clear()
+
+
+NOTEBOOK_FULL = '''
+nb = MNT / "nb"
+nb.mkdir()
+os.chmod(nb, 0o777)
+guest = """
+import errno, os
+with open("kept.txt", "wb") as f:
+    f.write(b"k" * 100000); f.flush(); os.fsync(f.fileno())
+print("kept", flush=True)
+try:
+    with open("big.bin", "wb") as f:
+        while True:
+            f.write(b"z" * 65536); f.flush(); os.fsync(f.fileno())
+except OSError as exc:
+    print("ERR", exc.errno, exc.strerror, flush=True)
+try:
+    with open("small.txt", "w") as f:
+        f.write("more"); f.flush(); os.fsync(f.fileno())
+except OSError as exc:
+    print("ERR2", exc.errno, flush=True)
+os.remove("big.bin")
+with open("after.txt", "w") as f:
+    f.write("space again"); f.flush(); os.fsync(f.fileno())
+print("done", flush=True)
+"""
+t0 = time.monotonic()
+p = subprocess.run(CAPSEM + ["vm", "run", "--no-egress", "--memory", "512", "--cpus", "1", "--share", str(nb),
+                             "--", "python3", "-c", guest], capture_output=True, text=True, timeout=600)
+out = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:], "s": time.monotonic() - t0,
+       "kept": (nb / "kept.txt").read_bytes() == b"k" * 100000,
+       "after": (nb / "after.txt").read_text() if (nb / "after.txt").exists() else None}
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.vm
+def test_notebook_folder_full_is_enospc_in_the_guest_and_keeps_what_was_written(image_dir, runtime_root, tmp_path):
+    code = f"CAPSEM = {CAPSEM!r}\n" + NOTEBOOK_FULL
+    r = run_child(code, tmp_path / "mnt", size="4m", timeout=700)
+    print(f"\nnotebook folder full: capsem vm run took {r['s']:.1f} s; guest said {r['stdout']!r}")
+    assert r["rc"] == 0, r
+    # the guest's write fails with the cause (ENOSPC), nothing hangs, the VM stays usable, what was
+    # fsynced before is whole on the host, and writes work again once there is space
+    assert "kept" in r["stdout"] and f"ERR {errno.ENOSPC} No space left on device" in r["stdout"], r
+    assert r["kept"] and r["after"] == "space again" and "done" in r["stdout"]
+    assert not helper_processes(str(runtime_root))
+
+
+RUNTIME_FULL_VM = '''
+rt = MNT / "rt"
+rt.mkdir(mode=0o700)
+fill(MNT / "filler")
+env = dict(os.environ, CAPSEM_RUNTIME_DIR=str(rt))
+p = subprocess.run(CAPSEM + ["vm", "run", "--no-egress", "--memory", "512", "--cpus", "1", "--", "true"],
+                   capture_output=True, text=True, timeout=300, env=env)
+print(json.dumps({"rc": p.returncode, "stderr": p.stderr[-3000:], "left": sorted(os.listdir(rt))}))
+'''
+
+
+@pytest.mark.vm
+def test_runtime_dir_full_fails_capsem_vm_run_naming_it(image_dir, tmp_path):
+    r = run_child(f"CAPSEM = {CAPSEM!r}\n" + RUNTIME_FULL_VM, tmp_path / "mnt", size="256k")
+    assert r["rc"] != 0
+    assert "cannot create the VM's runtime directory" in r["stderr"] and "CAPSEM_RUNTIME_DIR" in r["stderr"], r
+    assert "Traceback" not in r["stderr"], r
+    assert r["left"] == [], r
