@@ -170,6 +170,17 @@ def unwritable_hint(exc: BaseException, db_path: Path) -> str:
     return f"check {db_path} and its file system; the log resumes by itself once a write works"
 
 
+def prepare(db_path: Path | str) -> str | None:
+    """Create the database (WAL mode, schema) ahead of its writers. A database that cannot be written
+    now (full, locked, read-only) is not an error here: returns why, and each AuditLog starts
+    unavailable (egress refused) and retries, as when the trouble begins mid-session."""
+    try:
+        connect(db_path, timeout=BUSY_TIMEOUT).close()
+    except (sqlite3.Error, OSError) as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
 def default_code(decision: str | None, rule: str | None) -> str:
     """The code of a row whose writer named none: the rule's own name if it is a code."""
     if rule and reason_codes.known(rule):

@@ -102,6 +102,38 @@ def test_audit_database_locked_at_start_refuses_egress_then_resumes(tmp_path, ca
     assert "write lock" in err and "fuser" in err
 
 
+async def test_proxy_and_bridge_started_on_a_locked_audit_database_refuse_egress_then_resume(tmp_path):
+    """The real proxy service (a worker process) and bridge, started while another process holds the
+    audit database's write lock: both start (main: the worker died at start on 'database is locked'),
+    egress is refused with audit-unavailable, and allowed again once the lock is gone."""
+    from proxy_helpers import wait_for
+    from test_audit_contract import _make_world
+    db = tmp_path / "audit.sqlite3"
+    locker = _Locker(db)
+    released = False
+    try:
+        w = await _make_world(tmp_path, db, workers=1)
+        try:
+            r = await asyncio.to_thread(w.g.http, "GET", "ok.test.example", w.port, "/ok")
+            assert r.status != 200, "egress went out while the audit log could not be written"
+            assert "audit-unavailable" in (r.policy or "") or r.reply.get("rule") == "audit-unavailable", r.reply
+            locker.release()
+            released = True
+
+            def allowed():
+                return w.g.http("GET", "ok.test.example", w.port, "/ok").status == 200
+            assert await asyncio.to_thread(wait_for, allowed, 30)
+            assert await w.service.flush_audit() and await asyncio.to_thread(w.audit.flush)
+            rows = read_events(db)
+            assert any(r["kind"] == "note" and r["code"] == "audit-unavailable" for r in rows)
+            assert any(r["decision"] == "allow" and r["kernel"] == "k-audit" for r in rows)
+        finally:
+            await w.close()
+    finally:
+        if not released:
+            locker.release()
+
+
 @pytest.mark.parametrize("exc,words", [
     (sqlite3.OperationalError("database or disk is full"), ["is full", "CAPSEM_DATA_DIR"]),
     (OSError(errno.ENOSPC, "No space left on device"), ["is full"]),
