@@ -15,7 +15,7 @@ UNIT_WORKERS ?= 2
 # .venv-proxy beside .venv is the checkout's, /opt/capsem/proxy-venv an installed host's)
 PROXY_VENV ?= .venv-proxy
 
-.PHONY: demo test unit fuzz vm system venv proxy-venv image clean help
+.PHONY: demo test unit fuzz vm chaos system venv proxy-venv image clean help
 
 help:
 	@echo "make demo   - set up everything and run a real notebook in a capsem kernel"
@@ -23,6 +23,7 @@ help:
 	@echo "make unit   - the tests that need no VM and no VM image (no image build; minutes)"
 	@echo "make vm     - build (or reuse) the VM image and run the tests that boot VMs or need it (and the few slow ones)"
 	@echo "make fuzz   - the property tests with fresh random examples, ten times as many (finds new cases)"
+	@echo "make chaos  - kill each host process of a running kernel at random moments, many rounds (CAPSEM_CHAOS_ROUNDS, CAPSEM_CHAOS_SEED)"
 	@echo "make system - install the Debian packages capsem (and working on it) needs (root): capsem setup --dev"
 	@echo "make venv   - create the Python env in $(VENV)"
 	@echo "make image  - build (or reuse the cached) VM image: capsem setup --image"
@@ -67,6 +68,13 @@ fuzz: venv
 
 vm: system venv proxy-venv image
 	$(VENV)/bin/pytest -m "vm or slow" $(PYTEST_ARGS)
+
+# the chaos suite (tests/faults/test_chaos.py), many rounds per fault with a fresh seed each run
+# (printed; CAPSEM_CHAOS_SEED=N reruns one); `make vm` runs it once per fault with the fixed seed
+CAPSEM_CHAOS_ROUNDS ?= 10
+chaos: system venv proxy-venv image
+	@seed=$${CAPSEM_CHAOS_SEED:-$$(date +%s)}; echo "make chaos: CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS)"; \
+	CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS) $(VENV)/bin/pytest -s tests/faults/test_chaos.py $(PYTEST_ARGS)
 
 # sub-makes, not prerequisites: the order (unit tier, then image, then VM tier) holds under -j too
 test:

@@ -8,6 +8,7 @@ with fs.protected_hardlinks, hard-link them), and are opened without following s
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -19,17 +20,31 @@ from pathlib import Path
 
 from . import nofollow, paths
 from .config import RuntimePaths
+from .errors import VMError
 
 log = logging.getLogger(__name__)
 PREFIX = "vm-"
 
 
 def create_vm_dir() -> RuntimePaths:
-    root = paths.runtime_dir() / f"{PREFIX}{secrets.token_hex(4)}"
-    root.mkdir(mode=0o700)
-    rp = RuntimePaths(root)
-    rp.owner.write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    base = paths.runtime_dir()
+    root = base / f"{PREFIX}{secrets.token_hex(4)}"
+    try:
+        root.mkdir(mode=0o700)
+        rp = RuntimePaths(root)
+        rp.owner.write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    except OSError as exc:
+        shutil.rmtree(root, ignore_errors=True)  # why: a dir without its owner file would wait for a sweep
+        raise VMError(f"cannot create the VM's runtime directory in {base}: {exc.strerror or exc}",
+                      runtime_dir_hint(exc, base)) from None
     return rp
+
+
+def runtime_dir_hint(exc: OSError, base: Path) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the file system of {base} is full (VM sockets, logs and pid files live there): free space "
+                "on it, or point CAPSEM_RUNTIME_DIR at another private directory")
+    return f"check {base} (it must be a private directory of yours), or point CAPSEM_RUNTIME_DIR elsewhere"
 
 
 def give_to(rp: RuntimePaths, uid: int, gid: int) -> None:

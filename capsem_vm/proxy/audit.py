@@ -155,6 +155,32 @@ def connect(db_path: Path | str, *, timeout: float = 10) -> sqlite3.Connection:
     return con
 
 
+def unwritable_hint(exc: BaseException, db_path: Path) -> str:
+    """What to do about a database write that failed with `exc` (for the log line saying so)."""
+    text = str(exc).lower()
+    errno_ = getattr(exc, "errno", None)
+    if "full" in text or errno_ in (28, 122):  # ENOSPC, EDQUOT; sqlite: "database or disk is full"
+        return (f"the file system of {db_path.parent} is full: free space there (the log resumes by itself), "
+                "or move the data dir with CAPSEM_DATA_DIR")
+    if "locked" in text or "busy" in text:
+        return (f"another process has held the database's write lock for over {BUSY_TIMEOUT:g} s: end it "
+                f"(`fuser {db_path}` names it); the log resumes by itself")
+    if "readonly" in text or "read-only" in text or errno_ in (13, 30):  # EACCES, EROFS
+        return f"{db_path} is read-only here: make it writable, or move the data dir with CAPSEM_DATA_DIR"
+    return f"check {db_path} and its file system; the log resumes by itself once a write works"
+
+
+def prepare(db_path: Path | str) -> str | None:
+    """Create the database (WAL mode, schema) ahead of its writers. A database that cannot be written
+    now (full, locked, read-only) is not an error here: returns why, and each AuditLog starts
+    unavailable (egress refused) and retries, as when the trouble begins mid-session."""
+    try:
+        connect(db_path, timeout=BUSY_TIMEOUT).close()
+    except (sqlite3.Error, OSError) as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
 def default_code(decision: str | None, rule: str | None) -> str:
     """The code of a row whose writer named none: the rule's own name if it is a code."""
     if rule and reason_codes.known(rule):
@@ -188,7 +214,15 @@ class AuditLog:
         self._writable = True  # False while the database cannot be written (see `available`)
         self.last_error: str | None = None
         self.rotations = 0
-        connect(self.db_path).close()  # fail early (and create the schema) in the caller
+        try:  # create the schema now, in the caller, and say at once when it cannot be done
+            connect(self.db_path, timeout=BUSY_TIMEOUT).close()
+        except (sqlite3.Error, OSError) as exc:
+            # why not raise: a full or locked database at start is the same trouble as one mid-session
+            # (egress refused with audit-unavailable until a write works, the writer retrying), not a
+            # dead proxy worker restarted in a loop or a kernel that cannot start even offline
+            self._failed(exc)
+            self._append(self._note("audit-unavailable", "the audit database could not be written when "
+                                    f"this writer started ({self.last_error}): egress was refused until now"))
         self._thread = threading.Thread(target=self._run, name="capsem-audit", daemon=True)
         self._thread.start()
 
@@ -339,7 +373,8 @@ class AuditLog:
         if self._writable:
             self._writable = False
             print(f"capsem audit: cannot write {self.db_path} ({self.last_error}): new egress is refused "
-                  "(code audit-unavailable) until it can", file=sys.stderr, flush=True)
+                  f"(code audit-unavailable) until it can\n  hint: {unwritable_hint(exc, self.db_path)}",
+                  file=sys.stderr, flush=True)
 
     def _rotate(self, con: sqlite3.Connection) -> None:
         """Keep the database's used pages under max_bytes: delete the oldest rows (freed pages are

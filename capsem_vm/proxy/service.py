@@ -304,12 +304,13 @@ class ProxyService:
             self.on_worker_exit(self.workers.index(worker), worker)
 
     async def start(self) -> None:
-        from .audit import connect, default_db_path
+        from .audit import default_db_path, prepare
         from .ca import ensure_ca
         # why: create the CA and the audit database (WAL mode, schema) once here, not racing in N
         # workers: two workers switching a new database to WAL at once got "database is locked"
         await asyncio.to_thread(ensure_ca, Path(self.config["ca_dir"]) if self.config["ca_dir"] else None)
-        await asyncio.to_thread(lambda: connect(self.config["audit_db"] or default_db_path()).close())
+        # (an unwritable database does not stop the service: its workers refuse egress until it works)
+        await asyncio.to_thread(prepare, self.config["audit_db"] or default_db_path())
         self.workers = [self._new_worker() for _ in range(self.workers_n)]
         try:
             await asyncio.gather(*(w.start() for w in self.workers))
