@@ -8,7 +8,8 @@ import sys
 import time
 
 from ..safetext import printable_value
-from .audit import default_db_path, read_events
+from .. import paths
+from .audit import DB_NAME, default_db_path, read_events
 
 
 def _fmt(r: dict) -> str:
@@ -69,7 +70,7 @@ def add_parser(subparsers) -> None:
     a.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     a.add_argument("--json", action="store_true", help="one JSON object per line")
     a.add_argument("--limit", type=int, default=200, metavar="N", help="show the last N events first (default 200)")
-    a.add_argument("--db", metavar="FILE", help=f"audit database (default: {default_db_path()})")
+    a.add_argument("--db", metavar="FILE", help=f"audit database (default: {paths.data_dir() / DB_NAME})")  # help makes no dir
     a.set_defaults(func=_audit)
     p = subparsers.add_parser("proxy", help="egress proxy utilities")
     sub = p.add_subparsers(dest="proxy_cmd", required=True)
