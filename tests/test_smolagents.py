@@ -38,6 +38,7 @@ PYPI_NAMES = ("pypi.org", "files.pythonhosted.org")
 # a random loopback address per run: port 443 (pip's default index URL) without taking 127.0.0.1:443
 INDEX_ADDR = "127.%d.%d.%d" % (random.randint(1, 254), random.randint(1, 254), random.randint(2, 254))
 FILE_PATH = f"/packages/c4/5e/{WHEEL_NAME}"
+ELSEWHERE, ELSEWHERE_WHEEL = "files.elsewhere.test.example", "capsem_elsewhere-1.0-py3-none-any.whl"
 INDEX_SEEN: list[tuple[str, str]] = []  # (Host, path) of every request the local "PyPI" served
 
 
@@ -53,6 +54,10 @@ class PyPISimple(tornado.web.RequestHandler):
         if self.request.host_name == "pypi.org" and path.strip("/") == "simple/capsem-hello":
             self.write(f'<html><body><a href="https://files.pythonhosted.org{FILE_PATH}#sha256={sha}">'
                        f'{WHEEL_NAME}</a></body></html>')
+        elif self.request.host_name == "pypi.org" and path.strip("/") == "simple/capsem-elsewhere":
+            # a project whose file lives on a host no rule allows
+            self.write(f'<html><body><a href="https://{ELSEWHERE}/{ELSEWHERE_WHEEL}#sha256={sha}">'
+                       f'{ELSEWHERE_WHEEL}</a></body></html>')
         elif self.request.host_name == "files.pythonhosted.org" and "/" + path == FILE_PATH:
             self.set_header("Content-Type", "application/octet-stream")
             self.write(self.wheel)
@@ -229,6 +234,18 @@ def test_bang_pip_install_in_an_action(env):
     logs = actions[0].observations
     assert "Successfully installed capsem-hello-1.0" in logs and "version 1.0" in logs
     assert ("files.pythonhosted.org", FILE_PATH) in INDEX_SEEN[before:]
+
+
+def test_an_install_the_policy_refuses_names_the_refusal(env):
+    """pip fails because the file's host is refused: the error says so, with the reason."""
+    from smolagents.utils import AgentError
+    with pytest.raises(AgentError) as info:
+        env.executor.install_packages(["capsem-elsewhere"])
+    message = str(info.value)
+    assert message.startswith("pip install capsem-elsewhere failed in the capsem sandbox (exit 1")
+    assert "network requests refused by the sandbox policy" in message
+    assert ELSEWHERE in message and "no rule allows this (default deny)" in message
+    assert "capsem-elsewhere" not in env.executor.installed_packages
 
 
 def test_cleanup_stops_the_vm(env):
