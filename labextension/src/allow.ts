@@ -6,19 +6,9 @@
  * copy and the command to run on the host. */
 
 import { CapsemApiError } from './api';
+import { el } from './dom';
 import { SandboxModel } from './sandbox';
 import { IAllowOffer, IAuditRow } from './types';
-
-function el<K extends keyof HTMLElementTagNameMap>(tag: K, className = '', text = ''): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  if (className) {
-    node.className = className;
-  }
-  if (text) {
-    node.textContent = text;
-  }
-  return node;
-}
 
 function errorText(err: unknown): string {
   return err instanceof CapsemApiError ? err.message : String(err);

@@ -4,6 +4,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { AllowBox } from './allow';
+import { el } from './dom';
 import { capsemIcon } from './icon';
 import {
   accelText,
@@ -20,21 +21,6 @@ import { SandboxModel } from './sandbox';
 import { IKernelFacts, IPolicy, IPolicyRule } from './types';
 
 export const PANEL_ID = 'capsem-sandbox-panel';
-
-function el<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  className = '',
-  text = ''
-): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  if (className) {
-    node.className = className;
-  }
-  if (text) {
-    node.textContent = text;
-  }
-  return node;
-}
 
 function section(title: string): { root: HTMLElement; body: HTMLElement } {
   const root = el('section', 'jp-capsem-section');
