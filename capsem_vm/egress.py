@@ -62,6 +62,7 @@ class Egress:
         self._ready: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._reload_lock = asyncio.Lock()  # one reload at a time (binds to the loop of its first use)
 
     @property
     def audit(self) -> AuditLog:
@@ -139,6 +140,10 @@ class Egress:
         PolicyError (nothing changed) for an invalid or misplaced file. What does not follow: the
         guest environment of a new credential (sent once at boot: egress_setup)."""
         await self._bridge()  # the first registration is done: a reload cannot race it
+        async with self._reload_lock:
+            return await self._reload(change)
+
+    async def _reload(self, change: dict | None) -> Policy:
         policy = await asyncio.to_thread(load_kernel_policy, self.config.policy, self.guest_writable)
         if self.config.observe:
             policy = dataclasses.replace(policy, observe=True)

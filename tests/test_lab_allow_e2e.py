@@ -23,6 +23,7 @@ import tomllib
 
 import pytest
 
+from capsem_kernel.server.policy_allow import file_hash
 from jupyter_helpers import start_server
 from test_lab_e2e import (ARTIFACTS, BOOT_TIMEOUT_MS, CAPSEM_CLI, CELL_TIMEOUT_MS, KERNEL_LABEL, REPO,  # noqa: F401
                           browser, cell_output, page, run_cell, shot, wait_kernel_idle)
@@ -182,6 +183,18 @@ def test_allow_this_host_from_the_panel_applies_without_a_kernel_restart(lab, pa
     allowed.first.wait_for(timeout=30_000)
     assert name in allowed.first.inner_text()
     shot(page, "allow-3-passes")
+
+    # 5. what the browser cannot prove is refused, nothing written: a stale file hash, a row that was
+    # not refused, a row the policy allows by now
+    rows = server.get(f"/capsem/kernels/{kernel_id}/network")[1]["rows"]
+    denied_id = next(r["id"] for r in rows if r["decision"] == "deny" and r["path"] == "/data.csv")
+    allowed_id = next(r["id"] for r in rows if r["decision"] == "allow")
+    url, now = f"/capsem/kernels/{kernel_id}/allow", file_hash(policy.read_text())
+    for row_id, base, want in ((denied_id, "0" * 64, (409, "changed")), (allowed_id, now, (404, "no-row")),
+                               (denied_id, now, (409, "not-suggestible"))):
+        code, body = server.request("POST", url, {"row": row_id, "base": base})
+        assert (code, body.get("code")) == want, (code, body)
+    assert policy.read_text() == after
 
 
 def painted(locator) -> str:

@@ -243,9 +243,10 @@ class AllowHandler(CapsemHandler):
                          [r["name"] for r in offer.rules], target, user)
         change = policy_allow.change_fields(offer, user)
         reloaded = await self.reload_kernels(target, change)
-        if kernel_id not in reloaded:  # no running VM: the row still says who changed what
+        if reloaded.get(kernel_id) != "reloaded":  # not running, or the reload failed: still say who changed what
+            why = reloaded.get(kernel_id, "no running VM")
             await self._run(lambda: _record(db, kernel_id, {**change, "reason": change["reason"].replace(
-                "policy reloaded", "applies when the kernel starts")}))
+                "policy reloaded", f"applies when the kernel (re)starts ({why})")}))
         self.finish(json.dumps({
             "kernel_id": kernel_id, "capsem": True, "applied": True, "file": str(target),
             "rules": [policy_allow.summary(r) for r in offer.rules], "reloaded": reloaded,
