@@ -227,3 +227,20 @@ def test_allow_routes_need_auth_and_know_capsem_kernels(server):
     status, body = server.get(f"/capsem/kernels/{k}/allow?row=1")
     assert status == 200 and body["capsem"] is False
     assert server.get("/capsem/kernels/00000000-0000-0000-0000-000000000000/allow?row=1")[0] == 404
+
+
+# --- observe mode in the server extension's log and in `capsem audit` ---------------------------------
+
+def test_blocked_filter_and_count_include_would_deny(world):
+    out = network.query(world["db"], KID, blocked=True)
+    assert {r["decision"] for r in out["rows"]} == {"deny", "would-deny"}
+    assert world["would"] in [r["id"] for r in out["rows"]] and world["allowed"] not in [r["id"] for r in out["rows"]]
+    assert out["blocked"] == 4 and out["total"] == 5
+
+
+def test_capsem_audit_decision_column_fits_would_deny(world):
+    from capsem_vm.proxy.cli import _fmt
+    lines = {r["decision"]: _fmt(r) for r in read_events(world["db"], kernel=KID, limit=100) if r["kind"] == "http"}
+    # the status column starts at the same place whatever the decision (would-deny is 10 wide)
+    starts = {d: line.index(" 403 ") for d, line in lines.items() if " 403 " in line}
+    assert {"deny", "would-deny"} <= set(starts) and len(set(starts.values())) == 1, lines
