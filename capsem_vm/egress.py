@@ -38,6 +38,12 @@ PROXY_WAIT = 90.0         # the proxy service start (mitmproxy import) on a load
 SETUP_TIMEOUT = 90.0      # egress_setup in the guest: module loading + nft under TCG
 
 
+def needs_proxy(policy: Policy) -> bool:
+    """The policy can let something out: it needs the proxy service. Observe mode: what the rules
+    refuse goes out too (as would-deny), through the proxy."""
+    return policy.observe or any(r.action == ALLOW for r in policy.rules)
+
+
 # --- one VM ---------------------------------------------------------------------------------------
 
 class Egress:
@@ -56,6 +62,7 @@ class Egress:
         self._ready: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._reload_lock = asyncio.Lock()  # one reload at a time (binds to the loop of its first use)
 
     @property
     def audit(self) -> AuditLog:
@@ -64,8 +71,7 @@ class Egress:
 
     @property
     def needs_proxy(self) -> bool:
-        # observe mode: what the rules refuse goes out too (as would-deny), through the proxy
-        return self.policy.observe or any(r.action == ALLOW for r in self.policy.rules)
+        return needs_proxy(self.policy)
 
     async def start(self, transport) -> None:
         """Load the policy, listen on the egress ports, start the proxy service in the background.
@@ -124,6 +130,38 @@ class Egress:
             await hang_up(reader, writer)
             return
         await bridge.handle_dns(reader, writer)
+
+    async def reload_policy(self, change: dict | None = None) -> Policy:
+        """Load this VM's policy file again and put it in force without a restart: the proxy
+        service's registration (same SOCKS password, so the bridge keeps its endpoint; workers
+        restarted later get it too), the bridge and its DNS answers. A policy that now allows
+        something and had no proxy gets one. `change`: the audit fields of the policy-change row
+        (url: the file, rule, reason: who changed what); one is written in any case.
+        PolicyError (nothing changed) for an invalid or misplaced file. What does not follow: the
+        guest environment of a new credential (sent once at boot: egress_setup)."""
+        await self._bridge()  # the first registration is done: a reload cannot race it
+        async with self._reload_lock:
+            return await self._reload(change)
+
+    async def _reload(self, change: dict | None) -> Policy:
+        policy = await asyncio.to_thread(load_kernel_policy, self.config.policy, self.guest_writable)
+        if self.config.observe:
+            policy = dataclasses.replace(policy, observe=True)
+        if self.service is not None:
+            await self.service.reload(self.kernel_id, policy)
+        elif needs_proxy(policy):
+            self.service = await self.runtime.acquire()
+            try:
+                self.bridge.proxy = await self.service.register(self.kernel_id, policy)
+            except BaseException:
+                self.runtime.release()
+                self.service = None
+                raise
+        self.policy = policy
+        self.bridge.policy = self.bridge.dns.policy = policy
+        row = {"url": policy.source, "reason": "policy reloaded", **(change or {})}
+        self.audit.record(self.kernel_id, "policy", decision="change", code="policy-change", **row)
+        return policy
 
     async def setup_guest(self, control) -> dict:
         """Wait for the proxy, then have the agent trust the CA and route its traffic here."""

@@ -5,7 +5,12 @@ otherwise) authorized for resource "capsem".
     GET /capsem/kernels/<id>                 VM facts (facts.kernel_facts)
     GET /capsem/kernels/<id>/policy          the active egress policy, rendered (policy_view)
     PUT /capsem/kernels/<id>/policy          replace it: only with c.CapsemExtension.allow_policy_edits,
-                                             and never its credentials (policy_edit.py)
+                                             and never its credentials (policy_edit.py); running kernels
+                                             that use the file reload it (reload_kernels)
+    GET /capsem/kernels/<id>/allow?row=ID    "allow this host…": the rule suggested for a refused row,
+                                             the file it would go to, the command (policy_allow.py)
+    POST /capsem/kernels/<id>/allow          {"row": ID, "base": HASH}: add it (allow_policy_edits only),
+                                             then reload it into the running kernels that use the file
     GET /capsem/kernels/<id>/network         audit rows; ?blocked=1 &host=TEXT &after=ID &limit=N
                                              &barrier=1: first wait until every row caused so far
                                              is written ("barrier": true|false in the reply)
@@ -34,7 +39,7 @@ from capsem_vm.policy import PolicyError, parse_policy, resolve_policy_path, use
 from capsem_vm.policy.source import check_policy_location
 
 from .. import loop_thread
-from . import network
+from . import network, policy_allow
 from .extension import SETTINGS_KEY, CapsemExtension
 from .facts import NotCapsem, capsem_provisioner, is_capsem, kernel_facts
 from .policy_edit import PolicyEditRefused, check_credentials_kept
@@ -84,6 +89,40 @@ class CapsemHandler(APIHandler):
         if prov is None or prov.kernel_vm is None:
             return []
         return [str(s.host_path) for s in prov.kernel_vm.vm.config.shares if not s.readonly]
+
+    def policy_file(self, prov) -> Path:
+        """The file this kernel's policy comes from (the user's default one if none is set), after
+        the location check: never a file the guest can write."""
+        target = resolve_policy_path(prov.policy if prov else None) or user_policy_path()
+        try:
+            if target.exists():
+                check_policy_location(target, self.guest_writable(prov))
+        except PolicyError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        return target
+
+    async def reload_kernels(self, target: Path, change: dict) -> dict:
+        """Reload `target` into every running capsem kernel of this server whose egress loaded it
+        (a policy-change audit row each): {kernel id: "reloaded" | why not}. Kernels without a
+        running VM load it when they start."""
+        out = {}
+        for kid in list(self.kernel_manager.list_kernel_ids()):
+            km = self.find_km(kid)
+            try:
+                prov = capsem_provisioner(km) if km is not None else None
+            except NotCapsem:
+                continue
+            egress = getattr(getattr(getattr(prov, "kernel_vm", None), "vm", None), "egress", None)
+            source = getattr(getattr(egress, "policy", None), "source", None)
+            if egress is None or not source or Path(source).resolve() != target.resolve():
+                continue
+            try:
+                await loop_thread.run(egress.reload_policy(change))
+                out[kid] = "reloaded"
+            except Exception as exc:  # noqa: BLE001 - reported to the admin, the kernel keeps its old policy
+                self.log.error("capsem: reloading the policy of kernel %s failed: %s", kid, exc)
+                out[kid] = f"not reloaded ({exc.__class__.__name__}: {exc}); restart the kernel"
+        return out
 
     def policy_json(self, prov) -> dict:
         out = kernel_policy(prov, self.guest_writable(prov))
@@ -136,7 +175,8 @@ class PolicyHandler(CapsemHandler):
     @authorized
     async def put(self, kernel_id: str):
         """Replace the policy file this kernel's policy comes from. Takes effect for kernels (and
-        restarts) started afterwards. Refused unless the admin set allow_policy_edits."""
+        restarts) started afterwards, and at once for running kernels whose VM loaded that file
+        (reload_kernels). Refused unless the admin set allow_policy_edits."""
         if not self.ext.allow_policy_edits:
             raise web.HTTPError(403, "policy edits from the browser are disabled on this server (the server "
                                      "admin can enable them with c.CapsemExtension.allow_policy_edits = True)")
@@ -148,11 +188,9 @@ class PolicyHandler(CapsemHandler):
         text = body.get("text")
         if not isinstance(text, str):
             raise web.HTTPError(400, 'expected a JSON body {"text": "<policy TOML>"}')
-        target = resolve_policy_path(prov.policy if prov else None) or user_policy_path()
+        target = self.policy_file(prov)
         try:
             parse_policy(text, str(target))
-            if target.exists():
-                check_policy_location(target, self.guest_writable(prov))
         except PolicyError as exc:
             raise web.HTTPError(400, str(exc)) from None
         try:
@@ -160,10 +198,95 @@ class PolicyHandler(CapsemHandler):
         except PolicyEditRefused as exc:
             raise web.HTTPError(403, str(exc)) from None
         _write_private(target, text)
-        self.log.warning("capsem: policy %s replaced from the browser by %s", target, self.current_user.username)
+        user = self.current_user.username
+        self.log.warning("capsem: policy %s replaced from the browser by %s", target, user)
+        reloaded = await self.reload_kernels(target, {
+            "url": str(target), "reason": f"policy file replaced by Jupyter user {user!r} (PUT from the browser); "
+                                          "policy reloaded"})
         out = self.policy_json(prov)
-        out.update({"kernel_id": kernel_id, "capsem": True, "applies": "to kernels started (or restarted) from now on"})
+        out.update({"kernel_id": kernel_id, "capsem": True, "reloaded": reloaded,
+                    "applies": "now, to the running kernels listed in `reloaded`, and to kernels started from now on"})
         self.finish(json.dumps(out))
+
+
+class AllowHandler(CapsemHandler):
+    """"Allow this host…" (policy_allow.py). GET: what would be added; POST: add it."""
+
+    @capsem_kernel_request
+    async def get(self, kernel_id: str, prov):
+        row_id = _row_id(self.get_argument("row", ""))
+        target, db = self.policy_file(prov), self.ext.audit_db_path(prov)
+        offer = await self._run(lambda: policy_allow.make_offer(db, kernel_id, row_id, target))
+        out = offer.as_json(kernel_id, db, _default_db())
+        out.update({"kernel_id": kernel_id, "capsem": True, "edits_allowed": self.ext.allow_policy_edits})
+        self.finish(json.dumps(out))
+
+    @web.authenticated
+    @authorized
+    async def post(self, kernel_id: str):
+        if not self.ext.allow_policy_edits:
+            raise web.HTTPError(403, "policy edits from the browser are disabled on this server (the server "
+                                     "admin can enable them with c.CapsemExtension.allow_policy_edits = True)")
+        found = self.capsem_or_explain(kernel_id)
+        if found is None:
+            return
+        prov = found[1]
+        body = self.get_json_body() or {}
+        base = body.get("base")
+        if not isinstance(base, str):
+            raise web.HTTPError(400, 'expected a JSON body {"row": <audit row id>, "base": "<hash shown>"}')
+        row_id = _row_id(body.get("row"))
+        target, db = self.policy_file(prov), self.ext.audit_db_path(prov)
+        offer = await self._run(lambda: policy_allow.apply_offer(db, kernel_id, row_id, target, base))
+        user = self.current_user.username
+        self.log.warning("capsem: rule(s) %s added to %s from the Sandbox panel by %s",
+                         [r["name"] for r in offer.rules], target, user)
+        change = policy_allow.change_fields(offer, user)
+        reloaded = await self.reload_kernels(target, change)
+        if reloaded.get(kernel_id) != "reloaded":  # not running, or the reload failed: still say who changed what
+            why = reloaded.get(kernel_id, "no running VM")
+            await self._run(lambda: _record(db, kernel_id, {**change, "reason": change["reason"].replace(
+                "policy reloaded", f"applies when the kernel (re)starts ({why})")}))
+        self.finish(json.dumps({
+            "kernel_id": kernel_id, "capsem": True, "applied": True, "file": str(target),
+            "rules": [policy_allow.summary(r) for r in offer.rules], "reloaded": reloaded,
+            "applies": ("now: the running kernel's next request follows the new policy"
+                        if reloaded.get(kernel_id) == "reloaded" else
+                        "when the kernel (re)starts: it could not be reloaded while running"),
+        }))
+
+    async def _run(self, fn):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        except policy_allow.AllowRefused as exc:
+            self.set_status(exc.status)
+            self.finish(json.dumps({"message": str(exc), "code": exc.code}))
+            raise web.Finish() from None
+
+
+def _row_id(value) -> int:
+    try:
+        row_id = int(value)
+    except (TypeError, ValueError):
+        raise web.HTTPError(400, "row must be an audit row id (an integer)") from None
+    if not 0 < row_id < 1 << 62:
+        raise web.HTTPError(400, "row must be an audit row id (an integer)")
+    return row_id
+
+
+def _default_db() -> Path:
+    from capsem_vm.proxy.audit import default_db_path
+    return default_db_path()
+
+
+def _record(db: Path, kernel_id: str, fields: dict) -> None:
+    """One policy-change row written by this process (the kernel has no running egress to write it)."""
+    from capsem_vm.proxy.audit import AuditLog
+    log = AuditLog(db)
+    try:
+        log.record(kernel_id, "policy", decision="change", code="policy-change", **fields)
+    finally:
+        log.close()
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -273,6 +396,7 @@ def routes(base_url: str) -> list[tuple[str, type]]:
         (url("kernels/?"), KernelsHandler),
         (url(f"kernels/{KERNEL_ID}/?"), KernelFactsHandler),
         (url(f"kernels/{KERNEL_ID}/policy/?"), PolicyHandler),
+        (url(f"kernels/{KERNEL_ID}/allow/?"), AllowHandler),
         (url(f"kernels/{KERNEL_ID}/network/?"), NetworkHandler),
         (url(f"kernels/{KERNEL_ID}/events/?"), EventsHandler),
     ]

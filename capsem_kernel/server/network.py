@@ -10,7 +10,9 @@ from urllib.parse import urlsplit
 
 from capsem_vm.safetext import printable_value
 
-BLOCKED = "deny"
+# refused, and what observe mode let through that the policy refuses: both are what a user acts on
+BLOCKED = ("deny", "would-deny")
+_IN_BLOCKED = "decision IN (?, ?)"
 MAX_LIMIT = 5000
 
 
@@ -51,7 +53,7 @@ def _connect(db_path: Path) -> sqlite3.Connection | None:
 def query(db_path: Path | str, kernel_id: str, *, after_id: int = 0, blocked: bool = False,
           host: str = "", limit: int = 500) -> dict[str, Any]:
     """Rows of `kernel_id` with id > after_id, oldest first (the newest `limit` of them), filtered
-    to decision=deny if `blocked` and to hosts containing `host`; plus the kernel's totals."""
+    to refusals (deny, and would-deny in observe mode) if `blocked` and to hosts containing `host`; plus the kernel's totals."""
     limit = max(1, min(int(limit), MAX_LIMIT))
     empty = {"rows": [], "last_id": after_id, "total": 0, "blocked": 0}
     con = _connect(Path(db_path))
@@ -60,8 +62,8 @@ def query(db_path: Path | str, kernel_id: str, *, after_id: int = 0, blocked: bo
     try:
         where, args = ["kernel = ?", "id > ?"], [kernel_id, int(after_id)]
         if blocked:
-            where.append("decision = ?")
-            args.append(BLOCKED)
+            where.append(_IN_BLOCKED)
+            args.extend(BLOCKED)
         if host:
             where.append("host LIKE ? ESCAPE '\\'")
             args.append("%" + host.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
@@ -74,14 +76,34 @@ def query(db_path: Path | str, kernel_id: str, *, after_id: int = 0, blocked: bo
             # (a database no writer has migrated yet has no count column: one event per row)
             n = "count" if any(c[1] == "count" for c in con.execute("PRAGMA table_info(events)")) else "1"
             total, blocked_n, last = con.execute(
-                f"SELECT COALESCE(SUM({n}), 0), COALESCE(SUM(CASE WHEN decision = ? THEN {n} ELSE 0 END), 0), "
+                f"SELECT COALESCE(SUM({n}), 0), COALESCE(SUM(CASE WHEN {_IN_BLOCKED} THEN {n} ELSE 0 END), 0), "
                 "COALESCE(MAX(id), 0) FROM events WHERE kernel = ?",
-                (BLOCKED, kernel_id)).fetchone()
+                (*BLOCKED, kernel_id)).fetchone()
             con.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return empty
             raise
         return {"rows": rows, "last_id": max(int(after_id), last), "total": total, "blocked": blocked_n}
+    finally:
+        con.close()
+
+
+def refused_row(db_path: Path | str, kernel_id: str, row_id: int, columns: tuple[str, ...]) -> dict | None:
+    """Row `row_id` of `kernel_id` with `columns` (NULL for columns an older database lacks), if it
+    is a refusal (deny, or would-deny); else None. What "allow this host" suggests from."""
+    con = _connect(Path(db_path))
+    if con is None:
+        return None
+    try:
+        have = {c[1] for c in con.execute("PRAGMA table_info(events)")}
+        cols = ", ".join(c if c in have else f"NULL AS {c}" for c in columns)
+        row = con.execute(f"SELECT {cols} FROM events WHERE id = ? AND kernel = ? AND {_IN_BLOCKED}",
+                          (int(row_id), kernel_id, *BLOCKED)).fetchone()
+        return dict(row) if row is not None else None
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
     finally:
         con.close()

@@ -53,6 +53,7 @@ def policy_json(policy: Policy, path: str | None) -> dict[str, Any]:
         "description": (f"policy file {path}" if path else
                         f"built-in deny-all (no policy file configured, no {user_policy_path()})"),
         "default": "deny",
+        "observe": bool(policy.observe),  # what the rules refuse goes out anyway, as would-deny
         "rules": [rule_json(r, i) for i, r in enumerate(policy.rules)],
         "credentials": [{"name": c.name, "hosts": [h.text for h in c.hosts], "header": c.header,
                          "query": c.query, "guest_env": c.guest_env}

@@ -43,6 +43,8 @@ CODES: dict[str, str] = {
     "audit-rotated": "the audit database reached its size cap: the oldest rows were deleted",
     "proxy-unavailable": "the proxy service is not running for this kernel",
     "proxy-restarting": "a proxy service worker died and is being restarted: egress is refused until it is back",
+    "policy-change": "a kernel's policy was changed and reloaded while it ran (kind = policy: who changed "
+                     "what, in which file)",
     "error": "the request was allowed but failed (upstream error, reset, timeout)",
 }
 

@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,            -- unix time the event started (the first one of an aggregated row)
     kernel TEXT NOT NULL,        -- kernel id (who)
-    kind TEXT NOT NULL,          -- dns | connect | http | websocket | tcp | note
+    kind TEXT NOT NULL,          -- dns | connect | http | websocket | tcp | note | policy (a reload)
     method TEXT,                 -- HTTP method, DNS query type
     url TEXT,                    -- redacted URL, DNS name, or host:port
     host TEXT, port INTEGER,
@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS events (
     bytes_out INTEGER,           -- guest -> internet (request body / upstream bytes)
     bytes_in INTEGER,            -- internet -> guest
     duration_ms REAL,
-    decision TEXT,               -- allow | deny | error
+    decision TEXT,               -- allow | deny | error | would-deny (observe mode) | change (kind policy)
     rule TEXT, reason TEXT,
     code TEXT,                   -- stable reason code (capsem_vm/policy/codes.py)
     count INTEGER NOT NULL DEFAULT 1,  -- events this row stands for (aggregated repeats)

@@ -27,7 +27,7 @@ def _fmt(r: dict) -> str:
     node = f"@{r['node']} " if r.get("node") else ""
     rule, code = r.get("rule") or "", r.get("code") or ""
     tag = rule if not code or code == rule else (f"{rule}; {code}" if rule else code)
-    return (f"{ts} {node}{r['kernel'][:12]:12} {r['kind']:9} {(r.get('decision') or ''):5} {status:>3} {what} "
+    return (f"{ts} {node}{r['kernel'][:12]:12} {r['kind']:9} {(r.get('decision') or ''):10} {status:>3} {what} "
             f"{size} {dur} [{tag}{count}] {r.get('reason') or ''}").rstrip()
 
 

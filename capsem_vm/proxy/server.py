@@ -8,6 +8,7 @@ plus capsem's. stdin/stdout carry capsem frames from/to the parent:
                max_header_bytes, listen_host}
            <- {"t":"ready","socks":[host,port]} | {"t":"fatal","message":...}
     parent -> {"t":"register","id",kernel,password,policy,source} <- {"t":"ok","id"} | error
+              (again, same password: a reload; the kernel's open connections follow the new policy)
     parent -> {"t":"unregister","id",kernel}                       <- {"t":"ok","id"}
     parent -> {"t":"flush","id"}   <- {"t":"ok","id","written":bool} once every audit row recorded
                                       before it is written (the audit barrier, docs/AUDIT.md)
@@ -85,7 +86,11 @@ class Control:
                 return protocol.error("policy", str(exc), mid)
             if msg.get("observe") is True:  # set by the kernel's config, not only by the file
                 policy = dataclasses.replace(policy, observe=True)
-            self.state.kernels[kernel] = Kernel(kernel, password, policy)
+            known = self.state.kernels.get(kernel)
+            if known is not None and known.check(password):
+                known.policy = policy  # a reload: its open connections follow the new policy too
+            else:
+                self.state.kernels[kernel] = Kernel(kernel, password, policy)
             return {"t": "ok", "id": mid}
         if t == "unregister":
             kernel = protocol.req_str(msg, "kernel", max_len=199)

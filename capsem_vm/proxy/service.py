@@ -15,6 +15,7 @@ local user or process can use it as an open proxy.
 
     service = ProxyService(...); await service.start()   # VMs share one: egress_runtime.py
     endpoint = await service.register(kernel_id, policy)   # -> ProxyEndpoint for the EgressBridge
+    await service.reload(kernel_id, new_policy)    # a running kernel's new policy, same credentials
     await service.flush_audit()                    # every worker's audit rows so far are written
     await service.unregister(kernel_id)
     await service.close()
@@ -22,7 +23,7 @@ local user or process can use it as an open proxy.
 A worker that dies is not replaced here: its owner (the EgressRuntime's supervisor,
 proxy/supervisor.py) is told through `on_worker_exit` at once (the worker's control pipe closes)
 and calls `replace_worker`, which starts a new process and registers every kernel with it again,
-with the policy and credentials it had. Bridges ask their endpoint for the serving workers'
+with the policy it has now (the last `reload`) and the SOCKS credentials it had. Bridges ask their endpoint for the serving workers'
 ports on every stream (`ProxyEndpoint.serving_ports`), so they follow the replacement.
 """
 
@@ -377,6 +378,22 @@ class ProxyService:
         up = [w for w in self.workers if w.alive]
         host = up[0].socks[0] if up else self.config["listen_host"]
         return ProxyEndpoint(host, self.serving_ports(), kernel_id, reg.password, service=self)
+
+    async def reload(self, kernel_id: str, policy: Policy) -> None:
+        """Make `policy` the policy of the registered `kernel_id` in every worker, keeping its SOCKS
+        password (its bridge keeps its endpoint). The registration is replaced first, so a worker
+        being replaced now, or later after a crash, gets this policy (replace_worker's _sync).
+        ProxyServiceError if the kernel is not registered or a live worker refuses the policy."""
+        old = self._kernels.get(kernel_id)
+        if old is None:
+            raise ProxyServiceError(f"kernel {kernel_id} is not registered with the proxy service")
+        reg = _Registration(policy, old.password)
+        self._kernels[kernel_id] = reg
+        workers = [w for w in self.workers if w.alive]
+        replies = await asyncio.gather(*(w.request(reg.message(kernel_id)) for w in workers), return_exceptions=True)
+        for w, r in zip(workers, replies):
+            if isinstance(r, BaseException) and w.alive:  # a dead one gets it when it is replaced
+                raise r if isinstance(r, ProxyServiceError) else ProxyServiceError(f"proxy service: {r!r}")
 
     async def flush_audit(self, timeout: float = 10.0) -> bool:
         """The workers' half of the audit barrier: True once every row each worker recorded before

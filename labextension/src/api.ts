@@ -5,7 +5,7 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
 import { IServerEvent, SSEParser } from './sse';
-import { IKernelFacts, INetworkResult, IPolicy } from './types';
+import { IAllowOffer, IAllowResult, IKernelFacts, INetworkResult, IPolicy } from './types';
 
 export class CapsemApiError extends Error {
   constructor(
@@ -44,6 +44,20 @@ export class CapsemApi {
 
   policy(kernelId: string): Promise<IPolicy & { capsem: boolean }> {
     return this.json(this.url('kernels', kernelId, 'policy'));
+  }
+
+  /** The rule the server suggests for refused audit row `rowId` (never computed here). */
+  allowOffer(kernelId: string, rowId: number): Promise<IAllowOffer> {
+    return this.json(this.url('kernels', kernelId, 'allow') + `?row=${rowId}`);
+  }
+
+  /** Add that rule to the kernel's policy file (the server checks everything again; admins only).
+   * `base`: the hash of the file text the offer was computed from. */
+  allowApply(kernelId: string, rowId: number, base: string): Promise<IAllowResult> {
+    return this.json(this.url('kernels', kernelId, 'allow'), {
+      method: 'POST',
+      body: JSON.stringify({ row: rowId, base })
+    });
   }
 
   network(kernelId: string, query: { after?: number; blocked?: boolean; host?: string } = {}): Promise<INetworkResult> {

@@ -4,6 +4,8 @@
 import { IAuditRow, IKernelFacts, INetworkResult } from './types';
 
 export const BLOCKED = 'deny';
+/** Observe mode: the policy refused it, it went out anyway. Counted and filtered as blocked. */
+export const WOULD_DENY = 'would-deny';
 export const MAX_ROWS = 1000;
 
 export interface IFilter {
@@ -12,7 +14,13 @@ export interface IFilter {
 }
 
 export function isBlocked(row: IAuditRow): boolean {
-  return row.decision === BLOCKED && row.kind !== 'note';
+  return (row.decision === BLOCKED || row.decision === WOULD_DENY) && row.kind !== 'note';
+}
+
+/** A row "allow this host…" is offered for: a refusal of a request (the server decides whether a
+ * rule can be suggested: built-in protections never get one). */
+export function canAllow(row: IAuditRow): boolean {
+  return isBlocked(row) && row.kind !== 'policy' && !!row.host;
 }
 
 export function blockedCount(rows: IAuditRow[]): number {
@@ -145,12 +153,16 @@ export function accelText(facts: Pick<IKernelFacts, 'accel'>): string {
   return facts.accel ?? '';
 }
 
-/** The status-bar text: "Sandbox ready · emulated", plus "· N blocked" only when N > 0. */
-export function statusText(facts: Pick<IKernelFacts, 'state' | 'accel'>, blocked: number): string {
+/** The status-bar text: "Sandbox ready · emulated", plus "· N blocked" only when N > 0, and
+ * "· observe mode" when the policy only observes (what it refuses goes out anyway). */
+export function statusText(facts: Pick<IKernelFacts, 'state' | 'accel'>, blocked: number, observe = false): string {
   const parts = [`Sandbox ${facts.state}`];
   const accel = accelText(facts);
   if (accel) {
     parts.push(accel);
+  }
+  if (observe) {
+    parts.push('observe mode');
   }
   if (blocked > 0) {
     parts.push(`${blocked} blocked`);

@@ -3,9 +3,12 @@
 
 import { Widget } from '@lumino/widgets';
 
+import { AllowBox } from './allow';
+import { el } from './dom';
 import { capsemIcon } from './icon';
 import {
   accelText,
+  canAllow,
   filterRows,
   formatDuration,
   formatRow,
@@ -18,21 +21,6 @@ import { SandboxModel } from './sandbox';
 import { IKernelFacts, IPolicy, IPolicyRule } from './types';
 
 export const PANEL_ID = 'capsem-sandbox-panel';
-
-function el<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  className = '',
-  text = ''
-): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  if (className) {
-    node.className = className;
-  }
-  if (text) {
-    node.textContent = text;
-  }
-  return node;
-}
 
 function section(title: string): { root: HTMLElement; body: HTMLElement } {
   const root = el('section', 'jp-capsem-section');
@@ -52,6 +40,7 @@ export class SandboxPanel extends Widget {
   private readonly tbody = el('tbody');
   private readonly blockedBox = el('input');
   private readonly hostBox = el('input');
+  private readonly allow: AllowBox;
   private timer: number | undefined;
 
   constructor(private readonly model: SandboxModel) {
@@ -81,14 +70,15 @@ export class SandboxPanel extends Widget {
 
     const table = el('table', 'jp-capsem-net-table');
     const head = el('tr');
-    for (const name of ['time', 'decision', 'method', 'host', 'path', 'status', 'rule']) {
+    for (const name of ['time', 'decision', 'method', 'host', 'path', 'status', 'rule', '']) {
       head.append(el('th', '', name));
     }
     table.append(el('thead'), this.tbody);
     table.tHead!.append(head);
     const scroller = el('div', 'jp-capsem-net-scroll');
     scroller.append(table);
-    this.network.body.append(filters, this.summary, scroller);
+    this.allow = new AllowBox(model, () => void model.refreshPolicy().catch(() => undefined));
+    this.network.body.append(filters, this.summary, this.allow.node, scroller);
 
     this.node.append(this.header, this.facts.root, this.network.root, this.policy.root);
     model.changed.connect(this.render, this);
@@ -126,6 +116,16 @@ export class SandboxPanel extends Widget {
       const line = el('p', 'jp-capsem-kernel');
       line.append(state, document.createTextNode(` kernel ${m.kernelId.slice(0, 8)}`));
       this.header.append(line);
+      if (m.policy?.observe) {
+        this.header.append(
+          el(
+            'p',
+            'jp-capsem-observe',
+            'Observe mode: requests the policy refuses are let through and logged as would-deny. ' +
+              'Built-in protections still apply. Use it on trusted code only.'
+          )
+        );
+      }
     }
   }
 
@@ -231,13 +231,21 @@ export class SandboxPanel extends Widget {
         const td = el('td', `jp-capsem-col-${key}`, value);
         tr.append(td);
       }
+      const action = el('td', 'jp-capsem-col-action');
+      if (canAllow(row)) {
+        const button = el('button', 'jp-capsem-allow-button', 'allow this host\u2026');
+        button.title = 'Show the rule that would allow this (computed by the server from this log entry)';
+        button.addEventListener('click', () => void this.allow.open(row));
+        action.append(button);
+      }
+      tr.append(action);
       fragment.append(tr);
     }
     this.tbody.replaceChildren(fragment);
     if (!rows.length) {
       const tr = el('tr', 'jp-capsem-empty');
       const td = el('td', '', m.log.rows.length ? 'No request matches the filters.' : 'No network activity yet.');
-      td.colSpan = 7;
+      td.colSpan = 8;
       tr.append(td);
       this.tbody.append(tr);
     }

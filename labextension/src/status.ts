@@ -40,12 +40,18 @@ export class SandboxStatus extends Widget {
       return;
     }
     const blocked = this.model.log.blockedTotal;
-    const text = statusText(facts, 0);
+    const observe = !!this.model.policy?.observe;
+    const text = statusText(facts, 0, observe);
     this.label.textContent = text;
     this.node.dataset.state = facts.state;
+    this.node.dataset.observe = String(observe);
+    this.node.title = observe
+      ? 'Capsem sandbox in OBSERVE MODE: requests the policy refuses are let through and logged as ' +
+        'would-deny. Click to open the Sandbox panel'
+      : 'Capsem sandbox: click to open the Sandbox panel';
     this.badge.textContent = blocked > 0 ? `${blocked} blocked` : '';
     this.badge.hidden = blocked === 0;
-    this.node.setAttribute('aria-label', statusText(facts, blocked));
+    this.node.setAttribute('aria-label', statusText(facts, blocked, observe));
   }
 
   dispose(): void {

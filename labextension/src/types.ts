@@ -51,6 +51,8 @@ export interface IPolicy {
   rules: IPolicyRule[];
   credentials: { name: string; hosts: string[]; header: string | null; query: string | null; guest_env: string | null }[];
   edits_allowed?: boolean;
+  /** Observe mode: what the rules refuse goes out anyway and is logged as would-deny. */
+  observe?: boolean;
 }
 
 export interface IAuditRow {
@@ -66,6 +68,7 @@ export interface IAuditRow {
   status: number | null;
   rule: string | null;
   reason: string | null;
+  code?: string | null;
   bytes_out?: number | null;
   bytes_in?: number | null;
   duration_ms?: number | null;
@@ -76,4 +79,27 @@ export interface INetworkResult {
   last_id: number;
   total: number;
   blocked: number;
+}
+
+/** A rule suggested for one refused row (GET /capsem/kernels/<id>/allow?row=ID). */
+export interface IAllowOffer {
+  row_id: number;
+  file: string;
+  base: string;
+  toml: string;
+  addition: string;
+  rules: { name: string; host: string; summary: string }[];
+  refused: { what: string; code: string; why: string; count: number }[];
+  already_allowed: boolean;
+  command: string;
+  edits_allowed: boolean;
+}
+
+/** The answer to adding it (POST /capsem/kernels/<id>/allow). */
+export interface IAllowResult {
+  applied: boolean;
+  file: string;
+  rules: { name: string; summary: string }[];
+  reloaded: Record<string, string>;
+  applies: string;
 }

@@ -159,3 +159,7 @@ def test_policy_edits_cannot_add_remove_or_change_credentials(server_world):
     status, body = put_policy(server_world, same_creds_other_spelling)
     assert status == 200, body
     assert policy.read_text() == same_creds_other_spelling
+    # the running kernel reloads it at once (issue 22), its credentials unchanged
+    assert body["reloaded"] == {server_world["kernel"]: "reloaded"}, body
+    assert [c["name"] for c in body["credentials"]] == ["svc"]
+    assert {r["host"] for r in body["rules"] if not r["builtin"]} == {"files.pythonhosted.org"}  # what it enforces now
