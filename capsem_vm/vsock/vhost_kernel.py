@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # transport registers its CID here; a second listener on the port would fail with EADDRINUSE.
 _dispatch: dict[int, dict[int, StreamHandler]] = {}  # host port -> guest CID -> handler
 _listeners: dict[int, socket.socket] = {}
+# the accept loops and connection handlers: asyncio keeps only weak references to tasks, so an
+# unreferenced one can be garbage-collected mid-flight (owner: this module, via _keep)
+_tasks: set[asyncio.Task[None]] = set()
 VHOST_VSOCK = "/dev/vhost-vsock"
 
 
@@ -61,7 +64,7 @@ class KernelTransport(VsockTransport):
             sock.setblocking(False)
             _listeners[port] = sock
             _dispatch[port] = {}
-            loop.create_task(_accept_loop(port, sock))
+            _keep(loop.create_task(_accept_loop(port, sock)))
         _dispatch[port][self.cid] = handler
         self._ports.append(port)
 
@@ -100,8 +103,13 @@ async def dispatch(port: int, conn: socket.socket, peer_cid: int) -> bool:
         conn.close()
         return False
     reader, writer = await asyncio.open_connection(sock=conn)
-    asyncio.get_running_loop().create_task(handler(reader, writer))
+    _keep(asyncio.get_running_loop().create_task(handler(reader, writer)))
     return True
+
+
+def _keep(task: asyncio.Task[None]) -> None:
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
 
 
 async def _accept_loop(port: int, sock: socket.socket) -> None:
