@@ -195,3 +195,13 @@ def test_any_dot_or_empty_component_is_refused(world, parts):
         assert r["t"] == "ok" or r["code"] in ("not_found", "not_a_dir", "path_refused"), r
         if r["t"] == "error" and r["code"] == "path_refused":
             assert "link_dir" in parts[:-1], (path, r)
+
+
+def test_another_mount_beneath_the_root_is_refused(agent, tmp_path):
+    """RESOLVE_NO_XDEV: a guest could bind-mount its own root inside the share; nothing is read or
+    listed across a mount. Here the root is '/', and /proc and /dev are other mounts."""
+    assert os.stat("/proc").st_dev != os.stat("/").st_dev
+    for op, path in (("list", "proc"), ("stat", "proc/self/status"), ("read", "proc/self/status"), ("list", "dev")):
+        r = req(agent, "/", op, path, length=10)
+        assert r["t"] == "error" and r["code"] == "path_refused" and "mount" in r["message"], (op, path, r)
+    assert req(agent, "/", "stat", str(tmp_path).lstrip("/"))["type"] == "dir"

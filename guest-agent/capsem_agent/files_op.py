@@ -3,8 +3,9 @@
 The host's Sandbox.files works through these, never through host-side access to the share (the
 guest controls the share's contents; the host would follow the guest's links). Every path is
 resolved here one component at a time from an fd of the root with O_NOFOLLOW (what openat2's
-RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS gives, portably): a symbolic link anywhere on the path, a
-'..', '.' or empty component is refused with code path_refused; a link can never be followed, even
+RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV gives, portably): a symbolic link anywhere
+on the path, a '..', '.' or empty component, or a directory on another mount (a bind mount the
+guest put inside the share) is refused with code path_refused; a link can never be followed, even
 one swapped in while the request runs. Only regular files are read or written (O_NONBLOCK, so a
 FIFO never blocks the agent). Sizes are bounded per request (MAX_CHUNK); the host chunks.
 
@@ -91,6 +92,7 @@ class Walk:
         parts = _components(path, absolute=False)
         self.name = parts[-1] if parts else None  # None: the root itself
         fd = os.open("/", _DIR_FLAGS)
+        root_dev = os.fstat(fd).st_dev  # the root folder's (once walked): no mount crossed below it
         walked = ["/"]
         try:
             for i, part in enumerate(root_parts + parts[:-1]):
@@ -101,10 +103,23 @@ class Walk:
                     raise _refusal(exc, fd, part, "/".join(walked)[1:] or "/") from None
                 os.close(fd)
                 fd = nfd
+                if i >= len(root_parts) and os.fstat(fd).st_dev != root_dev:
+                    raise FileOpError("path_refused", f"{'/'.join(parts[:i - len(root_parts) + 1])!r} is "
+                                      "another mount: paths stay on the root folder's file system")
+                if i == len(root_parts) - 1:
+                    root_dev = os.fstat(fd).st_dev
         except BaseException:
             os.close(fd)
             raise
         self.fd = fd
+        self.dev = root_dev
+
+    def check_dev(self, fd: int, st: os.stat_result | None = None) -> None:
+        """Refuse (closing fd) an opened final component on another mount."""
+        if (st or os.fstat(fd)).st_dev != self.dev:
+            os.close(fd)
+            raise FileOpError("path_refused", f"{self.name!r} is another mount: paths stay on the root "
+                              "folder's file system")
 
     def __enter__(self) -> "Walk":
         return self
@@ -146,7 +161,9 @@ def _open_file(w: Walk, flags: int) -> int:
         if exc.errno == errno.EISDIR:
             raise FileOpError("not_a_file", f"{w.name!r} is a directory") from None
         raise _refusal(exc, w.fd, w.name, w.name) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    w.check_dev(fd, st)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise FileOpError("not_a_file", f"{w.name!r} is not a regular file")
     return fd
@@ -157,9 +174,11 @@ def _dir_fd(w: Walk) -> int:
     if w.name is None:
         return os.dup(w.fd)
     try:
-        return os.open(w.name, _DIR_FLAGS, dir_fd=w.fd)
+        fd = os.open(w.name, _DIR_FLAGS, dir_fd=w.fd)
     except OSError as exc:
         raise _refusal(exc, w.fd, w.name, w.name) from None
+    w.check_dev(fd)
+    return fd
 
 
 def op_read(w: Walk, msg: dict) -> dict:
