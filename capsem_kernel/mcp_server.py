@@ -241,10 +241,15 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
         return out
 
     def with_sandbox(fn: Callable[[Any], list[dict]], ctx: Any = None) -> list:
+        from mcp.server.mcpserver.exceptions import ToolError
+
+        from .files import FilesError
         session = holder_for(ctx)
         sandbox, note = session.acquire()
         try:
             return blocks(fn(sandbox), note)
+        except FilesError as exc:  # the agent should see why (refused path, not found, too large)
+            raise ToolError(f"{exc.code}: {exc}") from None
         finally:
             session.release()
 
@@ -293,7 +298,11 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
     def write_file(path: str, content: str, ctx: Context, base64_encoded: bool = False) -> list:
         """Create or replace a file in the sandbox's working folder (missing folders are made).
         `content` is text, or base64 when base64_encoded is true."""
-        data = base64.b64decode(content, validate=True) if base64_encoded else content.encode("utf-8")
+        try:
+            data = base64.b64decode(content, validate=True) if base64_encoded else content.encode("utf-8")
+        except (binascii.Error, ValueError):
+            from mcp.server.mcpserver.exceptions import ToolError
+            raise ToolError("content is not valid base64") from None
 
         def do(sb):
             info = sb.files.write(path, data)
