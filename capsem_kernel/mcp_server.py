@@ -222,7 +222,6 @@ def listing_lines(entries: list) -> str:
 def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[Any], SandboxHolder] | None = None):
     """The MCPServer with capsem's tools, all working on `holder`'s sandbox, or on the sandbox of
     `holder_for(ctx)` (the tool call's MCP Context: one holder per HTTP session)."""
-    global Context  # the tools' annotations are strings (PEP 563), resolved in this module's globals
     from mcp.server.mcpserver import Context, MCPServer
     from mcp.types import ImageContent, TextContent
 
@@ -240,6 +239,12 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
                 note = ""
         return out
 
+    def tool(fn):
+        # The SDK finds the Context parameter by its type; this module's annotations are strings
+        # (PEP 563) that would be resolved in the module's globals, where Context is not imported.
+        fn.__annotations__ = {**fn.__annotations__, "ctx": Context}
+        return server.tool(structured_output=False)(fn)
+
     def with_sandbox(fn: Callable[[Any], list[dict]], ctx: Any = None) -> list:
         from mcp.server.mcpserver.exceptions import ToolError
 
@@ -253,7 +258,7 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
         finally:
             session.release()
 
-    @server.tool(structured_output=False)
+    @tool
     def run_code(code: str, ctx: Context, timeout: float | None = None) -> list:
         """Run Python code in the sandbox's Jupyter kernel (IPython: `!cmd` and `%magic` work; state
         persists between calls). Returns stdout, stderr, the value of the last line, errors with
@@ -262,7 +267,7 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
         interrupts the code and keeps the kernel (restarted only if it ignores the interrupt)."""
         return with_sandbox(lambda sb: content_for_execution(sb.run_code(code, timeout=timeout)), ctx)
 
-    @server.tool(structured_output=False)
+    @tool
     def run_command(command: str, ctx: Context, timeout: float | None = None, cwd: str | None = None) -> list:
         """Run a shell command (/bin/sh -c) in the sandbox's VM, in its working folder by default,
         beside the kernel (same files, same network policy). Returns the exit code (124: killed
@@ -270,7 +275,7 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
         return with_sandbox(lambda sb: [{"type": "text", "text": text_for_command(
             sb.commands.run(command, cwd=cwd, timeout=timeout))}], ctx)
 
-    @server.tool(structured_output=False)
+    @tool
     def restart(ctx: Context) -> list:
         """Replace the kernel with a fresh one in a fresh VM: variables and installed packages are
         gone, files in the working folder stay."""
@@ -279,7 +284,7 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
             return [{"type": "text", "text": "restarted: a fresh kernel in a fresh VM (the folder is kept)"}]
         return with_sandbox(do, ctx)
 
-    @server.tool(structured_output=False)
+    @tool
     def network_log(ctx: Context, after_id: int = 0, limit: int = NETWORK_LOG_LIMIT) -> list:
         """The sandbox's network audit rows (everything its code and commands did: allowed and
         refused requests with rule, reason code and reason), oldest first, the newest `limit` of
@@ -287,14 +292,14 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
         return with_sandbox(lambda sb: [{"type": "text", "text": json.dumps(
             sb.network_log(after_id=max(0, after_id), limit=max(1, min(limit, 5000))), default=str)}], ctx)
 
-    @server.tool(structured_output=False)
+    @tool
     def read_file(path: str, ctx: Context) -> list:
         """Read a file of the sandbox's working folder (relative path, or absolute within the
         folder): its text, or base64 for a binary file (at most 4 MiB). Links are not followed."""
         return with_sandbox(lambda sb: [{"type": "text", "text": text_for_file(
             sb.files.read(path, format="bytes", max_bytes=READ_FILE_LIMIT), path)}], ctx)
 
-    @server.tool(structured_output=False)
+    @tool
     def write_file(path: str, content: str, ctx: Context, base64_encoded: bool = False) -> list:
         """Create or replace a file in the sandbox's working folder (missing folders are made).
         `content` is text, or base64 when base64_encoded is true."""
@@ -309,7 +314,7 @@ def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[A
             return [{"type": "text", "text": f"wrote {len(data)} bytes to {info.path}"}]
         return with_sandbox(do, ctx)
 
-    @server.tool(structured_output=False)
+    @tool
     def list_files(ctx: Context, path: str = "") -> list:
         """List a folder of the sandbox's working folder (default: the folder itself): type, size
         and name per entry, sorted by name. Links are listed as 'symlink', not followed."""
