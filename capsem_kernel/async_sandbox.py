@@ -62,6 +62,27 @@ class AsyncCommands:
                          _on_loop(loop, on_stdout), _on_loop(loop, on_stderr))
 
 
+class AsyncFiles:
+    """Sandbox.files (files.py) for asyncio: the same methods, awaited."""
+
+    METHODS = ("read", "write", "list", "exists", "get_info", "make_dir", "remove", "upload_dir",
+               "download_dir")
+
+    def __init__(self, sandbox: Sandbox, worker: ThreadPoolExecutor):
+        self._sandbox = sandbox
+        self._worker = worker
+
+    def __getattr__(self, name: str):
+        if name not in self.METHODS:
+            raise AttributeError(name)
+        method = getattr(self._sandbox.files, name)
+
+        async def call(*args, **kw):
+            return await _on(self._worker, functools.partial(method, *args, **kw))
+        call.__doc__ = method.__doc__
+        return call
+
+
 class AsyncSandbox:
     """Build with `await AsyncSandbox.create(...)` (Sandbox's arguments)."""
 
@@ -70,6 +91,7 @@ class AsyncSandbox:
         self._worker = worker or _worker("calls")
         self._interrupter = _worker("interrupt")
         self.commands = AsyncCommands(sandbox, self._worker)
+        self.files = AsyncFiles(sandbox, self._worker)
 
     @classmethod
     async def create(cls, folder=None, policy=None, **kw) -> "AsyncSandbox":

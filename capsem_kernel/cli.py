@@ -95,6 +95,13 @@ def add_mcp_parser(sub) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="default timeout of run_code / run_command (default: none)")
     p.add_argument("--idle-timeout", type=float, metavar="S", default=IDLE_TIMEOUT,
                    help=f"close the sandbox after S seconds without a tool call; 0: never (default {IDLE_TIMEOUT:g})")
+    p.add_argument("--http", action="store_true",
+                   help="serve streamable HTTP (one sandbox per MCP session, bearer token) instead of stdio")
+    p.add_argument("--host", default="127.0.0.1", help="--http: address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="--http: port (default 8765)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="--http: the bearer token, from a 0600 file of yours (default: a fresh one, printed once)")
+    p.add_argument("--max-sessions", type=int, default=4, metavar="N", help="--http: sessions (VMs) at once (default 4)")
     p.set_defaults(func=cmd_mcp)
 
 
@@ -113,7 +120,12 @@ def cmd_mcp(args) -> int:
     except ImportError:
         print("capsem: error: `capsem mcp` needs the MCP SDK: pip install 'capsem-jupyter[mcp]'", file=sys.stderr)
         return 2
-    return serve_stdio(Options(folder=args.folder, policy=args.policy, memory_mb=args.memory, cpus=args.cpus,
-                               image=args.image and str(Path(args.image).expanduser().resolve()),
-                               use_pool=not args.no_pool, timeout=args.timeout, idle_timeout=args.idle_timeout,
-                               keep_folder=args.keep_folder))
+    options = Options(folder=args.folder, policy=args.policy, memory_mb=args.memory, cpus=args.cpus,
+                      image=args.image and str(Path(args.image).expanduser().resolve()),
+                      use_pool=not args.no_pool, timeout=args.timeout, idle_timeout=args.idle_timeout,
+                      keep_folder=args.keep_folder)
+    if args.http:
+        from .mcp_http import serve_http
+        return serve_http(options, host=args.host, port=args.port, token_file=args.token_file,
+                          max_sessions=max(1, args.max_sessions))
+    return serve_stdio(options)

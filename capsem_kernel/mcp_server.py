@@ -6,10 +6,10 @@ tools boots nothing), is closed when the client goes away (stdin closed, SIGTERM
 after `idle_timeout` seconds without a call (the next call then starts a fresh one and says so).
 
 Tools: run_code (text, and PNG/JPEG results as MCP image content), run_command (a shell in the same
-VM and folder, exit code), restart, network_log (the sandbox's audit rows). Files are not tools of
-their own: the folder is the commands' and the kernel's working directory, so `cat`, `ls` or
-Python's open() do it inside the guest (a host-side file tool would have to defend the host
-against the guest's symlinks in the shared folder).
+VM and folder, exit code), read_file / write_file / list_files (Sandbox.files: through the guest
+agent, beneath the folder only, no link followed: capsem_kernel/files.py), restart, network_log
+(the sandbox's audit rows). Over streamable HTTP (mcp_http.py) each MCP session gets its own
+holder, so its own sandbox.
 
 The formatting of results into MCP content is pure (content_for_execution, text_for_command,
 network_lines) and tested without a VM in tests/test_mcp_unit.py.
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 3600.0     # seconds without a tool call before the sandbox is closed (0: never)
 NETWORK_LOG_LIMIT = 100   # default rows of the network_log tool (the Sandbox caps at 5000)
+READ_FILE_LIMIT = 4 * 1024 * 1024  # bytes read_file returns (an agent's context is smaller still)
 IMAGE_MIMES = {"png": "image/png", "jpeg": "image/jpeg"}
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -205,12 +206,28 @@ def _idle_watch(holder: SandboxHolder, stop: threading.Event) -> None:
             log.exception("closing the idle sandbox failed")
 
 
-def build_server(holder: SandboxHolder):
-    """The MCPServer with capsem's tools, all working on `holder`'s sandbox."""
-    from mcp.server.mcpserver import MCPServer
+def text_for_file(data: bytes, path: str) -> str:
+    """A file's bytes for an agent: the text if it is UTF-8, else base64 with a note."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"[binary file {path}: {len(data)} bytes, base64]\n" + base64.b64encode(data).decode("ascii")
+
+
+def listing_lines(entries: list) -> str:
+    """One line per entry: type, size, name (a folder's name ends with '/')."""
+    return "\n".join(f"{e.type:7} {e.size:>12} {e.name}{'/' if e.type == 'dir' else ''}" for e in entries) or "(empty)"
+
+
+def build_server(holder: SandboxHolder | None = None, *, holder_for: Callable[[Any], SandboxHolder] | None = None):
+    """The MCPServer with capsem's tools, all working on `holder`'s sandbox, or on the sandbox of
+    `holder_for(ctx)` (the tool call's MCP Context: one holder per HTTP session)."""
+    from mcp.server.mcpserver import Context, MCPServer
     from mcp.types import ImageContent, TextContent
 
     server = MCPServer("capsem", instructions=INSTRUCTIONS)
+    if holder_for is None:
+        holder_for = lambda ctx: holder  # noqa: E731 - stdio: one session, one holder
 
     def blocks(content: list[dict], note: str) -> list:
         out = []
@@ -222,46 +239,86 @@ def build_server(holder: SandboxHolder):
                 note = ""
         return out
 
-    def with_sandbox(fn: Callable[[Any], list[dict]]) -> list:
-        sandbox, note = holder.acquire()
+    def tool(fn):
+        # The SDK finds the Context parameter by its type; this module's annotations are strings
+        # (PEP 563) that would be resolved in the module's globals, where Context is not imported.
+        fn.__annotations__ = {**fn.__annotations__, "ctx": Context}
+        return server.tool(structured_output=False)(fn)
+
+    def with_sandbox(fn: Callable[[Any], list[dict]], ctx: Any = None) -> list:
+        from mcp.server.mcpserver.exceptions import ToolError
+
+        from .files import FilesError
+        session = holder_for(ctx)
+        sandbox, note = session.acquire()
         try:
             return blocks(fn(sandbox), note)
+        except FilesError as exc:  # the agent should see why (refused path, not found, too large)
+            raise ToolError(f"{exc.code}: {exc}") from None
         finally:
-            holder.release()
+            session.release()
 
-    @server.tool(structured_output=False)
-    def run_code(code: str, timeout: float | None = None) -> list:
+    @tool
+    def run_code(code: str, ctx: Context, timeout: float | None = None) -> list:
         """Run Python code in the sandbox's Jupyter kernel (IPython: `!cmd` and `%magic` work; state
         persists between calls). Returns stdout, stderr, the value of the last line, errors with
         traceback, the network requests the code made (refused ones with rule and reason), and
         images (PNG/JPEG displays, e.g. matplotlib figures) as image content. `timeout` (seconds)
         interrupts the code and keeps the kernel (restarted only if it ignores the interrupt)."""
-        return with_sandbox(lambda sb: content_for_execution(sb.run_code(code, timeout=timeout)))
+        return with_sandbox(lambda sb: content_for_execution(sb.run_code(code, timeout=timeout)), ctx)
 
-    @server.tool(structured_output=False)
-    def run_command(command: str, timeout: float | None = None, cwd: str | None = None) -> list:
+    @tool
+    def run_command(command: str, ctx: Context, timeout: float | None = None, cwd: str | None = None) -> list:
         """Run a shell command (/bin/sh -c) in the sandbox's VM, in its working folder by default,
         beside the kernel (same files, same network policy). Returns the exit code (124: killed
         for the timeout), stdout and stderr."""
         return with_sandbox(lambda sb: [{"type": "text", "text": text_for_command(
-            sb.commands.run(command, cwd=cwd, timeout=timeout))}])
+            sb.commands.run(command, cwd=cwd, timeout=timeout))}], ctx)
 
-    @server.tool(structured_output=False)
-    def restart() -> list:
+    @tool
+    def restart(ctx: Context) -> list:
         """Replace the kernel with a fresh one in a fresh VM: variables and installed packages are
         gone, files in the working folder stay."""
         def do(sb):
             sb.restart()
             return [{"type": "text", "text": "restarted: a fresh kernel in a fresh VM (the folder is kept)"}]
-        return with_sandbox(do)
+        return with_sandbox(do, ctx)
 
-    @server.tool(structured_output=False)
-    def network_log(after_id: int = 0, limit: int = NETWORK_LOG_LIMIT) -> list:
+    @tool
+    def network_log(ctx: Context, after_id: int = 0, limit: int = NETWORK_LOG_LIMIT) -> list:
         """The sandbox's network audit rows (everything its code and commands did: allowed and
         refused requests with rule, reason code and reason), oldest first, the newest `limit` of
         those with id > after_id, as JSON."""
         return with_sandbox(lambda sb: [{"type": "text", "text": json.dumps(
-            sb.network_log(after_id=max(0, after_id), limit=max(1, min(limit, 5000))), default=str)}])
+            sb.network_log(after_id=max(0, after_id), limit=max(1, min(limit, 5000))), default=str)}], ctx)
+
+    @tool
+    def read_file(path: str, ctx: Context) -> list:
+        """Read a file of the sandbox's working folder (relative path, or absolute within the
+        folder): its text, or base64 for a binary file (at most 4 MiB). Links are not followed."""
+        return with_sandbox(lambda sb: [{"type": "text", "text": text_for_file(
+            sb.files.read(path, format="bytes", max_bytes=READ_FILE_LIMIT), path)}], ctx)
+
+    @tool
+    def write_file(path: str, content: str, ctx: Context, base64_encoded: bool = False) -> list:
+        """Create or replace a file in the sandbox's working folder (missing folders are made).
+        `content` is text, or base64 when base64_encoded is true."""
+        try:
+            data = base64.b64decode(content, validate=True) if base64_encoded else content.encode("utf-8")
+        except (binascii.Error, ValueError):
+            from mcp.server.mcpserver.exceptions import ToolError
+            raise ToolError("content is not valid base64") from None
+
+        def do(sb):
+            info = sb.files.write(path, data)
+            return [{"type": "text", "text": f"wrote {len(data)} bytes to {info.path}"}]
+        return with_sandbox(do, ctx)
+
+    @tool
+    def list_files(ctx: Context, path: str = "") -> list:
+        """List a folder of the sandbox's working folder (default: the folder itself): type, size
+        and name per entry, sorted by name. Links are listed as 'symlink', not followed."""
+        return with_sandbox(lambda sb: [{"type": "text", "text": listing_lines(sb.files.list(path))}], ctx)
 
     return server
 

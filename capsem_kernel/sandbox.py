@@ -38,6 +38,7 @@ from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB
 
 from .commands import Commands
 from .execution import Execution, ExecutionBuilder
+from .files import Files
 from .kernelspec import DEFAULT_NAME, kernel_json
 
 START_TIMEOUT = 900.0     # a cold kernel under TCG on a loaded host (STARTUP in the tests: 300 s)
@@ -110,6 +111,7 @@ class Sandbox:
         from capsem_vm.proxy.audit import default_db_path
         self._audit_db = default_db_path()  # where the proxy workers and the VM's bridges write
         self.commands = Commands(self)
+        self.files = Files(self)  # through the guest agent, beneath the folder only (files.py)
         try:
             self._km.start_kernel(cwd=str(self.folder))
             self._kc = self._km.client()

@@ -98,7 +98,8 @@ def text(result) -> str:
 
 def test_tool_list_boots_nothing(s):
     tools = s.call(lambda c: c.list_tools()).tools
-    assert {t.name for t in tools} == {"run_code", "run_command", "restart", "network_log"}
+    assert {t.name for t in tools} == {"run_code", "run_command", "restart", "network_log", "read_file",
+                                       "write_file", "list_files"}  # issue 17: file tools added on purpose
     assert all(t.description for t in tools)
     assert not helper_processes(str(s.rt))  # lazily: no VM before the first tool call
 
@@ -146,6 +147,16 @@ def test_refused_request_in_run_code_and_network_log(s):
     rows = json.loads(text(s.call(lambda c: c.call_tool("network_log", {}))))
     refused = [r for r in rows if r["host"] == "blocked.test.example"]
     assert refused and {r["decision"] for r in refused} == {"deny"} and {r["code"] for r in refused} == {"default-deny"}
+
+
+def test_file_tools_through_the_guest_agent(s):
+    r = s.call(lambda c: c.call_tool("write_file", {"path": "sub/f.txt", "content": "über"}))
+    assert not r.is_error and (s.folder / "sub" / "f.txt").read_text() == "über"
+    assert text(s.call(lambda c: c.call_tool("read_file", {"path": "sub/f.txt"}))) == "über"
+    assert "f.txt" in text(s.call(lambda c: c.call_tool("list_files", {"path": "sub"})))
+    os.symlink("/etc/passwd", s.folder / "host_link")  # only the host user can make links there
+    r = s.call(lambda c: c.call_tool("read_file", {"path": "host_link"}))
+    assert r.is_error and "path_refused" in text(r) and "root:" not in text(r)
 
 
 def test_restart_gives_a_fresh_kernel(s):

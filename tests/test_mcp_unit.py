@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from types import SimpleNamespace
 import threading
 
 import pytest
@@ -102,6 +103,24 @@ class StandIn:
                 return CommandResult(1, "", "no\n")
         return C()
 
+    @property
+    def files(self):
+        outer = self
+
+        class F:
+            def read(self, path, format="text", max_bytes=0):
+                outer.calls.append(("read", path, format, max_bytes))
+                return b"\xff\x00" if path == "bin" else "text\n".encode()
+
+            def write(self, path, data):
+                outer.calls.append(("write", path, data))
+                return SimpleNamespace(path=f"/nb/{path}")
+
+            def list(self, path=""):
+                outer.calls.append(("list", path))
+                return [SimpleNamespace(type="dir", size=0, name="d"), SimpleNamespace(type="file", size=5, name="f")]
+        return F()
+
 
 class Clock:
     def __init__(self):
@@ -173,7 +192,8 @@ async def test_tools_through_the_sdk_client_in_process():
     holder = SandboxHolder(lambda: made.append(StandIn()) or made[-1], idle_timeout=0)
     async with Client(build_server(holder)) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {"run_code", "run_command", "restart", "network_log"}
+        assert set(tools) == {"run_code", "run_command", "restart", "network_log", "read_file", "write_file",
+                              "list_files"}  # issue 17: the file tools were added on purpose
         assert set(tools["run_code"].input_schema["properties"]) == {"code", "timeout"}
         assert made == []  # listing tools boots nothing
         r = await client.call_tool("run_code", {"code": "1 + 1", "timeout": 5})
@@ -186,6 +206,13 @@ async def test_tools_through_the_sdk_client_in_process():
         assert json.loads(r.content[0].text) == [DENY]
         r = await client.call_tool("restart", {})
         assert "restarted" in r.content[0].text
+        assert (await client.call_tool("read_file", {"path": "t"})).content[0].text == "text\n"
+        assert (await client.call_tool("read_file", {"path": "bin"})).content[0].text.endswith("\n/wA=")
+        r = await client.call_tool("write_file", {"path": "w", "content": "AAE=", "base64_encoded": True})
+        assert r.content[0].text == "wrote 2 bytes to /nb/w"
+        r = await client.call_tool("list_files", {})
+        assert r.content[0].text.splitlines()[0].split() == ["dir", "0", "d/"]
+        made[0].calls[4:] = []
     assert len(made) == 1
     assert made[0].calls == [("run_code", "1 + 1", 5), ("run", "false", None, None), ("network_log", 0, 5000),
                              ("restart",)]

@@ -112,6 +112,19 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         imports are done (ready);
                                                                         preinit: the kernel app is
                                                                         also initialised (ipykernel_host.py)
+      file        {id, op, root: abs path, path: relative, ...}         -> ok {id, ...}: files beneath
+                                                                        root (the share), no link
+                                                                        ever followed (files_op.py):
+                   op read   {offset?, length <= 512 KiB}               -> {size, data: b64, eof}
+                   op write  {offset?, data: b64 <= 512 KiB,            -> {size}
+                              truncate?, parents?}
+                   op list   {after?: name}                             -> {entries: [{name, type,
+                                                                        size, mode, mtime}], more,
+                                                                        skipped}: sorted by name,
+                                                                        more: ask again after the
+                                                                        last name
+                   op stat / mkdir {parents?} / remove                  -> {type, size, mode, mtime}
+                                                                        / {created} / {}
       shutdown    {id}                                                  -> ok, then the agent ends
                                                                         and the VM powers off
 
@@ -141,7 +154,8 @@ Error codes: bad_frame (the stream then closes: in the VM the agent ends and the
 off), bad_message, unknown_type, duplicate_id, too_many (64 running execs), spawn_failed,
 stdin_overflow (more than 1 MiB of stdin not yet taken by the process; that data is dropped),
 kernel_running, no_kernel, no_process, timeout, os_error, egress_failed, cannot_hold, not_held,
-internal.
+internal; for file requests also path_refused (a link, '..', '.' or empty component), not_found,
+not_a_file, not_a_dir, too_large.
 
 Channel streams (5001) get no reply frame: after the first frame the agent connects to the
 kernel's port (waiting up to 120 s while the kernel is alive but not yet listening) and relays

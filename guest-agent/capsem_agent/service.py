@@ -14,6 +14,7 @@ from . import BOOT_MARKS, __version__, execs, ipykernel_host, mounts, protocol, 
 
 READ_CHUNK = 64 * 1024
 MOUNT_TIMEOUT = 30.0
+FILE_TIMEOUT = 60.0  # one chunk of a file request (bounded size); a stuck share is an error
 EGRESS_TIMEOUT = 60.0  # module loading + nft under TCG take a second or two; never a minute
 
 
@@ -301,16 +302,26 @@ class Service:
             reply["ready"] = await self.kernels.wait_warm(float(wait))
         await self.send(reply)
 
+    async def _file(self, msg):
+        from . import files_op
+        loop = asyncio.get_running_loop()
+        try:
+            fields = await asyncio.wait_for(loop.run_in_executor(None, files_op.handle, msg), FILE_TIMEOUT)
+        except files_op.FileOpError as exc:
+            await self.send(protocol.error(exc.code, str(exc), msg["id"]))
+            return
+        await self.send({"t": "ok", "id": msg["id"], **fields})
+
     async def _shutdown(self, msg):
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
-    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm", "kernel_start"})  # may block or wait: own task
+    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm", "kernel_start", "file"})  # may block or wait: own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
         "mount": _mount, "egress_setup": _egress_setup, "egress_prepare": _egress_prepare, "kernel_start": _kernel_start,
         "kernel_prewarm": _kernel_prewarm, "kernel_release": _kernel_release,
-        "shutdown": _shutdown,
+        "file": _file, "shutdown": _shutdown,
     }
 
 
