@@ -14,7 +14,8 @@ def _jupyter_server_extension_points() -> list[dict]:
 # package too, and need none of it.
 _LAZY = {"Sandbox": "sandbox", "SandboxError": "sandbox", "AsyncSandbox": "async_sandbox",
          "Execution": "execution", "Result": "execution", "ExecutionError": "execution",
-         "OutputMessage": "execution", "Logs": "execution", "CommandResult": "commands"}
+         "OutputMessage": "execution", "Logs": "execution", "CommandResult": "commands",
+         "EntryInfo": "files", "FilesError": "files", "PathRefused": "files"}
 
 
 def __getattr__(name: str):
