@@ -144,7 +144,10 @@ def server_on_this_machine(www: Path):
     import http.server
     import threading
     addr = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # noqa: D102 - not onto the test's stderr
+            pass
+    handler = functools.partial(Quiet, directory=str(www))
     server = http.server.ThreadingHTTPServer((addr, 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

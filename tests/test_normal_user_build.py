@@ -144,17 +144,7 @@ def _tar_with_device_nodes(path: Path) -> None:
 def test_the_unprivileged_unpack_skips_device_nodes_and_packs(tmp_path):
     """The command the unshare build runs, run for real by a user in a user namespace: on main tar
     stopped at the first device node (mknod is not allowed there)."""
-    if os.geteuid() == 0:
-        from test_kernel_user import USER, ensure_user
-        ensure_user()
-        prefix = ["runuser", "-u", USER, "--"]
-        owner = pwd.getpwnam(USER)
-    else:
-        prefix, owner = [], pwd.getpwuid(os.geteuid())
-        try:
-            userns.check_unprivileged_build()
-        except ImageError as exc:
-            pytest.skip(f"this user cannot build without root: {exc}")
+    prefix, owner = _as_build_user()
     with tempfile.TemporaryDirectory(prefix="capsem-unpack-") as d:  # not pytest's 0700 basetemp
         work = Path(d)
         os.chmod(work, 0o755)
@@ -172,3 +162,39 @@ def test_the_unprivileged_unpack_skips_device_nodes_and_packs(tmp_path):
         assert listing.returncode == 0, listing.stderr
         assert sorted(p.name for p in (work / "x").iterdir()) == ["dev", "etc"]
         assert not list((work / "x" / "dev").iterdir()) and (work / "x" / "etc" / "motd").read_text() == "hello\n"
+
+
+def _as_build_user() -> tuple[list[str], pwd.struct_passwd]:
+    """(argv prefix, account) of a user who can build without root: capsemtest when we are root."""
+    if os.geteuid() == 0:
+        from test_kernel_user import USER, ensure_user
+        ensure_user()
+        return ["runuser", "-u", USER, "--"], pwd.getpwnam(USER)
+    try:
+        userns.check_unprivileged_build()
+    except ImageError as exc:
+        pytest.skip(f"this user cannot build without root: {exc}")
+    return [], pwd.getpwuid(os.geteuid())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_build_hooks_leave_mmdebstrap_its_apt_config(tmp_path):
+    """The rootfs build's own hooks, on the smallest Debian (essential), as a user in unshare mode
+    (~10 s, Debian mirror). On main the clean-up hook removed the chroot's /tmp, where mmdebstrap
+    keeps its apt.conf: its final `apt-get update` then used the host's apt state (as root it
+    emptied the host's /var/lib/apt/lists; as a user it failed on their lock)."""
+    from capsem_vm.image.debian import host_mirrors
+    prefix, owner = _as_build_user()
+    with tempfile.TemporaryDirectory(prefix="capsem-hooks-") as d:
+        work = Path(d)
+        os.chmod(work, 0o755)
+        os.chown(work, owner.pw_uid, owner.pw_gid)
+        argv = rootfs.mmdebstrap_argv(Recipe(), host_mirrors(), "unshare", work / "root.tar")
+        argv = ["--variant=essential" if a == "--variant=minbase" else a for a in argv if not a.startswith("--include=")]
+        out = subprocess.run(prefix + ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={work}", *argv],
+                             capture_output=True, text=True, timeout=240, cwd=work)
+        assert out.returncode == 0, out.stderr[-3000:]
+        names = tarfile.open(work / "root.tar").getnames()
+    assert "./tmp" in names and not [n for n in names if n.startswith("./tmp/")], names
+    assert not [n for n in names if n.startswith("./var/lib/apt/lists/") and n.count("/") > 5]

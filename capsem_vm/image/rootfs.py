@@ -33,8 +33,11 @@ _DPKG_EXCLUDES = [
 TRIM_PACKAGES = ("libboost1.74-dev", "libboost-dev", "libopenblas-dev", "libopenblas-pthread-dev",
                  "python3-pythran", "python3-all-dev", "libpython3-all-dev", "gdb")
 # Run inside the build (with mmdebstrap's mounts still up) after all packages are installed.
+# Not the chroot's /tmp: mmdebstrap keeps its apt.conf there for its own final `apt-get update`
+# and empties /tmp itself afterwards; without that file apt used the host's configuration, so as
+# root that update emptied the host's /var/lib/apt/lists, and as a user it failed on their lock.
 _CLEANUP = ('rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb '
-            '"$1"/var/log/*.log "$1"/var/log/apt/* "$1"/root/.cache "$1"/tmp/*')
+            '"$1"/var/log/*.log "$1"/var/log/apt/* "$1"/root/.cache')
 
 
 def build_mode() -> str:
