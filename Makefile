@@ -12,13 +12,14 @@ PYTEST_ARGS ?=
 # env; the proxy service runs from it as a separate process (capsem_vm/proxy/service.py finds it)
 PROXY_VENV ?= .venv-proxy
 
-.PHONY: demo test unit fuzz vm system venv proxy-venv image clean help
+.PHONY: demo test unit fuzz vm user-build-test system venv proxy-venv image clean help
 
 help:
 	@echo "make demo   - set up everything and run a real notebook in a capsem kernel"
 	@echo "make test   - set up everything and run the test suite: the unit tier, then the VM tier"
 	@echo "make unit   - the tests that need no VM and no VM image (no image build; minutes)"
 	@echo "make vm     - build (or reuse) the VM image and run the tests that boot VMs or need it (and the few slow ones)"
+	@echo "make user-build-test - an unprivileged user builds a rootfs of their own (mmdebstrap unshare; minutes)"
 	@echo "make fuzz   - the property tests with fresh random examples, ten times as many (finds new cases)"
 	@echo "make system - install the Debian packages capsem needs (root)"
 	@echo "make venv   - create the Python env in $(VENV)"
@@ -66,6 +67,10 @@ fuzz: venv
 
 vm: system venv proxy-venv image
 	$(VENV)/bin/pytest -m "vm or slow" $(PYTEST_ARGS)
+
+# not in `make test` (minutes of mmdebstrap): the full rootfs build as a normal user, from the wheel
+user-build-test: system venv proxy-venv image
+	CAPSEM_TEST_FULL_USER_BUILD=1 $(VENV)/bin/pytest tests/test_normal_user.py -k rootfs_without_root $(PYTEST_ARGS)
 
 # sub-makes, not prerequisites: the order (unit tier, then image, then VM tier) holds under -j too
 test:
