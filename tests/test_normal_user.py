@@ -197,6 +197,9 @@ python run_nb.py {world.url} {world.secret_url} capsem
     record_property("user_kernel_cold_start_s", round(got["ready_s"], 1))
     print(f"user kernel cold start (nbclient, until on_notebook_start): {got['ready_s']:.1f} s")
     _check_egress(world, home, got)
+    # no XDG_RUNTIME_DIR and no /run/user/UID: the runtime dir falls back to the user's data dir
+    run = home / ".local" / "share" / "capsem" / "run"
+    assert run.stat().st_uid == world.user.pw_uid and (run.stat().st_mode & 0o777) == 0o700
     assert not owned_by_others(home, world.user.pw_uid)
     assert not helper_processes(str(home))
 

@@ -55,12 +55,12 @@ class Progress:
         target = None if self.verbose else (self._log or subprocess.DEVNULL)
         tool = find_tool(str(argv[0]))
         if tool is None:
-            raise ImageError(f"{argv[0]} is not installed", "run `make system` (scripts/setup-system.sh)")
+            raise ImageError(f"{argv[0]} is not installed", "run `capsem setup` as root")
         try:
             proc = subprocess.run([tool, *map(str, argv[1:])], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                   stdout=target, stderr=subprocess.STDOUT if target else None)
         except FileNotFoundError:
-            raise ImageError(f"{argv[0]} is not installed", "run `make system` (scripts/setup-system.sh)")
+            raise ImageError(f"{argv[0]} is not installed", "run `capsem setup` as root")
         if proc.returncode != 0:
             raise ImageError(f"`{' '.join(map(str, argv[:3]))} ...` failed (exit {proc.returncode})"
                              + self._tail(), self._hint())

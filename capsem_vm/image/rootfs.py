@@ -98,7 +98,7 @@ def ensure_rootfs(recipe: Recipe, mirrors: Mirrors, progress: Progress, refresh:
         return found
     for tool, package in (("mmdebstrap", "mmdebstrap"), ("mkfs.erofs", "erofs-utils")):
         if not find_tool(tool):
-            raise MissingHelperError(f"{tool} is not installed", f"install {package} (`make system`)")
+            raise MissingHelperError(f"{tool} is not installed", f"install {package} (`capsem setup` as root)")
     mode = build_mode()
     work = store.new_temp_dir(root, "rootfs")
     try:
