@@ -15,13 +15,14 @@ UNIT_WORKERS ?= 2
 # .venv-proxy beside .venv is the checkout's, /opt/capsem/proxy-venv an installed host's)
 PROXY_VENV ?= .venv-proxy
 
-.PHONY: demo test unit fuzz vm chaos system venv proxy-venv image clean help
+.PHONY: demo test unit fuzz vm chaos user-build-test system venv proxy-venv image clean help
 
 help:
 	@echo "make demo   - set up everything and run a real notebook in a capsem kernel"
 	@echo "make test   - set up everything and run the test suite: the unit tier, then the VM tier"
 	@echo "make unit   - the tests that need no VM and no VM image (no image build; minutes)"
 	@echo "make vm     - build (or reuse) the VM image and run the tests that boot VMs or need it (and the few slow ones)"
+	@echo "make user-build-test - an unprivileged user builds a rootfs of their own (mmdebstrap unshare; minutes)"
 	@echo "make fuzz   - the property tests with fresh random examples, ten times as many (finds new cases)"
 	@echo "make chaos  - kill each host process of a running kernel at random moments, many rounds (CAPSEM_CHAOS_ROUNDS, CAPSEM_CHAOS_SEED)"
 	@echo "make system - install the Debian packages capsem (and working on it) needs (root): capsem setup --dev"
@@ -75,6 +76,10 @@ CAPSEM_CHAOS_ROUNDS ?= 10
 chaos: system venv proxy-venv image
 	@seed=$${CAPSEM_CHAOS_SEED:-$$(date +%s)}; echo "make chaos: CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS)"; \
 	CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS) $(VENV)/bin/pytest -s tests/faults/test_chaos.py $(PYTEST_ARGS)
+
+# not in `make test` (minutes of mmdebstrap): the full rootfs build as a normal user, from the wheel
+user-build-test: system venv proxy-venv image
+	CAPSEM_TEST_FULL_USER_BUILD=1 $(VENV)/bin/pytest tests/test_normal_user.py -k rootfs_without_root $(PYTEST_ARGS)
 
 # sub-makes, not prerequisites: the order (unit tier, then image, then VM tier) holds under -j too
 test:

@@ -13,9 +13,7 @@ import json
 import os
 import shutil
 import subprocess
-import shlex
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -25,53 +23,18 @@ from capsem_vm.image.agent_source import find_agent_tree
 from capsem_vm.image.initramfs import agent_entries, agent_files_digest
 from capsem_vm.proxy.service import PROXY_REQUIREMENTS, find_proxy_python
 
+from host_helpers import clean_env, installed_wheel, make_readable, run_as_user, server_on_this_machine, user_proxy_python
+
 CHECKOUT = Path(__file__).resolve().parents[1]
-SYSTEM_PYTHON = "/usr/bin/python3.11"
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # slow: builds the wheel and a venv (~30 s)
 
 
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """A user's environment: no PYTHONPATH (the shared dev env points it at a checkout)."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
-            "CAPSEM_DATA_DIR": str(home / "data"), "CAPSEM_CONFIG_DIR": str(home / "config"),
-            "CAPSEM_RUNTIME_DIR": str(home / "run"), **extra}
-
-
 @pytest.fixture(scope="module")
 def installed():
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip(f"{SYSTEM_PYTHON} not installed")
-    # not under pytest's 0700 basetemp: an unprivileged user runs this venv too
-    root = Path(tempfile.mkdtemp(prefix="capsem-wheel-"))
-    try:
-        os.chmod(root, 0o755)
-        assert not root.resolve().is_relative_to(CHECKOUT)
-        yield _install(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _install(root: Path) -> dict:
-    dist = root / "dist"
-    # the hook rebuilds the labextension with npm only when its sources are newer than the
-    # output (the checkout's prebuilt one is reused otherwise)
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(CHECKOUT), "--no-deps", "-q", "-w", str(dist)],
-                           capture_output=True, text=True, timeout=600, cwd=root)
-    assert build.returncode == 0, build.stderr[-3000:]
-    wheel, = dist.glob("capsem_jupyter-*.whl")
-    venv = root / "venv"
-    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
-    home = root / "home"
-    (home / "run").mkdir(parents=True, mode=0o700)
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)],
-                         capture_output=True, text=True, timeout=600, cwd=root, env=clean_env(home))
-    if pip.returncode != 0 and "No matching distribution" in pip.stderr + pip.stdout:
-        pytest.skip("the package index is not reachable: " + pip.stderr[-500:])
-    assert pip.returncode == 0, pip.stderr[-3000:]
-    elsewhere = root / "elsewhere"
-    elsewhere.mkdir()
-    return {"root": root, "venv": venv, "home": home, "cwd": elsewhere, "wheel": wheel}
+    """Built and installed once per test run (host_helpers.installed_wheel), shared with
+    tests/test_normal_user.py."""
+    return installed_wheel()
 
 
 def run(installed, argv, env_extra=None, **kw):
@@ -282,48 +245,31 @@ def test_an_unprivileged_user_runs_the_installed_wheel(installed):
     mount namespace): the code is the venv's, `capsem doctor` passes, `capsem vm run --share`
     reads and writes the folder, and an allowed fetch from a real server on this machine goes
     through the proxy (the user's own proxy env) with an audit row."""
-    import http.server
     import pwd
-    import threading
 
     from test_kernel_user import USER, ensure_user
     user = ensure_user()
     assert os.getgrouplist(USER, user.pw_gid) == [user.pw_gid]
     root = installed["root"]
-    proxy = root / "proxy-venv"
-    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(proxy)], check=True, timeout=120)
-    pip = subprocess.run([str(proxy / "bin" / "pip"), "install", "-q", *PROXY_REQUIREMENTS],
-                         capture_output=True, text=True, timeout=600)
-    assert pip.returncode == 0, pip.stderr[-3000:]
-    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    proxy_python = user_proxy_python()
+    make_readable(root)
     home = root / "user-home"
     (home / "share").mkdir(parents=True)
     (home / "share" / "from_host.txt").write_text("host\n")
-    addr = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
     www = root / "www"
     www.mkdir()
     (www / "hello.txt").write_text("hello from this machine")
-    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(www))  # noqa: E731
-    server = http.server.ThreadingHTTPServer((addr, 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    url = f"http://{addr}:{port}/hello.txt"
-    (home / "policy.toml").write_text(
-        f'[[rule]]\nname = "here"\nhost = "{addr}"\nport = {port}\naddresses = ["{addr}"]\n'
-        f'action = "allow"\nreason = "a server on this machine"\n')
-    subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)], check=True)
-    os.chmod(home, 0o700)
-    env = [f"PATH={installed['venv'] / 'bin'}:/usr/bin:/bin", f"HOME={home}", "LANG=C.UTF-8",
-           f"CAPSEM_PROXY_PYTHON={proxy / 'bin' / 'python'}"]
-    env += [f"{k}={v}" for k, v in os.environ.items() if k in ("CAPSEM_VIRTIOFSD",)]
-    script = USER_SCRIPT.format(checkout=CHECKOUT, url=url)
-    inner = f"mount -t tmpfs -o mode=0700 none {CHECKOUT} && exec runuser -u {USER} -- env -i " + \
-        " ".join(map(shlex.quote, env)) + " sh -c " + shlex.quote(script)
-    try:
-        out = subprocess.run(["unshare", "--mount", "--", "sh", "-c", inner], capture_output=True, text=True,
-                             timeout=600, cwd="/")
-    finally:
-        server.shutdown()
+    with server_on_this_machine(www) as (addr, port):
+        url = f"http://{addr}:{port}/hello.txt"
+        (home / "policy.toml").write_text(
+            f'[[rule]]\nname = "here"\nhost = "{addr}"\nport = {port}\naddresses = ["{addr}"]\n'
+            f'action = "allow"\nreason = "a server on this machine"\n')
+        subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)], check=True)
+        os.chmod(home, 0o700)
+        env = {"PATH": f"{installed['venv'] / 'bin'}:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+               "CAPSEM_PROXY_PYTHON": str(proxy_python)}
+        env |= {k: v for k, v in os.environ.items() if k in ("CAPSEM_VIRTIOFSD",)}
+        out = run_as_user(USER, USER_SCRIPT.format(checkout=CHECKOUT, url=url), env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     file_line = next(line for line in lines if line.startswith("FILE "))

@@ -23,7 +23,7 @@ from .linux import ensure_kernel
 from .manifest import ASSET_FILES, write_manifest_for
 from .progress import Progress
 from .recipe import BUILDER_VERSION, Recipe, digest_of
-from .rootfs import ensure_rootfs
+from .rootfs import build_mode, cached_rootfs, ensure_rootfs
 from .verify import read_manifest
 
 
@@ -33,12 +33,15 @@ def image_key(recipe: Recipe) -> str:
 
 
 def cached_image(recipe: Recipe) -> Path | None:
-    image_dir = store.images_dir() / image_key(recipe)
-    try:
-        read_manifest(image_dir)
-    except ImageError:
-        return None
-    return image_dir
+    """This recipe's image, built: the user's own, else (read only) the one root built for everyone."""
+    key = image_key(recipe)
+    for root in dict.fromkeys((store.images_dir(), paths.system_cache_dir() / "images")):
+        try:
+            read_manifest(root / key)
+        except ImageError:
+            continue
+        return root / key
+    return None
 
 
 def build_image(recipe: Recipe, *, verbose: bool = False, refresh: bool = False,
@@ -51,12 +54,15 @@ def build_image(recipe: Recipe, *, verbose: bool = False, refresh: bool = False,
         log = paths.cache_dir() / "logs" / f"build-{key}.log"
         progress = Progress(verbose=verbose, log_path=log)
     try:
-        if not refresh and cached_image(recipe):
+        cached = None if refresh else cached_image(recipe)
+        if cached:
+            image_dir = cached
             progress.say(f"using the cached image {image_dir} (rebuild with --refresh)")
         else:
             _build(recipe, key, image_dir, progress, refresh)
         if recipe.is_default:
-            store.set_default(key)
+            # the system's image is named by its absolute path in the user's store
+            store.set_default(key if image_dir.parent == store.images_dir() else str(image_dir))
         return image_dir
     finally:
         if own_progress:
@@ -66,6 +72,8 @@ def build_image(recipe: Recipe, *, verbose: bool = False, refresh: bool = False,
 def _build(recipe: Recipe, key: str, image_dir: Path, progress: Progress, refresh: bool) -> None:
     for parent in (store.images_dir(), *(store.layers_dir(k) for k in ("kernel", "initramfs", "rootfs"))):
         store.clean_stale_temps(parent)
+    if refresh or not cached_rootfs(recipe):
+        build_mode()  # a user who cannot build the rootfs learns it now, not after the kernel
     mirrors = host_mirrors()
     apt = PrivateApt(paths.cache_dir() / "apt", mirrors, recipe.suite, progress.run)
     with progress.stage(f"apt: update package lists ({mirrors.main})"):

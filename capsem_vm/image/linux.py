@@ -73,6 +73,10 @@ def ensure_kernel(apt: PrivateApt, progress: Progress) -> KernelLayer:
                     nofollow.chmod(tmp, 0o644)
                     tmp.rename(layer.vmlinux)
             return layer
+        for found in store.layer_candidates("kernel", key)[1:]:  # the system's, read only: complete or not at all
+            if all((found / name).is_file() for name in ("vmlinuz", "vmlinux", "DONE")):
+                progress.say(f"kernel: {key} (cached, the system's: {found})")
+                return KernelLayer(found, key, uname)
         with progress.stage(f"kernel: download and unpack {key}"):
             deb = apt.download(f"{package}={version}", work)
             progress.run(["dpkg-deb", "-x", deb, work / "root"])

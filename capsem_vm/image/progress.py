@@ -3,6 +3,7 @@ it goes to a log file whose tail is shown when a step fails)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from capsem_vm.errors import ImageError
+
+
+# Build tools a normal user's PATH lacks on Debian (depmod lives in /usr/sbin) but may run.
+SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def find_tool(name: str) -> str | None:
+    """The tool's path: from PATH, else from the sbin directories (None if neither has it)."""
+    return shutil.which(name) or shutil.which(name, path=SBIN_PATH)
 
 
 class Progress:
@@ -43,8 +53,11 @@ class Progress:
         if self._log:
             print(f"$ {' '.join(map(str, argv))}", file=self._log, flush=True)
         target = None if self.verbose else (self._log or subprocess.DEVNULL)
+        tool = find_tool(str(argv[0]))
+        if tool is None:
+            raise ImageError(f"{argv[0]} is not installed", "run `capsem setup` as root")
         try:
-            proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            proc = subprocess.run([tool, *map(str, argv[1:])], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                   stdout=target, stderr=subprocess.STDOUT if target else None)
         except FileNotFoundError:
             raise ImageError(f"{argv[0]} is not installed", "run `capsem setup` as root")

@@ -13,8 +13,9 @@ from capsem_vm.errors import ImageError, MissingHelperError
 
 from . import store
 from .debian import Mirrors
-from .progress import Progress
+from .progress import Progress, find_tool
 from .recipe import Recipe
+from .userns import check_unprivileged_build
 
 ROOTFS_NAME = "rootfs.erofs"
 
@@ -32,34 +33,20 @@ _DPKG_EXCLUDES = [
 TRIM_PACKAGES = ("libboost1.74-dev", "libboost-dev", "libopenblas-dev", "libopenblas-pthread-dev",
                  "python3-pythran", "python3-all-dev", "libpython3-all-dev", "gdb")
 # Run inside the build (with mmdebstrap's mounts still up) after all packages are installed.
+# Not the chroot's /tmp: mmdebstrap keeps its apt.conf there for its own final `apt-get update`
+# and empties /tmp itself afterwards; without that file apt used the host's configuration, so as
+# root that update emptied the host's /var/lib/apt/lists, and as a user it failed on their lock.
 _CLEANUP = ('rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb '
-            '"$1"/var/log/*.log "$1"/var/log/apt/* "$1"/root/.cache "$1"/tmp/*')
+            '"$1"/var/log/*.log "$1"/var/log/apt/* "$1"/root/.cache')
 
 
 def build_mode() -> str:
-    """mmdebstrap mode: 'root' as root, else 'unshare' if this user can create user namespaces."""
+    """mmdebstrap mode: 'root' as root, else 'unshare' when this user can build without root
+    (ImageError naming each missing piece otherwise, see userns.py)."""
     if os.geteuid() == 0:
         return "root"
-    hint = ("run as root (e.g. `sudo capsem image build`), or enable unprivileged user namespaces "
-            "(sysctl kernel.unprivileged_userns_clone=1) and give your user subordinate ids in "
-            "/etc/subuid and /etc/subgid (package uidmap)")
-    user = os.environ.get("USER") or str(os.geteuid())
-    if not shutil.which("newuidmap") or not _has_subids(user):
-        raise ImageError("building the rootfs needs root or unprivileged user namespaces", hint)
-    try:
-        if Path("/proc/sys/kernel/unprivileged_userns_clone").read_text().strip() == "0":
-            raise ImageError("building the rootfs needs root or unprivileged user namespaces", hint)
-    except FileNotFoundError:
-        pass
+    check_unprivileged_build()
     return "unshare"
-
-
-def _has_subids(user: str) -> bool:
-    try:
-        return any(line.split(":")[0] in (user, str(os.geteuid()))
-                   for line in Path("/etc/subuid").read_text().splitlines())
-    except OSError:
-        return False
 
 
 def mmdebstrap_argv(recipe: Recipe, mirrors: Mirrors, mode: str, target: Path) -> list[str]:
@@ -79,16 +66,38 @@ def mmdebstrap_argv(recipe: Recipe, mirrors: Mirrors, mode: str, target: Path) -
     return argv
 
 
+def mkfs_argv(out: Path, tree: Path) -> list[str]:
+    return ["mkfs.erofs", "-zlz4hc", "--quiet", str(out), str(tree)]
+
+
+def unpack_and_pack_argv(tarball: Path, tree: Path, out: Path) -> list[str]:
+    """Unprivileged: ownership only exists inside a user namespace (the user's subordinate ids), so
+    the tarball is unpacked and packed as EROFS inside one. Device nodes cannot be made there; the
+    guest mounts devtmpfs on /dev anyway (the /dev directory itself stays)."""
+    return ["unshare", "--map-auto", "--map-root-user", "sh", "-c",
+            f"mkdir {shlex.quote(str(tree))} && tar -xpf {shlex.quote(str(tarball))} -C {shlex.quote(str(tree))}"
+            f" --exclude='./dev/*' && {shlex.join(mkfs_argv(out, tree))}"]
+
+
+def cached_rootfs(recipe: Recipe) -> Path | None:
+    """The built rootfs of this recipe: the user's own, else (read only) the system's."""
+    for layer in store.layer_candidates("rootfs", recipe.rootfs_key()):
+        if (layer / ROOTFS_NAME).is_file():
+            return layer / ROOTFS_NAME
+    return None
+
+
 def ensure_rootfs(recipe: Recipe, mirrors: Mirrors, progress: Progress, refresh: bool = False) -> Path:
     """Return the path of rootfs.erofs for this recipe, building it if not cached (or refresh)."""
     key = recipe.rootfs_key()
     root = store.layers_dir("rootfs")
     layer = root / key
-    if (layer / ROOTFS_NAME).is_file() and not refresh:
-        progress.say("rootfs: cached")
-        return layer / ROOTFS_NAME
+    found = None if refresh else cached_rootfs(recipe)
+    if found:
+        progress.say("rootfs: cached" + ("" if found.parent == layer else f" (the system's, {found})"))
+        return found
     for tool, package in (("mmdebstrap", "mmdebstrap"), ("mkfs.erofs", "erofs-utils")):
-        if not shutil.which(tool):
+        if not find_tool(tool):
             raise MissingHelperError(f"{tool} is not installed", f"install {package} (`capsem setup` as root)")
     mode = build_mode()
     work = store.new_temp_dir(root, "rootfs")
@@ -105,13 +114,10 @@ def ensure_rootfs(recipe: Recipe, mirrors: Mirrors, progress: Progress, refresh:
                 progress.run(mmdebstrap_argv(recipe, mirrors, mode, work / "rootfs.tar"))
         with progress.stage("rootfs: pack EROFS (lz4hc)"):
             out = work / ROOTFS_NAME
-            mkfs = ["mkfs.erofs", "-zlz4hc", "--quiet", str(out), str(tree)]
             if mode == "root":
-                progress.run(mkfs)
+                progress.run(mkfs_argv(out, tree))
             else:
-                progress.run(["unshare", "--map-auto", "--map-root-user", "sh", "-c",
-                              f"mkdir {shlex.quote(str(tree))} && tar -xpf {shlex.quote(str(work / 'rootfs.tar'))}"
-                              f" -C {shlex.quote(str(tree))} && {shlex.join(mkfs)}"])
+                progress.run(unpack_and_pack_argv(work / "rootfs.tar", tree, out))
             nofollow.chmod(out, 0o644)
         with progress.stage("rootfs: clean up the build tree"):
             _remove_tree(tree, mode, progress)

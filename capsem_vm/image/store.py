@@ -33,6 +33,13 @@ def layers_dir(kind: str) -> Path:
     return paths.cache_dir() / "layers" / kind
 
 
+def layer_candidates(kind: str, key: str) -> list[Path]:
+    """Where a built layer may already be: this user's cache, then (read only) the one root built
+    for everyone, so a normal user's build reuses the system's kernel and rootfs instead of
+    downloading and building them again (the assets are hashed into the user's own manifest)."""
+    return list(dict.fromkeys((layers_dir(kind) / key, paths.system_cache_dir() / "layers" / kind / key)))
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ImageError(f"invalid image name {name!r}",
@@ -125,6 +132,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def set_default(image_name: str) -> None:
     """Point images/default at `image_name` atomically (a new symlink renamed over the old one)."""
     root = images_dir()
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-default-{os.getpid()}"
     if tmp.is_symlink():
         tmp.unlink()
