@@ -94,10 +94,13 @@ build() {
   echo "other-release: $RELEASE root built in $(( $(date +%s) - start )) s ($(du -sh "$ROOT" | cut -f1))" >&2
 }
 
-# Runs inside `unshare --mount --pid --fork`: mounts made here vanish with the namespace.
+# Runs inside `unshare --mount --pid --fork`: mounts made here vanish with the namespace. pivot_root,
+# not chroot: the kernel refuses user namespaces (which capsem's virtiofsd confinement makes) to a
+# process whose root is not its mount namespace's root.
 INNER='set -e
 R=$1; CO=$2; shift 2
 mount --make-rprivate /
+mount --bind "$R" "$R"
 mount --rbind /dev "$R/dev"
 mount --rbind /sys "$R/sys"
 mount -t proc proc "$R/proc"
@@ -109,8 +112,8 @@ for d in /var/cache/capsem/images /var/cache/capsem/layers; do
   mkdir -p "$R$d" && mount --bind "$d" "$R$d" && mount -o remount,bind,ro "$R$d"
 done
 mount --bind "$CO" "$R$CO" && mount -o remount,bind,ro "$R$CO"
-cd "$R$CO"
-exec chroot "$R" /usr/bin/env -i PATH=/opt/capsem/.venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+cd "$R" && pivot_root . mnt && umount -l /mnt  # from here on only the release root is visible
+exec /usr/bin/env -i PATH=/opt/capsem/.venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
   LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$CO:$CO/guest-agent" \
   CAPSEM_PROXY_PYTHON=/opt/capsem/.venv-proxy/bin/python ${CAPSEM_ENV:-} sh -c "cd \"\$0\" && exec \"\$@\"" "$CO" "$@"'
 
