@@ -31,8 +31,11 @@ PIP=("jupyter_client>=8.6,<9" "ipykernel>=6.29,<8" "traitlets>=5.14,<6" "pyzmq>=
      "qemu.qmp>=0.0.3,<0.1" "cryptography>=41" "platformdirs>=3"
      "pytest>=8,<9" "pytest-timeout>=2.3" "pytest-asyncio>=0.23,<1" "hypothesis>=6.100" h2 tornado
      "nbclient>=0.10" "nbformat>=5.10")
-# the egress proxy's own env (capsem_vm/proxy/service.py PROXY_REQUIREMENTS)
-PROXY_PIP=("mitmproxy==11.0.2" "platformdirs>=3" "uvloop>=0.19")
+# the egress proxy's own env (capsem_vm/proxy/service.py PROXY_REQUIREMENTS), but uvloop < 0.22: from
+# 0.22 uvloop passes eager_start= to the loop's task factory, which Python 3.12/3.13's
+# asyncio.eager_task_factory (set by mitmproxy's Master on 3.12+) does not take: the proxy service
+# never starts ("factory() got an unexpected keyword argument 'eager_start'"). 3.11 and 3.14 are fine.
+PROXY_PIP=("mitmproxy==11.0.2" "platformdirs>=3" "uvloop>=0.19,<0.22")
 
 if [ "$(id -u)" != 0 ]; then
   echo "other-release: must run as root (mmdebstrap --mode=root, chroot, mounts)" >&2
@@ -89,7 +92,7 @@ build() {
     --customize-hook='rm -f "$1"/etc/resolv.conf "$1"/tmp/*.deb "$1"/tmp/build-ca.pem; rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/root/.cache' \
     "$RELEASE" "$work/root" "deb $(mirror) $RELEASE main" >&2
   touch "$work/root/.capsem-hostroot-complete"
-  rm -rf "$ROOT"
+  rm -rf "$ROOT" "$CACHE/$RELEASE"-*  # and this release's roots of older package lists
   mv "$work/root" "$ROOT"
   echo "other-release: $RELEASE root built in $(( $(date +%s) - start )) s ($(du -sh "$ROOT" | cut -f1))" >&2
 }
