@@ -81,7 +81,10 @@ demo: system venv proxy-venv image
 # the VM, kernel and egress test modules inside it, on this host's image. CI runs the reduced form
 # (tests/test_other_release.py, in `make vm`).
 RELEASE ?= trixie
-OTHER_RELEASE_TESTS ?= tests/test_vm.py tests/test_kernel_lifecycle.py tests/test_egress_vm.py tests/test_sandbox.py
+OTHER_RELEASE_TESTS ?= tests/test_vm.py tests/test_kernel_lifecycle.py tests/test_egress_vm.py tests/test_sandbox.py \
+  --deselect tests/test_vm.py::test_tampered_assets_never_boot
+# (that test hard-links the image into its tmp dir: the root sees the host's image through a read-only
+# bind mount, across which no link can be made; what it checks, asset hashing, is the same Python)
 other-release: system image
 	bash scripts/other-release.sh $(RELEASE) versions
 	@start=$$(date +%s); bash scripts/other-release.sh $(RELEASE) run python -m pytest -p no:cacheprovider \

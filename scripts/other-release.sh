@@ -30,7 +30,7 @@ VSOCK_SUITE=sid
 PIP=("jupyter_client>=8.6,<9" "ipykernel>=6.29,<8" "traitlets>=5.14,<6" "pyzmq>=25,<28"
      "qemu.qmp>=0.0.3,<0.1" "cryptography>=41" "platformdirs>=3"
      "pytest>=8,<9" "pytest-timeout>=2.3" "pytest-asyncio>=0.23,<1" "hypothesis>=6.100" h2 tornado
-     "nbclient>=0.10" "nbformat>=5.10")
+     "nbclient>=0.10" "nbformat>=5.10" requests)
 # the egress proxy's own env (capsem_vm/proxy/service.py PROXY_REQUIREMENTS), but uvloop < 0.22: from
 # 0.22 uvloop passes eager_start= to the loop's task factory, which Python 3.12/3.13's
 # asyncio.eager_task_factory (set by mitmproxy's Master on 3.12+) does not take: the proxy service
@@ -109,6 +109,7 @@ mount --rbind /sys "$R/sys"
 mount -t proc proc "$R/proc"
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$R/run"
+mount -t tmpfs -o mode=0700 tmpfs "$R/root"  # a fresh HOME: the CA, audit DB and caches of capsem die with the run
 mkdir -p "$R/var/cache/capsem" "$R$CO"
 for d in /var/cache/capsem/images /var/cache/capsem/layers; do
   [ -d "$d" ] || continue
