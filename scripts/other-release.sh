@@ -66,11 +66,19 @@ fetch_vsock_deb() {  # $1: dir to download into (private apt state: the system's
 }
 
 build() {
+  mkdir -p "$CACHE"
+  exec 9> "$CACHE/.lock-$RELEASE"  # one builder per release at a time; a waiting one then finds it cached
+  flock 9
+  build_locked
+  chroot "$ROOT" python3 -c "$ENTRY_POINTS" < "$HERE/pyproject.toml"
+  exec 9>&-  # not held by what runs in the root
+}
+
+build_locked() {
   if [ -e "$ROOT/.capsem-hostroot-complete" ]; then
     echo "other-release: $RELEASE root cached at $ROOT" >&2
     return
   fi
-  mkdir -p "$CACHE"
   local work start
   work=$(mktemp -d "$CACHE/.build-$RELEASE.XXXXXX")
   # shellcheck disable=SC2064
@@ -135,7 +143,6 @@ open(d + "/RECORD", "w").write("")'
 
 run() {
   build
-  chroot "$ROOT" python3 -c "$ENTRY_POINTS" < "$HERE/pyproject.toml"
   unshare --mount --pid --fork --propagation private -- bash -c "$INNER" inner "$ROOT" "$HERE" "$@"
 }
 
