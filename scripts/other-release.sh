@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Prove capsem on another Debian host release: build (or reuse) a root of that release with its own
 # QEMU, virtiofsd, vhost-device-vsock and Python (capsem's Python deps in a venv from PyPI), then run
-# a command in it: chroot with /dev, /proc, /sys, in a private mount and pid namespace, so no mount
+# a command in it (pivot_root into it, with /dev, /proc, /sys, in a private mount and pid namespace), so no mount
 # leaks onto the host's and nothing started in there outlives the command. Root only.
 #
 #   other-release.sh RELEASE build          build (or find) the root; prints its path on stdout
 #   other-release.sh RELEASE run CMD...     run CMD in the root, in this checkout (mounted read-only),
-#                                           with the host's VM images (read-only) and a fresh /tmp, /run
+#                                           with the host's VM images (read-only) and a fresh /tmp, /run, HOME
 #   other-release.sh RELEASE versions       the release's QEMU, virtiofsd, vhost-device-vsock, Python
 #
 # The root is cached in /var/cache/capsem/hostroots/RELEASE-KEY, KEY a hash of this script's
