@@ -31,11 +31,10 @@ PIP=("jupyter_client>=8.6,<9" "ipykernel>=6.29,<8" "traitlets>=5.14,<6" "pyzmq>=
      "qemu.qmp>=0.0.3,<0.1" "cryptography>=41" "platformdirs>=3"
      "pytest>=8,<9" "pytest-timeout>=2.3" "pytest-asyncio>=0.23,<1" "hypothesis>=6.100" h2 tornado
      "nbclient>=0.10" "nbformat>=5.10" requests)
-# the egress proxy's own env (capsem_vm/proxy/service.py PROXY_REQUIREMENTS), but uvloop < 0.22: from
-# 0.22 uvloop passes eager_start= to the loop's task factory, which Python 3.12/3.13's
-# asyncio.eager_task_factory (set by mitmproxy's Master on 3.12+) does not take: the proxy service
-# never starts ("factory() got an unexpected keyword argument 'eager_start'"). 3.11 and 3.14 are fine.
-PROXY_PIP=("mitmproxy==11.0.2" "platformdirs>=3" "uvloop>=0.19,<0.22")
+# the egress proxy's own env, exactly capsem_vm/proxy/service.py PROXY_REQUIREMENTS (what `capsem setup`
+# installs): on 3.12/3.13 with uvloop >= 0.22 the service must fall back to asyncio's loop itself
+# (proxy/tuning.py), which this root proves on Python 3.13
+PROXY_PIP=("mitmproxy==11.0.2" "platformdirs>=3" "uvloop>=0.19")
 
 if [ "$(id -u)" != 0 ]; then
   echo "other-release: must run as root (mmdebstrap --mode=root, chroot, mounts)" >&2

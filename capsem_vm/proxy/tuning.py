@@ -8,12 +8,28 @@ mitm_patches.py, behind its version gate.)
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 
 
 def event_loop_runner():
-    """`asyncio.run` or, if installed in the proxy venv, uvloop's (C event loop and transports)."""
+    """`asyncio.run` or, if installed in the proxy venv and usable there, uvloop's (C event loop
+    and transports)."""
     try:
         import uvloop
     except ImportError:
         return asyncio.run
+    if not uvloop_usable(sys.version_info[:2], getattr(uvloop, "__version__", "0")):
+        return asyncio.run
     return uvloop.run
+
+
+def uvloop_usable(python: tuple[int, int], uvloop_version: str) -> bool:
+    """False where uvloop would break mitmproxy 11: on Python 3.12 and 3.13 mitmproxy installs
+    asyncio.eager_task_factory, and uvloop from 0.22 calls the task factory with eager_start=,
+    which those Pythons' factory does not take ("unexpected keyword argument 'eager_start'": the
+    proxy never starts; found running the suite on Debian 13's Python 3.13)."""
+    if not (3, 12) <= python < (3, 14):
+        return True
+    m = re.match(r"(\d+)\.(\d+)", uvloop_version)
+    return m is not None and (int(m.group(1)), int(m.group(2))) < (0, 22)  # unknown: not usable
