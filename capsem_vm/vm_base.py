@@ -15,7 +15,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,16 +117,19 @@ class VMBase:
 
     # --- helpers the VM cannot live without -------------------------------------------------
 
-    def _watch_helper(self, proc: ManagedProcess, what: str) -> None:
-        """From now on, `proc` exiting (before stop() began) kills the VM; `what` names it."""
+    def _watch_helper(self, proc: ManagedProcess | QemuWatch, what: str,
+                      describe: Callable[[int | None], str] | None = None) -> None:
+        """From now on, `proc` exiting (before stop() began) kills the VM; `what` names it, or
+        `describe(returncode)` says why (a pooled VM's keeper reports its own reason)."""
         if self._helper_watches is None:
             self._helper_watches = []
-        self._helper_watches.append(asyncio.ensure_future(self._await_helper(proc, what)))
+        self._helper_watches.append(asyncio.ensure_future(self._await_helper(proc, what, describe)))
 
-    async def _await_helper(self, proc: ManagedProcess, what: str) -> None:
+    async def _await_helper(self, proc: ManagedProcess | QemuWatch, what: str,
+                            describe: Callable[[int | None], str] | None) -> None:
         code = await proc.wait()
         if not self._stop_began:
-            self._helper_died(f"{what} exited ({exit_description(code)})")
+            self._helper_died(describe(code) if describe else f"{what} exited ({exit_description(code)})")
 
     def _helper_died(self, reason: str) -> None:
         if self.death_reason is not None:
@@ -134,10 +137,18 @@ class VMBase:
         self.death_reason = reason
         log.error("the VM is dead: %s", reason)
         self._on_event({"t": "vm_died", "reason": reason})
-        if isinstance(self.qemu, ManagedProcess):  # the guest stops at once (nothing to flush: see above)
-            self.qemu.send_signal(signal.SIGKILL)
+        self._kill_guest()  # the guest stops at once (nothing to flush: see above)
         if self._started:  # while booting, start()'s own failure path tears down (QEMU's exit ends the wait)
             self._death_teardown = asyncio.ensure_future(self.stop(grace=0))
+
+    def _qemu_exit_reason(self, code: int | None) -> str:
+        after = f", after {self.shutdown_reason}" if self.shutdown_reason else ""
+        return f"QEMU exited ({exit_description(code)}{after})"
+
+    def _kill_guest(self) -> None:
+        """SIGKILL QEMU (a claimed VM asks its keeper to: pool/claimed.py)."""
+        if isinstance(self.qemu, ManagedProcess):
+            self.qemu.send_signal(signal.SIGKILL)
 
     async def _end_helper_watches(self) -> None:
         """First thing in stop(): the helpers are about to be stopped on purpose. Awaited, so no

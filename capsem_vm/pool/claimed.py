@@ -44,7 +44,7 @@ from ..virtiofs import start_virtiofsd
 from ..vm_base import VMBase
 from ..vm_protocol import GuestVM, OnEvent
 from ..vsock.vhost_user import VhostUserTransport
-from . import seqpacket
+from . import seqpacket, wire
 from .client import Claim
 
 if TYPE_CHECKING:
@@ -58,13 +58,15 @@ ATTACH_DELAY = 2.0  # s at most between the claim and the folder attach (see _at
 
 
 class KeeperWatch:
-    """Stands in for VM.qemu: the VM lives while its keeper does (the keeper exits when QEMU does)."""
+    """Stands in for VM.qemu: the VM lives while its keeper does (the keeper exits when QEMU does).
+    The keeper says why the VM ended ({"t": "died"}) before it exits; `exit_reason()` has it."""
 
     def __init__(self, owner: socket.socket, keeper_pid: int, qemu_pid: int):
         self.owner = owner
         self.pid = qemu_pid
         self.keeper_pid = keeper_pid
         self.returncode: int | None = None
+        self.reason: str | None = None  # the keeper's {"t": "died"} reason
         self._gone = asyncio.Event()
         try:
             self._pidfd = os.pidfd_open(keeper_pid)
@@ -76,11 +78,40 @@ class KeeperWatch:
     def start(self) -> None:
         if self._pidfd >= 0:
             loop = asyncio.get_running_loop()
-            loop.add_reader(self._pidfd, self._set_gone)
+            loop.add_reader(self._pidfd, self._keeper_exited)
             self._task = asyncio.ensure_future(self._watch_owner())
 
     async def _watch_owner(self) -> None:
-        await seqpacket.wait_closed(self.owner)
+        while True:
+            try:
+                msg, _ = await seqpacket.recv(self.owner)
+            except wire.WireError:
+                continue
+            except OSError:
+                break
+            if msg is None:
+                break
+            self._took(msg)
+        self._set_gone()
+
+    def _took(self, msg: dict) -> None:
+        if msg.get("t") == "died" and self.reason is None:
+            self.reason = safe_reason(msg.get("reason"))
+
+    def _keeper_exited(self) -> None:
+        """The keeper's pidfd fired: what it sent just before exiting is already queued on the
+        socket; take it now, before anyone asks why."""
+        for _ in range(8):
+            try:
+                data = self.owner.recv(wire.MAX_MESSAGE + 1, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                self._took(wire.decode(data))
+            except wire.WireError:
+                pass
         self._set_gone()
 
     def _set_gone(self) -> None:
@@ -93,12 +124,22 @@ class KeeperWatch:
             except RuntimeError:
                 pass
 
+    def exit_reason(self, _code: int | None = None) -> str:
+        return self.reason or f"the pooled VM's keeper (pid {self.keeper_pid}) exited"
+
     def alive(self) -> bool:
         return not self._gone.is_set()
 
     async def wait(self) -> int | None:
         await self._gone.wait()
         return self.returncode
+
+    def kill(self) -> None:
+        """Ask the keeper to SIGKILL QEMU now (best effort: a keeper that is gone took QEMU along)."""
+        try:
+            self.owner.send(wire.encode({"t": "kill"}), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
 
     async def release(self, grace: float) -> None:
         """Close our end (the keeper then stops the VM) and wait for the keeper to exit."""
@@ -115,6 +156,14 @@ class KeeperWatch:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+def safe_reason(raw: object) -> str:
+    """A keeper's reason, as shown to the user: printable, bounded (the keeper is ours, but its
+    words name a VM whose guest is hostile)."""
+    if not isinstance(raw, str) or not raw:
+        return "the pooled VM ended"
+    return "".join(c if c.isprintable() else "?" for c in raw[:500])
 
 
 def _vm_dir(info: dict[str, Any]) -> Path:
@@ -158,7 +207,7 @@ class ClaimedVM(VMBase):
         # set by the claimer's channel forwarder when the kernel's first shell reply passes
         self.attach_gate = asyncio.Event()
         self.attach_after: str | None = None  # what opened it: "first reply" or "timeout"
-        self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None  # the one teardown (stop() awaits it)
 
     async def start(self) -> "ClaimedVM":
         t0 = time.monotonic()
@@ -170,6 +219,7 @@ class ClaimedVM(VMBase):
             self.control.on_event = self._on_event
             self.control.adopt(self.hello or {})
             self.qemu.start()
+            self._watch_helper(self.qemu, "the pooled VM's keeper", describe=self.qemu.exit_reason)
             self._monitor_opening = monitor = asyncio.ensure_future(self._open_monitor(self.paths.qmp))
             if self.config.egress is not None:
                 from ..egress import Egress
@@ -179,8 +229,13 @@ class ClaimedVM(VMBase):
                 self.attaching = asyncio.ensure_future(self._attach(t0, monitor))
             await asyncio.gather(self._setup_egress(), monitor)
             self.timings["ready_s"] = time.monotonic() - t0
-        except BaseException:
+            self._started = True
+            if self.death_reason is not None:  # it died at the very end of the claim
+                raise VMError(self.death_reason)
+        except BaseException as exc:
             await self.stop(grace=1)
+            if self.death_reason is not None and isinstance(exc, Exception) and not isinstance(exc, VMError):
+                raise VMError(f"the pooled VM died: {self.death_reason}") from exc
             raise
         return self
 
@@ -197,6 +252,7 @@ class ClaimedVM(VMBase):
         for share in self.config.shares:
             t = time.monotonic()
             self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
+            self._watch_helper(self.helpers[-1], f"virtiofsd for {share.host_path}")
             await self._hotplug(share)
             self.timings["hotplug_s"] = time.monotonic() - t
             await self._mount(share)
@@ -245,10 +301,18 @@ class ClaimedVM(VMBase):
         text = (runtime.read_trusted(self.paths.console_log, limit, tail=True) or "").strip()
         return f"--- console.log (last lines) ---\n{text}" if text else ""
 
+    def _kill_guest(self) -> None:
+        self.qemu.kill()
+
     async def stop(self, grace: float = 10.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+        """Idempotent; every caller waits for the one teardown (a dead helper starts it on its own)."""
+        if self._stopping is None:
+            self._stop_began = True
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        await self._end_helper_watches()
         try:
             if self.attaching is not None:
                 self.attaching.cancel()
@@ -271,7 +335,7 @@ class ClaimedVM(VMBase):
         for proc in self.helpers:
             proc.kill_now()
         self.claim.close()
-        self._stopped = True
+        self._stop_began = True
 
 
 if TYPE_CHECKING:  # mypy (`make unit`) checks that a claimed VM is what KernelVM drives
