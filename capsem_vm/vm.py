@@ -93,7 +93,8 @@ class VM(VMBase):
             # from now on QEMU exiting on its own (killed, crashed, the guest powered off behind the
             # agent's back) is a death with a reason, and the helpers go with it (a boot failure
             # keeps its own error: _start's)
-            self._watch_helper(self.qemu, "QEMU", describe=self._qemu_exit_reason)
+            if self.qemu is not None:
+                self._watch_helper(self.qemu, "QEMU", describe=self._qemu_exit_reason)
             if self.death_reason is not None:  # a helper died at the very end of the boot
                 raise VMError(self.death_reason)
         except BaseException as exc:

@@ -94,7 +94,7 @@ class KeeperWatch:
             self._took(msg)
         self._set_gone()
 
-    def _took(self, msg: dict) -> None:
+    def _took(self, msg: dict[str, Any]) -> None:
         if msg.get("t") == "died" and self.reason is None:
             self.reason = safe_reason(msg.get("reason"))
 
