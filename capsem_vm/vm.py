@@ -81,7 +81,6 @@ class VM(VMBase):
         self.on_event: OnEvent | None = None
         self.shutdown_reason: str | None = None
         self._control_ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
-        self._stopping: asyncio.Future[None] | None = None  # the one teardown (stop() awaits it)
 
     # --- start -------------------------------------------------------------------------------
 
@@ -241,16 +240,8 @@ class VM(VMBase):
 
     # --- stop --------------------------------------------------------------------------------
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Idempotent teardown: graceful first, then forced. Never raises for an already-dead VM.
-        Every caller waits for the one teardown to end (a dead helper starts it on its own:
-        vm_base.py), even if that caller is cancelled."""
-        if self._stopping is None:
-            self._stop_began = True
-            self._stopping = asyncio.ensure_future(self._stop(grace))
-        await asyncio.shield(self._stopping)
-
     async def _stop(self, grace: float) -> None:
+        """stop(): graceful first, then forced. Never raises for an already-dead VM."""
         await self._end_helper_watches()
         try:
             await self._shut_down(grace)

@@ -57,6 +57,7 @@ class VMBase:
     death_reason: str | None = None  # a helper the VM cannot live without exited (set once)
     _helper_watches: list[asyncio.Task[None]] | None = None
     _death_teardown: asyncio.Task[None] | None = None
+    _stopping: asyncio.Future[None] | None = None  # the one teardown (stop() awaits it)
     _stop_began = False  # from then on helpers exiting is expected
     _started = False  # start() returned
 
@@ -159,4 +160,12 @@ class VMBase:
         await asyncio.gather(*watches, return_exceptions=True)
 
     async def stop(self, grace: float = 10.0) -> None:
+        """Idempotent teardown. Every caller waits for the one teardown to end (a dead helper
+        starts it on its own), even if that caller is cancelled."""
+        if self._stopping is None:
+            self._stop_began = True
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
         raise NotImplementedError

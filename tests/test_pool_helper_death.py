@@ -18,16 +18,10 @@ import pytest
 
 import kernel_helpers as kh
 from host_helpers import helper_processes
+from test_helper_death import DEAD_BOUND, GONE_BOUND, WRITER
 from test_pool import capsem, start_kernel, start_pool, wait_ready
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("capsem_kernelspecs"), pytest.mark.timeout(1800)]
-
-DEAD_BOUND = 5.0  # s from the SIGKILL to "dead, and why" (issue 21, under TCG)
-GONE_BOUND = 15.0  # s until no process of the VM is left
-WRITER = ("import os\n"
-          "f = open('log.txt', 'a')\n"
-          "while True:\n"
-          "    f.write('x' * 100 + '\\n'); f.flush(); os.fsync(f.fileno())\n")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 
 from capsem_vm import runtime, sweep
 from host_helpers import CAPSEM, helper_processes
+from test_server_ext_vm import POLICY
 
 GONE_BOUND = 5.0  # s after the server's SIGKILL until none of its processes is left (issue 21)
 
@@ -117,15 +117,7 @@ def test_sweep_once_never_raises(runtime_root, fresh_sweep, monkeypatch, caplog)
 
 # --- a real server, SIGKILLed ------------------------------------------------------------------
 
-POLICY = """
-[[rule]]
-name = "pypi-read"
-host = "pypi.org"
-scheme = "https"
-methods = ["GET"]
-action = "allow"
-reason = "the index"
-"""
+
 
 
 def _children(pid: int) -> list[int]:

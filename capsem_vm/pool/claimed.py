@@ -207,7 +207,6 @@ class ClaimedVM(VMBase):
         # set by the claimer's channel forwarder when the kernel's first shell reply passes
         self.attach_gate = asyncio.Event()
         self.attach_after: str | None = None  # what opened it: "first reply" or "timeout"
-        self._stopping: asyncio.Future[None] | None = None  # the one teardown (stop() awaits it)
 
     async def start(self) -> "ClaimedVM":
         t0 = time.monotonic()
@@ -303,13 +302,6 @@ class ClaimedVM(VMBase):
 
     def _kill_guest(self) -> None:
         self.qemu.kill()
-
-    async def stop(self, grace: float = 10.0) -> None:
-        """Idempotent; every caller waits for the one teardown (a dead helper starts it on its own)."""
-        if self._stopping is None:
-            self._stop_began = True
-            self._stopping = asyncio.ensure_future(self._stop(grace))
-        await asyncio.shield(self._stopping)
 
     async def _stop(self, grace: float) -> None:
         await self._end_helper_watches()

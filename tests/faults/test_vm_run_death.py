@@ -10,14 +10,12 @@ import time
 import pytest
 
 from host_helpers import CAPSEM, helper_processes
+from test_helper_death import WRITER
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 EXIT_BOUND = 20.0  # s from the kill to the CLI's exit (dead in < 5 s, then the teardown)
-WRITER = ("import os\n"
-          "f = open('log.txt', 'a')\n"
-          "while True:\n"
-          "    f.write('x' * 100 + '\\n'); f.flush(); os.fsync(f.fileno())\n")
+
 
 
 @pytest.mark.parametrize("kind,reason", [("qemu-system", "QEMU exited ("),
