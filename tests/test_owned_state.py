@@ -24,6 +24,7 @@ DOCUMENTED = {
     ("capsem_vm/vsock/hangup.py", "_lingering"),       # the process's bound on lingering streams
     ("capsem_vm/vsock/vhost_kernel.py", "_dispatch"),        # AF_VSOCK host ports are one per host
     ("capsem_vm/vsock/vhost_kernel.py", "_listeners"),
+    ("capsem_vm/sweep.py", "_swept"),                  # one start-up sweep per process
 }
 
 
