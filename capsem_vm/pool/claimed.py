@@ -18,6 +18,11 @@ Ownership: we hold the owner end of the keeper's socket (client.Claim): while we
 lives; stop() asks the agent to power off (else QEMU to quit: vm_base.py), closes it (the keeper
 tears QEMU and its helpers down) and waits for the keeper to exit. If this process dies, the
 socket closes and the keeper does the same. virtiofsd is ours (PDEATHSIG, process.py).
+
+Death (vm_base.py): the VM cannot live without its keeper (watched on its pidfd and its socket; a
+keeper whose vsock backend or QEMU exited says so first, {"t": "died", reason}) nor the virtiofsd
+started here. Either exiting: death_reason, a vm_died event, the keeper told to SIGKILL QEMU
+({"t": "kill"}: a guest stuck on a dead share cannot power off), then the usual teardown.
 """
 
 from __future__ import annotations
