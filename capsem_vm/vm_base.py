@@ -129,8 +129,20 @@ class VMBase:
     async def _await_helper(self, proc: ManagedProcess | QemuWatch, what: str,
                             describe: Callable[[int | None], str] | None) -> None:
         code = await proc.wait()
+        if self._stop_began:
+            return
+        reason = describe(code) if describe else f"{what} exited ({exit_description(code)})"
+        cause = await self._qemu_went_first(proc)
         if not self._stop_began:
-            self._helper_died(describe(code) if describe else f"{what} exited ({exit_description(code)})")
+            self._helper_died(cause or reason)
+
+    async def _qemu_went_first(self, proc: ManagedProcess | QemuWatch) -> str | None:
+        """Why QEMU ended, if it did before `proc`: virtiofsd and the vsock backend exit when QEMU
+        hangs up on them, and the cause is what the user needs to see, not its echo."""
+        qemu = self.qemu
+        if proc is qemu or not isinstance(qemu, ManagedProcess) or qemu.alive():
+            return None
+        return self._qemu_exit_reason(qemu.returncode)
 
     def _helper_died(self, reason: str) -> None:
         if self.death_reason is not None:

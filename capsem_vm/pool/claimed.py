@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -60,6 +61,7 @@ MOUNT_WAIT = 60.0  # s: the guest sees a hot-plugged device about a second later
 HOTPLUG_BUS = "rp1"  # qemu.py's spare pcie-root-port
 MOUNT_AGENT_WAIT = 20  # s per mount request; the loop below retries up to MOUNT_WAIT
 ATTACH_DELAY = 2.0  # s at most between the claim and the folder attach (see _attach)
+CAUSE_WAIT = 2.0  # s for a keeper whose QEMU ended to say why (it does at once; then it tears down)
 
 
 class KeeperWatch:
@@ -73,6 +75,11 @@ class KeeperWatch:
         self.returncode: int | None = None
         self.reason: str | None = None  # the keeper's {"t": "died"} reason
         self._gone = asyncio.Event()
+        self._told = asyncio.Event()  # the keeper said why, or is gone
+        try:  # QEMU's own exit (it is the keeper's child, not ours: polled, never awaited)
+            self._qemu_pidfd = os.pidfd_open(qemu_pid)
+        except OSError:
+            self._qemu_pidfd = -1
         try:
             self._pidfd = os.pidfd_open(keeper_pid)
         except OSError:  # already gone
@@ -102,6 +109,20 @@ class KeeperWatch:
     def _took(self, msg: dict[str, Any]) -> None:
         if msg.get("t") == "died" and self.reason is None:
             self.reason = safe_reason(msg.get("reason"))
+            self._told.set()
+
+    def qemu_alive(self) -> bool:
+        if self._qemu_pidfd < 0:
+            return self.alive()
+        return not select.select([self._qemu_pidfd], [], [], 0)[0]  # a pidfd is readable once it exited
+
+    async def said_why(self, timeout: float) -> str:
+        """The keeper's reason, once it said it (or exited), waiting at most `timeout` s."""
+        try:
+            await asyncio.wait_for(self._told.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return self.exit_reason()
 
     def _keeper_exited(self) -> None:
         """The keeper's pidfd fired: what it sent just before exiting is already queued on the
@@ -123,6 +144,7 @@ class KeeperWatch:
         if not self._gone.is_set():
             self.returncode = -9
             self._gone.set()
+            self._told.set()
         if self._pidfd >= 0:
             try:
                 asyncio.get_running_loop().remove_reader(self._pidfd)
@@ -158,9 +180,10 @@ class KeeperWatch:
             except asyncio.TimeoutError:
                 log.warning("pooled VM's keeper %d did not exit within %.0f s", self.keeper_pid, grace)
         self._set_gone()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        for fd in (self._pidfd, self._qemu_pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self._pidfd = self._qemu_pidfd = -1
 
 
 def safe_reason(raw: object) -> str:
@@ -307,6 +330,13 @@ class ClaimedVM(VMBase):
 
     def _kill_guest(self) -> None:
         self.qemu.kill()
+
+    async def _qemu_went_first(self, proc: Any) -> str | None:
+        """The keeper's reason, if QEMU ended before `proc` (the virtiofsd started here exits when
+        QEMU hangs up on it): the keeper says why in a moment."""
+        if proc is self.qemu or self.qemu.qemu_alive():
+            return None
+        return await self.qemu.said_why(CAUSE_WAIT)
 
     async def _stop(self, grace: float) -> None:
         await self._end_helper_watches()
