@@ -7,7 +7,9 @@ A helper that exits while the VM runs (virtiofsd: the guest's next file access w
 on a FUSE request nobody answers; the vsock backend: the agent is cut off) makes the VM dead: its
 exit is awaited on a pidfd the way QEMU's is, `death_reason` names it, a {"t": "vm_died"} event
 goes out first, then the whole VM is torn down (QEMU killed, no graceful power-off: a guest stuck
-on a dead share would not finish one)."""
+on a dead share would not finish one). QEMU's own exit once booted counts the same (a claimed VM:
+its keeper's, pool/claimed.py), and a helper that exits because QEMU went first (virtiofsd and the
+vsock backend end when QEMU hangs up on them) reports QEMU's reason, not its own."""
 
 from __future__ import annotations
 
