@@ -24,8 +24,6 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from capsem_agent.fdwait import readable
-
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 # Process-wide by necessity (exempt from "owned state"): PR_SET_PDEATHSIG fires when the *thread*
@@ -62,6 +60,10 @@ class ManagedProcess:
         self.popen = popen
         self.pid = popen.pid
         self._pidfd = os.pidfd_open(popen.pid)
+        # One reader on the pidfd, shared by every waiter (the loop allows one reader per fd: a
+        # second add_reader would silently replace the first waiter's, which would then hang).
+        self._exited: asyncio.Future[None] | None = None
+        self._exit_loop: asyncio.AbstractEventLoop | None = None
         self.on_close: list = []  # called once, after the process is reaped (e.g. release its uid lease)
         self.stop_signal = signal.SIGTERM  # what stop() sends first (confine.py's wrapper ignores SIGTERM)
 
@@ -76,8 +78,26 @@ class ManagedProcess:
         """Wait for exit without blocking the loop (pidfd becomes readable when the child exits)."""
         if self.popen.poll() is not None:
             return self.popen.returncode
-        await readable(self._pidfd)
+        await asyncio.shield(self._exit_future())
         return self.popen.wait()
+
+    def _exit_future(self) -> asyncio.Future[None]:
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            self._exited, self._exit_loop = loop.create_future(), loop
+            loop.add_reader(self._pidfd, self._on_exit)
+        return self._exited
+
+    def _on_exit(self) -> None:
+        """The pidfd fired (or we are closing it): no reader stays behind on its number."""
+        if self._exit_loop is not None:
+            try:
+                self._exit_loop.remove_reader(self._pidfd)
+            except (RuntimeError, ValueError, OSError):  # loop closed, or another thread at exit
+                pass
+            self._exit_loop = None
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(None)
 
     def send_signal(self, signum: int) -> None:
         if self.popen.poll() is None:
@@ -107,6 +127,7 @@ class ManagedProcess:
 
     def close(self) -> None:
         if self._pidfd >= 0:
+            self._on_exit()
             os.close(self._pidfd)
             self._pidfd = -1
         while self.on_close:

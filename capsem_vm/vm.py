@@ -81,7 +81,6 @@ class VM(VMBase):
         self.on_event: OnEvent | None = None
         self.shutdown_reason: str | None = None
         self._control_ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
-        self._stopping: asyncio.Future[None] | None = None  # the one teardown (stop() awaits it)
 
     # --- start -------------------------------------------------------------------------------
 
@@ -90,6 +89,11 @@ class VM(VMBase):
         try:
             await self._start(t0)
             self._started = True
+            # from now on QEMU exiting on its own (killed, crashed, the guest powered off behind the
+            # agent's back) is a death with a reason, and the helpers go with it (a boot failure
+            # keeps its own error: _start's)
+            if self.qemu is not None:
+                self._watch_helper(self.qemu, "QEMU", describe=self._qemu_exit_reason)
             if self.death_reason is not None:  # a helper died at the very end of the boot
                 raise VMError(self.death_reason)
         except BaseException as exc:
@@ -236,16 +240,8 @@ class VM(VMBase):
 
     # --- stop --------------------------------------------------------------------------------
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Idempotent teardown: graceful first, then forced. Never raises for an already-dead VM.
-        Every caller waits for the one teardown to end (a dead helper starts it on its own:
-        vm_base.py), even if that caller is cancelled."""
-        if self._stopping is None:
-            self._stop_began = True
-            self._stopping = asyncio.ensure_future(self._stop(grace))
-        await asyncio.shield(self._stopping)
-
     async def _stop(self, grace: float) -> None:
+        """stop(): graceful first, then forced. Never raises for an already-dead VM."""
         await self._end_helper_watches()
         try:
             await self._shut_down(grace)

@@ -7,7 +7,9 @@ A helper that exits while the VM runs (virtiofsd: the guest's next file access w
 on a FUSE request nobody answers; the vsock backend: the agent is cut off) makes the VM dead: its
 exit is awaited on a pidfd the way QEMU's is, `death_reason` names it, a {"t": "vm_died"} event
 goes out first, then the whole VM is torn down (QEMU killed, no graceful power-off: a guest stuck
-on a dead share would not finish one)."""
+on a dead share would not finish one). QEMU's own exit once booted counts the same (a claimed VM:
+its keeper's, pool/claimed.py), and a helper that exits because QEMU went first (virtiofsd and the
+vsock backend end when QEMU hangs up on them) reports QEMU's reason, not its own."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,7 @@ class VMBase:
     death_reason: str | None = None  # a helper the VM cannot live without exited (set once)
     _helper_watches: list[asyncio.Task[None]] | None = None
     _death_teardown: asyncio.Task[None] | None = None
+    _stopping: asyncio.Future[None] | None = None  # the one teardown (stop() awaits it)
     _stop_began = False  # from then on helpers exiting is expected
     _started = False  # start() returned
 
@@ -117,16 +120,31 @@ class VMBase:
 
     # --- helpers the VM cannot live without -------------------------------------------------
 
-    def _watch_helper(self, proc: ManagedProcess, what: str) -> None:
-        """From now on, `proc` exiting (before stop() began) kills the VM; `what` names it."""
+    def _watch_helper(self, proc: ManagedProcess | QemuWatch, what: str,
+                      describe: Callable[[int | None], str] | None = None) -> None:
+        """From now on, `proc` exiting (before stop() began) kills the VM; `what` names it, or
+        `describe(returncode)` says why (a pooled VM's keeper reports its own reason)."""
         if self._helper_watches is None:
             self._helper_watches = []
-        self._helper_watches.append(asyncio.ensure_future(self._await_helper(proc, what)))
+        self._helper_watches.append(asyncio.ensure_future(self._await_helper(proc, what, describe)))
 
-    async def _await_helper(self, proc: ManagedProcess, what: str) -> None:
+    async def _await_helper(self, proc: ManagedProcess | QemuWatch, what: str,
+                            describe: Callable[[int | None], str] | None) -> None:
         code = await proc.wait()
+        if self._stop_began:
+            return
+        reason = describe(code) if describe else f"{what} exited ({exit_description(code)})"
+        cause = await self._qemu_went_first(proc)
         if not self._stop_began:
-            self._helper_died(f"{what} exited ({exit_description(code)})")
+            self._helper_died(cause or reason)
+
+    async def _qemu_went_first(self, proc: ManagedProcess | QemuWatch) -> str | None:
+        """Why QEMU ended, if it did before `proc`: virtiofsd and the vsock backend exit when QEMU
+        hangs up on them, and the cause is what the user needs to see, not its echo."""
+        qemu = self.qemu
+        if proc is qemu or not isinstance(qemu, ManagedProcess) or qemu.alive():
+            return None
+        return self._qemu_exit_reason(qemu.returncode)
 
     def _helper_died(self, reason: str) -> None:
         if self.death_reason is not None:
@@ -134,10 +152,18 @@ class VMBase:
         self.death_reason = reason
         log.error("the VM is dead: %s", reason)
         self._on_event({"t": "vm_died", "reason": reason})
-        if isinstance(self.qemu, ManagedProcess):  # the guest stops at once (nothing to flush: see above)
-            self.qemu.send_signal(signal.SIGKILL)
+        self._kill_guest()  # the guest stops at once (nothing to flush: see above)
         if self._started:  # while booting, start()'s own failure path tears down (QEMU's exit ends the wait)
             self._death_teardown = asyncio.ensure_future(self.stop(grace=0))
+
+    def _qemu_exit_reason(self, code: int | None) -> str:
+        after = f", after {self.shutdown_reason}" if self.shutdown_reason else ""
+        return f"QEMU exited ({exit_description(code)}{after})"
+
+    def _kill_guest(self) -> None:
+        """SIGKILL QEMU (a claimed VM asks its keeper to: pool/claimed.py)."""
+        if isinstance(self.qemu, ManagedProcess):
+            self.qemu.send_signal(signal.SIGKILL)
 
     async def _end_helper_watches(self) -> None:
         """First thing in stop(): the helpers are about to be stopped on purpose. Awaited, so no
@@ -148,4 +174,12 @@ class VMBase:
         await asyncio.gather(*watches, return_exceptions=True)
 
     async def stop(self, grace: float = 10.0) -> None:
+        """Idempotent teardown. Every caller waits for the one teardown to end (a dead helper
+        starts it on its own), even if that caller is cancelled."""
+        if self._stopping is None:
+            self._stop_began = True
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
         raise NotImplementedError

@@ -25,6 +25,7 @@ DOCUMENTED = {
     ("capsem_vm/vsock/vhost_kernel.py", "_dispatch"),        # AF_VSOCK host ports are one per host
     ("capsem_vm/vsock/vhost_kernel.py", "_listeners"),
     ("capsem_vm/vsock/vhost_kernel.py", "_tasks"),           # strong references to its tasks
+    ("capsem_vm/sweep.py", "_swept"),                  # one start-up sweep per process
 }
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
+from capsem_vm.sweep import sweep_once
+
 SETTINGS_KEY = "capsem_extension"
 
 
@@ -52,6 +54,7 @@ class CapsemExtension(Configurable):
 
 def _load_jupyter_server_extension(serverapp) -> None:
     from .handlers import routes
+    sweep_once()  # what a killed server left in the runtime dir (capsem_vm/sweep.py)
 
     ext = CapsemExtension(parent=serverapp)
     web_app = serverapp.web_app

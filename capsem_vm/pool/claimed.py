@@ -18,6 +18,11 @@ Ownership: we hold the owner end of the keeper's socket (client.Claim): while we
 lives; stop() asks the agent to power off (else QEMU to quit: vm_base.py), closes it (the keeper
 tears QEMU and its helpers down) and waits for the keeper to exit. If this process dies, the
 socket closes and the keeper does the same. virtiofsd is ours (PDEATHSIG, process.py).
+
+Death (vm_base.py): the VM cannot live without its keeper (watched on its pidfd and its socket; a
+keeper whose vsock backend or QEMU exited says so first, {"t": "died", reason}) nor the virtiofsd
+started here. Either exiting: death_reason, a vm_died event, the keeper told to SIGKILL QEMU
+({"t": "kill"}: a guest stuck on a dead share cannot power off), then the usual teardown.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -44,7 +50,7 @@ from ..virtiofs import start_virtiofsd
 from ..vm_base import VMBase
 from ..vm_protocol import GuestVM, OnEvent
 from ..vsock.vhost_user import VhostUserTransport
-from . import seqpacket
+from . import seqpacket, wire
 from .client import Claim
 
 if TYPE_CHECKING:
@@ -55,17 +61,25 @@ MOUNT_WAIT = 60.0  # s: the guest sees a hot-plugged device about a second later
 HOTPLUG_BUS = "rp1"  # qemu.py's spare pcie-root-port
 MOUNT_AGENT_WAIT = 20  # s per mount request; the loop below retries up to MOUNT_WAIT
 ATTACH_DELAY = 2.0  # s at most between the claim and the folder attach (see _attach)
+CAUSE_WAIT = 2.0  # s for a keeper whose QEMU ended to say why (it does at once; then it tears down)
 
 
 class KeeperWatch:
-    """Stands in for VM.qemu: the VM lives while its keeper does (the keeper exits when QEMU does)."""
+    """Stands in for VM.qemu: the VM lives while its keeper does (the keeper exits when QEMU does).
+    The keeper says why the VM ended ({"t": "died"}) before it exits; `exit_reason()` has it."""
 
     def __init__(self, owner: socket.socket, keeper_pid: int, qemu_pid: int):
         self.owner = owner
         self.pid = qemu_pid
         self.keeper_pid = keeper_pid
         self.returncode: int | None = None
+        self.reason: str | None = None  # the keeper's {"t": "died"} reason
         self._gone = asyncio.Event()
+        self._told = asyncio.Event()  # the keeper said why, or is gone
+        try:  # QEMU's own exit (it is the keeper's child, not ours: polled, never awaited)
+            self._qemu_pidfd = os.pidfd_open(qemu_pid)
+        except OSError:
+            self._qemu_pidfd = -1
         try:
             self._pidfd = os.pidfd_open(keeper_pid)
         except OSError:  # already gone
@@ -76,22 +90,69 @@ class KeeperWatch:
     def start(self) -> None:
         if self._pidfd >= 0:
             loop = asyncio.get_running_loop()
-            loop.add_reader(self._pidfd, self._set_gone)
+            loop.add_reader(self._pidfd, self._keeper_exited)
             self._task = asyncio.ensure_future(self._watch_owner())
 
     async def _watch_owner(self) -> None:
-        await seqpacket.wait_closed(self.owner)
+        while True:
+            try:
+                msg, _ = await seqpacket.recv(self.owner)
+            except wire.WireError:
+                continue
+            except OSError:
+                break
+            if msg is None:
+                break
+            self._took(msg)
+        self._set_gone()
+
+    def _took(self, msg: dict[str, Any]) -> None:
+        if msg.get("t") == "died" and self.reason is None:
+            self.reason = safe_reason(msg.get("reason"))
+            self._told.set()
+
+    def qemu_alive(self) -> bool:
+        if self._qemu_pidfd < 0:
+            return self.alive()
+        return not select.select([self._qemu_pidfd], [], [], 0)[0]  # a pidfd is readable once it exited
+
+    async def said_why(self, timeout: float) -> str:
+        """The keeper's reason, once it said it (or exited), waiting at most `timeout` s."""
+        try:
+            await asyncio.wait_for(self._told.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return self.exit_reason()
+
+    def _keeper_exited(self) -> None:
+        """The keeper's pidfd fired: what it sent just before exiting is already queued on the
+        socket; take it now, before anyone asks why."""
+        for _ in range(8):
+            try:
+                data = self.owner.recv(wire.MAX_MESSAGE + 1, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                self._took(wire.decode(data))
+            except wire.WireError:
+                pass
         self._set_gone()
 
     def _set_gone(self) -> None:
         if not self._gone.is_set():
             self.returncode = -9
             self._gone.set()
+            self._told.set()
         if self._pidfd >= 0:
             try:
                 asyncio.get_running_loop().remove_reader(self._pidfd)
             except RuntimeError:
                 pass
+
+    def exit_reason(self, _code: int | None = None) -> str:
+        return self.reason or f"the pooled VM's keeper (pid {self.keeper_pid}) exited"
 
     def alive(self) -> bool:
         return not self._gone.is_set()
@@ -99,6 +160,13 @@ class KeeperWatch:
     async def wait(self) -> int | None:
         await self._gone.wait()
         return self.returncode
+
+    def kill(self) -> None:
+        """Ask the keeper to SIGKILL QEMU now (best effort: a keeper that is gone took QEMU along)."""
+        try:
+            self.owner.send(wire.encode({"t": "kill"}), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
 
     async def release(self, grace: float) -> None:
         """Close our end (the keeper then stops the VM) and wait for the keeper to exit."""
@@ -112,9 +180,18 @@ class KeeperWatch:
             except asyncio.TimeoutError:
                 log.warning("pooled VM's keeper %d did not exit within %.0f s", self.keeper_pid, grace)
         self._set_gone()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        for fd in (self._pidfd, self._qemu_pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self._pidfd = self._qemu_pidfd = -1
+
+
+def safe_reason(raw: object) -> str:
+    """A keeper's reason, as shown to the user: printable, bounded (the keeper is ours, but its
+    words name a VM whose guest is hostile)."""
+    if not isinstance(raw, str) or not raw:
+        return "the pooled VM ended"
+    return "".join(c if c.isprintable() else "?" for c in raw[:500])
 
 
 def _vm_dir(info: dict[str, Any]) -> Path:
@@ -158,7 +235,6 @@ class ClaimedVM(VMBase):
         # set by the claimer's channel forwarder when the kernel's first shell reply passes
         self.attach_gate = asyncio.Event()
         self.attach_after: str | None = None  # what opened it: "first reply" or "timeout"
-        self._stopped = False
 
     async def start(self) -> "ClaimedVM":
         t0 = time.monotonic()
@@ -170,6 +246,7 @@ class ClaimedVM(VMBase):
             self.control.on_event = self._on_event
             self.control.adopt(self.hello or {})
             self.qemu.start()
+            self._watch_helper(self.qemu, "the pooled VM's keeper", describe=self.qemu.exit_reason)
             self._monitor_opening = monitor = asyncio.ensure_future(self._open_monitor(self.paths.qmp))
             if self.config.egress is not None:
                 from ..egress import Egress
@@ -179,8 +256,13 @@ class ClaimedVM(VMBase):
                 self.attaching = asyncio.ensure_future(self._attach(t0, monitor))
             await asyncio.gather(self._setup_egress(), monitor)
             self.timings["ready_s"] = time.monotonic() - t0
-        except BaseException:
+            self._started = True
+            if self.death_reason is not None:  # it died at the very end of the claim
+                raise VMError(self.death_reason)
+        except BaseException as exc:
             await self.stop(grace=1)
+            if self.death_reason is not None and isinstance(exc, Exception) and not isinstance(exc, VMError):
+                raise VMError(f"the pooled VM died: {self.death_reason}") from exc
             raise
         return self
 
@@ -197,6 +279,7 @@ class ClaimedVM(VMBase):
         for share in self.config.shares:
             t = time.monotonic()
             self.helpers.append(await start_virtiofsd(share, self.paths, self.identity))
+            self._watch_helper(self.helpers[-1], f"virtiofsd for {share.host_path}")
             await self._hotplug(share)
             self.timings["hotplug_s"] = time.monotonic() - t
             await self._mount(share)
@@ -245,10 +328,18 @@ class ClaimedVM(VMBase):
         text = (runtime.read_trusted(self.paths.console_log, limit, tail=True) or "").strip()
         return f"--- console.log (last lines) ---\n{text}" if text else ""
 
-    async def stop(self, grace: float = 10.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+    def _kill_guest(self) -> None:
+        self.qemu.kill()
+
+    async def _qemu_went_first(self, proc: Any) -> str | None:
+        """The keeper's reason, if QEMU ended before `proc` (the virtiofsd started here exits when
+        QEMU hangs up on it): the keeper says why in a moment."""
+        if proc is self.qemu or self.qemu.qemu_alive():
+            return None
+        return await self.qemu.said_why(CAUSE_WAIT)
+
+    async def _stop(self, grace: float) -> None:
+        await self._end_helper_watches()
         try:
             if self.attaching is not None:
                 self.attaching.cancel()
@@ -271,7 +362,7 @@ class ClaimedVM(VMBase):
         for proc in self.helpers:
             proc.kill_now()
         self.claim.close()
-        self._stopped = True
+        self._stop_began = True
 
 
 if TYPE_CHECKING:  # mypy (`make unit`) checks that a claimed VM is what KernelVM drives

@@ -12,6 +12,10 @@ pool closes its copy, so ownership moves without the keeper noticing. When the o
     owner -> keeper  handover            -> vm {.., channels: [names]} + the agent's control
                                             connection, then one channel stream per name
     owner -> keeper  info                -> info {rss_kb, age_s, claimed}
+    owner -> keeper  kill                   QEMU is SIGKILLed (a helper the claimer runs for the VM
+                                            died: no graceful power-off, see vm_base.py)
+    keeper -> owner  died {reason}          the VM ended on its own (QEMU or the vsock backend
+                                            exited), sent just before the keeper tears down and exits
 
 The keeper boots the VM with VM.start() (so the image is verified through the fds QEMU reads, as
 for a cold VM), with no share, no egress and no kernel key; the guest agent pre-starts ipykernel
@@ -153,7 +157,7 @@ class Keeper:
                     req.cancel()
                     await asyncio.gather(req, return_exceptions=True)
                     if qemu_exit in done:
-                        log.warning("pooled VM's QEMU exited (code %s)", self.vm.qemu.returncode)
+                        await self._report_death()
                     return
                 try:
                     msg, _ = req.result()
@@ -165,6 +169,20 @@ class Keeper:
                 await self._handle(msg)
         finally:
             qemu_exit.cancel()
+
+    def death_reason(self) -> str:
+        """Why the VM ended without its owner asking: a helper of ours (the vsock backend: the VM's
+        own watch, vm_base.py) or QEMU itself."""
+        vm = self.vm
+        return vm.death_reason or vm._qemu_exit_reason(vm.qemu.returncode)
+
+    async def _report_death(self) -> None:
+        reason = self.death_reason()
+        log.warning("pooled VM ended: %s", reason)
+        try:
+            await seqpacket.send(self.owner, {"t": "died", "reason": reason[:1000]}, timeout=1)
+        except (OSError, asyncio.TimeoutError, wire.WireError):
+            pass  # the owner is gone too
 
     async def _handle(self, msg: dict) -> None:
         t = msg["t"]
@@ -179,6 +197,9 @@ class Keeper:
             finally:
                 os.close(fd)
                 self._close_channel_fds()  # the claimer has its own copies now
+        elif t == "kill":
+            log.warning("the owner asked to kill the VM")
+            self.vm.qemu.send_signal(signal.SIGKILL)  # _serve sees QEMU's exit and returns
         elif t == "info":
             await seqpacket.send(self.owner, {"t": "info", "rss_kb": qemu_rss_kb(confine.program_pid(self.vm.qemu.pid)),
                                               "age_s": time.monotonic() - self.born, "claimed": self.claimed})

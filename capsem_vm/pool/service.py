@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import nofollow, paths
+from .. import nofollow, paths, runtime
 from ..config import VMConfig
 from ..errors import VMError
 from ..process import ManagedProcess
@@ -123,7 +123,8 @@ class Pool:
             os.umask(old)
         nofollow.chmod(path, 0o600)
         listener.listen(64)
-        (path.parent / "pool.pid").write_text(f"{os.getpid()}\n")
+        # pid and start time: the start-up sweep (sweep.py) tells this pool from a reused pid
+        (path.parent / "pool.pid").write_text(f"{os.getpid()} {runtime._start_time(os.getpid())}\n")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.stopping.set)

@@ -20,6 +20,7 @@ TYPES = frozenset({
     "claim", "status", "stop",          # client -> pool
     "vm", "none", "ok", "error",        # pool/keeper -> client
     "ready", "handover", "info",        # keeper <-> owner
+    "kill", "died",                     # owner -> keeper: kill the VM now; keeper -> owner: why it ended
 })
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 ACCELS = ("auto", "kvm", "tcg")
