@@ -156,6 +156,18 @@ def test_facts_tell_capsem_from_other_kernels():
     assert facts.accel_label("tcg") == "emulated (TCG)" and facts.accel_label("kvm") == "KVM"
 
 
+
+def test_facts_of_a_dead_kernel_say_why_it_died():
+    from capsem_kernel.provisioner import CapsemProvisioner
+    prov = CapsemProvisioner.__new__(CapsemProvisioner)  # the facts read only traits and kernel_vm
+    reason = "virtiofsd for /nb exited (signal 9)"
+    prov.kernel_vm = SimpleNamespace(
+        state="dead", poll=lambda: 1,
+        info=lambda: {"death_reason": reason, "shutdown_reason": None, "shares": [], "timings": {}})
+    out = facts.kernel_facts("k", SimpleNamespace(provisioner=prov, kernel_name="capsem"))
+    assert out["state"] == "dead" and out["death_reason"] == reason and out["shutdown_reason"] is None
+
+
 # --- a real Jupyter server ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

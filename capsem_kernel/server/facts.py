@@ -73,6 +73,8 @@ def kernel_facts(kernel_id: str, km: Any, now: float | None = None) -> dict:
         "image_digest": None, "started_at": None, "ready_at": None, "boot_seconds": None,
         "uptime_seconds": None, "kernel_pid": None, "policy_path": None,
         "proxy": None,  # the egress proxy service's supervision state, when the kernel uses it
+        "death_reason": None,  # why the VM died: a helper it could not live without, or QEMU
+        "shutdown_reason": None,  # QEMU's reason, when the guest powered off or reset itself
     }
     if prov is None:
         return out
@@ -96,6 +98,8 @@ def kernel_facts(kernel_id: str, km: Any, now: float | None = None) -> dict:
         "shares": [{"path": s.get("path"), "mode": "ro" if s.get("readonly") else "rw"}
                    for s in info.get("shares") or []],
         "proxy": (info.get("egress") or {}).get("proxy_service"),  # supervisor.py: state()
+        "death_reason": info.get("death_reason"),
+        "shutdown_reason": info.get("shutdown_reason"),
     })
     if out["started_at"] and out["state"] != "dead":
         out["uptime_seconds"] = max(0.0, now - out["started_at"])

@@ -146,6 +146,10 @@ export class SandboxPanel extends Widget {
       ['Booted in', f.boot_seconds ? `${f.boot_seconds.toFixed(1)} s` : '\u2014'],
       ['Started', f.started_at ? formatTime(f.started_at).slice(0, 8) : '\u2014']
     ];
+    const why = f.death_reason || f.shutdown_reason;
+    if (why) {
+      rows.splice(1, 0, ['Ended', why]); // e.g. "virtiofsd for /nb exited (signal 9)"
+    }
     const dl = el('dl', 'jp-capsem-facts');
     for (const [k, v] of rows) {
       const dt = el('dt', '', k);

@@ -26,6 +26,8 @@ export interface IKernelFacts {
   uptime_seconds: number | null;
   kernel_pid: number | null;
   policy_path: string | null;
+  death_reason?: string | null;
+  shutdown_reason?: string | null;
 }
 
 export interface IPolicyRule {
