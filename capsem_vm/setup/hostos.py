@@ -73,8 +73,8 @@ def host_release(os_release: dict[str, str]) -> HostRelease | None:
     if ident == "debian" and version == "13":
         # QEMU 10 has no C virtiofsd: the Rust one is its own package
         return HostRelease(ident, version, name, BASE_PACKAGES + ("virtiofsd",), tested=False, python=(3, 13),
-                           note="Debian 13: trixie's package names; the suite runs on Debian 12, Debian 13 "
-                                "not yet end to end")
+                           note="Debian 13: VM, kernel and egress tests run in a trixie root "
+                                "(docs/OTHER-RELEASES.md); the whole suite runs on Debian 12")
     if ident == "ubuntu" and version == "24.04":
         # debian-archive-keyring, mmdebstrap, erofs-utils, virtiofsd: universe
         return HostRelease(ident, version, name, BASE_PACKAGES + ("virtiofsd",), tested=False, python=(3, 12),
