@@ -82,23 +82,38 @@ class LyingAgent:
             conn.adopt({"v": 1})
             return conn
         self.conn = loop_thread.run_sync(connect(), 10)
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self):
         decoder = protocol.FrameDecoder()
-        while data := self.sock.recv(1 << 20):
+        while data := _recv_or_eof(self.sock):
             for body in decoder.feed(data):
                 msg = protocol.decode_body(body)
                 self.requests.append(msg)
                 out = self.respond(msg)
-                if isinstance(out, dict):
-                    self.sock.sendall(protocol.encode({"id": msg["id"], **out}))
-                elif isinstance(out, bytes):
-                    self.sock.sendall(out)
+                try:
+                    if isinstance(out, dict):
+                        self.sock.sendall(protocol.encode({"id": msg["id"], **out}))
+                    elif isinstance(out, bytes):
+                        self.sock.sendall(out)
+                except OSError:  # the host end hung up (on purpose: it refused a reply)
+                    return
 
     def close(self):
         loop_thread.run_sync(self.conn.close(), 10)
+        # wake the serving thread (EOF) and let it end before the fd is closed: closing it under a
+        # blocked recv() could hand the number to another test's socket meanwhile
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(10)
         self.sock.close()
+
+
+def _recv_or_eof(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(1 << 20)
+    except OSError:  # reset by the host end (a test that closed the connection on purpose)
+        return b""
 
 
 def sandbox_for(agent: LyingAgent, folder=FOLDER):
