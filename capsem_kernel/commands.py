@@ -42,14 +42,8 @@ class Commands:
         """Run `cmd` with /bin/sh -c in the guest; cwd defaults to the sandbox folder. On timeout
         the command's process group is killed and exit_code is 124."""
         from . import loop_thread
-        from .sandbox import SandboxError
         sandbox = self._sandbox
-        if sandbox._closed:
-            raise SandboxError("the sandbox is closed")
-        kernel_vm = sandbox.kernel_vm
-        control = kernel_vm.vm.control if kernel_vm is not None else None
-        if control is None:
-            raise SandboxError("no VM runs (the kernel is dead or restarting)")
+        control = sandbox._control()
         timeout = sandbox.timeout if timeout is None else timeout
         chunks: queue.Queue = queue.Queue()
         future = asyncio.run_coroutine_threadsafe(

@@ -208,13 +208,7 @@ class Files:
 
         from . import loop_thread
         from .sandbox import SandboxError
-        sandbox = self._sandbox
-        if sandbox._closed:
-            raise SandboxError("the sandbox is closed")
-        kernel_vm = sandbox.kernel_vm
-        control = kernel_vm.vm.control if kernel_vm is not None else None
-        if control is None:
-            raise SandboxError("no VM runs (the kernel is dead or restarting)")
+        control = self._sandbox._control()
         msg = {"t": "file", "op": op, "root": self.root, "path": rel, **fields}
         try:
             reply = loop_thread.run_sync(control.request(msg, timeout=REQUEST_TIMEOUT), REQUEST_TIMEOUT + 5)

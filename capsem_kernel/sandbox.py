@@ -170,6 +170,16 @@ class Sandbox:
             raise SandboxError("the sandbox is closed")
         return self._kc
 
+    def _control(self):
+        """The guest agent's control connection (commands, files); SandboxError if there is none."""
+        if self._closed:
+            raise SandboxError("the sandbox is closed")
+        kernel_vm = self.kernel_vm
+        control = kernel_vm.vm.control if kernel_vm is not None else None
+        if control is None:
+            raise SandboxError("no VM runs (the kernel is dead or restarting)")
+        return control
+
     def _collect(self, builder: ExecutionBuilder, msg_id: str, deadline: float | None) -> bool:
         """Feed the request's iopub messages to `builder` until idle (True) or `deadline` (False).
         A kernel that died meanwhile raises SandboxError. A message the guest made unreadable

@@ -117,8 +117,7 @@ def _recv_or_eof(sock: socket.socket) -> bytes:
 
 
 def sandbox_for(agent: LyingAgent, folder=FOLDER):
-    return SimpleNamespace(_closed=False, folder=Path(folder),
-                           kernel_vm=SimpleNamespace(vm=SimpleNamespace(control=agent.conn)))
+    return SimpleNamespace(folder=Path(folder), _control=lambda: agent.conn)
 
 
 @pytest.fixture

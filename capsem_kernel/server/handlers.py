@@ -85,6 +85,14 @@ class CapsemHandler(APIHandler):
             }))
             return None
 
+    def editable_capsem(self, kernel_id: str):
+        """capsem_or_explain for a request that writes a policy file: 403 unless the admin allowed
+        policy edits from the browser."""
+        if not self.ext.allow_policy_edits:
+            raise web.HTTPError(403, "policy edits from the browser are disabled on this server (the server "
+                                     "admin can enable them with c.CapsemExtension.allow_policy_edits = True)")
+        return self.capsem_or_explain(kernel_id)
+
     def guest_writable(self, prov) -> list[str]:
         if prov is None or prov.kernel_vm is None:
             return []
@@ -177,10 +185,7 @@ class PolicyHandler(CapsemHandler):
         """Replace the policy file this kernel's policy comes from. Takes effect for kernels (and
         restarts) started afterwards, and at once for running kernels whose VM loaded that file
         (reload_kernels). Refused unless the admin set allow_policy_edits."""
-        if not self.ext.allow_policy_edits:
-            raise web.HTTPError(403, "policy edits from the browser are disabled on this server (the server "
-                                     "admin can enable them with c.CapsemExtension.allow_policy_edits = True)")
-        found = self.capsem_or_explain(kernel_id)
+        found = self.editable_capsem(kernel_id)
         if found is None:
             return
         prov = found[1]
@@ -224,10 +229,7 @@ class AllowHandler(CapsemHandler):
     @web.authenticated
     @authorized
     async def post(self, kernel_id: str):
-        if not self.ext.allow_policy_edits:
-            raise web.HTTPError(403, "policy edits from the browser are disabled on this server (the server "
-                                     "admin can enable them with c.CapsemExtension.allow_policy_edits = True)")
-        found = self.capsem_or_explain(kernel_id)
+        found = self.editable_capsem(kernel_id)
         if found is None:
             return
         prov = found[1]
