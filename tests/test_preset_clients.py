@@ -100,7 +100,7 @@ def assert_only(rows, preset: str):
 
 
 def curl_status(env, url: str, method: str = "GET") -> tuple[str, list[dict]]:
-    r, rows = run(env, "", f"curl -s -o /dev/null -w '%{{http_code}}' -X {method} --max-time 120 '{url}'")
+    r, rows = run(env, "", f"curl -s -o /dev/null -w '%{{http_code}}' -X {method} --max-time 120 {url}")
     return r.stdout.strip(), rows
 
 
@@ -193,6 +193,17 @@ def test_npm_with_the_npm_preset(env, npm):
     assert "1.0.0" in r.stdout and "capsem-hello-npm-1.0.0.tgz" in r.stdout
     http = assert_only(rows, "npm")
     assert {r["host"] for r in http} == {"registry.npmjs.org"}
+    # a scoped package: npm asks for /@capsem%2fhello-scoped (paths.CanonicalPath.two_readings)
+    r, rows = run(env, "npm scoped", f"set -e; cd /tmp/npm-pack; {npm} view @capsem/hello-scoped version; "
+                  f"{npm} pack @capsem/hello-scoped; ls", env=NPM_ENV)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "capsem-hello-scoped-1.0.0.tgz" in r.stdout
+    assert_only(rows, "npm")
+    assert ("GET", "registry.npmjs.org", "/@capsem%2Fhello-scoped") in env.regs.seen
+    # other encoded-slash spellings stay refused (double encoding; more than the one '/')
+    for path in ("/@capsem%252fhello-scoped", "/@capsem%2f..%2fhello-scoped"):
+        status, rows = curl_status(env, "--path-as-is https://registry.npmjs.org" + path)
+        assert status == "403" and any(r["code"] in ("ambiguous-path", "doh") for r in rows), (path, rows)
     assert_refused(env, "https://registry.yarnpkg.com/capsem-hello-npm", "default-deny")
     assert_refused(env, "https://registry.npmjs.org/-/npm/v1/security/advisories/bulk", "default-deny",
                    method="POST")
