@@ -131,9 +131,9 @@ def test_presets_do_not_open_a_host_at_dns_or_connect_time_beyond_their_hosts():
     assert not p.decide_connect("files.openai.com", 443).allowed
 
 
-def test_scoped_npm_names_as_npm_escapes_them_are_refused_as_ambiguous_paths():
-    """Known limitation, not fixed here: npm asks for a scoped package as `/@scope%2fname` (an encoded
-    '/'), which every deny rule with paths takes as ambiguous (the built-in DoH path rule covers every
-    host), so `npm install @scope/pkg` is refused with code ambiguous-path unless allow_doh = true."""
+def test_scoped_npm_names_as_npm_escapes_them_pass_the_npm_preset():
+    """npm asks for a scoped package as `/@scope%2fname` (an encoded '/'). It used to be refused as an
+    ambiguous path by the built-in DoH path rule; its two readings are now judged instead
+    (paths.CanonicalPath.two_readings; every other encoded-slash spelling: test_policy_npm_scoped.py)."""
     d = preset("npm").decide("GET", "https://registry.npmjs.org/@types%2fnode")
-    assert not d.allowed and d.code == "ambiguous-path"
+    assert d.allowed and d.rule == "npm-registry"

@@ -111,7 +111,8 @@ class Rule:
             return "match" if any(fnmatchcase(path.path, g) for g, _ in self._globs) else ""
         if any(fnmatchcase(path.loose, loose) or fnmatchcase(path.path, g) for g, loose in self._globs):
             return "match"
-        return "ambiguous" if path.ambiguous else ""
+        # why two_readings is exempt: both of its readings were just matched (paths.py)
+        return "ambiguous" if path.ambiguous and not path.two_readings else ""
 
     def matches(self, method: str, scheme: str, host: str, port: int, path: "str | CanonicalPath | None",
                 ip=False) -> bool:

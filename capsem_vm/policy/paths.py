@@ -21,7 +21,9 @@ path is first put into one form, and the proxy sends exactly that form upstream.
   `#`, backslashes, NUL and control characters (raw or encoded), malformed escapes (`%u002e`,
   `%2`), escaped or raw bytes that are not UTF-8 (overlong `%C0%AE`), and characters whose NFKC
   form holds a separator or a dot (fullwidth `．`). An ambiguous path never matches an allow
-  rule with `paths` and always matches a deny rule with `paths`.
+  rule with `paths` and always matches a deny rule with `paths`, except npm's scoped package
+  spelling `/@scope%2Fname` (`two_readings`): its only two readings are `path` and `loose`, and a
+  deny rule matches it when its globs match either.
 
 Everything here is total (any str, never raises) and linear in the input.
 """
@@ -43,11 +45,23 @@ _AMBIGUOUS_BYTES = {0x2F: "encoded '/'", 0x5C: "encoded '\\'", 0x25: "encoded '%
 _STRUCTURAL = frozenset("/\\.;%?#")
 
 
+# npm's spelling of a scoped package in a registry path, `/@scope%2Fname` (npm-package-arg escapes
+# the name's '/'; names are lowercase URL-safe, not starting with '.' or '_'). Its one ambiguity is
+# that encoded '/': servers read it exactly two ways, `path` itself and `loose` (`/@scope/name`, no
+# escape, dot or ';' left to read otherwise), so deny rules can judge both readings (Rule._match_path).
+_NPM_SCOPED = re.compile(r"/@[a-z0-9~-][a-z0-9._~-]{0,213}%2F[a-z0-9~-][a-z0-9._~-]{0,213}")
+
+
 @dataclass(frozen=True)
 class CanonicalPath:
     path: str
     loose: str
     ambiguous: str  # "" when servers agree on `path`
+
+    @property
+    def two_readings(self) -> bool:
+        """Ambiguous only as npm's `/@scope%2Fname` is: `path` and `loose` are all its readings."""
+        return bool(self.ambiguous) and _NPM_SCOPED.fullmatch(self.path) is not None
 
 
 def _escape_bytes(data: bytes) -> str:
