@@ -116,6 +116,16 @@ for p in names:
     os.unlink(p)
 os.rmdir(sub)
 out["unlink_s"] = time.perf_counter() - t
+import mmap  # does a shared writable mapping work here? (FUSE direct I/O refuses it before Linux 6.6)
+with open(os.path.join(d, "bench-mmap.bin"), "w+b") as f:
+    f.write(small)
+    f.flush()
+    try:
+        mmap.mmap(f.fileno(), 4096, mmap.MAP_SHARED).close()
+        out["mmap_shared"] = "ok"
+    except OSError as exc:
+        out["mmap_shared"] = f"errno {exc.errno}"
+os.unlink(os.path.join(d, "bench-mmap.bin"))
 print(json.dumps(out))
 '''
 
@@ -169,13 +179,14 @@ def rate(key: str, seconds: float, mib: int, files: int) -> float:
 
 
 def medians(runs: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None}
+    """Per step, the median seconds of `runs` (steps without a number left out)."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
 def table(results: dict, mib: int, files: int) -> str:
     """Side by side: host, guest tmpfs, each VirtioFS variant, and the two ratios per variant."""
     host, tmpfs = medians(results["host"]), medians(results["tmpfs"])
-    variants = {name: medians(runs) for name, runs in results["virtiofs"].items()}
+    variants = {name: medians(runs) for name, runs in results["virtiofs"].items() if runs}
     cols = ["host", "tmpfs"] + [f"vfs:{n}" for n in variants]
     head = f"{'':22}" + "".join(f"{c[:12]:>13}" for c in cols)
     for n in variants:  # the two ratios of each variant
@@ -189,6 +200,8 @@ def table(results: dict, mib: int, files: int) -> str:
             vh = rate(key, v[key], mib, files) / rate(key, host[key], mib, files)
             row += f"{vt:14.2f}{vh:13.3f}"
         lines.append(row)
+    firsts = [results["host"][0], results["tmpfs"][0]] + [results["virtiofs"][n][0] for n in variants]
+    lines.append(f"{'mmap MAP_SHARED':22}" + "".join(f"{str(r.get('mmap_shared', '-')):>13}" for r in firsts))
     if "reread_host_cache_s" in host:
         lines.append(f"{'host: read, host cache':22}{rate('seq_read_s', host['reread_host_cache_s'], mib, files):13.1f}")
     return "\n".join(lines)
@@ -247,14 +260,20 @@ async def run_variant(name: str, options: dict, folder: Path, args, results: dic
                     log(f"guest tmpfs {i + 1}/{args.runs}: {fmt_run(results['tmpfs'][-1])}")
             runs = results["virtiofs"].setdefault(name, [])
             for i in range(args.runs):
-                runs.append(await guest_run(vm, str(folder), args))
+                try:
+                    runs.append(await guest_run(vm, str(folder), args))
+                except Exception as exc:  # a variant that kills virtiofsd: say why, go on with the next
+                    log(f"virtiofs[{name}] {i + 1}/{args.runs} FAILED: {exc}\n{vm.diagnostics()}")
+                    results.setdefault("failed", {})[name] = f"{exc}\n{vm.diagnostics()}"
+                    break
                 log(f"virtiofs[{name}] {i + 1}/{args.runs}: {fmt_run(runs[-1])}")
     finally:
         virtiofs.virtiofsd_args = shipped
 
 
 def fmt_run(r: dict) -> str:
-    return ", ".join(f"{k.removesuffix('_s')} {v:.3f}s" for k, v in r.items() if v is not None)
+    return ", ".join(f"{k.removesuffix('_s')} {v:.3f}s" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in r.items() if v is not None)
 
 
 def main() -> int:
@@ -298,6 +317,9 @@ def main() -> int:
     print()
     print(table(results, args.mib, args.files))
     for name, _ in variants:
+        if not results["virtiofs"].get(name):
+            print(f"[{name}] failed: {results.get('failed', {}).get(name, '?').splitlines()[0]}")
+            continue
         seq = sequential_ratio(results, name, args.mib)
         results.setdefault("sequential_vs_tmpfs", {})[name] = seq
         print(f"goal VirtioFS >= 0.8 x guest tmpfs, sequential [{name}]: write {seq['seq_write_s']:.2f}, "
