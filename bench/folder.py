@@ -17,6 +17,8 @@ Workload, each timed on its own:
               then in the host's page cache, which is where it is in real use; for the host row it
               comes from the disk ("host" also has a "read, host cache" row to compare with)
   reread      the same file again, no eviction (whatever cache the side keeps)
+  O_DIRECT    seq write+fsync and read again with O_DIRECT (what an application can opt into to
+              skip the page cache of its side; "-" where the filesystem refuses it, e.g. tmpfs)
   small files --files files of 4 KiB: create+write+close, then stat each, read each, unlink each
 
 Ratios: virtiofs / guest tmpfs (goal >= 0.8 for sequential I/O, issue 19) and virtiofs / host,
@@ -93,6 +95,33 @@ t = time.perf_counter()
 assert read_all(big) == mib << 20
 out["reread_s"] = time.perf_counter() - t
 os.unlink(big)
+import mmap
+def direct_io():
+    """Sequential write+fsync and read with O_DIRECT (page-aligned buffer): the page cache of the
+    side doing it is bypassed. None where the filesystem refuses O_DIRECT (tmpfs before Linux 6.6)."""
+    p, buf = os.path.join(d, "bench-direct.bin"), mmap.mmap(-1, 1 << 20)
+    buf.write(chunk)
+    try:
+        t = time.perf_counter()
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        for _ in range(mib):
+            os.write(fd, buf)
+        os.fsync(fd)
+        os.close(fd)
+        w = time.perf_counter() - t
+        t = time.perf_counter()
+        fd, n = os.open(p, os.O_RDONLY | os.O_DIRECT), 0
+        while (k := os.readv(fd, [buf])):
+            n += k
+        os.close(fd)
+        assert n == mib << 20
+        return w, time.perf_counter() - t
+    except OSError:
+        return None, None
+    finally:
+        if os.path.exists(p):
+            os.unlink(p)
+out["seq_write_direct_s"], out["seq_read_direct_s"] = direct_io()
 sub = os.path.join(d, "bench-small")
 os.mkdir(sub)
 names = [os.path.join(sub, f"f{i:05d}.txt") for i in range(files)]
@@ -116,7 +145,7 @@ for p in names:
     os.unlink(p)
 os.rmdir(sub)
 out["unlink_s"] = time.perf_counter() - t
-import mmap  # does a shared writable mapping work here? (FUSE direct I/O refuses it before Linux 6.6)
+# does a shared writable mapping work here? (FUSE direct I/O refuses it before Linux 6.6)
 with open(os.path.join(d, "bench-mmap.bin"), "w+b") as f:
     f.write(small)
     f.flush()
@@ -132,7 +161,8 @@ print(json.dumps(out))
 GUEST_TMPFS = "/run/capsem-bench-tmpfs"
 # (key, label, kind): kind "mb" = --mib / seconds, "files" = --files / seconds
 ROWS = (("seq_write_s", "seq write + fsync", "mb"), ("seq_read_s", "seq read (evicted)", "mb"),
-        ("reread_s", "seq reread (cached)", "mb"), ("create_s", "small: create+write", "files"),
+        ("reread_s", "seq reread (cached)", "mb"), ("seq_write_direct_s", "seq write O_DIRECT", "mb"),
+        ("seq_read_direct_s", "seq read O_DIRECT", "mb"), ("create_s", "small: create+write", "files"),
         ("stat_s", "small: stat", "files"), ("read_small_s", "small: read", "files"),
         ("unlink_s", "small: unlink", "files"))
 SEQUENTIAL = ("seq_write_s", "seq_read_s")
@@ -184,26 +214,38 @@ def medians(runs: list[dict]) -> dict:
 
 
 def table(results: dict, mib: int, files: int) -> str:
-    """Side by side: host, guest tmpfs, each VirtioFS variant, and the two ratios per variant."""
+    """Three blocks, one column per place: throughput (host, guest tmpfs, each VirtioFS variant),
+    then each variant / guest tmpfs and each variant / host (throughput ratios: higher is better)."""
     host, tmpfs = medians(results["host"]), medians(results["tmpfs"])
     variants = {name: medians(runs) for name, runs in results["virtiofs"].items() if runs}
-    cols = ["host", "tmpfs"] + [f"vfs:{n}" for n in variants]
-    head = f"{'':22}" + "".join(f"{c[:12]:>13}" for c in cols)
-    for n in variants:  # the two ratios of each variant
-        head += f"{n[:7] + '/tmpfs':>14}{n[:7] + '/host':>13}"
-    lines = [f"throughput (MB/s for seq rows, files/s for small-file rows; median of runs)", head]
-    for key, label, _ in ROWS:
-        vals = [host.get(key), tmpfs.get(key)] + [v.get(key) for v in variants.values()]
-        row = f"{label:22}" + "".join(f"{rate(key, s, mib, files):13.1f}" if s else f"{'-':>13}" for s in vals)
-        for v in variants.values():
-            vt = rate(key, v[key], mib, files) / rate(key, tmpfs[key], mib, files)
-            vh = rate(key, v[key], mib, files) / rate(key, host[key], mib, files)
-            row += f"{vt:14.2f}{vh:13.3f}"
-        lines.append(row)
+    w = 11
+
+    def block(title: str, cols: list[str], cell) -> list[str]:
+        out = [title, f"{'':24}" + "".join(f"{c[:w - 1]:>{w}}" for c in cols)]
+        for key, label, _ in ROWS:
+            out.append(f"{label:24}" + "".join(cell(c, key) for c in cols))
+        return out
+
+    places = {"host": host, "tmpfs": tmpfs, **variants}
+
+    def thr(col: str, key: str) -> str:
+        s = places[col].get(key)
+        return f"{rate(key, s, mib, files):{w}.1f}" if s else f"{'-':>{w}}"
+
+    def ratio(base: dict):
+        def cell(col: str, key: str) -> str:
+            v, b = variants[col].get(key), base.get(key)
+            return f"{b / v:{w}.2f}" if v and b else f"{'-':>{w}}"  # throughput ratio = time ratio inverted
+        return cell
+    lines = block("throughput (MB/s for seq rows, files/s for small-file rows; median of runs)",
+                  list(places), thr)
     firsts = [results["host"][0], results["tmpfs"][0]] + [results["virtiofs"][n][0] for n in variants]
-    lines.append(f"{'mmap MAP_SHARED':22}" + "".join(f"{str(r.get('mmap_shared', '-')):>13}" for r in firsts))
+    lines.append(f"{'mmap MAP_SHARED':24}" + "".join(f"{str(r.get('mmap_shared', '-')):>{w}}" for r in firsts))
     if "reread_host_cache_s" in host:
-        lines.append(f"{'host: read, host cache':22}{rate('seq_read_s', host['reread_host_cache_s'], mib, files):13.1f}")
+        lines.append(f"{'(host: read, host cache':24}"
+                     f"{rate('seq_read_s', host['reread_host_cache_s'], mib, files):{w}.1f} MB/s)")
+    lines += [""] + block("VirtioFS / guest tmpfs (goal >= 0.8 for the seq rows)", list(variants), ratio(tmpfs))
+    lines += [""] + block("VirtioFS / host disk", list(variants), ratio(host))
     return "\n".join(lines)
 
 
