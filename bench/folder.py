@@ -26,7 +26,8 @@ as throughput (MB/s, or files/s for small files: higher is better for both).
 
 A variant is NAME=OPTS, OPTS a comma list for the C virtiofsd that replaces capsem's defaults for
 this run only (nothing in capsem_vm changes): `cache=auto|always|none`, `writeback`,
-`thread-pool-size=N`, `allow_direct_io`, `no_readdirplus`. Capsem's own confinement (sandbox,
+`thread-pool-size=N`, `allow_direct_io`, `no_readdirplus`; and one guest-side setting,
+`read_ahead_kb=N` (the share's readahead in the guest, /sys/class/bdi/<dev>/read_ahead_kb). Capsem's own confinement (sandbox,
 no_xattr, modcaps, the seccomp filter, the share guard, the idmapped mount) is kept for every
 variant. Default: one variant, "default" (capsem's options as shipped).
 
@@ -182,7 +183,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
             raise ValueError(f"cache must be auto, always or none: {item!r}")
         if key == "thread-pool-size" and not value.isdigit():
             raise ValueError(f"thread-pool-size needs a number: {item!r}")
-        if key not in ("cache", "writeback", "thread-pool-size", "allow_direct_io", "no_readdirplus"):
+        if key == "read_ahead_kb" and not value.isdigit():
+            raise ValueError(f"read_ahead_kb needs a number: {item!r}")
+        if key not in ("cache", "writeback", "thread-pool-size", "allow_direct_io", "no_readdirplus",
+                       "read_ahead_kb"):
             raise ValueError(f"unknown virtiofsd option {key!r} (see --help)")
         options[key] = value if eq else True
     return name, options
@@ -300,6 +304,8 @@ async def run_variant(name: str, options: dict, folder: Path, args, results: dic
                 for i in range(args.runs):
                     results["tmpfs"].append(await guest_run(vm, GUEST_TMPFS, args))
                     log(f"guest tmpfs {i + 1}/{args.runs}: {fmt_run(results['tmpfs'][-1])}")
+            if "read_ahead_kb" in options:  # the guest side: the share's FUSE bdi readahead
+                await guest_sh(vm, f'echo {options["read_ahead_kb"]} > /sys/class/bdi/$(mountpoint -d {folder})/read_ahead_kb')
             runs = results["virtiofs"].setdefault(name, [])
             for i in range(args.runs):
                 try:
