@@ -51,7 +51,9 @@ match the canonical path exactly (case-sensitive). Deny rules also match a loose
 servers may still read differently (encoded '/' or '\\', `%25`, `;`, backslashes, control
 characters, malformed or non-UTF-8 escapes) never matches an allow rule with `paths` and always
 matches a deny rule with `paths` ("ambiguous-path"); with the built-in DoH rules (a deny rule with
-paths for every host) such paths are refused on every host unless `allow_doh = true`.
+paths for every host) such paths are refused on every host unless `allow_doh = true`. The one
+exception is npm's scoped-package spelling, exactly `/@scope%2Fname`: a deny rule matches it when
+its globs match either of its two readings (as sent, or `/@scope/name`).
 
 Addresses. Numeric hosts mean the address inet_aton reads (`0x7f.1`, `0177.0.0.1`,
 `2130706433` are 127.0.0.1), IPv4-mapped IPv6 is the IPv4 address. After a name resolves,
