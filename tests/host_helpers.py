@@ -114,13 +114,19 @@ def run_as_user(user: str, script: str, env: dict[str, str], *, hide: tuple[Path
     """Run `script` with sh as `user` (runuser: no supplementary groups, `env` only) in a mount
     namespace of its own where each of `hide` is an empty 0700 tmpfs (the checkout unreadable)
     and each (file, target) of `binds` is mounted over target. Needs root."""
+    return subprocess.run(as_user_argv(user, script, env, hide=hide, binds=binds), capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+def as_user_argv(user: str, script: str, env: dict[str, str], *, hide: tuple[Path, ...] = (REPO,),
+                 binds: tuple[tuple[Path, str], ...] = ()) -> list[str]:
+    """The command run_as_user runs (for a caller that drives it itself, e.g. through a pty)."""
     mounts = [f"mount -t tmpfs -o mode=0700 none {shlex.quote(str(p))}" for p in hide]
     mounts += [f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}" for src, dst in binds]
     inner = " && ".join(mounts + [f"exec runuser -u {shlex.quote(user)} -- env -i "
                                   + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
                                   + " sh -c " + shlex.quote(script)])
-    return subprocess.run(["unshare", "--mount", "--", "sh", "-c", inner], capture_output=True, text=True,
-                          timeout=timeout, cwd="/")
+    return ["unshare", "--mount", "--", "sh", "-c", inner]
 
 
 def owned_by_others(root: Path, uid: int) -> list[str]:

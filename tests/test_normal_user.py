@@ -60,14 +60,19 @@ class World:
         os.chmod(home, 0o700)
         return home
 
-    def run(self, home: Path, script: str, *, extra_env: dict | None = None, binds=(), timeout: float = 600):
+    def env(self, home: Path, extra_env: dict | None = None) -> dict[str, str]:
         env = {"PATH": f"{self.installed['venv'] / 'bin'}:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
                "CAPSEM_PROXY_PYTHON": str(self.proxy_python), **(extra_env or {})}
-        env |= {k: v for k, v in os.environ.items() if k in ("CAPSEM_VIRTIOFSD",)}
+        return env | {k: v for k, v in os.environ.items() if k in ("CAPSEM_VIRTIOFSD",)}
+
+    # every script of the user's first proves that the checkout is out of reach
+    PROLOGUE = (f"set -e\ncd \"$HOME\"\nif cat {REPO}/pyproject.toml >/dev/null 2>&1; then "
+                "echo 'the checkout is readable' >&2; exit 99; fi\n")
+
+    def run(self, home: Path, script: str, *, extra_env: dict | None = None, binds=(), timeout: float = 600):
         t0 = time.monotonic()
-        prologue = (f"set -e\ncd \"$HOME\"\nif cat {REPO}/pyproject.toml >/dev/null 2>&1; then "
-                    "echo 'the checkout is readable' >&2; exit 99; fi\n")
-        out = run_as_user(self.user.pw_name, prologue + script, env, binds=binds, timeout=timeout)
+        out = run_as_user(self.user.pw_name, self.PROLOGUE + script, self.env(home, extra_env), binds=binds,
+                          timeout=timeout)
         out.seconds = time.monotonic() - t0
         return out
 
