@@ -29,6 +29,7 @@ GATE = '''
     from mitmproxy.master import Master
     from mitmproxy.proxy import server as proxy_server
     from mitmproxy.proxy.layers.http import _http1
+    from mitmproxy.utils import asyncio_utils
     from capsem_vm.proxy import mitm_patches as mp
 
     version = mp.check_version()
@@ -39,7 +40,8 @@ GATE = '''
 
     def stock_state(master):
         return (http.MessageData.__post_init__, _http1.Http1Server.read_headers, idle_timeout(master),
-                certs.CertStore.get_cert, tlsconfig.TlsConfig.__dict__.get("request"))
+                certs.CertStore.get_cert, tlsconfig.TlsConfig.__dict__.get("request"),
+                asyncio_utils.set_eager_task_factory)
 
     async def main():
         real = mp.installed_version
@@ -77,10 +79,11 @@ GATE = '''
         assert _http1.Http1Server.read_headers is not stock[1]
         assert _http1.Http1Server.read_headers._capsem_header_limit
         assert idle_timeout(master) == 7
+        assert asyncio_utils.set_eager_task_factory is mp._lazy_tasks  # tasks run as on Python 3.11
         if internals.crl_points:  # 12.x: no CRL point in forged certificates, no CRL answered locally
             assert certs.CertStore.get_cert._capsem_no_crl and tlsconfig.TlsConfig.request is None
         else:  # 11.0.2 has neither: nothing of it touched
-            assert (certs.CertStore.get_cert, tlsconfig.TlsConfig.__dict__.get("request")) == stock[3:]
+            assert (certs.CertStore.get_cert, tlsconfig.TlsConfig.__dict__.get("request")) == stock[3:5]
         mp.apply(master, idle_timeout=9, header_limit=lambda: 10)  # idempotent: nothing wrapped twice
         assert (master.addons, http.MessageData.__post_init__, _http1.Http1Server.read_headers,
                 certs.CertStore.get_cert) == patched
