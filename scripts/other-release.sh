@@ -34,7 +34,10 @@ PIP=("jupyter_client>=8.6,<9" "ipykernel>=6.29,<8" "traitlets>=5.14,<6" "pyzmq>=
 # the egress proxy's own env, exactly capsem_vm/proxy/service.py PROXY_REQUIREMENTS (what `capsem setup`
 # installs): on 3.12/3.13 with uvloop >= 0.22 the service must fall back to asyncio's loop itself
 # (proxy/tuning.py), which this root proves on Python 3.13
-PROXY_PIP=("mitmproxy==11.0.2" "platformdirs>=3" "uvloop>=0.19")
+# (environment markers: pip picks mitmproxy 12.x on the release's Python >= 3.12; tests/test_setup_plan.py
+# checks this list against PROXY_REQUIREMENTS)
+PROXY_PIP=("mitmproxy==11.0.2; python_version < '3.12'" "mitmproxy==12.3.1; python_version >= '3.12'"
+           "platformdirs>=3" "uvloop>=0.19")
 
 if [ "$(id -u)" != 0 ]; then
   echo "other-release: must run as root (mmdebstrap --mode=root, chroot, mounts)" >&2
@@ -88,7 +91,7 @@ build_locked() {
   local deb venvs
   deb=$(ls "$work"/vsock/vhost-device-vsock_*.deb)
   venvs="python3 -m venv /opt/capsem/.venv && /opt/capsem/.venv/bin/pip install -q --no-cache-dir $(printf "'%s' " "${PIP[@]}")"
-  venvs+=" && python3 -m venv /opt/capsem/.venv-proxy && /opt/capsem/.venv-proxy/bin/pip install -q --no-cache-dir $(printf "'%s' " "${PROXY_PIP[@]}")"
+  venvs+=" && python3 -m venv /opt/capsem/.venv-proxy && /opt/capsem/.venv-proxy/bin/pip install -q --no-cache-dir $(printf "%q " "${PROXY_PIP[@]}")"  # %q: the markers hold quotes
   mmdebstrap --variant=minbase --mode=root --aptopt='APT::Install-Recommends "false"' \
     --include="$(IFS=,; echo "${PACKAGES[*]}")" \
     --customize-hook="copy-in $deb /tmp" \

@@ -152,7 +152,8 @@ def test_the_proxy_pins_are_exactly_the_versions_the_patch_gate_accepts():
     from capsem_vm.proxy.service import PROXY_REQUIREMENTS, find_proxy_python
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["proxy"]
     assert sorted(extra) == sorted(PROXY_REQUIREMENTS)
-    pins = {r.split("==", 1)[1] for r in extra if r.startswith("mitmproxy==")}
+    pins = set(P.pinned_versions(extra, "mitmproxy"))  # one per Python range (environment markers)
+    assert len(pins) == 2, pins
     out = subprocess.run([find_proxy_python(), "-c", "from capsem_vm.proxy import mitm_patches as m; "
                           "print(' '.join(sorted(m.KNOWN_VERSIONS)))"],
                          capture_output=True, text=True, timeout=120, cwd=REPO,
@@ -239,3 +240,48 @@ def test_the_packages_part_runs_on_the_system_python_without_the_venv():
                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     assert "host packages" in out.stdout
+
+
+PAIR = ("mitmproxy==11.0.2; python_version < '3.12'", "mitmproxy==12.3.1; python_version >= '3.12'",
+        "platformdirs>=3", "uvloop>=0.19")
+
+
+@given(st.integers(10, 20))
+def test_exactly_one_mitmproxy_pin_holds_for_each_python(minor):
+    """The markers are evaluated for the proxy env's Python, not this process's: 11.0.2 below 3.12,
+    12.3.1 from 3.12 on; the other requirements hold everywhere."""
+    from capsem_vm.proxy.service import PROXY_REQUIREMENTS
+    held = P.requirements_for(PROXY_REQUIREMENTS, (3, minor))
+    assert P.pinned_versions(held, "mitmproxy") == (("11.0.2",) if minor < 12 else ("12.3.1",))
+    assert [r for r in held if not r.startswith("mitmproxy")] == ["platformdirs>=3", "uvloop>=0.19"]
+
+
+def test_an_env_is_judged_by_the_pin_for_its_python():
+    """On Python 3.13 an env with 11.0.2 is replaced by one with 12.3.1 (and the reverse on 3.11); the
+    marker pair is handed to pip as is (pip evaluates it in the new env)."""
+    for python, good, bad in (((3, 11), "11.0.2", "12.3.1"), ((3, 13), "12.3.1", "11.0.2")):
+        known = P.pinned_versions(P.requirements_for(PAIR, python), "mitmproxy")
+        for version, state in ((good, P.DONE), (bad, P.DO)):
+            f = facts(requirements=PAIR, known_mitmproxy=known, proxy_python_version=python,
+                      system_proxy=P.ProxyEnvFacts(P.SYSTEM_PROXY_ENV, True, version, ALL_DISTS))
+            step = P.plan_proxy_env(f, P.Options())
+            assert step.state == state, (python, version, step)
+            if state == P.DO:
+                assert step.data["requirements"] == list(PAIR) and f"capsem knows {good}" in step.detail
+
+
+def test_gathered_facts_know_the_pin_for_the_proxy_python():
+    from capsem_vm.setup import facts as F
+    got = F.gather(P.Options(packages=False, image=False))
+    assert got.known_mitmproxy == P.pinned_versions(
+        P.requirements_for(got.requirements, got.proxy_python_version), "mitmproxy")
+    assert len(got.known_mitmproxy) == 1
+
+
+def test_the_other_release_root_installs_exactly_the_proxy_requirements():
+    """scripts/other-release.sh builds the release root's proxy env from PROXY_PIP: the same list."""
+    import shlex
+    from capsem_vm.proxy.service import PROXY_REQUIREMENTS
+    text = (REPO / "scripts" / "other-release.sh").read_text()
+    start = text.index("PROXY_PIP=(") + len("PROXY_PIP=(")
+    assert tuple(shlex.split(text[start:text.index(")", start)])) == PROXY_REQUIREMENTS

@@ -12,13 +12,28 @@ so an unknown version fails with the message here rather than an ImportError fur
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import metadata
 
-# version -> why it is trusted. Exactly the versions pyproject's `proxy` extra pins, which is what
-# `capsem setup` installs (tests/test_setup_plan.py checks both ways). 11.0.2 declares Python >=3.10,
-# so it serves 3.12/3.13 hosts too; a 12.x joins here once each patch below is checked against it.
-KNOWN_VERSIONS: dict[str, str] = {
-    "11.0.2": "pinned by pyproject's proxy extra, installed by `capsem setup` (last release for Python 3.11)",
+
+@dataclass(frozen=True)
+class Internals:
+    """Where one mitmproxy release keeps the private details the patches below lean on."""
+    why: str                   # why this version is trusted
+    idle_timeout_option: bool  # the idle timeout is the `tcp_timeout` option (12.x), not the module
+                               # constant proxy.server.TCP_TIMEOUT (11.0.2)
+    crl_points: bool           # 12.x puts a CRL distribution point into every forged certificate and
+                               # answers requests for it itself (TlsConfig.request): both switched off
+
+
+# version -> where its internals are. Exactly the versions pyproject's `proxy` extra pins (by Python
+# version, environment markers), which is what `capsem setup` installs (tests/test_setup_plan.py
+# checks both ways). Every patch below was read against each of these releases' sources.
+KNOWN_VERSIONS: dict[str, Internals] = {
+    "11.0.2": Internals("pinned by the proxy extra for Python < 3.12 (the last release for Python 3.11)",
+                        idle_timeout_option=False, crl_points=False),
+    "12.3.1": Internals("pinned by the proxy extra for Python >= 3.12 (newest 12.x; needs Python >= 3.12)",
+                        idle_timeout_option=True, crl_points=True),
 }
 
 
@@ -48,7 +63,8 @@ def check_version(found: str | None = None) -> str:
 
 check_version()
 
-import inspect  # noqa: E402  (after the gate on purpose)
+import contextlib  # noqa: E402  (after the gate on purpose)
+import inspect  # noqa: E402
 import logging  # noqa: E402
 
 from mitmproxy import exceptions, flow, hooks, http  # noqa: E402
@@ -57,6 +73,7 @@ from mitmproxy.proxy import commands, events, server_hooks  # noqa: E402
 from mitmproxy.proxy import server as proxy_server  # noqa: E402
 from mitmproxy.proxy.layers.http import _http1  # noqa: E402
 from mitmproxy.proxy.layers.http._http1 import make_error_response  # noqa: E402
+from mitmproxy.utils import asyncio_utils  # noqa: E402
 
 log = logging.getLogger("capsem.dispatch")
 
@@ -64,11 +81,14 @@ log = logging.getLogger("capsem.dispatch")
 def apply(master, *, idle_timeout: int, header_limit, on_header_refused=None) -> None:
     """Apply every patch (idempotent). `master` must have no addons yet; `header_limit()` returns
     the largest HTTP/1 request head accepted, `on_header_refused(client)` writes the audit row."""
-    check_version()
+    internals = KNOWN_VERSIONS[check_version()]
     install_dispatch(master)
     skip_message_typecheck()
     patch_http1_header_limit(header_limit, on_header_refused)
-    set_idle_timeout(idle_timeout)
+    set_idle_timeout(master, idle_timeout, internals)
+    no_eager_tasks()
+    if internals.crl_points:
+        drop_crl_points()
 
 
 # --- 1. hook dispatch (AddonManager._iter_hooks, AddonManager._configure_all) ------------------
@@ -169,8 +189,8 @@ def skip_message_typecheck() -> None:
 # --- 3. _http1.Http1Server.read_headers -----------------------------------------------------------
 
 def patch_http1_header_limit(limit_getter, on_refused=None) -> None:
-    """mitmproxy 11's HTTP/1 reader buffers request heads without bound (a guest could exhaust host
-    memory with one endless head). Wrap Http1Server.read_headers: if the head is still incomplete
+    """mitmproxy's HTTP/1 reader (11.0.2 and 12.x alike) buffers request heads without bound (a guest
+    could exhaust host memory with one endless head). Wrap Http1Server.read_headers: if the head is still incomplete
     and the buffer holds more than the limit, answer 431 and close (and call
     on_refused(client_connection): the audit row). Idempotent."""
     if getattr(_http1.Http1Server.read_headers, "_capsem_header_limit", False):
@@ -192,9 +212,52 @@ def patch_http1_header_limit(limit_getter, on_refused=None) -> None:
     _http1.Http1Server.read_headers = read_headers
 
 
-# --- 4. mitmproxy.proxy.server.TCP_TIMEOUT --------------------------------------------------------
+# --- 4. the idle timeout: mitmproxy.proxy.server.TCP_TIMEOUT (11.0.2), option tcp_timeout (12.x) ---
 
-def set_idle_timeout(seconds: int) -> None:
-    """mitmproxy closes a connection idle for TCP_TIMEOUT seconds, a module constant with no option:
-    the service's configured idle timeout goes there (idle guest connections close)."""
-    proxy_server.TCP_TIMEOUT = int(seconds)
+def set_idle_timeout(master, seconds: int, internals: Internals) -> None:
+    """mitmproxy closes a connection idle for this many seconds, read when the connection starts:
+    in 11.0.2 the module constant TCP_TIMEOUT (no option), in 12.x the `tcp_timeout` option. The
+    service's configured idle timeout goes there (idle guest connections close)."""
+    if internals.idle_timeout_option:
+        master.options.update(tcp_timeout=int(seconds))
+    else:
+        proxy_server.TCP_TIMEOUT = int(seconds)
+
+
+# --- 5. 12.x only: certs.CertStore.get_cert(crl_url=), addons.tlsconfig.TlsConfig.request --------
+
+def drop_crl_points() -> None:
+    """mitmproxy 12 copies the upstream certificate's CRL distribution point into each forged one,
+    rewritten to `<upstream scheme://host>/mitmproxy-<CA serial>.crl`, and TlsConfig.request answers
+    any request whose path ends that way itself (a CRL signed by our CA) instead of sending it
+    upstream. 11.0.2 did neither: forged certificates carry no CRL point, and every request the policy
+    allows goes upstream and is audited as such. Keep it that way: get_cert gets no crl_url, and
+    TlsConfig has no request hook (a falsy attribute: the addon manager skips it). Idempotent."""
+    from mitmproxy import certs
+    from mitmproxy.addons import tlsconfig
+
+    tlsconfig.TlsConfig.request = None
+    if getattr(certs.CertStore.get_cert, "_capsem_no_crl", False):
+        return
+    original = certs.CertStore.get_cert
+
+    def get_cert(self, commonname, sans, organization=None, crl_url=None):
+        return original(self, commonname, sans, organization, None)
+    get_cert._capsem_no_crl = True
+    certs.CertStore.get_cert = get_cert
+
+
+# --- 6. mitmproxy.utils.asyncio_utils.set_eager_task_factory (11.0.2 and 12.x) -------------------
+
+@contextlib.contextmanager
+def _lazy_tasks():
+    yield
+
+
+def no_eager_tasks() -> None:
+    """On Python >= 3.12 Master.run installs asyncio.eager_task_factory (on 3.11 it does nothing).
+    Measured in the Debian 13 root (Python 3.13, mitmproxy 11.0.2 and 12.3.1 alike): with it, a
+    denied request with a large body is reset only by the 30 s header timeout after the earlier
+    tests of tests/test_proxy.py ran (test_denied_large_upload_is_reset_not_buffered), without it
+    at once, as on 3.11. So the service runs its tasks as on 3.11 everywhere."""
+    asyncio_utils.set_eager_task_factory = _lazy_tasks

@@ -50,7 +50,8 @@ from .child_code import child_code_dir
 
 START_TIMEOUT = 60.0
 # what the proxy's own env needs (pyproject's `proxy` extra; tests/test_wheel_install.py checks)
-PROXY_REQUIREMENTS = ("mitmproxy==11.0.2", "platformdirs>=3", "uvloop>=0.19")
+PROXY_REQUIREMENTS = ("mitmproxy==11.0.2; python_version < '3.12'", "mitmproxy==12.3.1; python_version >= '3.12'",
+                      "platformdirs>=3", "uvloop>=0.19")
 
 
 class ProxyServiceError(CapsemError):

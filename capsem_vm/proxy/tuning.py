@@ -25,8 +25,8 @@ def event_loop_runner():
 
 
 def uvloop_usable(python: tuple[int, int], uvloop_version: str) -> bool:
-    """False where uvloop would break mitmproxy 11: on Python 3.12 and 3.13 mitmproxy installs
-    asyncio.eager_task_factory, and uvloop from 0.22 calls the task factory with eager_start=,
+    """False where uvloop would break mitmproxy: on Python 3.12 and 3.13 mitmproxy (11.0.2 and 12.x
+    alike: Master.run, asyncio_utils.set_eager_task_factory) installs asyncio.eager_task_factory, and uvloop from 0.22 calls the task factory with eager_start=,
     which those Pythons' factory does not take ("unexpected keyword argument 'eager_start'": the
     proxy never starts; found running the suite on Debian 13's Python 3.13)."""
     if not (3, 12) <= python < (3, 14):

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .locations import system_proxy_env
-from .plan import VSOCK_BIN, Facts, ImageFacts, Options, ProxyEnvFacts, requirement_name
+from .plan import (VSOCK_BIN, Facts, ImageFacts, Options, ProxyEnvFacts, pinned_versions, requirement_name,
+                   requirements_for)
 from .hostos import MIN_PYTHON, parse_os_release
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -141,8 +142,8 @@ def gather(options: Options, os_release_file: str | None = None) -> Facts:
             user = proxy_env(str(paths.data_dir() / "proxy-venv"))
         facts.update(system_proxy=proxy_env(system_proxy_env()), user_proxy=user, proxy_python=python,
                      proxy_python_version=version, requirements=requirements,
-                     known_mitmproxy=tuple(r.split("==", 1)[1].split(";")[0].strip() for r in requirements
-                                           if requirement_name(r) == "mitmproxy" and "==" in r))
+                     # the pin whose marker holds for the Python the env is made from
+                     known_mitmproxy=pinned_versions(requirements_for(requirements, version), "mitmproxy"))
     want_image = is_root if options.image is None else options.image
     if options.image is not False:
         if want_image:

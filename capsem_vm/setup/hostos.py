@@ -30,7 +30,7 @@ WHAT_FOR = {
     "busybox (static), cpio, zstd, kmod, erofs-utils": "build the VM image",
     "mmdebstrap or debootstrap, and Debian's archive keyring": "build the guest's Debian root",
     "newuidmap/newgidmap (uidmap), unshare/setpriv (util-linux)": "confine the helpers, build as a normal user",
-    "Python 3.11 with venv": "the egress proxy's own env (mitmproxy 11.0.2)",
+    "Python 3.11 with venv": "the egress proxy's own env (mitmproxy 11.0.2; 12.3.1 on Python 3.12+)",
 }
 
 

@@ -131,9 +131,29 @@ def requirement_name(req: str) -> str:
     return "-".join(name.replace("_", "-").replace(".", "-").lower().split("-"))
 
 
+def requirements_for(requirements, python: tuple[int, int]) -> tuple[str, ...]:
+    """The requirements whose PEP 508 environment markers hold for that Python (the one the proxy env
+    is made from, not necessarily this process's): "mitmproxy==11.0.2; python_version < '3.12'" is
+    kept for (3, 11) only. packaging is imported here, not at the top: the packages part of setup
+    runs on a bare system Python."""
+    from packaging.requirements import Requirement
+    env = {"python_version": f"{python[0]}.{python[1]}", "python_full_version": f"{python[0]}.{python[1]}.0"}
+    return tuple(r for r in requirements
+                 if (marker := Requirement(r).marker) is None or marker.evaluate(env))
+
+
+def pinned_versions(requirements, name: str) -> tuple[str, ...]:
+    """The exact versions (==) the requirements pin for distribution `name` (normalized)."""
+    from packaging.requirements import Requirement
+    return tuple(spec.version for r in requirements
+                 if requirement_name((req := Requirement(r)).name) == name
+                 for spec in req.specifier if spec.operator in ("==", "==="))
+
+
 def _env_ok(env: ProxyEnvFacts, facts: Facts) -> bool:
     return (env.exists and env.mitmproxy in facts.known_mitmproxy
-            and all(requirement_name(r) in env.dists for r in facts.requirements))
+            and all(requirement_name(r) in env.dists
+                    for r in requirements_for(facts.requirements, facts.proxy_python_version)))
 
 
 def plan_proxy_env(facts: Facts, options: Options) -> Step:
