@@ -179,12 +179,19 @@ def _owner_pid(vm_dir: Path) -> int:
     return int(vm_dir.joinpath("owner").read_text().split()[0])
 
 
-def _client(server_tmp: Path, kernel_id: str):
-    """A client on the kernel's ports (its connection file in the server's runtime dir)."""
+def _client(server, kernel_id: str):
+    """A client on the kernel's ports (its connection file in the server's runtime dir), once the
+    server extension says its VM is ready."""
     from jupyter_client.blocking import BlockingKernelClient
-    kc = BlockingKernelClient(connection_file=str(server_tmp / "jupyter-runtime" / f"kernel-{kernel_id}.json"))
+    deadline = time.monotonic() + 600
+    while (f := server.get(f"/capsem/kernels/{kernel_id}")[1])["state"] != "ready":
+        assert time.monotonic() < deadline and f["state"] == "booting", f
+        time.sleep(0.3)
+    kc = BlockingKernelClient(connection_file=str(server.log_path.parent / "jupyter-runtime" / f"kernel-{kernel_id}.json"))
     kc.load_connection_file()
-    kc.start_channels()
+    # no heartbeat: without a KernelManager the client would take a late beat (TCG) for a dead kernel;
+    # the server owns the kernel's liveness
+    kc.start_channels(hb=False)
     kc.wait_for_ready(timeout=300)
     return kc
 
@@ -215,7 +222,7 @@ def test_server_sigkill(world_pool):
                 assert status == 201, (body, server.log()[-4000:])
                 ids[kind] = body["id"]
             for kind, kid in ids.items():
-                clients[kind] = _client(server.log_path.parent, kid)
+                clients[kind] = _client(server, kid)
             print(f"chaos: server and its two kernels ready in {time.monotonic() - t0:.1f} s")
             assert all(v["keeper_pid"] != keeper for v in _pool_status()["vms"]), "the pooled kernel claimed no VM"
             owners = {_owner_pid(d): d for d in rt.glob("vm-*") if (d / "owner").exists()}
