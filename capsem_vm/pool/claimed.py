@@ -353,6 +353,9 @@ class ClaimedVM(VMBase):
                 await self.control.close()
             await self.qemu.release(grace=30)
             await self._close_helpers()
+            # the keeper removes its VM dir when it tears down; a SIGKILLed keeper cannot: its dir
+            # (sockets, logs, pid files) goes now, not at the next boot's sweep (issue 21 chaos)
+            runtime.sweep_stale()
         finally:
             self.claim.close()
 
