@@ -71,12 +71,13 @@ fuzz: venv
 vm: system venv proxy-venv image
 	$(VENV)/bin/pytest -m "vm or slow" $(PYTEST_ARGS)
 
-# the chaos suite (tests/faults/test_chaos.py), many rounds per fault with a fresh seed each run
+# the chaos suite (tests/faults/test_chaos.py: a cold kernel's helpers; test_chaos_pool_server.py: a
+# pooled kernel's helpers and the Jupyter server), many rounds per fault with a fresh seed each run
 # (printed; CAPSEM_CHAOS_SEED=N reruns one); `make vm` runs it once per fault with the fixed seed
 CAPSEM_CHAOS_ROUNDS ?= 10
 chaos: system venv proxy-venv image
 	@seed=$${CAPSEM_CHAOS_SEED:-$$(date +%s)}; echo "make chaos: CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS)"; \
-	CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS) $(VENV)/bin/pytest -s tests/faults/test_chaos.py $(PYTEST_ARGS)
+	CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS) $(VENV)/bin/pytest -s tests/faults/test_chaos.py tests/faults/test_chaos_pool_server.py $(PYTEST_ARGS)
 
 # not in `make test` (minutes of mmdebstrap): the full rootfs build as a normal user, from the wheel
 user-build-test: system venv proxy-venv image

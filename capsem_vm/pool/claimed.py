@@ -61,6 +61,7 @@ MOUNT_WAIT = 60.0  # s: the guest sees a hot-plugged device about a second later
 HOTPLUG_BUS = "rp1"  # qemu.py's spare pcie-root-port
 MOUNT_AGENT_WAIT = 20  # s per mount request; the loop below retries up to MOUNT_WAIT
 ATTACH_DELAY = 2.0  # s at most between the claim and the folder attach (see _attach)
+QEMU_EXIT_WAIT = 0.5  # s for QEMU's exit to show after a helper saw it hang up
 CAUSE_WAIT = 2.0  # s for a keeper whose QEMU ended to say why (it does at once; then it tears down)
 
 
@@ -334,7 +335,15 @@ class ClaimedVM(VMBase):
     async def _qemu_went_first(self, proc: Any) -> str | None:
         """The keeper's reason, if QEMU ended before `proc` (the virtiofsd started here exits when
         QEMU hangs up on it): the keeper says why in a moment."""
-        if proc is self.qemu or self.qemu.qemu_alive():
+        if proc is self.qemu:
+            return None
+        if getattr(proc, "returncode", None) == 0:
+            # a clean exit is virtiofsd seeing QEMU hang up: QEMU's files close before its exit shows
+            # on its pidfd, so give that a moment (else a dead vsock backend was reported as virtiofsd)
+            deadline = time.monotonic() + QEMU_EXIT_WAIT
+            while self.qemu.qemu_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        if self.qemu.qemu_alive():
             return None
         return await self.qemu.said_why(CAUSE_WAIT)
 
@@ -353,6 +362,9 @@ class ClaimedVM(VMBase):
                 await self.control.close()
             await self.qemu.release(grace=30)
             await self._close_helpers()
+            # the keeper removes its VM dir when it tears down; a SIGKILLed keeper cannot: its dir
+            # (sockets, logs, pid files) goes now, not at the next boot's sweep (issue 21 chaos)
+            runtime.sweep_stale()
         finally:
             self.claim.close()
 

@@ -269,7 +269,7 @@ def summary(figures: dict) -> str:
     lines = []
     for name, rows in figures.items():
         parts = [f"{len(rows)} round(s)"]
-        for key in ("dead_s", "reason_s", "gone_s", "restart_s"):
+        for key in ("dead_s", "reason_s", "gone_s", "restart_s", "sweep_s"):
             vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
             if vals:
                 parts.append(f"{key} median {statistics.median(vals):.3f} (max {max(vals):.3f})")
