@@ -92,6 +92,9 @@ build_locked() {
   deb=$(ls "$work"/vsock/vhost-device-vsock_*.deb)
   venvs="python3 -m venv /opt/capsem/.venv && /opt/capsem/.venv/bin/pip install -q --no-cache-dir $(printf "'%s' " "${PIP[@]}")"
   venvs+=" && python3 -m venv /opt/capsem/.venv-proxy && /opt/capsem/.venv-proxy/bin/pip install -q --no-cache-dir $(printf "%q " "${PROXY_PIP[@]}")"  # %q: the markers hold quotes
+  # its own mount namespace: the mounts mmdebstrap makes in the root (dev/pts, proc, sys) go with it
+  # even when it is killed, instead of staying on the host under $work
+  unshare --mount --propagation private \
   mmdebstrap --variant=minbase --mode=root --aptopt='APT::Install-Recommends "false"' \
     --include="$(IFS=,; echo "${PACKAGES[*]}")" \
     --customize-hook="copy-in $deb /tmp" \
