@@ -48,7 +48,7 @@ class World:
     def home(self, name: str, files: dict[str, str] | None = None) -> Path:
         """A fresh home directory of the user's (0700) with the policy and `files` in it."""
         home = self.installed["root"] / name
-        (home / "notebooks").mkdir(parents=True)
+        (home / "notebooks").mkdir(parents=True, exist_ok=True)
         for rel, text in (files or {}).items():
             (home / rel).write_text(text)
         (home / "policy.toml").write_text(
@@ -95,7 +95,7 @@ def world():
     assert pip.returncode == 0, pip.stderr[-3000:]
     make_readable(installed["root"])
     www = installed["root"] / "www-normal-user"
-    (www / "secret").mkdir(parents=True)
+    (www / "secret").mkdir(parents=True, exist_ok=True)  # the lab module builds this world too
     (www / "hello.txt").write_text("hello from this machine")
     (www / "secret" / "key.txt").write_text("the key")
     make_readable(www)

@@ -10,6 +10,7 @@ no VM image. Skips where the system Python or the package index is unavailable."
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import shutil
 import subprocess
@@ -155,7 +156,9 @@ def test_missing_proxy_env_says_what_a_pip_user_does(installed):
                           "from capsem_vm.proxy.service import find_proxy_python; find_proxy_python()"])
     assert out.returncode != 0
     assert "make proxy-venv`;" in out.stderr  # only as the checkout's way, after the pip user's
-    assert "CAPSEM_PROXY_PYTHON" in out.stderr and "pip install mitmproxy==11.0.2" in out.stderr
+    # the exact install command, requirements shell-quoted (their markers hold quotes)
+    pip_install = "pip install " + " ".join(map(shlex.quote, PROXY_REQUIREMENTS))
+    assert "CAPSEM_PROXY_PYTHON" in out.stderr and pip_install in out.stderr and "mitmproxy==11.0.2" in out.stderr
     assert str(installed["home"] / "data" / "proxy-venv") in out.stderr
 
 
