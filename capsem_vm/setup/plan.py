@@ -180,8 +180,9 @@ def plan_proxy_env(facts: Facts, options: Options) -> Step:
            if target.exists and target.mitmproxy else "create")
     q = shlex.quote(target.path)
     reqs = " ".join(map(shlex.quote, facts.requirements))
+    applies = requirements_for(facts.requirements, facts.proxy_python_version)  # what pip will pick
     return Step("proxy-env", title, DO, f"{why} {target.path} with {facts.proxy_python} "
-                f"({' '.join(facts.requirements)})",
+                f"({', '.join(applies)})",
                 (f"{shlex.quote(facts.proxy_python)} -m venv --clear {q}", f"{q}/bin/pip install {reqs}"),
                 {"path": target.path, "python": facts.proxy_python, "requirements": list(facts.requirements)})
 
