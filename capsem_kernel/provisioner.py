@@ -78,6 +78,7 @@ class CapsemProvisioner(KernelProvisionerBase):
     kernel_vm: KernelVM | None = None
     ports_cached = False
     _restart_until = 0.0  # monotonic deadline: cleaned up for a restart, the relaunch is on its way
+    _pool_starter: asyncio.Task | None = None  # reaps `capsem pool start` (kept: tasks are held weakly)
 
     # --- launch ------------------------------------------------------------------------------
 
@@ -183,7 +184,8 @@ class CapsemProvisioner(KernelProvisionerBase):
                                                     stdout=asyncio.subprocess.DEVNULL,
                                                     stderr=asyncio.subprocess.DEVNULL)
         self.log.info("capsem: starting the warm VM pool (pid %d) for later kernels", proc.pid)
-        asyncio.get_running_loop().create_task(proc.wait())  # reaped; `capsem pool start` daemonizes
+        # reaped; `capsem pool start` daemonizes. The task is kept: asyncio holds tasks weakly.
+        self._pool_starter = asyncio.get_running_loop().create_task(proc.wait())
 
     # --- lifecycle ---------------------------------------------------------------------------
 

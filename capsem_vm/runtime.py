@@ -87,6 +87,26 @@ def _alive(pid: int, start: str) -> bool:
     return bool(start) and _start_time(pid) == start
 
 
+def kill_if_same(pid: int, start: str) -> bool:
+    """SIGKILL pid only if it is still the process that started at `start`. The pidfd is opened
+    before the start time is checked, so a pid recycled after the check cannot be hit."""
+    if not start:
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone (ESRCH)
+        return False
+    try:
+        if _start_time(pid) != start:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _age(path: Path) -> float:
     try:
         return time.time() - path.stat().st_mtime
@@ -139,11 +159,7 @@ def sweep_stale() -> int:
         if not owner and _age(d) < 60:  # another process may be creating it right now
             continue
         for pid, start in _read_pairs(rp.pids):
-            if _alive(pid, start):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_if_same(pid, start)
         log.info("removing stale VM dir %s", d)
         remove_vm_dir(rp)
         swept += 1

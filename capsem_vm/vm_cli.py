@@ -118,6 +118,7 @@ async def _run_in(vm: VM, config: VMConfig, argv: list[str], args, pty: bool, lo
         env = {"TERM": os.environ.get("TERM", "xterm")} if pty else None
         proc = await vm.control.exec(argv, cwd=cwd, stdin=True, pty=pty, rows=rows, cols=cols, env=env)
         interrupts = 0
+        signals: set[asyncio.Task] = set()  # strong references: asyncio holds tasks weakly
 
         def on_sigint():
             nonlocal interrupts
@@ -125,11 +126,11 @@ async def _run_in(vm: VM, config: VMConfig, argv: list[str], args, pty: bool, lo
             if interrupts > 2:  # the guest ignores us: give up on it
                 pump.cancel()
                 return
-            loop.create_task(proc.signal(signal.SIGINT))
+            signals.add(loop.create_task(proc.signal(signal.SIGINT)))
 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         if pty:
-            loop.add_signal_handler(signal.SIGWINCH, lambda: loop.create_task(proc.resize(*_terminal_size())))
+            loop.add_signal_handler(signal.SIGWINCH, lambda: signals.add(loop.create_task(proc.resize(*_terminal_size()))))
         stdin_task = loop.create_task(_forward_stdin(proc))
         pump = loop.create_task(_pump_output(proc))
         saved = _raw_mode() if pty else None

@@ -216,3 +216,23 @@ async def test_fd_readable_waits_for_data_or_exit_and_leaves_no_reader():
         assert child.wait(timeout=1) == 0 and time.monotonic() - t >= 0.1
     finally:
         os.close(pidfd)
+
+
+def test_kill_if_same_kills_only_the_recorded_process():
+    # The sweep signals through a pidfd opened before the start-time check: a live process with the
+    # recorded start time dies; a wrong start time (the pid reused by another process), an empty
+    # one, or a pid that is gone leaves everything alone.
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        start = runtime._start_time(proc.pid)
+        assert start
+        assert runtime.kill_if_same(proc.pid, str(int(start) + 1)) is False
+        assert runtime.kill_if_same(proc.pid, "") is False
+        assert proc.poll() is None
+        assert runtime.kill_if_same(proc.pid, start) is True
+        assert proc.wait(timeout=10) == -9
+        assert runtime.kill_if_same(proc.pid, start) is False  # reaped: gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
