@@ -38,12 +38,14 @@ from jupyter_client.localinterfaces import is_local_ip
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
+from capsem_vm.errors import CapsemError
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
 from capsem_vm import sweep
 from capsem_vm.polling import poll_until_async
 
 from . import loop_thread
 from .kernel_vm import KernelVM
+from .start_error import KernelStartError
 
 GUEST_ENV_PASSTHROUGH = ("JPY_SESSION_NAME",)
 RESTART_GAP_S = 5.0  # how long a kernel cleaned up for a restart counts as restarting, not dead
@@ -124,6 +126,12 @@ class CapsemProvisioner(KernelProvisionerBase):
         return guest
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        try:
+            return await self._launch(**kwargs)
+        except CapsemError as exc:  # with its reason for Jupyter server clients, not "Unhandled error"
+            raise KernelStartError.from_capsem(exc) from exc
+
+    async def _launch(self, **kwargs: Any) -> KernelConnectionInfo:
         cwd = kwargs.get("cwd") or os.getcwd()
         env = kwargs.get("env") or {}
         config = self._vm_config(cwd)
@@ -148,7 +156,6 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     async def _claim_pooled(self, config: VMConfig):
         """A ClaimedVM of this kernel's flavour from the user's pool, or None (with a warning)."""
-        from capsem_vm.errors import CapsemError
         from capsem_vm.image.store import resolve_image
         from capsem_vm.image.verify import read_manifest
         from capsem_vm.pool import client, wire

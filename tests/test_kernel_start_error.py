@@ -1,0 +1,79 @@
+"""A capsem kernel start that capsem refuses (invalid or missing policy, missing image) reaches a
+Jupyter server client with its reason: jupyter_server answered any non-HTTPError with a bare 500
+"Unhandled error" and an empty traceback, so JupyterLab's "Error Starting Kernel" dialog said
+nothing. Each case fails before a VM boots, so this runs in the fast tier (a real jupyter_server)."""
+
+import copy
+import json
+import os
+import urllib.error
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+
+from capsem_kernel.start_error import REASON, KernelStartError
+from capsem_vm.errors import CapsemError
+from capsem_vm.policy.loader import PolicyError
+from test_kernel_server import Server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_start_error_is_a_capsem_error_and_an_http_error_with_the_whole_message():
+    from tornado.web import HTTPError
+    err = KernelStartError.from_capsem(PolicyError("missing required key 'name' (100% sure)", source="/p.toml", line=3))
+    assert isinstance(err, CapsemError) and isinstance(err, HTTPError)
+    assert str(err) == "/p.toml:3: missing required key 'name' (100% sure)\n  hint: " + err.hint
+    assert err.get_message() == err.log_message == str(err)  # no %-formatting or %-escaping
+    assert err.status_code == 500 and err.reason == REASON
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("start-error")
+    base = KernelSpecManager().get_kernel_spec("capsem")
+    kernels = root / "share" / "kernels"
+    bad_policy = root / "bad.toml"
+    bad_policy.write_text("[[rule]]\nhost = 5  # 100%\n")
+    cases = {
+        "capsem-badpolicy": {"policy": str(bad_policy)},
+        "capsem-nopolicy": {"policy": str(root / "no-such-policy.toml")},
+        "capsem-noimage": {"image": str(root / "no-such-image")},
+    }
+    for name, config in cases.items():
+        spec = copy.deepcopy(base.to_dict())
+        spec["metadata"]["kernel_provisioner"]["config"] = config
+        (kernels / name).mkdir(parents=True)
+        (kernels / name / "kernel.json").write_text(json.dumps(spec))
+    nb = root / "nb"
+    nb.mkdir()
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(root / "share")
+    try:
+        with open(root / "server.log", "w") as log:
+            srv = Server(nb, log)
+    finally:
+        if old is None:
+            os.environ.pop("JUPYTER_PATH")
+        else:
+            os.environ["JUPYTER_PATH"] = old
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("capsem-badpolicy", ["bad.toml:1", "missing required key 'name'", "hint:"]),
+    ("capsem-nopolicy", ["no-such-policy.toml"]),
+    ("capsem-noimage", ["no-such-image"]),
+])
+def test_refused_start_says_why_over_rest(server, name, words):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        server.api("POST", "/api/kernels", {"name": name}, timeout=120)
+    assert info.value.code == 500
+    assert info.value.reason == REASON
+    reply = json.loads(info.value.read())
+    assert reply["message"] != "Unhandled error"
+    for word in words:
+        assert word in reply["message"], reply
+    status, kernels = server.api("GET", "/api/kernels")
+    assert kernels == []  # nothing half-started is left listed
