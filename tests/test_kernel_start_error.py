@@ -1,7 +1,7 @@
 """A capsem kernel start that capsem refuses (invalid or missing policy, missing image) reaches a
 Jupyter server client with its reason: jupyter_server answered any non-HTTPError with a bare 500
 "Unhandled error" and an empty traceback, so JupyterLab's "Error Starting Kernel" dialog said
-nothing. Each case fails before a VM boots, so this runs in the fast tier (a real jupyter_server)."""
+nothing. Each case fails before a VM boots (a real jupyter_server)."""
 
 import copy
 import json
@@ -61,9 +61,11 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+# the policy is loaded after the image is found: those cases need the image (the VM tier; the unit
+# tier runs with an empty image cache), though they too fail before a VM boots
 @pytest.mark.parametrize("name, words", [
-    ("capsem-badpolicy", ["bad.toml:1", "missing required key 'name'", "hint:"]),
-    ("capsem-nopolicy", ["no-such-policy.toml"]),
+    pytest.param("capsem-badpolicy", ["bad.toml:1", "missing required key 'name'", "hint:"], marks=pytest.mark.vm),
+    pytest.param("capsem-nopolicy", ["no-such-policy.toml"], marks=pytest.mark.vm),
     ("capsem-noimage", ["no-such-image"]),
 ])
 def test_refused_start_says_why_over_rest(server, name, words):
