@@ -163,9 +163,12 @@ def test_facts_of_a_dead_kernel_say_why_it_died():
     reason = "virtiofsd for /nb exited (signal 9)"
     prov.kernel_vm = SimpleNamespace(
         state="dead", poll=lambda: 1,
-        info=lambda: {"death_reason": reason, "shutdown_reason": None, "shares": [], "timings": {}})
+        info=lambda: {"death_reason": reason, "shutdown_reason": None, "shares": [], "timings": {},
+                      "runtime_dir": "/run/capsem/vm-x", "pooled": False})
     out = facts.kernel_facts("k", SimpleNamespace(provisioner=prov, kernel_name="capsem"))
     assert out["state"] == "dead" and out["death_reason"] == reason and out["shutdown_reason"] is None
+    # where its logs are, and whether it was a pooled VM: what a user debugging it asks next
+    assert out["runtime_dir"] == "/run/capsem/vm-x" and out["pooled"] is False
 
 
 # --- a real Jupyter server ---------------------------------------------------------------------

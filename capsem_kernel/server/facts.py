@@ -75,6 +75,8 @@ def kernel_facts(kernel_id: str, km: Any, now: float | None = None) -> dict:
         "proxy": None,  # the egress proxy service's supervision state, when the kernel uses it
         "death_reason": None,  # why the VM died: a helper it could not live without, or QEMU
         "shutdown_reason": None,  # QEMU's reason, when the guest powered off or reset itself
+        "runtime_dir": None,  # the VM's own dir (logs, sockets): where to look when it misbehaves
+        "pooled": None,  # True: a warm VM claimed from `capsem pool`; False: booted for this kernel
     }
     if prov is None:
         return out
@@ -100,6 +102,8 @@ def kernel_facts(kernel_id: str, km: Any, now: float | None = None) -> dict:
         "proxy": (info.get("egress") or {}).get("proxy_service"),  # supervisor.py: state()
         "death_reason": info.get("death_reason"),
         "shutdown_reason": info.get("shutdown_reason"),
+        "runtime_dir": info.get("runtime_dir"),
+        "pooled": info.get("pooled"),
     })
     if out["started_at"] and out["state"] != "dead":
         out["uptime_seconds"] = max(0.0, now - out["started_at"])

@@ -28,6 +28,8 @@ export interface IKernelFacts {
   policy_path: string | null;
   death_reason?: string | null;
   shutdown_reason?: string | null;
+  runtime_dir?: string | null; // the VM's own dir (logs, sockets)
+  pooled?: boolean | null;
 }
 
 export interface IPolicyRule {
