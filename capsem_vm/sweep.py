@@ -15,19 +15,27 @@ anyway, kills it, only where that is provably ours:
 - a helper recorded in a stale dir is killed only if that pid still has the start time recorded
   for it (a pid reused by an unrelated process has another one): runtime.sweep_stale;
 - the pool's socket and pid file are removed only when no pool answers on the socket and the
-  recorded pool process (pid and start time) is gone.
+  recorded pool process (pid and start time) is gone;
+- the egress proxy service's logs (`proxy-<pid>.log`, one per owning process) of owners that are
+  gone: the newest KEEP_PROXY_LOGS of them stay for a post-mortem, older ones go (each Jupyter
+  server start used to add one for good).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import socket
+import stat
 import threading
 
 from . import paths, runtime
 
 log = logging.getLogger(__name__)
 SETTLE_S = 60.0  # a pool socket younger than this may belong to a pool that is just starting
+KEEP_PROXY_LOGS = 10  # logs of gone proxy owners kept for a post-mortem
+_PROXY_LOG = re.compile(r"proxy-([0-9]{1,10})\.log")
 
 _lock = threading.Lock()
 _swept = False  # process-wide by necessity: the extension and every provisioner ask; one sweep does
@@ -49,7 +57,8 @@ def sweep_once() -> None:
 
 def sweep() -> dict[str, int]:
     """Sweep now; returns what was removed."""
-    swept = {"vm_dirs": runtime.sweep_stale(), "pool_files": sweep_pool_files()}
+    swept = {"vm_dirs": runtime.sweep_stale(), "pool_files": sweep_pool_files(),
+             "proxy_logs": sweep_proxy_logs()}
     if any(swept.values()):
         log.info("capsem: removed what a killed capsem left behind: %s", swept)
     return swept
@@ -74,6 +83,45 @@ def sweep_pool_files() -> int:
         except FileNotFoundError:
             pass
     return removed
+
+
+def sweep_proxy_logs(keep: int = KEEP_PROXY_LOGS) -> int:
+    """proxy-<pid>.log files whose pid is gone, beyond the newest `keep` of them. Only regular files
+    of ours with one link (never through a symlink a guest-facing helper could have planted)."""
+    root = paths.runtime_dir()
+    dead = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        m = _PROXY_LOG.fullmatch(name)
+        if not m or _pid_exists(int(m.group(1))):
+            continue
+        try:
+            st = os.lstat(root / name)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+            dead.append((st.st_mtime, name))
+    removed = 0
+    for _, name in sorted(dead, reverse=True)[keep:]:
+        try:
+            os.unlink(root / name)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return pid > 0
 
 
 def _answers(path) -> bool:

@@ -89,7 +89,7 @@ def test_sweep_removes_a_dead_pools_socket_and_pid_file_only(runtime_root, fresh
     _bound_socket(sock, listening=False).close()
     dead = _dead_pid()
     pid_file.write_text(f"{dead[0]} {dead[1]}\n")
-    assert sweep.sweep() == {"vm_dirs": 0, "pool_files": 2}
+    assert sweep.sweep() == {"vm_dirs": 0, "pool_files": 2, "proxy_logs": 0}
     assert not sock.exists() and not pid_file.exists()
     # a live pool that does not answer this instant (its pid and start time match): kept
     s = _bound_socket(sock, listening=False)
@@ -105,6 +105,31 @@ def test_sweep_removes_a_dead_pools_socket_and_pid_file_only(runtime_root, fresh
     with _bound_socket(sock, listening=True):
         pid_file.write_text(f"{dead[0]} {dead[1]}\n")
         assert sweep.sweep()["pool_files"] == 0 and sock.exists()
+
+
+def test_sweep_keeps_the_newest_proxy_logs_of_gone_owners_and_every_live_ones(runtime_root, fresh_sweep):
+    dead_pids = []
+    for _ in range(sweep.KEEP_PROXY_LOGS + 3):
+        dead_pids.append(_dead_pid()[0])
+    for age, pid in enumerate(dead_pids):  # the first is the newest
+        log = runtime_root / f"proxy-{pid}.log"
+        log.write_text("worker log\n")
+        os.utime(log, (time.time() - 60 * age, time.time() - 60 * age))
+    live = runtime_root / f"proxy-{os.getpid()}.log"
+    live.write_text("ours\n")
+    os.utime(live, (0, 0))  # old, but its owner lives
+    other = runtime_root / "proxy-notes.log"  # not a proxy log name: never touched
+    other.write_text("x")
+    target = runtime_root / "elsewhere.txt"
+    target.write_text("keep me")
+    link = runtime_root / f"proxy-{dead_pids[-1] + 100000}.log"  # a symlink in a log's name
+    link.symlink_to(target)
+    assert sweep.sweep()["proxy_logs"] == 3
+    kept = {p.name for p in runtime_root.glob("proxy-*.log")}
+    assert kept == {f"proxy-{pid}.log" for pid in dead_pids[:sweep.KEEP_PROXY_LOGS]} | {
+        live.name, other.name, link.name}
+    assert target.read_text() == "keep me"
+    assert sweep.sweep()["proxy_logs"] == 0
 
 
 def test_sweep_once_never_raises(runtime_root, fresh_sweep, monkeypatch, caplog):
