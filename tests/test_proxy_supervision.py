@@ -209,6 +209,47 @@ async def test_repeated_crashes_back_off_and_are_reported(world, caplog):
     assert injected(await credentialed(w))
 
 
+@amark
+async def test_a_hung_worker_is_killed_and_replaced(world):
+    """A worker that stops answering without dying (SIGSTOP here; a deadlock or a starved loop look
+    the same from outside) still accepts connections nobody serves. The supervisor's ping goes
+    unanswered, and the worker is SIGKILLed and replaced like a dead one; egress resumes with the
+    kernel's credential. The pings run every 0.3 s with a 1.5 s timeout here (defaults 5 s / 10 s)."""
+    w = world
+    sup = w.runtime.supervisor
+    saved = sup.ping_interval, sup.ping_timeout
+    sup.ping_interval, sup.ping_timeout = 0.3, 1.5
+    sup.backoffs[0].started_at -= sup.backoffs[0].stable_after  # a stable run before: restart at once
+    hangs = sup.hangs
+    try:
+        await asyncio.sleep(saved[0] + 0.5)  # the watchdog's current sleep (default interval) ends
+        pid = worker_pids(w)[0]
+        t_stop = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        while worker_pids(w)[0] in (None, pid):
+            assert time.monotonic() - t_stop < 15, w.runtime.proxy_state()
+            await asyncio.sleep(0.02)
+        replaced = time.monotonic() - t_stop
+        print(f"\nproxy worker SIGSTOP -> replaced: {replaced:.2f} s (ping every 0.3 s, timeout 1.5 s)")
+        assert 1.5 <= replaced <= 1.5 + 0.3 + RECOVERY_BOUND + 1.0
+        assert not os.path.exists(f"/proc/{pid}")  # killed and reaped, not left stopped
+        state = w.runtime.proxy_state()
+        assert state["hangs"] == hangs + 1 and state["last_exit"]["pid"] == pid
+        assert state["last_exit"]["returncode"] == -signal.SIGKILL
+        await wait_serving(w, 30)
+        assert injected(await credentialed(w))
+        # and a worker that answers is never killed: two more rounds of pings, no new hang
+        pids = worker_pids(w)
+        await asyncio.sleep(1.0)
+        assert worker_pids(w) == pids and sup.hangs == hangs + 1
+    finally:
+        sup.ping_interval, sup.ping_timeout = saved
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 async def test_a_worker_that_cannot_be_restarted_is_retried_with_back_off(tmp_path, monkeypatch):
     """The replacement fails to start (its interpreter is gone): retried with growing delays,
     the error is in the state, and the service is never replaced wholesale under its kernels."""

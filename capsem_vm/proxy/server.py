@@ -11,6 +11,7 @@ plus capsem's. stdin/stdout carry capsem frames from/to the parent:
               (again, same password: a reload; the kernel's open connections follow the new policy)
     parent -> {"t":"unregister","id",kernel}                       <- {"t":"ok","id"}
     parent -> {"t":"flush","id"}   <- {"t":"ok","id","written":bool} once every audit row recorded
+    parent -> {"t":"ping","id"}    <- {"t":"ok","id"}  (answered on the proxy's loop: the supervisor's liveness check)
                                       before it is written (the audit barrier, docs/AUDIT.md)
     parent -> {"t":"stop"} or EOF: shut down
 """
@@ -99,6 +100,8 @@ class Control:
             for cid, sess in list(self.state.sessions.items()):
                 if sess.kernel.id == kernel:
                     self.state.sessions.pop(cid, None)
+            return {"t": "ok", "id": mid}
+        if t == "ping":
             return {"t": "ok", "id": mid}
         return protocol.error("unknown", f"unknown request {t!r}", mid)
 

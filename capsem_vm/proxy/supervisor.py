@@ -6,6 +6,12 @@ replace_worker`: a new process on a new port, every registered kernel registered
 with the policy and SOCKS credentials it had). Until then the bridges send new streams to the
 other workers; with none left they refuse them with code `proxy-restarting`, audited (bridge.py).
 
+A worker that stops answering without dying (SIGSTOPped, deadlocked, its loop starved) would still
+accept connections that nobody serves. The supervisor pings every worker every PING_INTERVAL
+seconds over its control pipe: the ping is answered on the worker's event loop, the same loop that
+serves the proxy. A worker that does not answer within PING_TIMEOUT is SIGKILLed, and the death
+path above replaces it.
+
 Restarts back off (`RestartBackoff`, sans-IO): the first after a stable run is immediate, each
 further one in a row waits twice as long as the last (0.5 s, 1 s, 2 s, ... at most 30 s), so a
 worker that keeps dying never makes a tight restart loop. Every death and restart is logged;
@@ -24,6 +30,8 @@ from .service import ProxyService
 log = logging.getLogger(__name__)
 
 REAP_TIMEOUT = 2.0  # a worker whose pipe closed but that is still running is killed by replace_worker
+PING_INTERVAL = 5.0  # s between liveness pings of each worker
+PING_TIMEOUT = 10.0  # s without an answer after which a worker counts as hung (generous: a loaded 2-core host)
 
 
 @dataclass
@@ -56,9 +64,12 @@ def restart_delay(streak: int, base: float = 0.5, cap: float = 30.0) -> float:
 class ServiceSupervisor:
     """Keeps one ProxyService's workers up until stop(). Lives on the service's loop."""
 
-    def __init__(self, service: ProxyService, *, clock=time.monotonic):
+    def __init__(self, service: ProxyService, *, clock=time.monotonic,
+                 ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT):
         self.service = service
         self.clock = clock
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self.hangs = 0  # workers killed because they stopped answering
         now = clock()
         self.backoffs = [RestartBackoff(started_at=now) for _ in service.workers]
         self.restarts = 0
@@ -71,6 +82,30 @@ class ServiceSupervisor:
         for index, worker in enumerate(service.workers):
             if not worker.alive:  # died between its start and now, when nobody listened
                 self._worker_exited(index, worker)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Ping every serving worker each interval; SIGKILL one that does not answer in time."""
+        while self.service.supervised:
+            await asyncio.sleep(self.ping_interval)
+            workers = [(i, w) for i, w in enumerate(self.service.workers)
+                       if i not in self._tasks and w.alive and w.serving]
+            await asyncio.gather(*(self._ping(i, w) for i, w in workers))
+
+    async def _ping(self, index: int, worker) -> None:
+        try:
+            await worker.request({"t": "ping"}, timeout=self.ping_timeout)
+        except asyncio.TimeoutError:
+            proc = worker.proc
+            if proc is None or proc.returncode is not None or not self.service.supervised:
+                return
+            self.hangs += 1
+            self.last_error = f"worker {index} (pid {proc.pid}) did not answer a ping in {self.ping_timeout:.0f} s"
+            log.error("proxy service %s: killing it (stopped, deadlocked or starved); it is replaced like "
+                      "a dead one", self.last_error)
+            proc.kill()  # its pipe closes: _worker_exited restarts it
+        except Exception:  # noqa: BLE001 - gone or answered with an error: alive, or the exit path handles it
+            pass
 
     def _worker_exited(self, index: int, worker) -> None:
         if index not in self._tasks:  # a death during its own restart: that task handles it
@@ -134,12 +169,13 @@ class ServiceSupervisor:
             "last_exit": dict(self.last_exit) if self.last_exit else None,
             "last_recovery_s": self.last_recovery_s,
             "last_error": self.last_error,
+            "hangs": self.hangs,
         }
 
     async def stop(self) -> None:
         """No more restarts (call before closing the service)."""
         self.service.on_worker_exit = None
-        tasks = list(self._tasks.values())
+        tasks = [self._watchdog, *self._tasks.values()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
