@@ -175,7 +175,10 @@ class ServiceSupervisor:
     async def stop(self) -> None:
         """No more restarts (call before closing the service)."""
         self.service.on_worker_exit = None
-        tasks = [self._watchdog, *self._tasks.values()]
+        # not awaited: the watchdog only sleeps or waits on a ping, and the service's close must
+        # follow at once (a stopping runtime reports its service gone without a loop turn between)
+        self._watchdog.cancel()
+        tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
