@@ -3,14 +3,13 @@ Jupyter server client with its reason: jupyter_server answered any non-HTTPError
 "Unhandled error" and an empty traceback, so JupyterLab's "Error Starting Kernel" dialog said
 nothing. Each case fails before a VM boots (a real jupyter_server)."""
 
-import copy
 import json
 import os
 import urllib.error
 
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
 
+from capsem_kernel.kernelspec import kernel_json
 from capsem_kernel.start_error import REASON, KernelStartError
 from capsem_vm.errors import CapsemError
 from capsem_vm.policy.loader import PolicyError
@@ -31,7 +30,6 @@ def test_start_error_is_a_capsem_error_and_an_http_error_with_the_whole_message(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("start-error")
-    base = KernelSpecManager().get_kernel_spec("capsem")
     kernels = root / "share" / "kernels"
     bad_policy = root / "bad.toml"
     bad_policy.write_text("[[rule]]\nhost = 5  # 100%\n")
@@ -40,9 +38,9 @@ def server(tmp_path_factory):
         "capsem-nopolicy": {"policy": str(root / "no-such-policy.toml")},
         "capsem-noimage": {"image": str(root / "no-such-image")},
     }
-    for name, config in cases.items():
-        spec = copy.deepcopy(base.to_dict())
-        spec["metadata"]["kernel_provisioner"]["config"] = config
+    for name, config in cases.items():  # what `capsem kernel install` writes, with this config
+        spec = kernel_json(name, config)
+        assert spec["metadata"]["kernel_provisioner"]["config"] == config
         (kernels / name).mkdir(parents=True)
         (kernels / name / "kernel.json").write_text(json.dumps(spec))
     nb = root / "nb"
