@@ -244,6 +244,7 @@ class NodeTunnel:
                  on_control: Callable[[ControlConnection], Awaitable[None]],
                  max_streams: int, handshake_timeout: float):
         self._context = ident.server_context(identity, peer_cert_pem)
+        self._public = identity.public()
         self._peer_fingerprint = ident.fingerprint_of(peer_cert_pem)
         self._on_control = on_control
         self._streams = _Streams(max_streams)
@@ -267,6 +268,10 @@ class NodeTunnel:
             _accept_loop(self._listener, self._streams, self._serve, self._count_refused),
             name="capsem-remote-node-accept")
         return self
+
+    def public(self) -> dict:
+        """What the node may return through Ray: its certificate, fingerprint and port."""
+        return {**self._public, "port": self.port}
 
     def _count_refused(self) -> None:
         self.refused += 1
@@ -303,9 +308,12 @@ class NodeTunnel:
                 await self._serve_control(reader, writer)
             else:
                 await self._serve_channel(opening.channel, reader, writer)
-        except _ERRORS as e:
+        except (*_ERRORS, TunnelError) as e:
             self.refused += 1
             log.info("remote tunnel: refused a connection: %s: %s", type(e).__name__, e)
+        except Exception:                       # a bug: log it, never leave it in the task
+            self.refused += 1
+            log.exception("remote tunnel: node stream failed")
         finally:
             if writer is None:
                 conn.close()
@@ -432,6 +440,8 @@ class FrontTunnel:
         except _ERRORS as e:
             log.info("remote tunnel: %s stream to the node ended: %s: %s",
                      channel, type(e).__name__, e)
+        except Exception:
+            log.exception("remote tunnel: %s stream failed", channel)
         finally:
             for w in (remote_writer, writer):
                 if w is not None:
