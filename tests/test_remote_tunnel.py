@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import queue
 import socket
 import ssl
 import subprocess
@@ -74,15 +75,20 @@ def kernel(tmp_path_factory):
     cf = str(d / "kernel.json")
     _, info = write_connection_file(cf, ip="127.0.0.1", key=key.encode())
     env = {**os.environ, "IPYTHONDIR": str(d / "ipython")}
+    log = open(d / "kernel.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "ipykernel_launcher", "-f", cf], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     kc = BlockingKernelClient()
     kc.load_connection_info(info)
     kc.start_channels()
     try:
-        kc.wait_for_ready(timeout=60)
+        wait_ready(kc, 60)
+    except TimeoutError:
+        raise AssertionError(f"the local ipykernel did not start (exit {proc.poll()}): "
+                             f"{(d / 'kernel.log').read_text()[-2000:]}") from None
     finally:
         kc.stop_channels()
+        log.close()
     info = dict(info, key=key)
     yield info
     proc.terminate()
@@ -225,11 +231,31 @@ def kernel_targets(info):
     return {ch: ("127.0.0.1", info[PORTS[ch]]) for ch in wire.CHANNELS}
 
 
+def wait_ready(kc, timeout: float) -> None:
+    """kernel_info until shell answers and iopub delivers (jupyter_client's wait_for_ready takes a
+    heartbeat not yet seen for a dead kernel: wrong under a loaded machine's slow start)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg_id = kc.kernel_info()
+        try:
+            while kc.get_shell_msg(timeout=1)["parent_header"].get("msg_id") != msg_id:
+                pass
+            kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        while True:                      # flush what the probes left on iopub
+            try:
+                kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                return
+    raise TimeoutError("the kernel did not answer kernel_info")
+
+
 def client(info) -> BlockingKernelClient:
     kc = BlockingKernelClient()
     kc.load_connection_info(info)
     kc.start_channels()
-    kc.wait_for_ready(timeout=30)
+    wait_ready(kc, 30)
     return kc
 
 
@@ -488,6 +514,94 @@ async def test_plain_tcp_bytes_reach_nothing():
         await canary.close()
 
 
+async def test_tls_below_1_3_is_refused_both_ways_even_with_the_right_certificates():
+    canary = await Canary().start()
+    pair = await (await Pair(canary.targets()).start_node()).connect("ab")
+    try:
+        ctx = ident.client_context(pair.front_id, pair.node_id.cert_pem)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises((ssl.SSLError, OSError)):
+            r, w = await asyncio.wait_for(asyncio.open_connection(
+                "127.0.0.1", pair.node.port, ssl=ctx, server_hostname=""), 5)
+            w.write(wire.encode_open("channel", "shell") + b"downgraded")
+            await w.drain()
+            assert await asyncio.wait_for(r.read(10), 5) == b""
+            raise OSError("refused after the handshake")
+        # a node (or impostor) that speaks only TLS 1.2 with the pinned cert: the front refuses
+        sctx = ident.server_context(pair.node_id, pair.front_id.cert_pem)
+        sctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        sctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        seen = []
+
+        async def old_server(r, w):
+            seen.append(await r.read(100))
+            w.close()
+        srv = await asyncio.start_server(old_server, "127.0.0.1", 0, ssl=sctx)
+        port = srv.sockets[0].getsockname()[1]
+        with pytest.raises(TunnelError):
+            await FrontTunnel.connect("127.0.0.1", port, pair.front_id, pair.node_id.cert_pem,
+                                      timeout=3)
+        srv.close()
+        assert not any(seen) and b"downgraded" not in canary.data
+    finally:
+        await pair.close()
+        await canary.close()
+
+
+async def test_each_channel_stream_reaches_only_its_own_target():
+    canaries = {ch: await Canary().start() for ch in wire.CHANNELS}
+    targets = {ch: ("127.0.0.1", c.port) for ch, c in canaries.items()}
+    pair = await (await Pair(targets).start_node()).connect("ab")
+    try:
+        ports = await pair.front.open_local_ports()
+        writers = []
+        for ch in wire.CHANNELS:
+            r, w = await asyncio.open_connection("127.0.0.1", ports[ch])
+            w.write(f"for-{ch}".encode())
+            await w.drain()
+            writers.append(w)
+        for _ in range(100):
+            if all(c.data for c in canaries.values()):
+                break
+            await asyncio.sleep(0.05)
+        assert {ch: bytes(c.data) for ch, c in canaries.items()} == \
+            {ch: f"for-{ch}".encode() for ch in wire.CHANNELS}
+        for w in writers:
+            w.close()
+    finally:
+        await pair.close()
+        for c in canaries.values():
+            await c.close()
+
+
+async def test_the_front_cuts_a_zmtp_frame_over_the_size_limit_from_the_node():
+    """Bytes from the node come from a guest kernel: the front applies the same ZMTP size guard
+    as for a local VM (a frame announcing 1 TiB is never passed to the client's libzmq)."""
+    async def hostile_kernel(r, w):
+        w.write(ZMTP_GREETING + b"\x02" + (1 << 40).to_bytes(8, "big") + b"x" * 1000)
+        await w.drain()
+        await r.read()
+        w.close()
+    srv = await asyncio.start_server(hostile_kernel, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    pair = await (await Pair({ch: ("127.0.0.1", port) for ch in wire.CHANNELS}).start_node()).connect("ab")
+    try:
+        ports = await pair.front.open_local_ports()
+        r, w = await asyncio.open_connection("127.0.0.1", ports["iopub"])
+        w.write(ZMTP_GREETING)
+        await w.drain()
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := await asyncio.wait_for(r.read(65536), 5):
+                got += chunk
+        assert got in (b"", ZMTP_GREETING)            # nothing of the frame (its chunk is cut)
+        w.close()
+    finally:
+        await pair.close()
+        srv.close()
+
+
 # ---- what crosses the network and what crosses Ray
 
 async def test_a_capture_between_front_and_node_shows_no_marker_and_no_key(kernel):
@@ -549,24 +663,65 @@ async def test_the_node_returns_only_public_material(kernel):
 
 # ---- bounds and cleanup
 
-async def test_stream_cap_and_handshake_timeout():
-    canary = await Canary().start()
-    pair = await Pair(canary.targets(), max_streams=3, handshake_timeout=1.0).start_node()
+async def _idle_from(source_ip: str, port: int):
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source_ip, 0))
+
+
+async def _closed_within(r, seconds: float) -> bool:
     try:
-        idle = [await asyncio.open_connection("127.0.0.1", pair.node.port) for _ in range(3)]
+        return await asyncio.wait_for(r.read(10), seconds) == b""
+    except OSError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def test_handshake_caps_per_address_and_in_all_and_the_handshake_timeout():
+    canary = await Canary().start()
+    pair = await Pair(canary.targets(), max_handshakes=3, max_handshakes_per_ip=2,
+                      handshake_timeout=1.5).start_node()
+    try:
+        a = [await _idle_from("127.0.0.2", pair.node.port) for _ in range(2)]
         await asyncio.sleep(0.2)
-        r, w = await asyncio.open_connection("127.0.0.1", pair.node.port)
-        assert await asyncio.wait_for(r.read(10), 2) == b""          # over the cap: closed
+        r, w = await _idle_from("127.0.0.2", pair.node.port)      # 3rd from one address
+        assert await _closed_within(r, 0.5)
+        w.close()
+        await pair.connect("ab")       # the front, from another address, still gets in
+        b = [await _idle_from("127.0.0.3", pair.node.port)]
+        await asyncio.sleep(0.2)
+        r, w = await _idle_from("127.0.0.4", pair.node.port)      # 4th in all
+        assert await _closed_within(r, 0.5)
         w.close()
         t = time.monotonic()
-        for r, w in idle:                                             # silent: closed at 1 s
-            with contextlib.suppress(OSError):
-                assert await asyncio.wait_for(r.read(10), 5) == b""
+        for r, w in a + b:                                          # silent: closed at 1.5 s
+            assert await _closed_within(r, 5)
             w.close()
         assert time.monotonic() - t < 3
-        await asyncio.sleep(0.1)
-        await pair.connect("ab")                                      # slots are free again
-        assert pair.controls == 1
+        assert pair.controls == 1 and canary.connections == 0
+    finally:
+        await pair.close()
+        await canary.close()
+
+
+async def test_authenticated_stream_cap():
+    canary = await Canary().start()
+    pair = await (await Pair(canary.targets(), max_streams=2).start_node()).connect("ab")
+    try:
+        ports = await pair.front.open_local_ports()
+        r1, w1 = await asyncio.open_connection("127.0.0.1", ports["shell"])   # control + 1
+        w1.write(b"one")
+        await w1.drain()
+        for _ in range(100):
+            if canary.connections == 1:
+                break
+            await asyncio.sleep(0.05)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", ports["iopub"])   # over the cap
+        w2.write(b"two")
+        await w2.drain()
+        assert await _closed_within(r2, 5)
+        assert canary.connections == 1 and b"two" not in canary.data
+        for w in (w1, w2):
+            w.close()
     finally:
         await pair.close()
         await canary.close()
@@ -607,6 +762,17 @@ async def test_close_leaves_no_fd_and_no_task(kernel):
         w.write(ZMTP_GREETING)
         await w.drain()
         socks.append(w)
+    # and refused ones: a stranger's TLS, plain bytes, a wrong certificate
+    await client_tls_stream(pair.node.port, None, pair.node_id.cert_pem,
+                            wire.encode_open("channel", "shell"))
+    await client_tls_stream(pair.node.port, TlsIdentity.generate("x"), pair.node_id.cert_pem,
+                            wire.encode_open("channel", "shell"))
+    r, w = await asyncio.open_connection("127.0.0.1", pair.node.port)
+    w.write(b"plain")
+    socks.append(w)
+    with pytest.raises(TunnelError):
+        await FrontTunnel.connect("127.0.0.1", pair.node.port, pair.front_id,
+                                  TlsIdentity.generate("y").cert_pem, timeout=3)
     await asyncio.sleep(0.5)
     assert len(_fds()) > len(before) + 10
     await pair.close()
