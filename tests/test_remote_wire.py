@@ -19,7 +19,15 @@ START = {"op": "start", "kernel_id": "k1", "key": "ab" * 16, "signature_scheme":
 VALID = [START, {"op": "interrupt"}, {"op": "shutdown", "restart": True},
          {"op": "ready", "node": "n1", "info": {"pid": 3}}, {"op": "died", "reason": "gone"},
          {"op": "error", "code": "folder", "message": "m"}, {"op": "audit", "rows": [{"a": 1}]},
-         {"op": "ping", "seq": 0}, {"op": "pong", "seq": 7}]
+         {"op": "ping", "seq": 0}, {"op": "pong", "seq": 7},
+         {"op": "signal", "signum": 2}, {"op": "info", "info": {}}, {"op": "stopped"},
+         {"op": "barrier", "id": 1}, {"op": "barrier_done", "id": 1, "complete": False},
+         {"op": "agent", "id": 2, "msg": {"op": "read"}}, {"op": "agent_reply", "id": 2, "reply": {}},
+         {"op": "agent_error", "id": 2, "code": "c", "message": "m"}]
+
+
+def test_every_op_has_a_valid_example():
+    assert {m["op"] for m in VALID} == set(wire.OPS)
 
 
 # ---- openings
