@@ -340,6 +340,14 @@ async def test_execute_iopub_stdin_control_and_heartbeat_through_the_tunnel(kern
 async def test_control_messages_both_ways_and_a_violation_closes_only_that_connection(kernel):
     pair = await (await Pair(kernel_targets(kernel)).start_node()).connect(kernel["key"])
     try:
+        for _ in range(3):          # receive() cancelled by timeouts loses nothing
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(pair.front.control.receive(), 0.05)
+        await pair.front.control.send({"op": "start", **{k: v for k, v in start_msg("ab").items()
+                                                        if k != "op"}})
+        assert (await asyncio.wait_for(pair.front.control.receive(), 5))["op"] == "ready"
+        pair.received.clear()
+        pair.received.append(start_msg(kernel["key"]))
         await pair.front.control.send({"op": "ping", "seq": 3})
         await pair.front.control.send({"op": "shutdown", "restart": False})
         for _ in range(50):

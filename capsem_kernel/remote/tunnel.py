@@ -209,7 +209,8 @@ class ControlConnection:
                 raise ConnectionClosed(self._closed_reason) from None
 
     async def receive(self) -> dict:
-        """The next message; ConnectionClosed when the peer is gone or broke the protocol."""
+        """The next message; ConnectionClosed when the peer is gone or broke the protocol.
+        One receiver at a time; cancel-safe (a receive cancelled by a timeout loses nothing)."""
         while not self._inbox:
             if self.closed:
                 raise ConnectionClosed(self._closed_reason)
