@@ -711,6 +711,36 @@ async def test_handshake_caps_per_address_and_in_all_and_the_handshake_timeout()
         await canary.close()
 
 
+async def test_a_stranger_flood_does_not_stop_a_running_session(kernel):
+    pair = await (await Pair(kernel_targets(kernel), handshake_timeout=1.0).start_node()).connect(kernel["key"])
+    info = await pair.client_info(kernel)
+    stop = asyncio.Event()
+
+    async def stranger(source_ip):
+        while not stop.is_set():
+            try:
+                r, w = await _idle_from(source_ip, pair.node.port)
+                w.write(b"\x16\x03\x01junk" * 50)
+                await asyncio.sleep(0.05)
+                w.close()
+            except OSError:
+                await asyncio.sleep(0.05)
+    flood = [asyncio.create_task(stranger(f"127.0.0.{10 + i % 5}")) for i in range(40)]
+    try:
+        def drive():
+            kc = client(info)
+            try:
+                return [stdout_of(execute(kc, f"print({i} * 2)", timeout=30)[1]) for i in range(10)]
+            finally:
+                kc.stop_channels()
+        assert await asyncio.to_thread(drive) == [f"{i * 2}\n" for i in range(10)]
+        assert pair.node.refused > 40
+    finally:
+        stop.set()
+        await asyncio.gather(*flood, return_exceptions=True)
+        await pair.close()
+
+
 async def test_authenticated_stream_cap():
     canary = await Canary().start()
     pair = await (await Pair(canary.targets(), max_streams=2).start_node()).connect("ab")

@@ -4,6 +4,7 @@ sans-IO, no sockets. Decoders are total: any input raises WireError or decodes."
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import ssl
 import struct
@@ -247,3 +248,17 @@ def test_contexts_are_tls13_only_with_the_peer_as_only_anchor_and_no_tickets():
         identity.server_context(a, b"not a cert")
     with pytest.raises(IdentityError):
         identity.client_context(a.public(), b.cert_pem)
+
+
+def test_the_key_is_loaded_without_a_file_on_disk_and_also_where_there_is_no_memfd(monkeypatch, tmp_path):
+    a, b = TlsIdentity.generate("a"), TlsIdentity.generate("b")
+    monkeypatch.setattr(identity.tempfile, "tempdir", str(tmp_path))
+    identity.server_context(a, b.cert_pem)
+    assert list(tmp_path.iterdir()) == []                 # memfd: nothing written anywhere
+    monkeypatch.delattr(identity.os, "memfd_create")
+    made = []
+    real = identity.tempfile.mkdtemp
+    monkeypatch.setattr(identity.tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    ctx = identity.client_context(a, b.cert_pem)
+    assert ctx.cert_store_stats()["x509"] == 1
+    assert made and not any(os.path.exists(p) for p in made)   # the fallback file is gone at once
