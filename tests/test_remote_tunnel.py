@@ -517,6 +517,10 @@ async def test_plain_tcp_bytes_reach_nothing():
             w.close()
         assert canary.connections == 0 and not canary.data
         assert [m["op"] for m in pair.received] == ["start"]
+        # positive control: the same bytes inside the front's TLS reach the canary
+        _, err = await client_tls_stream(pair.node.port, pair.front_id, pair.node_id.cert_pem,
+                                         wire.encode_open("channel", "shell"), ZMTP_GREETING)
+        assert bytes(canary.data) == ZMTP_GREETING, err
     finally:
         await pair.close()
         await canary.close()
