@@ -264,6 +264,16 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("CAPSEM_PROXY_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from . import tuning
+    profile_dir = os.environ.get("CAPSEM_PROXY_PROFILE")
+    if profile_dir:  # a developer's switch (bench/proxy.py): cProfile of this worker, written at stop
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return tuning.event_loop_runner()(run(out))
+        finally:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"proxy-{os.getpid()}.prof"))
     return tuning.event_loop_runner()(run(out))
 
 
