@@ -33,6 +33,7 @@ from capsem_agent import protocol
 from ..policy import PolicyError, parse_policy
 from .audit import AuditLog
 from .ca import ensure_ca
+from . import tuning
 
 log = logging.getLogger("capsem.proxy")
 
@@ -142,6 +143,7 @@ async def run(out) -> int:
         return 2
     # SIGTERM (also what PR_SET_PDEATHSIG sends) shuts down like EOF: queued audit rows get written
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, reader.feed_eof)
+    tuning.quiet_gc()  # everything so far lives as long as the service
     send({"t": "ready", "socks": [addrs[0][0], addrs[0][1]]})
     log.info("proxy service ready on %s:%s", addrs[0][0], addrs[0][1])
     await _serve(reader, control, audit_log, send)
@@ -263,7 +265,6 @@ def main() -> int:
     sys.stdout = sys.stderr
     logging.basicConfig(level=os.environ.get("CAPSEM_PROXY_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from . import tuning
     profile_dir = os.environ.get("CAPSEM_PROXY_PROFILE")
     if profile_dir:  # a developer's switch (bench/proxy.py): cProfile of this worker, written at stop
         import cProfile
