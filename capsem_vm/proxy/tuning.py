@@ -46,8 +46,8 @@ def quiet_gc() -> None:
     on every older-generation pass, and a larger young threshold runs the young passes less often
     (mitmproxy allocates tens of objects per request, some in cycles). Measured with bench/proxy.py:
     the collector was ~6% of a worker's CPU per request (py-spy). Memory stays bounded: cyclic
-    garbage waits at most GC_THRESHOLD0 allocations, not forever."""
-    gc.collect()
+    garbage waits at most GC_THRESHOLD0 allocations, not forever. No gc.collect() first: at that
+    point it found nothing to free and cost 30-240 ms of every worker's (re)start."""
     gc.freeze()
     _, t1, t2 = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD0, t1, t2)
