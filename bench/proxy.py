@@ -331,6 +331,8 @@ async def main(args) -> dict:
              "stock-min": lambda: Conn.proxied(min_egress, port, proxy_ctx, target="127.0.0.1")}
     if args.no_direct:
         del paths["direct"]
+    if args.only:  # e.g. to profile one proxy alone
+        paths = {k: v for k, v in paths.items() if k == args.only}
     # the bridges run in this process, with the client
     meters = {"direct": CpuMeter({"client": [os.getpid()], "upstream": [up.pid]}),
               "capsem": CpuMeter({"client+bridge": [os.getpid()], "proxy": service.pids, "upstream": [up.pid]}),
@@ -375,6 +377,8 @@ async def main(args) -> dict:
                "mitmproxy": mitm_version, "python": service.python, "rounds": args.rounds,
                "seconds": args.seconds, "small": {}, "big": {}}
     print(f"\nload average after: {load_after}")
+    if args.only:
+        return summary
     print(f"\nmedians over {args.rounds} round(s); capsem/stock per round in brackets:")
     for conc in args.conc:
         line = {}
@@ -427,6 +431,8 @@ if __name__ == "__main__":
                     help="proxy worker processes, capsem's and stock's alike (default: cores, max 4)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every configuration once, alternating order")
     ap.add_argument("--conc", type=int, nargs="+", default=[1, 16, 64], help="small-body concurrencies")
+    ap.add_argument("--only", choices=["direct", "capsem", "stock", "stock-min"], default=None,
+                    help="run this configuration alone (no ratios): to profile one proxy")
     ap.add_argument("--no-big", action="store_true", help="skip the 10 MiB runs")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct (no proxy) runs")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
