@@ -93,7 +93,7 @@ import asyncio, os, signal, sys
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyauth, proxyserver, tlsconfig
 from mitmproxy.master import Master
-port, confdir, upstream_ca, auth = sys.argv[1:5]
+port, confdir, upstream_ca, auth, stream = sys.argv[1:6]
 async def main():
     opts = options.Options()
     m = Master(opts)
@@ -101,6 +101,8 @@ async def main():
                  disable_h2c.DisableH2C(), proxyauth.ProxyAuth())
     opts.update(mode=[f"socks5@127.0.0.1:{port}"], confdir=confdir, ssl_verify_upstream_trusted_ca=upstream_ca,
                 proxyauth=auth, connection_strategy="eager")
+    if stream:
+        opts.update(stream_large_bodies=stream)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, m.shutdown)
     await m.run()
 prof = os.environ.get("CAPSEM_PROXY_PROFILE")
@@ -209,8 +211,9 @@ async def run_small(make, conc: int, seconds: float, meter: CpuMeter):
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, "n": len(lat), "cpu": cpu}
 
 
-async def run_big(make, conc: int, count: int):
+async def run_big(make, conc: int, count: int, meter: CpuMeter):
     conns = [await make() for _ in range(conc)]
+    meter.start()
     per = max(1, count // conc)
     times: list[float] = []
 
@@ -222,11 +225,12 @@ async def run_big(make, conc: int, count: int):
     t0 = time.monotonic()
     await asyncio.gather(*(worker(c) for c in conns))
     elapsed = time.monotonic() - t0
+    cpu = meter.per_request_ms(len(times) * BIG // (1 << 20))  # CPU ms per MiB
     for c in conns:
         c.close()
     times.sort()
     return {"mib_s": len(times) * BIG / elapsed / (1 << 20), "p50_ms": statistics.median(times) * 1e3,
-            "p99_ms": times[-1] * 1e3, "n": len(times)}
+            "p99_ms": times[-1] * 1e3, "n": len(times), "cpu_per_mib": cpu}
 
 
 def free_port() -> int:
@@ -249,7 +253,8 @@ async def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.
     raise RuntimeError("stock mitmdump did not listen in time")
 
 
-async def start_stock(python: str, n: int, confdir: Path, upstream_ca: str, log: Path, minimal: bool = False):
+async def start_stock(python: str, n: int, confdir: Path, upstream_ca: str, log: Path, minimal: bool = False,
+                      stream: str = ""):
     """n stock mitmproxy processes (SOCKS5 with user/password, the service's CA, the same upstream
     trust), none of capsem's code: `mitmdump -q` (its default addons), or with `minimal` a bare
     Master with only the stock addons capsem also loads. Returns (procs, endpoint for a bridge)."""
@@ -259,11 +264,11 @@ async def start_stock(python: str, n: int, confdir: Path, upstream_ca: str, log:
     for _ in range(n):
         port = free_port()
         if minimal:
-            cmd = [python, "-c", STOCK_MIN, str(port), str(confdir), upstream_ca, f"bench:{password}"]
+            cmd = [python, "-c", STOCK_MIN, str(port), str(confdir), upstream_ca, f"bench:{password}", stream]
         else:
             cmd = [mitmdump, "-q", "--mode", f"socks5@127.0.0.1:{port}", "--proxyauth", f"bench:{password}",
                    "--set", f"confdir={confdir}", "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
-                   "--set", "connection_strategy=eager"]
+                   "--set", "connection_strategy=eager"] + (["--set", f"stream_large_bodies={stream}"] if stream else [])
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log.open("ab"),
                                       stderr=subprocess.STDOUT, env=env))
@@ -306,9 +311,9 @@ async def main(args) -> dict:
     from capsem_vm.proxy.ca import KEY_FILE, ca_dir
     shutil.copy(ca_dir() / KEY_FILE, stock_conf / KEY_FILE)
     stock_procs, stock_endpoint = await start_stock(service.python, len(service.pids), stock_conf, upstream_ca,
-                                                    tmp / "stock.log")
+                                                    tmp / "stock.log", stream=args.stock_stream)
     min_procs, min_endpoint = await start_stock(service.python, len(service.pids), stock_conf, upstream_ca,
-                                                tmp / "stock-min.log", minimal=True)
+                                                tmp / "stock-min.log", minimal=True, stream=args.stock_stream)
     mitm_version = subprocess.run([service.python, "-c", "import mitmproxy.version as v; print(v.VERSION)"],
                                   capture_output=True, text=True).stdout.strip()
     print(f"proxy workers: capsem {len(service.pids)}, stock mitmdump {len(stock_procs)}, stock-min {len(min_procs)} (mitmproxy {mitm_version}, "
@@ -346,7 +351,7 @@ async def main(args) -> dict:
         for rnd in range(args.rounds):
             order = list(paths) if rnd % 2 == 0 else list(reversed(paths))  # alternate who goes first
             print(f"-- round {rnd + 1}/{args.rounds} (order {', '.join(order)}; load {loadavg()})", flush=True)
-            for conc in args.conc:
+            for conc in ([] if args.no_small else args.conc):
                 for name in order:
                     r = await run_small(paths[name], conc, args.seconds, meters[name])
                     small.setdefault((conc, name), []).append(r)
@@ -354,10 +359,11 @@ async def main(args) -> dict:
                           f"p99 {r['p99_ms']:7.2f} ms  (n={r['n']})  {fmt_cpu(r['cpu'])}", flush=True)
             for conc in (() if args.no_big else (1, 4)):
                 for name in order:
-                    r = await run_big(paths[name], conc, args.big_count)
+                    r = await run_big(paths[name], conc, args.big_count, meters[name])
                     big.setdefault((conc, name), []).append(r)
                     print(f"10 MiB c={conc:<3} {name:9}  {r['mib_s']:8.1f} MiB/s  p50 {r['p50_ms']:7.0f} ms  "
-                          f"max {r['p99_ms']:7.0f} ms  (n={r['n']})", flush=True)
+                          f"max {r['p99_ms']:7.0f} ms  (n={r['n']})  "
+                          + fmt_cpu(r["cpu_per_mib"]).replace("cpu/req", "cpu/MiB"), flush=True)
     finally:
         await bridge.close()
         await stock_bridge.close()
@@ -373,14 +379,14 @@ async def main(args) -> dict:
         audit.close()
         up.kill()
     load_after = loadavg()
-    summary = {"load_before": load_before, "load_after": load_after, "workers": len(service.pids),
+    summary = {"stock_stream_large_bodies": args.stock_stream or None, "load_before": load_before, "load_after": load_after, "workers": len(service.pids),
                "mitmproxy": mitm_version, "python": service.python, "rounds": args.rounds,
                "seconds": args.seconds, "small": {}, "big": {}}
     print(f"\nload average after: {load_after}")
     if args.only:
         return summary
     print(f"\nmedians over {args.rounds} round(s); capsem/stock per round in brackets:")
-    for conc in args.conc:
+    for conc in ([] if args.no_small else args.conc):
         line = {}
         for name in paths:
             rs = small[(conc, name)]
@@ -404,7 +410,8 @@ async def main(args) -> dict:
         line = {}
         for name in paths:
             rs = big[(conc, name)]
-            line[name] = {"mib_s": median([r["mib_s"] for r in rs]), "rounds": rs}
+            line[name] = {"mib_s": median([r["mib_s"] for r in rs]),
+                          "proxy_cpu_ms_per_mib": median([r["cpu_per_mib"].get("proxy", 0.0) for r in rs]), "rounds": rs}
         ratios = [c["mib_s"] / s["mib_s"] for c, s in zip(big[(conc, "capsem")], big[(conc, "stock")])]
         ratios_min = [c["mib_s"] / s["mib_s"] for c, s in zip(big[(conc, "capsem")], big[(conc, "stock-min")])]
         line["capsem_over_stock"] = {"median": median(ratios), "rounds": ratios}
@@ -414,8 +421,10 @@ async def main(args) -> dict:
         print(f"  10 MiB c={conc:<3} MiB/s {direct}capsem {line['capsem']['mib_s']:6.1f}  stock {line['stock']['mib_s']:6.1f}"
               f"  stock-min {line['stock-min']['mib_s']:6.1f}"
               f"\n      capsem/stock x{median(ratios):.2f} [{' '.join(f'{x:.2f}' for x in ratios)}]"
-              f"  capsem/stock-min x{median(ratios_min):.2f} [{' '.join(f'{x:.2f}' for x in ratios_min)}]")
-    if 64 in summary["small"]:
+              f"  capsem/stock-min x{median(ratios_min):.2f} [{' '.join(f'{x:.2f}' for x in ratios_min)}]"
+              f"\n      proxy cpu/MiB: capsem {line['capsem']['proxy_cpu_ms_per_mib']:.2f} ms, stock "
+              f"{line['stock']['proxy_cpu_ms_per_mib']:.2f} ms, stock-min {line['stock-min']['proxy_cpu_ms_per_mib']:.2f} ms")
+    if 64 in summary["small"] and not args.no_big:
         p64 = summary["small"][64]["capsem"]["rps"]
         pbig = max((summary["big"][c]["capsem"]["mib_s"] for c in summary["big"]), default=float("nan"))
         print(f"\nvs reference (Rust MITM proxy, measured elsewhere: 2550 req/s @c=64, 31 MiB/s @10 MiB): "
@@ -433,6 +442,9 @@ if __name__ == "__main__":
     ap.add_argument("--conc", type=int, nargs="+", default=[1, 16, 64], help="small-body concurrencies")
     ap.add_argument("--only", choices=["direct", "capsem", "stock", "stock-min"], default=None,
                     help="run this configuration alone (no ratios): to profile one proxy")
+    ap.add_argument("--no-small", action="store_true", help="skip the 1 KiB runs")
+    ap.add_argument("--stock-stream", default="",
+                    help="stock's stream_large_bodies (e.g. 1: stream every body, as capsem does; default: buffer)")
     ap.add_argument("--no-big", action="store_true", help="skip the 10 MiB runs")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct (no proxy) runs")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
