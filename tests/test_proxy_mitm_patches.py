@@ -162,3 +162,35 @@ def test_mitmproxy_12_forges_no_crl_point_and_answers_no_crl_request():
     for it itself; the patch keeps 11.0.2's behaviour (neither). On 11.0.2 there is nothing to check."""
     out = _run_in_proxy_venv(CRL)
     assert out.returncode == 0 and out.stdout.decode().strip() in ("ok", "n/a"), out.stderr.decode()[-3000:]
+
+
+TASK_LABELS = '''
+    import asyncio, os
+    from mitmproxy import options
+    from mitmproxy.master import Master
+    from mitmproxy.utils import asyncio_utils
+    from capsem_vm.proxy import mitm_patches as mp
+
+    os.environ["PYTEST_CURRENT_TEST"] = "some test"  # 11.0.2's stock label looked this up per task
+
+    async def main():
+        mp.apply(Master(options.Options()), idle_timeout=7, header_limit=lambda: 10)
+        async def nothing():
+            return 1
+        t = asyncio_utils.create_task(nothing(), name="handle_hook(request)", client=("10.0.0.1", 5))
+        assert await t == 1
+        assert t.get_name() == "handle_hook(request)", t.get_name()
+        assert t.client == ("10.0.0.1", 5) and t.created > 0
+        u = asyncio_utils.create_task(nothing(), name="x")
+        await u
+        assert not hasattr(u, "client")
+        print("ok")
+    asyncio.run(main())
+'''
+
+
+def test_hook_tasks_are_labelled_without_an_environment_lookup():
+    """mitm_patches.cheap_task_debug_info: the label of every task mitmproxy starts (one per hook)
+    is 12.x's (name, client, creation time), never a test runner's name read from os.environ."""
+    out = _run_in_proxy_venv(TASK_LABELS)
+    assert out.returncode == 0 and out.stdout.decode().strip() == "ok", out.stderr.decode()[-3000:]

@@ -66,6 +66,7 @@ check_version()
 import contextlib  # noqa: E402  (after the gate on purpose)
 import inspect  # noqa: E402
 import logging  # noqa: E402
+import time  # noqa: E402
 
 from mitmproxy import exceptions, flow, hooks, http  # noqa: E402
 from mitmproxy.addonmanager import AddonManager  # noqa: E402
@@ -87,6 +88,7 @@ def apply(master, *, idle_timeout: int, header_limit, on_header_refused=None) ->
     patch_http1_header_limit(header_limit, on_header_refused)
     set_idle_timeout(master, idle_timeout, internals)
     no_eager_tasks()
+    cheap_task_debug_info()
     if internals.crl_points:
         drop_crl_points()
 
@@ -261,3 +263,20 @@ def no_eager_tasks() -> None:
     tests of tests/test_proxy.py ran (test_denied_large_upload_is_reset_not_buffered), without it
     at once, as on 3.11. So the service runs its tasks as on 3.11 everywhere."""
     asyncio_utils.set_eager_task_factory = _lazy_tasks
+
+
+# --- 7. mitmproxy.utils.asyncio_utils.set_task_debug_info (11.0.2; 12.x already does the same) ----
+
+def _set_task_debug_info(task, *, name: str, client: tuple | None = None) -> None:
+    task.created = time.time()
+    task.set_name(name)
+    if client:
+        task.client = client
+
+
+def cheap_task_debug_info() -> None:
+    """mitmproxy starts a task per hook (four per HTTP request, at least) and labels each one. In
+    11.0.2 the label also looks up PYTEST_CURRENT_TEST in os.environ every time (a KeyError raised
+    and caught per task); 12.x dropped that lookup. This is 12.x's function: the same labels, minus
+    a test runner's name. Removes per-request work only."""
+    asyncio_utils.set_task_debug_info = _set_task_debug_info

@@ -34,6 +34,7 @@ from capsem_agent import protocol
 from ..policy import PolicyError, parse_policy
 from .audit import AuditLog
 from .ca import ensure_ca
+from . import tuning
 
 log = logging.getLogger("capsem.proxy")
 
@@ -145,6 +146,7 @@ async def run(out) -> int:
         return 2
     # SIGTERM (also what PR_SET_PDEATHSIG sends) shuts down like EOF: queued audit rows get written
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, reader.feed_eof)
+    tuning.quiet_gc()  # everything so far lives as long as the service
     send({"t": "ready", "socks": [addrs[0][0], addrs[0][1]]})
     log.info("proxy service ready on %s:%s", addrs[0][0], addrs[0][1])
     await _serve(reader, control, audit_log, send)
@@ -266,7 +268,16 @@ def main() -> int:
     sys.stdout = sys.stderr
     logging.basicConfig(level=os.environ.get("CAPSEM_PROXY_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from . import tuning
+    profile_dir = os.environ.get("CAPSEM_PROXY_PROFILE")
+    if profile_dir:  # a developer's switch (bench/proxy.py): cProfile of this worker, written at stop
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return tuning.event_loop_runner()(run(out))
+        finally:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"proxy-{os.getpid()}.prof"))
     return tuning.event_loop_runner()(run(out))
 
 
