@@ -557,7 +557,8 @@ async def test_ca_key_is_private(world):
 
 async def test_audit_cli_reads_rows(world, capsys):
     from capsem_vm.proxy.cli import main as proxy_main
-    world.audit.flush()
+    # k-open's rows come from the proxy workers, written a moment after their requests: wait for one
+    assert await arows(world, kernel="k-open")
     assert proxy_main(["audit", "--db", str(world.audit_db), "--kernel", "k-open", "--json"]) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert lines and all(l["kernel"] == "k-open" for l in lines)
