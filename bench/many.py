@@ -42,12 +42,47 @@ from start import CLI, capsem_config, load, pool_status, private_setup, wait_rea
 GOAL_PSS_MB = 20 * 1024
 
 
-def cell_for(folder: Path, i: int) -> tuple[str, callable]:
-    code = (f"import os; open('hello.txt', 'w').write('kernel {i}'); print(os.getcwd())")
+def cell_for(folder: Path, i: int, url: str | None = None) -> tuple[str, callable]:
+    """A cell that writes a file in its folder and prints the cwd (and, with `url`, fetches it:
+    through the policy proxy in a capsem kernel)."""
+    code = f"import os; open('hello.txt', 'w').write('kernel {i}'); print(os.getcwd())"
+    want = str(folder)
+    if url:
+        code += f"\nimport urllib.request; print(urllib.request.urlopen('{url}/k{i}', timeout=600).read().decode())"
+        want += f"\n{BODY} /k{i}"
 
     def check(out: str) -> bool:
-        return out.strip() == str(folder) and (folder / "hello.txt").read_text() == f"kernel {i}"
+        return out.strip() == want and (folder / "hello.txt").read_text() == f"kernel {i}"
     return code, check
+
+
+BODY = "capsem-many upstream"
+
+
+def upstream(base: Path) -> tuple[str, Path, object]:
+    """An HTTP server on this machine's own address (never loopback: the policy protects it) that
+    answers BODY and the path, and a policy that allows exactly it. Returns (url, policy, server)."""
+    import http.server
+    import threading
+    ip = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()[0]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"{BODY} {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer((ip, 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    policy = base / "policy.toml"
+    policy.write_text(f'[[rule]]\nname = "bench-upstream"\nhost = "{ip}"\nport = {port}\n'
+                      f'addresses = ["{ip}"]\naction = "allow"\nreason = "bench/many.py upstream"\n')
+    return f"http://{ip}:{port}", policy, srv
 
 
 def folders(base: Path, label: str, n: int) -> list[Path]:
@@ -86,6 +121,10 @@ def run(args) -> dict:
                          f"for {args.kernels} VMs of {args.memory} MB (+2 GiB): --force to try anyway")
     log(f"MemAvailable {res['mem_available_start_mb']} MB")
 
+    url = None
+    if args.egress:  # every kernel registered with the proxy service, every cell fetches through it
+        url, policy, _srv = upstream(base)
+        res["upstream"] = url
     out = subprocess.run(CLI + ["pool", "start", "--size", str(args.pool), "--memory", str(args.memory),
                                 "--cpus", str(args.cpus), "--parallel", "2"], capture_output=True, text=True)
     if out.returncode:
@@ -105,7 +144,7 @@ def run(args) -> dict:
         local_dirs = folders(base, "local", args.kernels)
         starts = []
         for i, d in enumerate(local_dirs):
-            code, check = cell_for(d, i)
+            code, check = cell_for(d, i, url)
             starts.append(fleet.jupyter_start("python3", None, str(d), code, check))
         log(f"local: {args.kernels} ipykernels at once")
         local = fleet.run_fleet(starts, pids=fleet.tree_pids, sample_s=args.sample)
@@ -116,8 +155,11 @@ def run(args) -> dict:
         capsem_dirs = folders(base, "capsem", args.kernels)
         starts = []
         for i, d in enumerate(capsem_dirs):
-            code, check = cell_for(d, i)
-            starts.append(fleet.jupyter_start("capsem", capsem_config(args, True), str(d), code, check,
+            code, check = cell_for(d, i, url)
+            config = capsem_config(args, True)
+            if url:
+                config.CapsemProvisioner.policy = str(policy)
+            starts.append(fleet.jupyter_start("capsem", config, str(d), code, check,
                                               on_started=note_pooled))
         log(f"capsem: {args.kernels} kernels at once ({args.pool} pooled VMs ready)")
         cap = fleet.run_fleet(starts, pids=lambda: fleet.tree_pids(*([ppid] if ppid else [])),
@@ -200,6 +242,9 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help=f"vCPUs per VM (default {DEFAULT_CPUS}, the kernelspec's)")
     ap.add_argument("--sample", type=float, default=1.0, help="memory sample interval (s)")
     ap.add_argument("--settle", type=float, default=5.0, help="idle seconds measured after all cells ran")
+    ap.add_argument("--egress", action="store_true",
+                    help="each cell also fetches from a server on this host's address, capsem kernels through the "
+                         "policy proxy (a policy allowing exactly it: the proxy service serves all kernels)")
     ap.add_argument("--force", action="store_true", help="run even if MemAvailable looks too low")
     ap.add_argument("--json", help="write the results here (default: none)")
     ap.add_argument("--md", help="write the markdown table here (default: none)")
