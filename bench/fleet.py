@@ -173,7 +173,15 @@ def memory_sample(pids: Iterable[int]) -> dict:
         by_kind[k] = by_kind.get(k, 0) + kb / 1024
         count[k] = count.get(k, 0) + 1
     return {"pss_mb": round(sum(by_kind.values()), 1), "by_kind_mb": {k: round(v, 1) for k, v in by_kind.items()},
-            "processes": count, "mem_available_mb": round(mem_available_kb() / 1024, 1)}
+            "processes": count, "mem_available_mb": round(mem_available_kb() / 1024, 1), "fds": open_fds()}
+
+
+def open_fds(pid: int | None = None) -> int:
+    """Open file descriptors of this process (or pid): the kernel managers and relays live here."""
+    try:
+        return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
+    except OSError:
+        return 0
 
 
 # --- the timer loop (own process) ----------------------------------------------------------
@@ -239,6 +247,7 @@ class HostWatch:
         return {"lateness": lateness, "samples": self.samples,
                 "peak_pss_mb": peak.get("pss_mb"), "peak_by_kind_mb": peak.get("by_kind_mb"),
                 "peak_processes": peak.get("processes"), "peak_at_s": peak.get("t"),
+                "peak_fds": max((s["fds"] for s in self.samples), default=None),
                 "mem_available_low_mb": min((s["mem_available_mb"] for s in self.samples), default=None),
                 "mem_available_start_mb": self.samples[0]["mem_available_mb"] if self.samples else None}
 
@@ -329,6 +338,7 @@ def summarize(result: FleetResult) -> dict:
         "peak_pss_mb": w["peak_pss_mb"], "peak_by_kind_mb": w["peak_by_kind_mb"],
         "peak_processes": w["peak_processes"],
         "mem_available_start_mb": w["mem_available_start_mb"], "mem_available_low_mb": w["mem_available_low_mb"],
+        "peak_fds": w.get("peak_fds"),
         "stop_s": result.stop_s,
     }
 
@@ -346,7 +356,8 @@ def format_summary(label: str, s: dict) -> str:
         lines.append(f"  timer lateness ({lt['tick_ms']:.0f} ms sleeps, {lt['ticks']} ticks): worst {lt['worst_ms']:.1f} ms, "
                      f"p99 {lt['p99_ms']:.1f} ms, p50 {lt['p50_ms']:.2f} ms")
     lines.append(f"  peak PSS {s['peak_pss_mb']:.0f} MB ({s['peak_by_kind_mb']}); "
-                 f"MemAvailable {s['mem_available_start_mb']:.0f} MB at start, low-water {s['mem_available_low_mb']:.0f} MB")
+                 f"MemAvailable {s['mem_available_start_mb']:.0f} MB at start, low-water {s['mem_available_low_mb']:.0f} MB; "
+                 f"this process's open fds at most {s['peak_fds']}")
     for e in s["errors"]:
         lines.append(f"  ERROR {e[:300]}")
     return "\n".join(lines)

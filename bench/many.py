@@ -227,6 +227,7 @@ def markdown(res: dict) -> str:
                      f"{ca['lateness_ms'].get(key):.1f} | |")
     lines.append(f"| peak PSS (MB) | {lo['peak_pss_mb']} | {ca['peak_pss_mb']} | |")
     lines.append(f"| MemAvailable low-water (MB) | {lo['mem_available_low_mb']} | {ca['mem_available_low_mb']} | |")
+    lines.append(f"| open fds of the client process, peak | {lo['peak_fds']} | {ca['peak_fds']} | |")
     lines.append(f"| stop all (s) | {lo['stop_s']} | {ca['stop_s']} | |")
     lines += ["", f"capsem peak PSS by kind (MB): {ca['peak_by_kind_mb']}; processes: {ca['peak_processes']}"]
     if ca["errors"]:
