@@ -97,6 +97,10 @@ def folders(base: Path, label: str, n: int) -> list[Path]:
 def note_pooled(km, marks: fleet.Marks) -> None:
     kvm = km.provisioner.kernel_vm
     marks.info["group"] = "pooled" if kvm is not None and kvm.pooled else "cold"
+    if kvm is not None:  # where a VM's start went (QEMU -> hello, the whole VM start, the claim)
+        t = kvm.vm.timings
+        marks.info["vm"] = {k: round(v, 2) for k, v in t.items() if k in ("hello_s", "ready_s", "pool_claim_s",
+                                                                         "egress_s", "attach_s", "mount_s")}
 
 
 def pool_pid() -> int | None:
