@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import socket
 import time
 
 from capsem_agent import protocol
+from capsem_vm import fds
 from capsem_vm.rate import TokenBucket
 from capsem_vm.vsock.base import close_servers
 
@@ -203,7 +203,7 @@ async def _both(*coros) -> None:
 def _hung_up(sock: socket.socket) -> bool:
     """The peer closed its side (readable, and nothing but EOF). Bytes waiting are no hang-up."""
     try:
-        return bool(select.select([sock], [], [], 0)[0]) and not sock.recv(1, socket.MSG_PEEK)
+        return fds.readable(sock) and not sock.recv(1, socket.MSG_PEEK)
     except OSError:
         return True
 

@@ -39,7 +39,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
-from capsem_vm import sweep
+from capsem_vm import fds, sweep
 from capsem_vm.polling import poll_until_async
 
 from . import loop_thread, port_hold
@@ -96,6 +96,7 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         sweep.sweep_once()  # what a killed capsem left in the runtime dir (once per process)
+        fds.raise_limit()  # ~60 descriptors per kernel in this process (capsem_vm/fds.py)
         km = self.parent
         if km.transport != "tcp" or not is_local_ip(km.ip):
             raise RuntimeError(f"capsem kernels listen on a local TCP address; got {km.transport}://{km.ip}")
