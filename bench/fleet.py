@@ -11,7 +11,7 @@ and cold; bench/ray.py: sandboxes on Ray nodes). Import it with bench/ on sys.pa
         marks.info["group"] = "pooled"      # medians are given per group (default "all")
         return lambda: ...stop it...        # called after all are done (None: nothing to stop)
     result = fleet.run_fleet([start] * 20, pids=fleet.tree_pids)
-    print(fleet.format_summary(result.summary()))
+    print(fleet.format_summary("my kernels", result.summary()))
 
 run_fleet(starts, *, pids=None, sample_s=1.0, tick_s=0.01, settle_s=0.0, stop=True, timeout=None)
   - starts: callables, each run on its own thread; all threads are released together by a barrier
@@ -24,12 +24,13 @@ run_fleet(starts, *, pids=None, sample_s=1.0, tick_s=0.01, settle_s=0.0, stop=Tr
         repeatedly; its lateness (actual - tick_s) gives worst, p99 and p50 in ms;
       * every sample_s: PSS (/proc/PID/smaps_rollup) summed over pids(), by process kind (kind_of:
         qemu, vsock, virtiofsd, keeper, proxy, pool, ipykernel, this process, other); the peak sum
-        and the kinds at that peak; and MemAvailable (/proc/meminfo), its low-water mark.
+        and the kinds at that peak; MemAvailable (/proc/meminfo), its low-water mark; and this
+        process's open descriptors (peak_fds: kernel managers and relays live here).
   - stop=True: the stop callables run afterwards, all at once on threads (timed: stop_s).
   Returns a FleetResult: kernels (per kernel: marks, info, error), all_s (release -> last callable
   returned), watch (samples, lateness, memory); .summary() gives the figures as one dict:
   ok/n, time to all `ready` and all `cell`, per-group medians of each mark, lateness, peak PSS,
-  MemAvailable low-water.
+  MemAvailable low-water, peak_fds. format_summary(label, summary) prints it.
 
 jupyter_start(kernel_name, config, cwd, code, check) makes a start callable for a jupyter_client
 kernel, the way its users start one: KernelManager.start_kernel, start_channels, wait_for_ready
