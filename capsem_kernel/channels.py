@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import socket
 import time
 
 from capsem_agent import protocol
+from capsem_vm import fds
 from capsem_vm.rate import TokenBucket
 from capsem_vm.vsock.base import close_servers
 
@@ -72,8 +72,9 @@ class RateLimit:
 
 class ChannelForwarder:
     def __init__(self, transport, ip: str, ports: dict[str, int], *, max_rate: float = OUTPUT_RATE,
-                 burst: float = OUTPUT_BURST, early_streams=None):
+                 burst: float = OUTPUT_BURST, early_streams=None, listeners=None):
         self.transport = transport
+        self.listeners = listeners  # name -> a socket listening on that port already (port_hold.py)
         self.early_streams = early_streams  # (name) -> socket | None: a primed stream, named and open already
         self.early_streams_used = 0
         self.greeting_mismatches = 0  # front ends that greeted unlike the primer (closed: they reconnect)
@@ -88,9 +89,11 @@ class ChannelForwarder:
 
     async def start(self) -> None:
         for name in protocol.KERNEL_CHANNELS:
-            server = await asyncio.start_server(
-                lambda r, w, name=name: self._on_client(name, r, w), host=self.ip, port=self.ports[name],
-                reuse_address=True)
+            serve = lambda r, w, name=name: self._on_client(name, r, w)  # noqa: E731
+            if self.listeners:  # adopted: held since the ports were chosen; closed with the server
+                server = await asyncio.start_server(serve, sock=self.listeners[name])
+            else:
+                server = await asyncio.start_server(serve, host=self.ip, port=self.ports[name], reuse_address=True)
             self._servers.append(server)
 
     async def _on_client(self, name: str, reader, writer) -> None:
@@ -200,7 +203,7 @@ async def _both(*coros) -> None:
 def _hung_up(sock: socket.socket) -> bool:
     """The peer closed its side (readable, and nothing but EOF). Bytes waiting are no hang-up."""
     try:
-        return bool(select.select([sock], [], [], 0)[0]) and not sock.recv(1, socket.MSG_PEEK)
+        return fds.readable(sock) and not sock.recv(1, socket.MSG_PEEK)
     except OSError:
         return True
 

@@ -86,14 +86,16 @@ class KernelVM:
             raise VMError("the kernel's VM has no vsock transport")
         return self.vm.transport
 
-    async def start(self, connection_info: dict[str, Any], cwd: str, env: dict[str, str]) -> None:
+    async def start(self, connection_info: dict[str, Any], cwd: str, env: dict[str, str],
+                    listeners: dict[str, Any] | None = None) -> None:
+        """listeners: channel name -> a socket already listening on its port (port_hold.py)."""
         self.started_at = time.time()
         await self.vm.start()
         self._booted = True
         try:
             ports = {name: int(connection_info[key]) for name, key in PORT_KEYS.items()}
             self.forwarder = ChannelForwarder(self.transport, connection_info["ip"], ports,
-                                              early_streams=self.vm.take_channel_stream)
+                                              early_streams=self.vm.take_channel_stream, listeners=listeners)
             self.forwarder.ready = self._listening
             attach_gate = self.vm.attach_gate
             if attach_gate is not None:  # a pooled VM attaches its folder after the first reply

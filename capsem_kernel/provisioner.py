@@ -40,10 +40,11 @@ from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
 from capsem_vm.errors import CapsemError
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
-from capsem_vm import sweep
+from capsem_vm import fds, sweep
 from capsem_vm.polling import poll_until_async
 
-from . import loop_thread
+from . import loop_thread, port_hold
+from .channels import PORT_KEYS
 from .kernel_vm import KernelVM
 from .start_error import KernelStartError
 
@@ -79,6 +80,7 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     kernel_vm: KernelVM | None = None
     ports_cached = False
+    _held: dict | None = None  # the channel ports, listening from pre_launch on (port_hold.py)
     _restart_until = 0.0  # monotonic deadline: cleaned up for a restart, the relaunch is on its way
     _pool_starter: asyncio.Task | None = None  # reaps `capsem pool start` (kept: tasks are held weakly)
 
@@ -97,6 +99,7 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         sweep.sweep_once()  # what a killed capsem left in the runtime dir (once per process)
+        fds.raise_limit()  # ~60 descriptors per kernel in this process (capsem_vm/fds.py)
         km = self.parent
         if km.transport != "tcp" or not is_local_ip(km.ip):
             raise RuntimeError(f"capsem kernels listen on a local TCP address; got {km.transport}://{km.ip}")
@@ -109,6 +112,7 @@ class CapsemProvisioner(KernelProvisionerBase):
         env = kwargs.get("env") or {}
         km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
         self.connection_info = km.get_connection_info()
+        self._listeners()  # ours from now on, through the boot (port_hold.py says why)
         return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
 
     def _vm_config(self, cwd: str) -> VMConfig:
@@ -119,6 +123,14 @@ class CapsemProvisioner(KernelProvisionerBase):
         return VMConfig(memory_mb=self.memory_mb, cpus=self.cpus, accel=self.accel, image=self.image,
                         shares=(share,), boot_timeout=self.boot_timeout, egress=egress,
                         kernel_args=("capsem.prewarm=preinit",))
+
+    def _listeners(self) -> dict:
+        """The held channel ports; held again if a failed start (a claimed VM) closed them."""
+        if not port_hold.usable(self._held):
+            port_hold.release(self._held)
+            ports = {name: int(self.connection_info[key]) for name, key in PORT_KEYS.items()}
+            self._held = port_hold.hold(str(self.connection_info["ip"]), ports)
+        return self._held
 
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
         guest = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}
@@ -143,7 +155,7 @@ class CapsemProvisioner(KernelProvisionerBase):
             self.log.info("capsem: starting a kernel in a warm pooled VM for %s", cwd)
             try:
                 await loop_thread.run(kernel_vm.start(self.connection_info, str(config.shares[0].host_path),
-                                                      self._guest_env(env)))
+                                                      self._guest_env(env), self._listeners()))
                 return self.connection_info
             except Exception as exc:  # noqa: BLE001 - the pooled VM is gone (stop()); boot a cold one
                 self.log.warning("capsem: the claimed warm VM failed (%s); cold start", exc)
@@ -151,7 +163,7 @@ class CapsemProvisioner(KernelProvisionerBase):
         self.kernel_vm = kernel_vm
         self.log.info("capsem: starting a kernel VM for %s", cwd)
         await loop_thread.run(kernel_vm.start(self.connection_info, str(config.shares[0].host_path),
-                                              self._guest_env(env)))
+                                              self._guest_env(env), self._listeners()))
         return self.connection_info
 
     async def _claim_pooled(self, config: VMConfig):
@@ -230,6 +242,8 @@ class CapsemProvisioner(KernelProvisionerBase):
             self.kernel_vm = None
             if restart:
                 self._restart_until = time.monotonic() + RESTART_GAP_S
+        port_hold.release(self._held)
+        self._held = None
         if self.ports_cached and not restart:
             lpc = LocalPortCache.instance()
             for key in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):

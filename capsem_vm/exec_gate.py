@@ -20,12 +20,12 @@ import ctypes
 import fcntl
 import errno
 import os
-import select
 import socket
 import sys
 import threading
 
 from . import seccomp
+from .fds import readable as fds_readable
 from .share_guard import _SECCOMP_IOCTL_NOTIF_RECV, _SECCOMP_IOCTL_NOTIF_SEND, _SECCOMP_USER_NOTIF_FLAG_CONTINUE, \
     _Notif, _Resp, _libc_blocking
 
@@ -88,7 +88,7 @@ class ExecGate:
                 self.error = "no seccomp listener received"
                 return
             listener = fds[0]
-            if not select.select([listener], [], [], self.timeout)[0]:
+            if not fds_readable(listener, self.timeout):  # poll: the number may be above 1023
                 self.error = "the launch did not exec in time"
                 return
             notif = _Notif()

@@ -119,7 +119,10 @@ class VM(VMBase):
         self.transport.identity = self.identity
         self.progress(f"booting VM ({self.accel.accel}, {self.config.memory_mb} MB, {self.config.cpus} CPUs)")
 
-        with open_verified(image_dir) as image:
+        # in a thread: hashing the assets (~600 MB) on the loop every VM and relay of this process
+        # shares stalled them all, 10 cold starts at once for ~9 s (bench/many.py)
+        verified = await asyncio.to_thread(open_verified, image_dir)
+        with verified as image:
             self.image_digest = image.digest
             self.timings["verify_s"] = time.monotonic() - t0
             if self.identity is not None:

@@ -30,15 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import select
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import fds, runtime
 from .. import paths as capsem_paths
-from .. import runtime
 from ..accel import AccelChoice
 from ..config import RuntimePaths, Share, VMConfig
 from ..control import ControlConnection, RemoteError
@@ -115,7 +114,7 @@ class KeeperWatch:
     def qemu_alive(self) -> bool:
         if self._qemu_pidfd < 0:
             return self.alive()
-        return not select.select([self._qemu_pidfd], [], [], 0)[0]  # a pidfd is readable once it exited
+        return not fds.readable(self._qemu_pidfd)  # a pidfd is readable once it exited
 
     async def said_why(self, timeout: float) -> str:
         """The keeper's reason, once it said it (or exited), waiting at most `timeout` s."""
