@@ -140,8 +140,13 @@ class CapsemProvisioner(KernelProvisionerBase):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         try:
             return await self._launch(**kwargs)
-        except CapsemError as exc:  # with its reason for Jupyter server clients, not "Unhandled error"
-            raise KernelStartError.from_capsem(exc) from exc
+        except BaseException as exc:
+            # nobody calls cleanup() after a failed launch (jupyter_client does not): free the ports
+            port_hold.release(self._held)
+            self._held = None
+            if isinstance(exc, CapsemError):  # with its reason for Jupyter server clients, not "Unhandled error"
+                raise KernelStartError.from_capsem(exc) from exc
+            raise
 
     async def _launch(self, **kwargs: Any) -> KernelConnectionInfo:
         cwd = kwargs.get("cwd") or os.getcwd()

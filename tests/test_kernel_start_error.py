@@ -77,3 +77,22 @@ def test_refused_start_says_why_over_rest(server, name, words):
         assert word in reply["message"], reply
     status, kernels = server.api("GET", "/api/kernels")
     assert kernels == []  # nothing half-started is left listed
+
+
+def test_a_refused_start_frees_the_kernels_ports(tmp_path, monkeypatch):
+    """The provisioner listens on the kernel's five ports from pre_launch on (port_hold.py); a start
+    that fails must free them, since nobody calls cleanup() after a failed launch."""
+    import socket
+    from jupyter_client.manager import KernelManager
+    spec_dir = tmp_path / "share" / "kernels" / "capsem-noimage"
+    spec_dir.mkdir(parents=True)
+    spec_dir.joinpath("kernel.json").write_text(json.dumps(kernel_json("x", {"image": str(tmp_path / "none")})))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share"))
+    km = KernelManager(kernel_name="capsem-noimage")
+    with pytest.raises(KernelStartError, match="none"):
+        km.start_kernel(cwd=str(tmp_path))
+    ports = [km.shell_port, km.iopub_port, km.stdin_port, km.hb_port, km.control_port]
+    assert all(ports)
+    for port in ports:  # each can be bound again: nothing of ours listens on it
+        with socket.socket() as s:
+            s.bind((km.ip, port))
