@@ -159,8 +159,8 @@ async def main():
     line, _ = guest_call("a", 120)
     out["A_boot_to_guest_vsock_s"] = time.monotonic() - t0
     out["A_reply"] = line
-    out["guest_vmgenid"] = next((l.strip() for l in (T / "console-a.log").read_text(errors="replace").splitlines()
-                                 if l.startswith("PROBE-VMGENID")), None)
+    out["guest_vmgenid"] = next((l[l.find("PROBE-VMGENID"):].strip() for l in (T / "console-a.log").read_text(errors="replace").splitlines()
+                                 if "PROBE-VMGENID" in l), None)
     # vhost-user-fs: hot-plug one (C virtiofsd) to see whether it blocks too
     share = T / "share"; share.mkdir()
     fsd = subprocess.Popen(["/usr/lib/qemu/virtiofsd", f"--socket-path={T}/fs.sock", "-o", f"source={share}",
