@@ -21,7 +21,7 @@ a host -> guest vsock round trip. Needs the VM lock (boots 3 QEMUs; about 30 s).
 driver reseeds its CRNG on restore). --reseed sends 32 bytes of host entropy on each restored call.
 """
 import argparse
-import asyncio, io, json, os, shutil, socket, subprocess, sys, tempfile, time
+import atexit, asyncio, io, json, os, shutil, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
@@ -34,6 +34,7 @@ from capsem_vm.qemu import BASE_KERNEL_ARGS, TCG_KERNEL_ARGS
 
 IMG = resolve_image(None)
 T = Path(tempfile.mkdtemp(prefix="cs-probe-")); os.chmod(T, 0o755)
+atexit.register(shutil.rmtree, T, True)
 PROBE_INIT = b"""#!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
@@ -93,9 +94,13 @@ def qemu_argv(tag, extra=()):
             "-chardev", f"socket,id=vsock,path={T}/vu-{tag}.sock",
             *(["-device", "vmgenid,guid=auto"] if ARGS.vmgenid else []), *extra]
 
+CHILDREN: list[subprocess.Popen] = []  # killed at the end, also when a step fails
+
+
 def vsock_backend(tag):
     p = subprocess.Popen([str(helpers.vhost_device_vsock().path), "--guest-cid", "3", "--socket", f"{T}/vu-{tag}.sock",
                           "--uds-path", f"{T}/vm-{tag}.vsock"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    CHILDREN.append(p)
     for _ in range(500):
         if os.path.exists(f"{T}/vu-{tag}.sock"): break
         time.sleep(0.01)
@@ -153,6 +158,7 @@ async def main():
     ba = vsock_backend("a")
     t0 = time.monotonic()
     qa = subprocess.Popen(qemu_argv("a"), stdout=open(T / "qemu-a.log", "wb"), stderr=subprocess.STDOUT)
+    CHILDREN.append(qa)
     c = await qmp("a")
     await c.execute("device_add", {"driver": "vhost-user-vsock-pci", "chardev": "vsock", "bus": "rp2", "id": "vs"})
     out["blocked_with_vsock"] = await blocked(c)
@@ -165,6 +171,7 @@ async def main():
     share = T / "share"; share.mkdir()
     fsd = subprocess.Popen(["/usr/lib/qemu/virtiofsd", f"--socket-path={T}/fs.sock", "-o", f"source={share}",
                             "-o", "cache=auto"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    CHILDREN.append(fsd)
     for _ in range(500):
         if os.path.exists(f"{T}/fs.sock"): break
         time.sleep(0.01)
@@ -204,6 +211,7 @@ async def main():
         t0 = time.monotonic()
         qb = subprocess.Popen(qemu_argv(tag, ("-incoming", f"fd:{fd}")), pass_fds=(fd,),
                               stdout=open(T / f"qemu-{tag}.log", "wb"), stderr=subprocess.STDOUT)
+        CHILDREN.append(qb)
         os.close(fd)
         c = await qmp(tag)
         while True:
@@ -238,4 +246,11 @@ if __name__ == "__main__":
     ap.add_argument("--json")
     ARGS = ap.parse_args()
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        for child in CHILDREN:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        shutil.rmtree(T, ignore_errors=True)
