@@ -1,7 +1,8 @@
 """Benchmark: kernel start -> first kernel_info_reply, local ipykernel vs capsem cold vs capsem warm
 (pool), all in one run.
 
-    python bench/start.py [--starts 10] [--cold-starts N] [--pool 10] [--memory 512] [--cpus 2] [--json FILE]
+    python bench/start.py [--starts 10] [--cold-starts N] [--pool 10] [--burst N] [--memory 512] [--cpus 2]
+                          [--breakdown] [--json FILE]
 
 1. local    kernel "python3" (ipykernel on the host): KernelManager.start_kernel -> wait_for_ready
 2. cold     capsem kernel, no pool: boots a VM per kernel; breakdown by stage from the kernel's
@@ -22,7 +23,12 @@ wait_for_ready), to three points:
           the same 0.2 s for every kernel;
   execute the reply to a first execute (print the cwd, checked to be the notebook folder). A warm
           kernel answers kernel_info while its folder is still being attached and holds other
-          requests until it is: this is what a notebook's first cell waits for.
+          requests until it is: this is what a notebook's first cell waits for after wait_for_ready.
+  first cell (separate starts, local and warm alternating with the above): start_kernel,
+          start_channels and an execute sent at once, without wait_for_ready, to its reply (its
+          user_expressions checked: the folder as cwd, its files visible, execution_count 1).
+          Issue 19's goal 1: warm/local <= 0.5. --breakdown prints where a warm one's time goes
+          (host marks of the claim, attach and release; the guest's own handling of the cell).
 
 Medians over the starts, ratios warm/local and cold/local. Uses a private runtime dir and a
 kernelspec in a temp prefix; the load average is recorded with the numbers.
