@@ -1,7 +1,8 @@
 """Benchmark: kernel start -> first kernel_info_reply, local ipykernel vs capsem cold vs capsem warm
 (pool), all in one run.
 
-    python bench/start.py [--starts 10] [--cold-starts N] [--pool 10] [--memory 512] [--cpus 2] [--json FILE]
+    python bench/start.py [--starts 10] [--cold-starts N] [--pool 10] [--burst N] [--memory 512] [--cpus 2]
+                          [--breakdown] [--json FILE]
 
 1. local    kernel "python3" (ipykernel on the host): KernelManager.start_kernel -> wait_for_ready
 2. cold     capsem kernel, no pool: boots a VM per kernel; breakdown by stage from the kernel's
@@ -22,7 +23,12 @@ wait_for_ready), to three points:
           the same 0.2 s for every kernel;
   execute the reply to a first execute (print the cwd, checked to be the notebook folder). A warm
           kernel answers kernel_info while its folder is still being attached and holds other
-          requests until it is: this is what a notebook's first cell waits for.
+          requests until it is: this is what a notebook's first cell waits for after wait_for_ready.
+  first cell (separate starts, local and warm alternating with the above): start_kernel,
+          start_channels and an execute sent at once, without wait_for_ready, to its reply (its
+          user_expressions checked: the folder as cwd, its files visible, execution_count 1).
+          Issue 19's goal 1: warm/local <= 0.5. --breakdown prints where a warm one's time goes
+          (host marks of the claim, attach and release; the guest's own handling of the cell).
 
 Medians over the starts, ratios warm/local and cold/local. Uses a private runtime dir and a
 kernelspec in a temp prefix; the load average is recorded with the numbers.
@@ -102,6 +108,60 @@ def start_one(kernel_name: str, config: Config | None, cwd: str) -> tuple[float,
         raise RuntimeError(f"first execute: {reply['content']['status']}, cwd {''.join(out).strip()!r}, not {cwd!r}")
     km.bench_first_execute_s = time.perf_counter() - t0
     return t, km, kc
+
+
+FIRST_CELL = "import os"
+FIRST_CELL_EXPRESSIONS = {"cwd": "os.getcwd()", "files": "sorted(os.listdir())"}
+MARKER = "first-cell-marker.txt"  # made in the notebook folder: the first cell must see it
+
+
+def first_cell_one(kernel_name: str, config: Config | None, cwd: str) -> tuple[float, KernelManager, object]:
+    """Start a kernel and send a cell at once, without wait_for_ready (as a client that just runs
+    code does: ZMQ queues the request until the kernel is reached); returns (start -> that
+    execute_reply, manager, client). The reply's user_expressions must show the notebook folder as
+    the cwd with its files visible, and execution_count 1 (nothing ran before it in the user's
+    history). Marks for --breakdown on the manager (bench_marks: seconds after the start)."""
+    t0, m0 = time.perf_counter(), time.monotonic()
+    km = KernelManager(kernel_name=kernel_name, config=config or Config())
+    km.start_kernel(cwd=cwd)
+    km.bench_launched_s = time.perf_counter() - t0
+    kc = km.client()
+    kc.start_channels()
+    sent = time.monotonic() - m0
+    msg_id = kc.execute(FIRST_CELL, user_expressions=FIRST_CELL_EXPRESSIONS)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        reply = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    t = time.perf_counter() - t0
+    content = reply["content"]
+    exprs = content.get("user_expressions", {})
+    got_cwd = exprs.get("cwd", {}).get("data", {}).get("text/plain")
+    files = exprs.get("files", {}).get("data", {}).get("text/plain", "")
+    if content["status"] != "ok" or got_cwd != repr(cwd) or repr(MARKER) not in files:
+        raise RuntimeError(f"first cell: {content.get('status')}, cwd {got_cwd!r}, files {files!r}; "
+                           f"wanted cwd {cwd!r} with {MARKER}")
+    if content.get("execution_count") != 1:
+        raise RuntimeError(f"first cell: execution_count {content.get('execution_count')}, not 1")
+    marks = {"launched": km.bench_launched_s, "execute_sent": sent, "execute_reply": t}
+    try:
+        marks["guest_execute"] = (_date(reply["header"]["date"]) - _date(reply["metadata"]["started"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        pass
+    prov = getattr(km, "provisioner", None)
+    kvm = getattr(prov, "kernel_vm", None)
+    if kvm is not None:
+        marks.update({k: v - m0 for k, v in kvm.info().get("marks", {}).items()})
+        km.bench_attach_after = getattr(kvm.vm, "attach_after", None)
+    km.bench_marks = marks
+    km.bench_first_execute_s = t
+    return t, km, kc
+
+
+def _date(value):
+    from datetime import datetime
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
 def stop(km, kc) -> None:
@@ -189,6 +249,37 @@ def pooled_memory(st: dict) -> dict:
     return {k: round(statistics.median(r[k] for r in per), 1) for k in per[0]} if per else {}
 
 
+BREAKDOWN = (  # a warm first cell, in the order things happen (seconds after start_kernel was called)
+    ("claim_start", "pool claimed, ClaimedVM.start begins (egress listeners, egress_setup)"),
+    ("started", "ClaimedVM.start returned"),
+    ("kernel_started", "kernel_start {hold} replied (the key went over)"),
+    ("launched", "start_kernel returned"),
+    ("execute_sent", "channels started, execute_request sent"),
+    ("attach_gate", "attach gate opened (first shell reply, a held request, or the timeout)"),
+    ("virtiofsd", "virtiofsd started for the folder (host only)"),
+    ("hotplugged", "QMP chardev-add + device_add done"),
+    ("mounted", "the guest mounted the folder"),
+    ("released", "kernel_release replied (cwd changed, held requests let through)"),
+    ("execute_reply", "execute_reply received"),
+)
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    print("    warm first cell, medians (s after start; step = since the previous line):")
+    prev = 0.0
+    steps = sorted(((med(rows, key), key, what) for key, what in BREAKDOWN if med(rows, key) is not None))
+    for m, key, what in steps:
+        print(f"    {key:<15} {m:7.3f}  (+{m - prev:6.3f})  {what}")
+        prev = m
+    ge = med(rows, "guest_execute")
+    if ge is not None:
+        print(f"    guest_execute   {ge:7.3f}  the kernel's own handling of the cell (reply date - metadata started, guest clock)")
+    causes = {}
+    for r in rows:
+        causes[r.get("attach_after")] = causes.get(r.get("attach_after"), 0) + 1
+    print(f"    attach gate opened by: {causes}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--starts", type=int, default=10)
@@ -196,11 +287,17 @@ def main() -> int:
     ap.add_argument("--pool", type=int, default=10, help="pool size, and kernels started at once")
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="per VM (default: the kernelspec's)")
+    ap.add_argument("--burst", type=int, default=None, help="kernels started at once from the full pool "
+                    "(default: --pool; 0: none)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="print where a warm first cell's time goes (host and guest marks, medians)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     cold_n = args.starts if args.cold_starts is None else args.cold_starts
 
     nb = private_setup("capsem-bench-start-")
+    (nb / MARKER).write_text("the first cell sees this\n")
+    burst_n = args.pool if args.burst is None else args.burst
     results: dict = {"args": vars(args), "load_start": load()}
 
     def log(msg):
@@ -219,6 +316,13 @@ def main() -> int:
     results["local_s"] = local
     results["local_ready_s"] = local_ready
     results["local_first_execute_s"] = local_exec
+    local_cell = []
+    for i in range(args.starts):
+        t, km, kc = first_cell_one("python3", None, str(nb))
+        stop(km, kc)
+        local_cell.append(t)
+        log(f"local first cell {i + 1}/{args.starts}: {t:.3f} s")
+    results["local_first_cell_s"] = local_cell
 
     # 2. cold
     cold = []
@@ -241,29 +345,29 @@ def main() -> int:
         results["memory_per_pooled_vm"] = pooled_memory(st)
         log(f"pool of {args.pool} full after {results['pool_fill_s']:.0f} s; per VM {results['memory_per_pooled_vm']}")
         # 3a. burst: all at once from the full pool
-        log(f"burst: {args.pool} kernels at once")
-        burst: list = [None] * args.pool
+        log(f"burst: {burst_n} kernels at once")
+        burst: list = [None] * burst_n
         def run(i):
             try:
                 burst[i] = start_one("capsem", capsem_config(args, True), str(nb))
             except Exception as exc:  # noqa: BLE001 - reported
                 burst[i] = exc
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(args.pool)]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(burst_n)]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         wall = time.perf_counter() - t0
         ok = [b for b in burst if isinstance(b, tuple)]
-        results["burst"] = {"kernels": args.pool, "all_ready_s": wall, "ok": len(ok),
+        results["burst"] = {"kernels": burst_n, "all_ready_s": wall, "ok": len(ok),
                             "errors": [repr(b) for b in burst if not isinstance(b, tuple)],
                             "per_kernel": [stages(km, t) for t, km, kc in ok]}
         for t, km, kc in ok:
             stop(km, kc)
-        log(f"burst: {len(ok)}/{args.pool} ready, all after {wall:.2f} s")
+        log(f"burst: {len(ok)}/{burst_n} ready, all after {wall:.2f} s")
         # 3b. sequential warm starts while the pool refills (each waits for one ready VM)
-        warm = []
+        warm, warm_cell = [], []
         for i in range(args.starts):
             st = wait_ready(1)
             booting = sum(v["state"] == "booting" for v in st["vms"])
@@ -271,7 +375,15 @@ def main() -> int:
             warm.append({**stages(km, t), "pool_booting": booting})
             stop(km, kc)
             log(f"warm {i + 1}/{args.starts}: {t:.2f} s {warm[-1]}")
+            # the first cell sent at once, on the next warm VM (alternating with the above)
+            st = wait_ready(1)
+            t, km, kc = first_cell_one("capsem", capsem_config(args, True), str(nb))
+            warm_cell.append({"total_s": t, "pooled": km.provisioner.kernel_vm.pooled,
+                              "attach_after": getattr(km, "bench_attach_after", None), **km.bench_marks})
+            stop(km, kc)
+            log(f"warm first cell {i + 1}/{args.starts}: {t:.3f} s {warm_cell[-1]}")
         results["warm"] = warm
+        results["warm_first_cell"] = warm_cell
 
     finally:
         subprocess.run(CLI + ["pool", "stop"], capture_output=True)
@@ -297,6 +409,11 @@ def main() -> int:
     lx, wx = statistics.median(local_exec), med(results["warm"], "first_execute_s")
     print(f"start -> first execute reply (in the folder): local {lx:.3f} s, warm {wx:.3f} s, "
           f"warm/local = {wx / lx:.2f}")
+    lc, wc = statistics.median(local_cell), med(warm_cell, "total_s")
+    print(f"start -> first cell reply (sent at once, no wait_for_ready; in the folder, execution_count 1): "
+          f"local {lc:.3f} s, warm {wc:.3f} s, warm/local = {wc / lc:.2f}  <- issue 19 goal 1 (<= 0.5)")
+    if args.breakdown:
+        print_breakdown(warm_cell)
     b = results["burst"]
     print(f"{b['kernels']} at once from a pool of {args.pool}: {b['ok']} ok, all ready after {b['all_ready_s']:.2f} s, "
           f"median per kernel {med(b['per_kernel'], 'total_s')} s, "
@@ -307,7 +424,8 @@ def main() -> int:
                           "warm_over_local": wm / lm, "cold_over_local": cm / lm if cm else None,
                           "local_ready_s": lr, "warm_ready_s": wr, "warm_ready_over_local": wr / lr,
                           "local_first_execute_s": lx, "warm_first_execute_s": wx,
-                          "warm_first_execute_over_local": wx / lx}
+                          "warm_first_execute_over_local": wx / lx,
+                          "local_first_cell_s": lc, "warm_first_cell_s": wc, "warm_first_cell_over_local": wc / lc}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     subprocess.run(["rm", "-rf", str(nb.parent)])

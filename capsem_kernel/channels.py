@@ -39,6 +39,7 @@ from capsem_vm import fds
 from capsem_vm.rate import TokenBucket
 from capsem_vm.vsock.base import close_servers
 
+from .shell_requests import ShellRequests
 from .zmtp import ZmtpGuard, ZmtpViolation, same_handshake
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class ChannelForwarder:
         self.rate = RateLimit(max_rate, burst)
         self.violations: list[str] = []  # ZMTP guard rejections (what the guest did)
         self.shell_replied = asyncio.Event()  # the kernel sent its first shell message (a reply)
+        # the front end sent a shell request other than kernel_info (shell_requests.py)
+        self.shell_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -106,11 +109,14 @@ class ChannelForwarder:
             if held is None:
                 return  # the front end hung up before the kernel listened: nothing for the guest
             g_reader, g_writer, primed = await self._open_stream(name)
+            tap = self._request_watch() if name == "shell" else None
             if primed:
-                upstream = self._after_greeting(name, held, reader, g_writer)
+                upstream = self._after_greeting(name, held, reader, g_writer, tap)
             else:
+                if tap is not None:
+                    tap(held)
                 g_writer.write(held)
-                upstream = _pipe(reader, g_writer)
+                upstream = _pipe(reader, g_writer, tap=tap)
             guard = ZmtpGuard()
             seen = self.shell_replied.set if name == "shell" else None
             await _both(upstream, _pipe(g_reader, writer, guard, self.rate, seen))
@@ -143,7 +149,19 @@ class ChannelForwarder:
         g_writer.write(protocol.encode({"t": "channel", "name": name}))
         return g_reader, g_writer, False
 
-    async def _after_greeting(self, name: str, held: bytes, reader, g_writer) -> None:
+    def _request_watch(self):
+        """A tap for the front end's shell bytes that sets shell_requested once a request other
+        than kernel_info went by (None once it is set: nothing to watch)."""
+        if self.shell_requested.is_set():
+            return None
+        watch = ShellRequests()
+
+        def tap(data) -> None:
+            if not self.shell_requested.is_set() and watch.feed(data):
+                self.shell_requested.set()
+        return tap
+
+    async def _after_greeting(self, name: str, held: bytes, reader, g_writer, tap=None) -> None:
         """Front end -> primed stream: the front end's greeting is consumed (the kernel got the
         primer in its place), the rest is carried."""
         size = len(protocol.ZMTP_GREETING)
@@ -155,8 +173,10 @@ class ChannelForwarder:
             log.warning("the %s channel's front end greets unlike ZMQ 4 with the NULL mechanism (%r): closing "
                         "its connection, it reconnects on a fresh stream", name, bytes(data[10:33]))
             raise GreetingMismatch()
+        if tap is not None:
+            tap(data)
         g_writer.write(data[size:])
-        await _pipe(reader, g_writer)
+        await _pipe(reader, g_writer, tap=tap)
 
     async def _hold(self, reader: asyncio.StreamReader) -> bytes | None:
         """Wait for `ready`, keeping what the front end sends meanwhile (its ZMTP greeting).
@@ -215,12 +235,16 @@ def _nodelay(writer) -> None:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                guard: ZmtpGuard | None = None, rate: RateLimit | None = None, on_message=None) -> None:
+                guard: ZmtpGuard | None = None, rate: RateLimit | None = None, on_message=None,
+                tap=None) -> None:
     """Copy until EOF, with backpressure (drain), then half-close the far side. With a guard,
     bytes that break the ZMTP limits are never written: ZmtpViolation closes the stream.
-    on_message: called once, when the guard has seen the first whole message header."""
+    on_message: called once, when the guard has seen the first whole message header.
+    tap: called with each chunk before it is written (the front end's shell requests)."""
     try:
         while data := await reader.read(CHUNK):
+            if tap is not None:
+                tap(data)
             if guard is not None:
                 guard.feed(data)
                 if on_message is not None and guard.messages:

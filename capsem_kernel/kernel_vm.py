@@ -65,6 +65,7 @@ class KernelVM:
         self._booted = False  # vm.start() done: from now on a VM that is not alive() is dead
         self.started_at: float | None = None  # wall clock: boot began / ipykernel answered
         self.ready_at: float | None = None
+        self.marks: dict[str, float] = {}  # time.monotonic() of the start's steps (bench/start.py --breakdown)
 
     @property
     def state(self) -> str:
@@ -100,6 +101,9 @@ class KernelVM:
             attach_gate = self.vm.attach_gate
             if attach_gate is not None:  # a pooled VM attaches its folder after the first reply
                 self.forwarder.shell_replied = attach_gate
+                # ... or at once when the first request is one the kernel holds (a cell sent
+                # without kernel_info first): it would wait for the folder anyway
+                self.forwarder.shell_requested = getattr(self.vm, "attach_request", None) or attach_gate
             await self.forwarder.start()
             key = connection_info["key"]
             request = {
@@ -124,6 +128,7 @@ class KernelVM:
                     await attaching
             if reply is None:
                 reply = await self.control.request(request, timeout=120)
+            self.marks["kernel_started"] = time.monotonic()
             self.kernel_pid = reply.get("pid")
             self._qemu_watch = asyncio.ensure_future(self._watch_qemu())
             if reply.get("listening") is True:  # a pre-started kernel (taking the key): no probe
@@ -139,6 +144,7 @@ class KernelVM:
         try:
             await attaching
             await self.control.request({"t": "kernel_release"}, timeout=30)
+            self.marks["released"] = time.monotonic()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever it was, this kernel must not run
@@ -258,4 +264,5 @@ class KernelVM:
             "shutdown_reason": vm.shutdown_reason,  # QEMU's reason, once the guest ended
             "death_reason": self.death_reason,  # a helper the VM could not live without exited
             "pooled": self.pooled,
+            "marks": {**getattr(vm, "marks", {}), **self.marks},
         }

@@ -416,6 +416,49 @@ def test_held_kernel_answers_kernel_info_and_runs_the_rest_in_its_folder_once_re
         a.stop()
 
 
+def test_warm_up_leaves_no_trace_and_the_users_first_cell_is_in_1(tmp_path):
+    """The pre-started kernel runs a first cell of its own before the claim (preinit_kernel's
+    FIRST_CELL_WARM_UP, so the user's first cell does not pay first-time costs). The user sees
+    none of it: their first cell, sent at once while the kernel is held, runs in the folder with
+    its files visible and is In[1] / execution_count 1; In, Out, _, _i*, the namespace and the
+    history database hold nothing of the warm-up."""
+    from capsem_agent.preinit_kernel import FIRST_CELL_WARM_UP
+    a = Agent(tmp_path)
+    folder = tmp_path / "notebook"
+    try:
+        prewarm_preinit(a)
+        r, key = start_kernel(a, cwd=folder, hold=True)
+        assert r["t"] == "ok" and r["warm"] is True, r
+        folder.mkdir()
+        (folder / "data.txt").write_text("from the host")
+        c = Client(a, key)
+        try:
+            first = c.kc.execute("import os", user_expressions={
+                "cwd": "os.getcwd()", "files": "os.listdir()", "In": "In", "Out": "Out", "under": "_",
+                "names": "sorted(k for k in globals() if not k.startswith('_'))",
+                "inputs": "sorted(k for k in globals() if k.startswith('_i'))"})
+            assert a.client.request({"t": "kernel_release", "id": 3}, timeout=30)["t"] == "ok"
+            reply = c.kc.get_shell_msg(timeout=60)
+            assert reply["parent_header"]["msg_id"] == first
+            content = reply["content"]
+            assert content["status"] == "ok" and content["execution_count"] == 1, content
+            got = {k: v["data"]["text/plain"] for k, v in content["user_expressions"].items()}
+            assert got["cwd"] == repr(str(folder)) and got["files"] == "['data.txt']", got
+            assert got["In"] == "['', 'import os']" and got["Out"] == "{}" and got["under"] == "''", got
+            assert got["inputs"] == "['_i', '_i1', '_ih', '_ii', '_iii']", got
+            assert "print" not in got["names"] and FIRST_CELL_WARM_UP["code"] not in str(got), got
+            c.kc.history(hist_access_type="range", session=0, start=0, raw=True, output=False)  # this session
+            hist = c.kc.get_shell_msg(timeout=60)
+            assert hist["msg_type"] == "history_reply", hist
+            assert [line[1:] for line in hist["content"]["history"]] == [[0, ""], [1, "import os"]], hist["content"]
+            content, out = c.run("print(len(In), _i1)")
+            assert content["execution_count"] == 2 and out.split() == ["3", "import", "os"], (content, out)
+        finally:
+            c.close()
+    finally:
+        a.stop()
+
+
 def test_hold_without_a_preinit_kernel_is_refused_and_changes_nothing(agent):
     r, _ = start_kernel(agent, cwd="/nonexistent-yet", hold=True)
     assert r["t"] == "error" and r["code"] == "cannot_hold", r

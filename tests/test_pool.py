@@ -186,6 +186,39 @@ def test_pool_refills_after_claims(pool):
     assert st["budget_mb"] == SIZE * MEMORY
 
 
+def test_a_cell_sent_at_once_starts_the_attach_and_runs_first_in_the_folder(pool, folder):
+    """A client that sends a cell right after start_channels (no kernel_info first): the held
+    request itself starts the folder attach (not ATTACH_DELAY's timeout), and the cell runs in
+    the folder with its files visible, as In[1] (the pre-started kernel's warm-up left no trace)."""
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+    wait_ready(1)
+    c = Config()
+    c.CapsemProvisioner.use_pool = True
+    c.CapsemProvisioner.memory_mb = MEMORY
+    c.CapsemProvisioner.cpus = CPUS
+    km = KernelManager(kernel_name=kh.KERNEL, config=c)
+    km.start_kernel(cwd=str(folder))
+    kc = km.client()
+    try:
+        kc.start_channels()
+        msg_id = kc.execute("import os", user_expressions={"cwd": "os.getcwd()", "files": "os.listdir()",
+                                                           "In": "In"})
+        while True:
+            reply = kc.get_shell_msg(timeout=kh.STARTUP_TIMEOUT)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        kvm = km.provisioner.kernel_vm
+        assert kvm.info()["pooled"] is True and kvm.info()["held"] is True
+        assert kvm.vm.attach_after == "held request"
+        content = reply["content"]
+        assert content["status"] == "ok" and content["execution_count"] == 1, content
+        got = {k: v["data"]["text/plain"] for k, v in content["user_expressions"].items()}
+        assert got == {"cwd": repr(str(folder)), "files": "['data.txt']", "In": "['', 'import os']"}, got
+    finally:
+        kh.stop_kernel(km, kc)
+
+
 def test_failed_attach_after_the_key_went_over_stops_the_kernel(pool, folder, caplog):
     """The folder attaches while the kernel already has its key (it holds every request but
     kernel_info until then). If the attach fails, the kernel must not live on without its folder:
