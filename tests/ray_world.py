@@ -14,6 +14,7 @@
   anyone: a machine that vanished rather than one whose processes died.
 - `VethCapture(cluster.veth(name))` records every frame on the node's host-side veth (AF_PACKET),
   for "no plaintext crosses the network" checks.
+- Ray's token auth is pinned off (`client_env`; see __post_init__ for why).
 - `stop()` leaves nothing: no netns, link, mount, process, cgroup or temp dir (`leftovers()`
   checks and says what is left).
 
@@ -181,6 +182,11 @@ class RayCluster:
                 hide=[str(self.shared)] if name in self.no_folder else [])
         self.head_proc: subprocess.Popen | None = None
         self.port = 0
+        # Ray's token auth off, pinned: a ~/.ray/auth_token turns it on when RAY_AUTH_MODE is unset,
+        # and a client whose ray module was imported before the mode was set cannot follow. A
+        # server with auth off accepts clients either way. (Ray's token is a bearer token sent in
+        # clear text anyway, like all of Ray's traffic: capsem's channels do not rely on it.)
+        self.client_env = {"RAY_AUTH_MODE": "disabled"}
         self.timings: dict[str, float] = {}
 
     # ---- start -------------------------------------------------------------------------------
@@ -192,6 +198,7 @@ class RayCluster:
         env = dict(os.environ)
         env.update(QUIET_ENV)
         env.update(HEALTH_ENV)
+        env.update(self.client_env)
         env.update(self.env)
         path = [str(REPO), str(REPO / "guest-agent"), str(REPO / "tests")]
         env["PYTHONPATH"] = os.pathsep.join(path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -262,6 +269,8 @@ class RayCluster:
             self._network()
             env = self._ray_env()
             self._start_head(env)
+            self._wait_gcs_port(timeout)  # raylets that find no GCS retry with back-off: slower
+            self.timings["gcs_s"] = time.monotonic() - t0
             for node in self.nodes.values():
                 self._start_node(node, env)
             self.wait_alive(set(self.names), timeout)
@@ -271,9 +280,21 @@ class RayCluster:
         self.timings["start_s"] = time.monotonic() - t0
         return self
 
+    def _wait_gcs_port(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((self.head_ip, self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.head_proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the head's GCS never listened: {self.log('head')}")
+                time.sleep(0.05)
+
     def alive_nodes(self) -> dict[str, dict]:
         """Node name -> Ray's view of it, for the nodes the GCS lists alive (asks the GCS directly,
         no driver needed)."""
+        os.environ.update(self.client_env)  # this process is a client of the cluster too
         from ray._raylet import GcsClient
         try:
             infos = GcsClient(address=self.address).get_all_node_info(timeout=5).values()

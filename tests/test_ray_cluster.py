@@ -67,6 +67,7 @@ def cluster():
     print(f"\ncluster of {len(c.nodes)} nodes started in {c.timings['start_s']:.1f} s")
     (c.shared / "nb").mkdir()
     (c.shared / "nb" / "hello.txt").write_text("hi")
+    os.environ.update(c.client_env)
     ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
     try:
         yield c
