@@ -12,11 +12,12 @@ takes and gives public material (RAY-INTERFACE.md, trust model):
 Everything else arrives on the mutual-TLS control connection (capsem_kernel/remote/tunnel.py),
 which only the front end holding the certificate pinned in prepare() can open:
 
-    front -> node  start{kernel_id, key, signature_scheme, policy, folder, cwd, env, extra}
-                   signal{signum} shutdown{restart} ping barrier{id} agent{id, msg}
-    node -> front  ready{node, info} died{reason, code, info} error{code, message} pong
+    front -> node  start{kernel_id, key (hex), signature_scheme, policy, folder, cwd, env, extra}
+                   interrupt signal{signum} shutdown{restart} ping{seq} barrier{id} agent{id, msg}
+    node -> front  ready{node, info} info{info} died{reason} error{code, message} pong{seq} stopped
                    audit{rows} barrier_done{id, complete} agent_reply{id, reply}
                    agent_error{id, code, message}
+(capsem_kernel/remote/wire.py checks every message's fields both ways.)
 
 The VM is booted with the node's own capsem machinery (KernelVM, a claim from the node's `capsem
 pool` when `use_pool` and one runs), under the node's CAPSEM_RUNTIME_DIR / data dir (the worker
@@ -99,7 +100,10 @@ def parse_start(msg: dict, kernel_id: str) -> dict[str, Any]:
     """The start message checked field by field (sans-IO): what launch() needs. Raises StartRefused."""
     if msg.get("kernel_id") != kernel_id:
         raise StartRefused("wrong_kernel", "the start message names another kernel than this actor's")
-    key = _text(msg, "key", limit=256)
+    try:  # hex on the wire (wire.py); the connection file's key is text
+        key = bytes.fromhex(_text(msg, "key", limit=512)).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise StartRefused("bad_start", "the key is not hex of UTF-8 text") from None
     scheme = _text(msg, "signature_scheme", limit=64)
     if scheme not in ("hmac-sha256",):
         raise StartRefused("bad_start", "only the hmac-sha256 signature scheme is supported")
@@ -190,11 +194,10 @@ class NodeKernel:
     # --- set-up (Ray: public material only) ---------------------------------------------------
 
     async def prepare(self, front_cert_pem: bytes, host: str) -> dict[str, Any]:
-        from ..remote.identity import TlsIdentity, fingerprint_of
+        from ..remote.identity import TlsIdentity
         from ..remote.tunnel import NodeTunnel
         self.identity = TlsIdentity.generate(f"capsem-node-{self.kernel_id}")
-        self.tunnel = await NodeTunnel.start(host, self.identity, fingerprint_of(front_cert_pem),
-                                             on_control=self._serve)
+        self.tunnel = await NodeTunnel.start(host, self.identity, front_cert_pem, on_control=self._serve)
         return {"cert_pem": self.identity.cert_pem, "host": host, "port": self.tunnel.port}
 
     # --- the control connection ----------------------------------------------------------------
@@ -213,8 +216,7 @@ class NodeKernel:
 
     async def _serve(self, conn) -> None:
         if self.control is not None:  # one control connection per kernel, the first
-            await conn.close()
-            return
+            return  # (the tunnel closes it)
         self.control = conn
         try:
             while True:
@@ -231,12 +233,12 @@ class NodeKernel:
     async def _dispatch(self, msg: dict) -> None:
         op = msg.get("op")
         if op == "ping":
-            await self._send({"op": "pong"})
+            await self._send({"op": "pong", "seq": msg["seq"]})
         elif op == "start":
             if self.kernel_vm is None:
                 self._spawn(self._start(msg))
-        elif op == "signal":
-            signum = msg.get("signum")
+        elif op in ("signal", "interrupt"):
+            signum = msg.get("signum", signal.SIGINT)
             if self.kernel_vm is not None and isinstance(signum, int) and signum in (
                     signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT):
                 if signum == signal.SIGKILL:
@@ -317,8 +319,8 @@ class NodeKernel:
         await kernel_vm.exited.wait()
         await self._push_audit()
         reason = kernel_vm.death_reason or kernel_vm.vm.shutdown_reason or f"exit code {kernel_vm.exit_code}"
-        await self._send({"op": "died", "reason": str(reason)[:1000], "code": kernel_vm.exit_code,
-                          "info": self.info()})
+        await self._send({"op": "info", "info": self.info()})
+        await self._send({"op": "died", "reason": str(reason)[:1000]})
 
     async def _shutdown(self) -> None:
         if self.kernel_vm is not None:
@@ -356,13 +358,14 @@ class NodeKernel:
         except Exception:  # noqa: BLE001 - reported as an incomplete barrier
             complete = False
         await self._push_audit()
-        await self._send({"op": "barrier_done", "id": ident, "complete": bool(complete)})
+        await self._send({"op": "barrier_done", "id": ident if isinstance(ident, int) else 0,
+                          "complete": bool(complete)})
 
     # --- the Sandbox's files API ------------------------------------------------------------------
 
     async def _agent(self, msg: dict) -> None:
         from capsem_vm.control import RemoteError
-        ident, request = msg.get("id"), msg.get("msg")
+        ident, request = msg["id"], msg["msg"]
         if not isinstance(request, dict) or request.get("t") not in AGENT_TYPES:
             await self._send({"op": "agent_error", "id": ident, "code": "refused",
                               "message": "only file requests are relayed to the guest agent"})

@@ -76,7 +76,7 @@ class RayCapsemProvisioner(CapsemProvisioner):
         key = km.session.key
         start = {
             "op": "start", "kernel_id": self.kernel_id,
-            "key": key.decode() if isinstance(key, bytes) else key,
+            "key": (key if isinstance(key, bytes) else key.encode()).hex(),
             "signature_scheme": km.session.signature_scheme,
             "policy": policy, "folder": None if self.node_folder else cwd, "cwd": cwd,
             "env": self._guest_env(env),

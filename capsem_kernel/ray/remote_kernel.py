@@ -97,13 +97,12 @@ class RemoteKernel:
     async def start(self, prepared: dict[str, Any], identity, start_msg: dict, timeout: float) -> dict[str, int]:
         """Connect to the node (pinning its certificate), send start, wait for ready, and open the
         local channel ports. Returns {channel: local port}. Raises RemoteKernelError."""
-        from ..remote.identity import fingerprint_of
         from ..remote.tunnel import FrontTunnel
         self.started_at = time.time()
         self.node, self.node_id = prepared.get("node"), prepared.get("node_id")
         try:
             self.tunnel = await asyncio.wait_for(FrontTunnel.connect(
-                prepared["host"], int(prepared["port"]), identity, fingerprint_of(prepared["cert_pem"])), 60)
+                prepared["host"], int(prepared["port"]), identity, prepared["cert_pem"]), 60)
             self.last_heard = time.monotonic()
             self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._heartbeat())]
             await self.tunnel.control.send(start_msg)
@@ -142,15 +141,13 @@ class RemoteKernel:
 
     async def _handle(self, msg: dict) -> None:
         op = msg.get("op")
-        if op in ("ready", "info", "died") and isinstance(msg.get("info"), dict):
+        if op in ("ready", "info") and isinstance(msg.get("info"), dict):
             self.node_info = msg["info"]
         if op == "ready":
             self.ready_at = time.time()
             self._ready.set()
         elif op == "died":
-            code = msg.get("code")
-            self._died(str(msg.get("reason"))[:1000], code if isinstance(code, int) and not isinstance(code, bool)
-                       else VM_DIED)
+            self._died(str(msg.get("reason"))[:1000])
         elif op == "error":
             self._error = RemoteKernelError(str(msg.get("code"))[:64], str(msg.get("message"))[:2000])
             self._died(str(self._error))
@@ -158,13 +155,14 @@ class RemoteKernel:
             self.rows_stored += await asyncio.to_thread(audit_rows.store, self.db_path, self.kernel_id,
                                                         self.node or "", msg.get("rows"))
         elif op in ("barrier_done", "agent_reply", "agent_error"):
-            waiter = self._waiters.pop(msg.get("id"), None) if isinstance(msg.get("id"), int) else None
+            waiter = self._waiters.pop(msg["id"], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(msg)
         elif op == "stopped":
             self._stopped.set()
 
     async def _heartbeat(self) -> None:
+        seq = itertools.count(1)
         while self.exit_code is None:
             await asyncio.sleep(PING_S)
             if time.monotonic() - self.last_heard > DEAD_AFTER:
@@ -172,7 +170,7 @@ class RemoteKernel:
                 self._spawn_close()
                 return
             with contextlib.suppress(Exception):
-                await self.tunnel.control.send({"op": "ping"})
+                await self.tunnel.control.send({"op": "ping", "seq": next(seq)})
 
     def _died(self, reason: str, code: int = VM_DIED) -> None:
         if self.exit_code is None:
@@ -184,7 +182,7 @@ class RemoteKernel:
                 if not waiter.done():
                     waiter.set_result({"op": "agent_error", "code": "vm_gone", "message": reason})
             self._waiters.clear()
-            if self._ready.is_set():
+            if self._ready.is_set() and self._closing is None:
                 log.error("capsem: the remote kernel %s died: %s", self.kernel_id, reason)
 
     async def _ask(self, msg: dict, timeout: float) -> dict:
@@ -216,7 +214,7 @@ class RemoteKernel:
     async def audit_barrier(self, timeout: float = 30.0) -> bool:
         """Every row the node's kernel caused so far is in the front end's database."""
         try:
-            answer = await self._ask({"op": "barrier"}, timeout)
+            answer = await self._ask({"op": "barrier"}, timeout)  # the id is added by _ask
         except (asyncio.TimeoutError, OSError):
             return False
         return answer.get("op") == "barrier_done" and answer.get("complete") is True

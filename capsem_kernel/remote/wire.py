@@ -124,6 +124,16 @@ OPS: dict[str, dict[str, str]] = {
     # either way: liveness of the control connection (a node lost without a FIN/RST)
     "ping": {"seq": _INT},
     "pong": {"seq": _INT},
+    # the Ray node actor and its front end (capsem_kernel/ray/): signals, facts, the audit barrier,
+    # the Sandbox files API relayed to the guest agent
+    "signal": {"signum": _INT},
+    "info": {"info": _DICT},
+    "stopped": {},
+    "barrier": {"id": _INT},
+    "barrier_done": {"id": _INT, "complete": _BOOL},
+    "agent": {"id": _INT, "msg": _DICT},
+    "agent_reply": {"id": _INT, "reply": _DICT},
+    "agent_error": {"id": _INT, "code": _STR, "message": _STR},
 }
 _POLICY_FIELDS = ("policy",)      # free text, bounded only by MAX_MESSAGE
 
