@@ -260,7 +260,12 @@ def test_nbval_on_a_ray_placed_kernel(cluster, ray_kernelspec):
     from host_helpers import REPO
     work = Path(tempfile.mkdtemp(prefix="capsem-ray-nbval-", dir="/var/tmp"))  # seen by every node
     try:
-        shutil.copy(REPO / "notebooks" / "files.ipynb", work / "files.ipynb")
+        shutil.copytree(REPO / "notebooks", work, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.executed.ipynb", ".ipynb_checkpoints"))
+        # the provisioner is found by its entry point; a venv whose capsem metadata predates it (an
+        # editable install made before the [ray] entry point) finds it this way (as Sandbox does)
+        (work / "conftest.py").write_text("from capsem_kernel.ray.provisioner import ensure_registered\n"
+                                          "ensure_registered()\n")
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", "--rootdir", str(work),
              "--nbval", "--nbval-kernel-name", "capsem-ray", "--nbval-kernel-startup-timeout", str(int(START)),
@@ -299,8 +304,14 @@ def test_node_killed_mid_cell_gives_a_dead_kernel_and_no_orphans(cluster, sandbo
           f"{dead_s if dead_s is None else round(dead_s, 2)} s; reason: {a.info().get('death_reason')}")
     assert dead_s is not None and dead_s <= DEAD_BOUND, f"dead after {dead_s} s (bound {DEAD_BOUND})"
     assert not cluster.nodes["a"].pids()
-    # node b is unharmed, and a new sandbox is placed there (the only capsem node left)
+    # node b is unharmed, and a new sandbox is placed there (the only capsem node left) once Ray
+    # lists node a dead (~1.5 s, HEALTH_ENV): placed before that, Ray may still pick a, and the start
+    # fails with ActorDiedError rather than trying b (seen here; capsem_kernel/ray/placement.py)
     assert out_text(b.run_code("print('b alive')", timeout=120)) == "b alive"
+    t0 = time.monotonic()
+    while "a" in cluster.alive_nodes():
+        assert time.monotonic() - t0 < 30, "Ray still lists node a alive"
+        time.sleep(0.1)
     c = Sandbox(ray_address=cluster.address, start_timeout=START, use_pool=False)
     try:
         assert c.info().get("node") == "b", c.info()
