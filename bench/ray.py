@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# run as a script, bench/ is sys.path[0], where this file would shadow the `ray` package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO / "tests"))
 
 from ray_world import RayCluster, pss_kib  # noqa: E402
