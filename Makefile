@@ -88,7 +88,7 @@ ray-test: system venv proxy-venv image
 	CAPSEM_RAY_FULL=1 $(VENV)/bin/pytest -s tests/test_ray_cluster.py tests/test_ray_capsem.py $(PYTEST_ARGS)
 
 ray-bench: system venv proxy-venv image
-	$(PY) bench/ray.py $(RAY_BENCH_ARGS)
+	flock /tmp/capsem-vm.lock $(PY) bench/ray.py $(RAY_BENCH_ARGS)
 
 # not in `make test` (minutes of mmdebstrap): the full rootfs build as a normal user, from the wheel
 user-build-test: system venv proxy-venv image
