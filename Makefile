@@ -15,7 +15,7 @@ UNIT_WORKERS ?= 2
 # .venv-proxy beside .venv is the checkout's, /opt/capsem/proxy-venv an installed host's)
 PROXY_VENV ?= .venv-proxy
 
-.PHONY: demo test unit fuzz vm chaos many user-build-test other-release system venv proxy-venv image clean help
+.PHONY: demo test unit fuzz vm chaos many ray-test ray-bench user-build-test other-release system venv proxy-venv image clean help
 
 help:
 	@echo "make demo   - set up everything and run a real notebook in a capsem kernel"
@@ -26,6 +26,8 @@ help:
 	@echo "make fuzz   - the property tests with fresh random examples, ten times as many (finds new cases)"
 	@echo "make many   - 20 capsem kernels at once (10 pooled, 10 cold) beside 20 local ipykernels: bench/many.py (MANY_ARGS; minutes, under the VM lock)"
 	@echo "make chaos  - kill each host process of a running kernel at random moments, many rounds (CAPSEM_CHAOS_ROUNDS, CAPSEM_CHAOS_SEED)"
+	@echo "make ray-test - capsem kernels on a multi-node Ray cluster on this machine, the full form (docs/RAY.md; minutes)"
+	@echo "make ray-bench - bench/ray.py: 20 sandboxes across 2 Ray nodes, cold and warm, round trip remote vs local (long)"
 	@echo "make system - install the Debian packages capsem (and working on it) needs (root): capsem setup --dev"
 	@echo "make venv   - create the Python env in $(VENV)"
 	@echo "make image  - build (or reuse the cached) VM image: capsem setup --image"
@@ -86,6 +88,15 @@ CAPSEM_CHAOS_ROUNDS ?= 10
 chaos: system venv proxy-venv image
 	@seed=$${CAPSEM_CHAOS_SEED:-$$(date +%s)}; echo "make chaos: CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS)"; \
 	CAPSEM_CHAOS_SEED=$$seed CAPSEM_CHAOS_ROUNDS=$(CAPSEM_CHAOS_ROUNDS) $(VENV)/bin/pytest -s tests/faults/test_chaos.py tests/faults/test_chaos_pool_server.py $(PYTEST_ARGS)
+
+# capsem on a multi-node Ray cluster on this machine (issue 18, docs/RAY.md): `make vm` runs the reduced
+# form (2 nodes, 1 sandbox each, one node kill); this adds jupyter_kernel_test and nbval on a Ray-placed
+# kernel. ray-bench holds the VM lock for many minutes (20 TCG VMs)
+ray-test: system venv proxy-venv image
+	CAPSEM_RAY_FULL=1 $(VENV)/bin/pytest -s tests/test_ray_cluster.py tests/test_ray_capsem.py $(PYTEST_ARGS)
+
+ray-bench: system venv proxy-venv image
+	flock /tmp/capsem-vm.lock $(PY) bench/ray.py $(RAY_BENCH_ARGS)
 
 # not in `make test` (minutes of mmdebstrap): the full rootfs build as a normal user, from the wheel
 user-build-test: system venv proxy-venv image

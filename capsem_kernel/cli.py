@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--pool", action="store_true", help="claim warm VMs from `capsem pool` (use_pool)")
     p.add_argument("--pool-autostart", action="store_true",
                    help="with --pool: start the pool service on demand (pool_autostart)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="place each kernel on a node of the Ray cluster at ADDRESS (one with the 'capsem' "
+                        "resource); needs capsem-jupyter[ray]")
     p.set_defaults(func=cmd_install)
     kernel.set_defaults(func=lambda args: kernel.print_help() or 2)
     add_mcp_parser(sub)
@@ -64,8 +67,13 @@ def cmd_install(args) -> int:
         config["use_pool"] = True
     if args.pool_autostart:
         config["pool_autostart"] = True
+    name = kernelspec.PROVISIONER_NAME
+    if args.ray:
+        config["ray_address"] = args.ray
+        name = kernelspec.RAY_PROVISIONER_NAME
     prefix = kernelspec.sys_prefix() if args.sys_prefix else args.prefix
-    path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix, provisioner_config=config)
+    path = kernelspec.install(args.name, args.display_name, user=args.user, prefix=prefix, provisioner_config=config,
+                              provisioner_name=name)
     print(f"installed kernelspec {args.name!r} in {path}")
     return 0
 

@@ -189,8 +189,9 @@ _ERRORS = {"path_refused": PathRefused, "not_found": FileNotFound}
 
 
 class Files:
-    def __init__(self, sandbox):
+    def __init__(self, sandbox, chunk: int = CHUNK):
         self._sandbox = sandbox
+        self.chunk = chunk  # smaller for a Ray-placed sandbox: each request is one control message
 
     @property
     def root(self) -> str:
@@ -234,7 +235,7 @@ class Files:
             raise FilesError("too_large", f"{_escape(rel)}: past max_bytes")
         out = bytearray()
         while True:
-            asked = min(CHUNK, max_bytes + 1 - len(out))
+            asked = min(self.chunk, max_bytes + 1 - len(out))
             data, _size, eof = parse_read(self._request("read", rel, offset=len(out), length=asked), asked)
             out += data
             if len(out) > max_bytes:
@@ -257,7 +258,7 @@ class Files:
         rel = self._rel(path)
         offset = 0
         while True:  # the first request truncates (and creates), later ones append at their offset
-            piece = data[offset:offset + CHUNK]
+            piece = data[offset:offset + self.chunk]
             self._request("write", rel, offset=offset, data=base64.b64encode(piece).decode("ascii"),
                           truncate=offset == 0, parents=True)
             offset += len(piece)

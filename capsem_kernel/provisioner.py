@@ -173,30 +173,10 @@ class CapsemProvisioner(KernelProvisionerBase):
 
     async def _claim_pooled(self, config: VMConfig):
         """A ClaimedVM of this kernel's flavour from the user's pool, or None (with a warning)."""
-        from capsem_vm.image.store import resolve_image
-        from capsem_vm.image.verify import read_manifest
-        from capsem_vm.pool import client, wire
-        from capsem_vm.pool.claimed import ClaimedVM
-        if self.vsock == "kernel":
-            self.log.warning("capsem: pooled VMs use the vhost-user vsock backend, this kernel asks for "
-                             "'kernel': cold start")
-            return None
-        try:
-            digest = read_manifest(resolve_image(self.image))[1]
-            flavour = wire.Flavour(self.memory_mb, self.cpus, digest, self.accel)
-            claim, why = await client.claim(flavour)
-        except client.PoolUnavailable as exc:
-            self.log.warning("capsem: no warm VM pool (%s): cold start", exc.message)
-            if self.pool_autostart:
-                await self._start_pool()
-            return None
-        except (CapsemError, OSError, wire.WireError) as exc:
-            self.log.warning("capsem: claiming a warm VM failed (%s): cold start", exc)
-            return None
-        if claim is None:
-            self.log.warning("capsem: the pool has no warm VM for this kernel (%s): cold start", why)
-            return None
-        return ClaimedVM(config, claim, progress=lambda m: self.log.info("capsem: %s", m))
+        claimed, unavailable = await claim_pooled(config, self.vsock, self.log)
+        if unavailable and self.pool_autostart:
+            await self._start_pool()
+        return claimed
 
     async def _start_pool(self) -> None:
         import sys
@@ -272,3 +252,30 @@ class CapsemProvisioner(KernelProvisionerBase):
         # A VM dies with the process that started it, so there is nothing to re-attach to.
         await super().load_provisioner_info(provisioner_info)
         self.ports_cached = provisioner_info.get("ports_cached", False)
+
+
+async def claim_pooled(config: VMConfig, vsock: str, log) -> tuple[Any, bool]:
+    """(a ClaimedVM of `config`'s flavour from this user's pool or None, whether no pool answered).
+    Each None comes with a warning on `log`. Shared by the provisioner and the Ray node actor."""
+    from capsem_vm.image.store import resolve_image
+    from capsem_vm.image.verify import read_manifest
+    from capsem_vm.pool import client, wire
+    from capsem_vm.pool.claimed import ClaimedVM
+    if vsock == "kernel":
+        log.warning("capsem: pooled VMs use the vhost-user vsock backend, this kernel asks for "
+                    "'kernel': cold start")
+        return None, False
+    try:
+        digest = read_manifest(resolve_image(config.image))[1]
+        flavour = wire.Flavour(config.memory_mb, config.cpus, digest, config.accel)
+        claim, why = await client.claim(flavour)
+    except client.PoolUnavailable as exc:
+        log.warning("capsem: no warm VM pool (%s): cold start", exc.message)
+        return None, True
+    except (CapsemError, OSError, wire.WireError) as exc:
+        log.warning("capsem: claiming a warm VM failed (%s): cold start", exc)
+        return None, False
+    if claim is None:
+        log.warning("capsem: the pool has no warm VM for this kernel (%s): cold start", why)
+        return None, False
+    return ClaimedVM(config, claim, progress=lambda m: log.info("capsem: %s", m)), False

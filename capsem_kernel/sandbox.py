@@ -39,11 +39,12 @@ from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB
 from .commands import Commands
 from .execution import Execution, ExecutionBuilder
 from .files import Files
-from .kernelspec import DEFAULT_NAME, kernel_json
+from .kernelspec import DEFAULT_NAME, PROVISIONER_NAME, RAY_PROVISIONER_NAME, kernel_json
 
 START_TIMEOUT = 900.0     # a cold kernel under TCG on a loaded host (STARTUP in the tests: 300 s)
 INTERRUPT_GRACE = 30.0    # after a timeout's interrupt, how long the cell gets to stop
 RESTART_TIMEOUT = START_TIMEOUT
+REMOTE_FILE_CHUNK = 32 * 1024  # a Ray-placed sandbox's file chunk: one TLS control message (64 KiB)
 REPLY_WAIT = 10.0         # the execute_reply after idle (it is normally there already)
 NETWORK_ROWS = 5000       # newest rows kept per execution (capsem_kernel.server.network.MAX_LIMIT)
 
@@ -69,8 +70,8 @@ class _OneSpec(KernelSpecManager):
         return self._spec
 
 
-def _kernel_spec(provisioner_config: dict) -> KernelSpec:
-    spec = kernel_json("Python 3 (Capsem sandbox)", provisioner_config)
+def _kernel_spec(provisioner_config: dict, provisioner_name: str = PROVISIONER_NAME) -> KernelSpec:
+    spec = kernel_json("Python 3 (Capsem sandbox)", provisioner_config, provisioner_name)
     return KernelSpec(resource_dir="", **spec)
 
 
@@ -82,41 +83,60 @@ class Sandbox:
     policy: egress policy file (host side); None: the user's config dir policy, else deny-all.
     timeout: default seconds for run_code / commands.run (None: no limit).
     use_pool: claim a warm VM of this flavour from `capsem pool` when one runs, else cold start.
+    ray_address: place the sandbox on a node of this Ray cluster (one with the `capsem` resource;
+        capsem_kernel/ray/). `folder` must then be on a filesystem the node mounts at the same path;
+        None: a node-local folder, reached through `files`. `node_resources` pins a node, e.g.
+        {"capsem-node-a": 0.001}. info() names the node.
     """
 
     def __init__(self, folder: str | os.PathLike | None = None, policy: str | os.PathLike | None = None, *,
                  memory_mb: int = DEFAULT_MEMORY_MB, cpus: int = DEFAULT_CPUS, image: str | None = None,
                  timeout: float | None = None, use_pool: bool = True, keep_folder: bool = False,
-                 start_timeout: float = START_TIMEOUT, share_mode: str = "rw"):
+                 start_timeout: float = START_TIMEOUT, share_mode: str = "rw", ray_address: str | None = None,
+                 node_resources: dict[str, float] | None = None, placement_timeout: float = 120.0):
         self.timeout = timeout
         self.interrupt_grace = INTERRUPT_GRACE  # seconds a timed-out cell gets to stop before a restart
         self._lock = threading.RLock()  # one execution / restart at a time
         self._closed = False
-        self._own_folder = folder is None
+        self.remote = ray_address is not None
+        self._own_folder = folder is None and not self.remote  # a remote one is the node's (removed there)
         self._keep_folder = keep_folder
+        node_folder = folder is None and self.remote
         if folder is None:
-            folder = tempfile.mkdtemp(prefix="capsem-sandbox-")
+            folder = tempfile.mkdtemp(prefix="capsem-sandbox-") if not self.remote else tempfile.gettempdir()
         self.folder = Path(folder).expanduser().resolve()
         if not self.folder.is_dir():
             raise SandboxError(f"the sandbox folder {self.folder} is not a directory")
         config: dict[str, Any] = {"memory_mb": int(memory_mb), "cpus": int(cpus), "use_pool": bool(use_pool),
                                   "share_mode": share_mode}
+        provisioner_name = PROVISIONER_NAME
+        if self.remote:
+            from .ray.provisioner import ensure_registered
+            ensure_registered()
+            provisioner_name = RAY_PROVISIONER_NAME
+            config.update(ray_address=str(ray_address), node_folder=node_folder,
+                          node_resources=dict(node_resources or {}), placement_timeout=float(placement_timeout))
         if policy is not None:
             config["policy"] = str(Path(policy).expanduser().resolve())
         if image is not None:
             config["image"] = str(image)
-        self._km = KernelManager(kernel_name=DEFAULT_NAME, kernel_spec_manager=_OneSpec(_kernel_spec(config)))
+        self._km = KernelManager(kernel_name=DEFAULT_NAME, kernel_spec_manager=_OneSpec(_kernel_spec(config, provisioner_name)))
         self._kc: BlockingKernelClient | None = None
         self._start_timeout = start_timeout
         from capsem_vm.proxy.audit import default_db_path
         self._audit_db = default_db_path()  # where the proxy workers and the VM's bridges write
         self.commands = Commands(self)
-        self.files = Files(self)  # through the guest agent, beneath the folder only (files.py)
+        # through the guest agent, beneath the folder only (files.py)
+        self.files = Files(self, REMOTE_FILE_CHUNK) if self.remote else Files(self)
         try:
             self._km.start_kernel(cwd=str(self.folder))
             self._kc = self._km.client()
             self._kc.start_channels()
             self._kc.wait_for_ready(timeout=start_timeout)
+            if node_folder:  # the node made the folder: its path is the guest's (and the files API's root)
+                shares = (self.kernel_vm.info().get("shares") or [{}]) if self.kernel_vm is not None else [{}]
+                if shares[0].get("path"):
+                    self.folder = Path(shares[0]["path"])
         except BaseException as exc:
             self.close()
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -218,10 +238,14 @@ class Sandbox:
     # --- network rows ----------------------------------------------------------------------------
 
     def _barrier(self) -> bool:
-        """The audit barrier (docs/AUDIT.md) of the runtime the provisioner's VMs use."""
+        """The audit barrier (docs/AUDIT.md) of the runtime the provisioner's VMs use; for a
+        Ray-placed sandbox the node's, once its rows are in this process's database."""
         from capsem_vm.egress_runtime import process_runtime  # the provisioners' runtime
 
         from . import loop_thread
+        if self.remote:
+            kernel_vm = self.kernel_vm
+            return kernel_vm is not None and bool(loop_thread.run_sync(kernel_vm.audit_barrier(), timeout=60))
         return bool(loop_thread.run_sync(process_runtime().audit_barrier(), timeout=60))
 
     def _rows(self, after_id: int, limit: int = NETWORK_ROWS) -> dict:

@@ -1,0 +1,101 @@
+"""Placing a kernel's node actor on the Ray cluster: connect, place with a bounded wait, check the
+folder. Blocking Ray calls: run them in a worker thread (asyncio.to_thread).
+
+Refusals are clear and never hang: a cluster where no node advertises `capsem` is refused at once;
+one whose `capsem` nodes are all busy (or cannot take the actor) after `timeout` s; a folder the
+chosen node cannot see (not there, or another directory at the same path) at placement, before
+anything is started on the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from typing import Any
+
+from .node import actor_class
+
+log = logging.getLogger(__name__)
+
+RESOURCE = "capsem"
+_connect_lock = threading.Lock()
+
+
+class PlacementError(RuntimeError):
+    """The kernel cannot be placed; `code` is stable (no_capsem_nodes, placement_timeout,
+    folder_unseen)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` as a driver, once per process (a process that already joined
+    one, e.g. a test's or an agent platform's, keeps it)."""
+    import ray
+    with _connect_lock:
+        if not ray.is_initialized():
+            ray.init(address=address or "auto", ignore_reinit_error=True, log_to_driver=False,
+                     configure_logging=False)
+
+
+def place(address: str | None, timeout: float, resources: dict[str, float] | None = None) -> tuple[Any, dict]:
+    """A CapsemNode actor on a node with a free `capsem` resource, and the node's facts.
+    `resources`: more resources the node must have (e.g. {"capsem-node-a": 0.001} to pin a node)."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    connect(address)
+    if ray.cluster_resources().get(RESOURCE, 0) < 1:
+        raise PlacementError("no_capsem_nodes", f"no node of the Ray cluster at {address or 'auto'} advertises the "
+                             f"'{RESOURCE}' resource: start capsem nodes with `ray start --resources "
+                             f"'{{\"{RESOURCE}\": N}}'` on hosts where `capsem doctor` passes")
+    actor = actor_class().options(resources={RESOURCE: 1, **(resources or {})}).remote()
+    try:
+        facts = ray.get(actor.facts.remote(), timeout=timeout)
+    except GetTimeoutError:
+        ray.kill(actor, no_restart=True)
+        raise PlacementError("placement_timeout", f"no Ray node with a free '{RESOURCE}' resource"
+                             f"{' and ' + ', '.join(resources) if resources else ''} took the kernel within "
+                             f"{timeout:.0f} s (all busy, or none fits)") from None
+    except BaseException:
+        ray.kill(actor, no_restart=True)
+        raise
+    return actor, facts
+
+
+def check_folder(actor: Any, folder: str, node: str, timeout: float = 30.0) -> None:
+    """Raise PlacementError(folder_unseen) unless the actor's node sees `folder` as the front end
+    does: a marker file made here must be there (a shared filesystem mounted at the same path)."""
+    import ray
+    marker: str | None = f".capsem-placement-{secrets.token_hex(16)}"
+    path = os.path.join(folder, marker)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+    except OSError as exc:  # a read-only folder: the node checks only that the directory is there
+        log.warning("capsem: cannot write a placement marker in %s (%s): checking only that the node "
+                    "sees a directory there", folder, exc.strerror)
+        marker = None
+    try:
+        verdict = ray.get(actor.check_folder.remote(folder, marker), timeout=timeout)
+    finally:
+        if marker is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    if not verdict.get("ok"):
+        raise PlacementError("folder_unseen", f"node {node} cannot use the folder {folder}: {verdict.get('reason')}. "
+                             "The folder must be on a filesystem every capsem node mounts at the same path "
+                             "(NFS, CephFS, a Kubernetes volume); a Sandbox without a folder gets a node-local one")
+
+
+def kill(actor: Any) -> None:
+    import ray
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception as exc:  # noqa: BLE001 - already dead, or Ray gone: nothing more to end
+        log.debug("capsem: ray.kill: %s", exc)
