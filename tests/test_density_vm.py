@@ -15,10 +15,12 @@ from capsem_vm.vm import VM
 pytestmark = pytest.mark.vm
 
 MEMORY_MB = 512
-# Measured under TCG on the 2-core test machine (bench/density.py): an idle pooled 512 MB VM's
-# QEMU is ~250 MB PSS with this change (guest RAM ~160-175, TCG cache ~48, the rest ~40) and ~415
-# MB without it. The bound is generous for TCG's variance and still fails without the change.
-QEMU_IDLE_BOUND_MB = 320
+# Measured under TCG on the 2-core test machine (bench/density.py, a VM alone): after warm-up and
+# reclaim, QEMU's share of guest RAM is 159-175 MB PSS (185 without the change), the rest of QEMU
+# (TCG cache with tb-size=64, heap, the kernel image) ~90. Generous bounds for TCG's variance; what
+# fails without the change is the memory not coming back after a free (below).
+GUEST_RAM_IDLE_BOUND_MB = 240
+QEMU_OTHER_IDLE_BOUND_MB = 160
 SETTLE_S = 8  # free page reporting acts ~2 s after a free
 
 
@@ -29,8 +31,6 @@ def qemu_pss_mb(pid: int) -> dict:
         parts = line.split()
         if parts and not parts[0].endswith(":"):
             kind = "guest_ram" if "memory-backend-memfd" in line else "other"
-            if kind == "guest_ram":
-                out["guest_ram_size"] += 0  # keep the key
         elif parts and parts[0] in ("Pss:", "Rss:"):
             out[f"{kind}_{parts[0][:-1].lower()}"] += int(parts[1])
     return {k: v / 1024 for k, v in out.items()}
@@ -54,8 +54,8 @@ async def test_pooled_vm_returns_free_memory_and_stays_within_its_memory(image_d
         assert reply["errors"] == [] and reply["free_kb_after"] >= reply["free_kb_before"]
         await asyncio.sleep(SETTLE_S)
         idle = qemu_pss_mb(pid)
-        total = idle["guest_ram_pss"] + idle["other_pss"]
-        assert total <= QEMU_IDLE_BOUND_MB, idle
+        assert idle["guest_ram_pss"] <= GUEST_RAM_IDLE_BOUND_MB, idle
+        assert idle["other_pss"] <= QEMU_OTHER_IDLE_BOUND_MB, idle
 
         # memory the guest touches and frees comes back to the host
         await _sh(vm, "python3 -c 'b = bytearray(200 << 20); b[::4096] = bytes(len(b[::4096]))'")
