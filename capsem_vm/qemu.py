@@ -21,6 +21,31 @@ BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "reboot=t", "no_timer_
 # picks its clock itself (kvm-clock), so this is not forced there.
 TCG_KERNEL_ARGS = ("tsc=reliable",)
 
+# TCG's translation cache (MB). QEMU 7.2's default is 1 GiB, and what the guest's code fills of it
+# stays resident: ~124 MB PSS per idle pooled VM after ipykernel's imports (bench/density.py). A
+# full cache is flushed and refilled, costing guest CPU; 64 MB kept the cold start and the first
+# cell at their old times (bench/density.py prints both beside the memory).
+TCG_TB_SIZE_MB = 64
+# Free page reporting hands back free blocks of 2^order pages; the kernel's default (9: 2 MB)
+# leaves the small free blocks dropping the page cache makes: order 5 (128 KB) returned 13 MB more
+# per idle pooled VM (bench/density.py).
+BALLOON_KERNEL_ARGS = ("page_reporting.page_reporting_order=5",)
+
+
+def accel_args(accel: str) -> list[str]:
+    """-accel with its options: under TCG a bounded translation cache (TCG_TB_SIZE_MB)."""
+    return ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MB}" if accel == "tcg" else accel]
+
+
+def balloon_args() -> list[str]:
+    """virtio-balloon with free page reporting only: the guest tells QEMU which of its RAM is free
+    (in free blocks of 2^order pages, BALLOON_KERNEL_ARGS, a few seconds after they were freed) and QEMU discards it (a hole punched in the
+    guest RAM memfd), so a pooled VM's host memory shrinks back after its boot and warm-up.
+    New guest-reachable host code (QEMU's in-process balloon device): the guest can report free
+    pages and inflate/deflate within its own RAM, never get more than -m (tests/test_density_vm.py).
+    No stats polling and no deflate-on-oom: the host never asks the guest for memory."""
+    return ["-device", "virtio-balloon-pci,id=balloon,free-page-reporting=on"]
+
 
 @dataclass(frozen=True)
 class BootAssets:
@@ -39,7 +64,7 @@ def overlay_mb(config: VMConfig) -> int:
 
 def kernel_cmdline(config: VMConfig, accel: str = "tcg") -> str:
     accel_args = TCG_KERNEL_ARGS if accel == "tcg" else ()
-    return " ".join(BASE_KERNEL_ARGS + accel_args + (f"capsem.overlay_mb={overlay_mb(config)}",)
+    return " ".join(BASE_KERNEL_ARGS + accel_args + BALLOON_KERNEL_ARGS + (f"capsem.overlay_mb={overlay_mb(config)}",)
                     + tuple(config.kernel_args))
 
 
@@ -56,7 +81,8 @@ def build_command(qemu_binary: str, config: VMConfig, accel: str, paths: Runtime
         "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
         "-no-reboot",  # guest power-off, reboot or panic ends QEMU
         # No NIC: no -netdev/-nic at all. The only ways out are vsock and VirtioFS.
-        "-machine", f"q35,accel={accel},memory-backend=mem",
+        "-machine", "q35,memory-backend=mem",
+        *accel_args(accel),
         "-cpu", cpu,
         "-smp", str(config.cpus),
         "-m", mem,
@@ -76,6 +102,7 @@ def build_command(qemu_binary: str, config: VMConfig, accel: str, paths: Runtime
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         # A spare PCIe root port so a VirtioFS share can be hot-plugged into a booted VM.
         "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
+        *balloon_args(),
     ]
     cmd += vsock_args
     for share in config.shares:

@@ -26,7 +26,7 @@ def test_command_has_no_network_and_shared_memory():
     assert "-nodefaults" in cmd
     assert "-netdev" not in cmd and "-nic" not in cmd and "-net" not in cmd
     assert "memory-backend-memfd,id=mem,size=1024M,share=on" in joined
-    assert "accel=tcg" in joined and "-cpu max" in joined
+    assert "-accel tcg,tb-size=" in joined and "-cpu max" in joined
     assert "file=/dev/fd/7,if=none,id=rootfs,format=raw,readonly=on" in joined
     assert "-sandbox" in cmd and cmd[cmd.index("-sandbox") + 1].startswith("on,")
     assert cmd[cmd.index("-kernel") + 1] == "/dev/fd/5"
@@ -37,7 +37,7 @@ def test_command_kvm_uses_host_cpu_and_shares_get_devices(tmp_path):
     config = VMConfig(memory_mb=2048, cpus=1, shares=(Share(tmp_path, "nb"),))
     cmd = _cmd(config, "kvm")
     joined = " ".join(cmd)
-    assert "accel=kvm" in joined and "-cpu host" in joined
+    assert cmd[cmd.index("-accel") + 1] == "kvm" and "-cpu host" in joined
     assert "size=2048M" in joined and cmd[cmd.index("-smp") + 1] == "1"
     assert "vhost-user-fs-pci,chardev=fs-nb,tag=nb" in joined
 
@@ -236,3 +236,19 @@ def test_kill_if_same_kills_only_the_recorded_process():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_command_has_free_page_reporting_balloon_and_bounded_tcg_cache():
+    """Density (issue 19): the guest returns free RAM through the balloon's free page reporting,
+    and TCG's translation cache is bounded (QEMU 7.2's default is 1 GiB)."""
+    from capsem_vm.qemu import TCG_TB_SIZE_MB
+    for accel in ("tcg", "kvm"):
+        cmd = _cmd(VMConfig(), accel)
+        devices = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device"]
+        assert devices.count("virtio-balloon-pci,id=balloon,free-page-reporting=on") == 1
+        assert not any("deflate-on-oom" in d or "free-page-hint" in d for d in devices)
+        assert "page_reporting.page_reporting_order=5" in cmd[cmd.index("-append") + 1].split()
+        assert cmd.count("-accel") == 1 and "accel=" not in cmd[cmd.index("-machine") + 1]
+    tcg, kvm = _cmd(VMConfig(), "tcg"), _cmd(VMConfig(), "kvm")
+    assert tcg[tcg.index("-accel") + 1] == f"tcg,tb-size={TCG_TB_SIZE_MB}" and 16 <= TCG_TB_SIZE_MB <= 256
+    assert kvm[kvm.index("-accel") + 1] == "kvm"

@@ -13,7 +13,9 @@ BOOT_MODULES = ("virtio_pci", "virtio_blk", "erofs", "overlay", "vmw_vsock_virti
 
 # Loaded by /init in the background while the agent starts: nothing needs them before the host
 # mounts a share (after the agent's hello; a mount that comes earlier makes the kernel load them).
-BACKGROUND_MODULES = ("virtiofs",)
+# virtio_balloon: free page reporting hands the guest's free RAM back to the host (qemu.py
+# balloon_args); nothing needs it before the agent's hello.
+BACKGROUND_MODULES = ("virtiofs", "virtio_balloon")
 
 # Shipped (not loaded) so `nft` can set up NAT/redirect rules in the guest: copied to the
 # guest's /lib/modules/<ver> with real depmod indexes, loaded on demand by modprobe/the kernel.

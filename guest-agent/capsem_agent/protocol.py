@@ -112,6 +112,11 @@ Control messages (host requests carry an integer "id"; replies and events repeat
                                                                         imports are done (ready);
                                                                         preinit: the kernel app is
                                                                         also initialised (ipykernel_host.py)
+      reclaim     {id}                                                  -> ok {id, seconds, free_kb_before,
+                                                                        free_kb_after, errors}: drop
+                                                                        clean caches and compact, so
+                                                                        free page reporting returns
+                                                                        the memory (reclaim.py)
       file        {id, op, root: abs path, path: relative, ...}         -> ok {id, ...}: files beneath
                                                                         root (the share), no link
                                                                         ever followed (files_op.py):

@@ -302,6 +302,11 @@ class Service:
             reply["ready"] = await self.kernels.wait_warm(float(wait))
         await self.send(reply)
 
+    async def _reclaim(self, msg):
+        from . import reclaim
+        info = await asyncio.get_running_loop().run_in_executor(None, reclaim.reclaim)
+        await self.send({"t": "ok", "id": msg["id"], **info})
+
     async def _file(self, msg):
         from . import files_op
         loop = asyncio.get_running_loop()
@@ -316,12 +321,13 @@ class Service:
         await self.send({"t": "ok", "id": msg["id"]})
         self._stop = True
 
-    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm", "kernel_start", "file"})  # may block or wait: own task
+    SLOW = frozenset({"mount", "egress_setup", "egress_prepare", "kernel_prewarm", "kernel_start", "file",
+                      "reclaim"})  # may block or wait: own task
     HANDLERS = {
         "ping": _ping, "exec": _exec, "stdin": _stdin, "resize": _resize, "signal": _signal,
         "mount": _mount, "egress_setup": _egress_setup, "egress_prepare": _egress_prepare, "kernel_start": _kernel_start,
         "kernel_prewarm": _kernel_prewarm, "kernel_release": _kernel_release,
-        "file": _file, "shutdown": _shutdown,
+        "file": _file, "reclaim": _reclaim, "shutdown": _shutdown,
     }
 
 
