@@ -65,12 +65,14 @@ class RemoteKernel:
     pooled = False
 
     def __init__(self, kernel_id: str, config: VMConfig, *, actor: Any = None,
-                 on_closed: Callable[[], Any] | None = None, db_path=None):
+                 on_closed: Callable[[bool], Any] | None = None, db_path=None):
         from capsem_vm.proxy.audit import default_db_path
         self.kernel_id = kernel_id
         self.config = config  # the front end's view (shares, sizes); the node builds its own
         self.actor = actor
-        self.on_closed = on_closed  # called once the tunnel is closed (the provisioner kills the actor)
+        # called once the tunnel is closed, with whether the node ended without a clean stop (the
+        # provisioner then ends the actor, and sweeps the node after an abnormal end)
+        self.on_closed = on_closed
         self.db_path = db_path or default_db_path()
         self.node: str | None = None
         self.node_id: str | None = None
@@ -138,6 +140,7 @@ class RemoteKernel:
             raise
         except Exception as exc:  # noqa: BLE001 - ConnectionClosed, a broken stream: the kernel is gone
             self._died(f"the control connection to node {self.node} closed ({type(exc).__name__})")
+            self._spawn_close()  # end the actor; sweep the node if it ended without a clean stop
 
     async def _handle(self, msg: dict) -> None:
         op = msg.get("op")
@@ -263,7 +266,7 @@ class RemoteKernel:
                 await self.tunnel.close()
         if self.on_closed is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.on_closed)
+                await asyncio.to_thread(self.on_closed, not self._stopped.is_set())
 
     def info(self) -> dict[str, Any]:
         info = dict(self.node_info)
