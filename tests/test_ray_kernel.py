@@ -146,7 +146,8 @@ def node_processes(e) -> list[str]:
             continue
         ray_own = cmdline.startswith(b"ray::") or any(k in cmdline for k in RAY_PROCESSES)
         if marker in cmdline or (marker in environ and not ray_own):  # not the node's own Ray processes
-            found.append(f"{entry.name} {cmdline.replace(b'\0', b' ').decode(errors='replace')[:200]}")
+            text = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
+            found.append(f"{entry.name} {text}")
     return found
 
 

@@ -113,12 +113,12 @@ def parse_start(msg: dict, kernel_id: str) -> dict[str, Any]:
     folder = _text(msg, "folder", optional=True)
     if folder is not None and not os.path.isabs(folder):
         raise StartRefused("bad_start", "the folder must be an absolute path")
-    env = msg.get("env") or {}
+    env = msg.get("env", {})
     if (not isinstance(env, dict) or len(env) > MAX_ENV
             or not all(isinstance(k, str) and isinstance(v, str) and len(k) < 256 and len(v) < MAX_TEXT
                        for k, v in env.items())):
         raise StartRefused("bad_start", "the environment is not a small dict of strings")
-    extra = msg.get("extra") or {}
+    extra = msg.get("extra", {})
     if not isinstance(extra, dict):
         raise StartRefused("bad_start", "extra is not a dict")
 
