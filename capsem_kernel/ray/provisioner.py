@@ -88,7 +88,10 @@ class RayCapsemProvisioner(CapsemProvisioner):
         remote = RemoteKernel(self.kernel_id, self._vm_config(cwd), actor=actor,
                               on_closed=lambda abnormal: _end_actor(actor, facts.get("node_id"), abnormal))
         self.kernel_vm = remote
-        ports = await loop_thread.run(remote.start(prepared, identity, start, timeout=self.boot_timeout + 120))
+        # a restart (same KernelManager, fresh provisioner) keeps the ports its clients know
+        known = {name: int(getattr(km, key) or 0) for name, key in PORT_KEYS.items()}
+        ports = await loop_thread.run(remote.start(prepared, identity, start, timeout=self.boot_timeout + 120,
+                                                   ports=known if all(known.values()) else None))
         km.cleanup_connection_file()  # a restart's file names the previous tunnel's ports
         for name, port in ports.items():
             setattr(km, PORT_KEYS[name], port)

@@ -96,9 +96,11 @@ class RemoteKernel:
 
     # --- start ---------------------------------------------------------------------------------
 
-    async def start(self, prepared: dict[str, Any], identity, start_msg: dict, timeout: float) -> dict[str, int]:
+    async def start(self, prepared: dict[str, Any], identity, start_msg: dict, timeout: float,
+                    ports: dict[str, int] | None = None) -> dict[str, int]:
         """Connect to the node (pinning its certificate), send start, wait for ready, and open the
-        local channel ports. Returns {channel: local port}. Raises RemoteKernelError."""
+        local channel ports (`ports`, when given: a restart keeps the client's). Returns
+        {channel: local port}. Raises RemoteKernelError."""
         from ..remote.tunnel import FrontTunnel
         self.started_at = time.time()
         self.node, self.node_id = prepared.get("node"), prepared.get("node_id")
@@ -121,7 +123,7 @@ class RemoteKernel:
                 raise RemoteKernelError("start_failed", self.death_reason or
                                         f"the kernel on node {self.node} was not ready within {timeout:.0f} s")
             self.vm.control = RemoteAgent(self)
-            return await self.tunnel.open_local_ports()
+            return await self.tunnel.open_local_ports(ports=ports)
         except BaseException:
             await self.stop(grace=0)
             raise
