@@ -196,6 +196,10 @@ def test_sandbox_runs_code_and_info_names_the_node(rw, sb):
     assert ex.logs.stdout == ["True\n"] and ex.text == "42"
     info = sb.info()
     assert info["node"] == NODE and info["remote"] is True and info["kernel_id"] == sb.kernel_id
+    deadline = time.monotonic() + 10  # the node reports state changes within a second
+    while info["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        info = sb.info()
     assert info["state"] == "ready" and info["runtime_dir"].startswith(str(rw.node["node-rt"]))
     # no folder given: a node-local one, the files API's root
     assert sb.folder.name.startswith("capsem-sandbox-") and [s["path"] for s in info["shares"]] == [str(sb.folder)]

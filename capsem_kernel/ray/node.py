@@ -190,7 +190,7 @@ class NodeKernel:
         self._push_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._closed = asyncio.Event()
-        self._torn_down = False
+        self._teardown: asyncio.Future | None = None
 
     # --- set-up (Ray: public material only) ---------------------------------------------------
 
@@ -397,12 +397,15 @@ class NodeKernel:
         return {**info, "node": self.node}
 
     async def teardown(self) -> None:
-        if self._torn_down:
-            return
-        self._torn_down = True
+        """Idempotent; every caller returns once the one teardown has finished."""
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._teardown_once())
+        await asyncio.shield(self._teardown)
+
+    async def _teardown_once(self) -> None:
         self._closed.set()
         for task in list(self._tasks):
-            if task is not asyncio.current_task():
+            if task is not asyncio.current_task() and task is not self._teardown:
                 task.cancel()
         try:
             if self.kernel_vm is not None:

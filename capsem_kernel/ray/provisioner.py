@@ -29,6 +29,7 @@ from ..channels import PORT_KEYS
 from ..provisioner import CapsemProvisioner
 
 PROVISIONER_NAME = "capsem-ray-provisioner"
+STOP_TIMEOUT = 30.0  # the actor's own teardown after a clean stop
 MAX_POLICY = 60_000  # bytes of policy text sent to the node (one control message)
 
 
@@ -121,6 +122,11 @@ def _end_actor(actor, node_id: str | None, abnormal: bool) -> None:
     """The kernel's tunnel is closed: end its actor; after an abnormal end (the actor's process
     died, the node went silent) sweep the node, which removes the dead VM's runtime files."""
     from . import placement
+    if not abnormal:  # let the actor finish its teardown (VM, private dir, node folder) before it ends
+        try:
+            _ray_get(actor.stop.remote(), STOP_TIMEOUT)
+        except Exception:  # noqa: BLE001 - dead or stuck: killed below, and the node swept
+            abnormal = True
     placement.kill(actor)
     if abnormal and node_id:
         placement.sweep_node(node_id)
