@@ -131,7 +131,7 @@ def _load_chain(ctx: ssl.SSLContext, identity: TlsIdentity) -> None:
     """ssl loads keys only from paths: use an anonymous memory file (never on disk), or, where
     there is none, a file in a fresh 0700 directory removed at once."""
     blob = identity.cert_pem + identity.key_pem
-    if hasattr(os, "memfd_create"):
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create("capsem-tls", os.MFD_CLOEXEC)
         try:
             os.write(fd, blob)
@@ -139,7 +139,7 @@ def _load_chain(ctx: ssl.SSLContext, identity: TlsIdentity) -> None:
         finally:
             os.close(fd)
         return
-    d = tempfile.mkdtemp(prefix="capsem-tls-")
+    d = tempfile.mkdtemp(prefix="capsem-tls-")        # 0700
     path = os.path.join(d, "chain.pem")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -14,8 +14,9 @@ new TLS connection to the node opened for that channel. Raw ZMTP bytes pass unch
 from the node they also pass the ZMTP size guard (zmtp.py), as from a local guest.
 
 Bounds: the handshake and the opening frame within HANDSHAKE_TIMEOUT; at most `max_streams`
-connections per tunnel (handshaking ones included) on each side; copies in CHUNK reads with
-drain() backpressure; a stream half-closed by one side is half-closed on the other where the
+authenticated connections per tunnel on each side; on the node side at most `max_handshakes`
+connections still in their handshake, `max_handshakes_per_ip` from one address (refused at
+accept, so a stranger cannot hold every slot); copies in CHUNK reads with drain() backpressure; a stream half-closed by one side is half-closed on the other where the
 transport can (TCP), fully closed where it cannot (TLS), and torn down HALF_CLOSE_GRACE later.
 Every task is referenced and cancelled on close(); every socket is closed.
 """
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0       # TCP accept -> TLS done -> opening frame read
 CONNECT_TIMEOUT = 10.0         # front side: TCP connect + TLS + control acknowledgement
-MAX_STREAMS = 64               # concurrent connections per tunnel side (5 channels + reconnects)
+MAX_STREAMS = 64               # authenticated connections per tunnel side (5 channels + reconnects)
+MAX_HANDSHAKES = 64            # node side: connections not yet authenticated, in all
+MAX_HANDSHAKES_PER_IP = 8      # ... and from one address (a stranger cannot take all the slots)
 CHUNK = 64 << 10
 HALF_CLOSE_GRACE = 5.0
 KEEPALIVE = (5, 2, 3)          # control connection: idle s, interval s, probes (~11 s to notice)
@@ -126,23 +129,22 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-async def _accept_loop(listener: socket.socket, streams: "_Streams", serve, counter=None) -> None:
-    """Accept TCP and hand the socket to `serve` as a referenced task; a connection over the cap
-    is closed before it costs anything (no TLS handshake, no byte read)."""
+async def _accept_loop(listener: socket.socket, streams: "_Streams", serve, admit=None) -> None:
+    """Accept TCP and hand (socket, address) to `serve` as a referenced task; a connection that
+    `admit(address)` or the stream cap refuses is closed before it costs anything (no TLS
+    handshake, no byte read)."""
     loop = asyncio.get_running_loop()
     while True:
         try:
-            conn, _addr = await loop.sock_accept(listener)
+            conn, addr = await loop.sock_accept(listener)
         except OSError as e:                    # EMFILE and friends: back off, keep serving
             log.warning("remote tunnel: accept failed: %s", e)
             await asyncio.sleep(0.1)
             continue
-        if not streams.admit():
-            if counter is not None:
-                counter()
+        if not streams.admit() or (admit is not None and not admit(addr)):
             conn.close()
             continue
-        streams.spawn(serve(conn))
+        streams.spawn(serve(conn, addr))
 
 
 class _Streams:
@@ -207,7 +209,8 @@ class ControlConnection:
                 raise ConnectionClosed(self._closed_reason) from None
 
     async def receive(self) -> dict:
-        """The next message; ConnectionClosed when the peer is gone or broke the protocol."""
+        """The next message; ConnectionClosed when the peer is gone or broke the protocol.
+        One receiver at a time; cancel-safe (a receive cancelled by a timeout loses nothing)."""
         while not self._inbox:
             if self.closed:
                 raise ConnectionClosed(self._closed_reason)
@@ -242,11 +245,19 @@ class NodeTunnel:
 
     def __init__(self, identity: ident.TlsIdentity, peer_cert_pem: bytes,
                  on_control: Callable[[ControlConnection], Awaitable[None]],
-                 max_streams: int, handshake_timeout: float):
+                 max_streams: int, handshake_timeout: float, max_handshakes: int,
+                 max_handshakes_per_ip: int):
         self._context = ident.server_context(identity, peer_cert_pem)
+        self._public = identity.public()
         self._peer_fingerprint = ident.fingerprint_of(peer_cert_pem)
         self._on_control = on_control
-        self._streams = _Streams(max_streams)
+        # authenticated streams + connections still in their handshake (counted apart, per IP:
+        # strangers can hold at most max_handshakes_per_ip slots each, for handshake_timeout)
+        self._streams = _Streams(max_streams + max_handshakes)
+        self._max_streams = max_streams
+        self._max_handshakes = max_handshakes
+        self._max_handshakes_per_ip = max_handshakes_per_ip
+        self._pending: dict[str, int] = {}
         self._handshake_timeout = handshake_timeout
         self._targets: dict[str, tuple[str, int]] = {}
         self._control: ControlConnection | None = None
@@ -259,17 +270,38 @@ class NodeTunnel:
     async def start(cls, host: str, identity: ident.TlsIdentity, peer_cert_pem: bytes,
                     on_control: Callable[[ControlConnection], Awaitable[None]], *, port: int = 0,
                     max_streams: int = MAX_STREAMS,
-                    handshake_timeout: float = HANDSHAKE_TIMEOUT) -> "NodeTunnel":
-        self = cls(identity, peer_cert_pem, on_control, max_streams, handshake_timeout)
+                    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                    max_handshakes: int = MAX_HANDSHAKES,
+                    max_handshakes_per_ip: int = MAX_HANDSHAKES_PER_IP) -> "NodeTunnel":
+        self = cls(identity, peer_cert_pem, on_control, max_streams, handshake_timeout,
+                   max_handshakes, max_handshakes_per_ip)
         self._listener = _listen(host, port, max_streams)
         self.port = self._listener.getsockname()[1]
         self._accept_task = asyncio.create_task(
-            _accept_loop(self._listener, self._streams, self._serve, self._count_refused),
+            _accept_loop(self._listener, self._streams, self._serve, self._admit),
             name="capsem-remote-node-accept")
         return self
 
-    def _count_refused(self) -> None:
-        self.refused += 1
+    def public(self) -> dict:
+        """What the node may return through Ray: its certificate, fingerprint and port."""
+        return {**self._public, "port": self.port}
+
+    def _admit(self, addr) -> bool:
+        ip = addr[0]
+        if (sum(self._pending.values()) >= self._max_handshakes
+                or self._pending.get(ip, 0) >= self._max_handshakes_per_ip):
+            self.refused += 1
+            return False
+        self._pending[ip] = self._pending.get(ip, 0) + 1
+        return True
+
+    def _authenticated(self, ip: str) -> None:
+        """Move a connection out of the handshake count (once)."""
+        n = self._pending.get(ip, 0) - 1
+        if n > 0:
+            self._pending[ip] = n
+        else:
+            self._pending.pop(ip, None)
 
     def set_targets(self, targets: dict[str, tuple[str, int]]) -> None:
         """channel -> (host, port) of the kernel's local ZMQ port. Replaces the previous set."""
@@ -285,9 +317,10 @@ class NodeTunnel:
         """Refuse channel streams again (the kernel is being restarted or is gone)."""
         self._targets = {}
 
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket, addr) -> None:
         loop = asyncio.get_running_loop()
         writer = None
+        pending = True
         try:
             reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
             protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -297,16 +330,26 @@ class NodeTunnel:
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             self._streams.writers.add(writer)
             ident.check_peer(writer.get_extra_info("ssl_object"), self._peer_fingerprint)
+            pending = False
+            self._authenticated(addr[0])
+            if len(self._streams.tasks) - sum(self._pending.values()) > self._max_streams:
+                raise TunnelError(f"more than {self._max_streams} streams on this tunnel")
             opening = wire.decode_open(await asyncio.wait_for(
                 reader.readexactly(wire.OPEN_SIZE), self._handshake_timeout))
             if opening.kind == "control":
                 await self._serve_control(reader, writer)
             else:
                 await self._serve_channel(opening.channel, reader, writer)
-        except _ERRORS as e:
+        except (*_ERRORS, TunnelError) as e:
             self.refused += 1
-            log.info("remote tunnel: refused a connection: %s: %s", type(e).__name__, e)
+            log.info("remote tunnel: refused a connection from %s: %s: %s",
+                     addr[0], type(e).__name__, e)
+        except Exception:                       # a bug: log it, never leave it in the task
+            self.refused += 1
+            log.exception("remote tunnel: node stream failed")
         finally:
+            if pending:
+                self._authenticated(addr[0])
             if writer is None:
                 conn.close()
             else:
@@ -414,7 +457,7 @@ class FrontTunnel:
                 self.local_ports[channel] = listener.getsockname()[1]
                 self._accept_tasks.append(asyncio.create_task(
                     _accept_loop(listener, self._streams,
-                                 lambda conn, c=channel: self._serve_local(c, conn)),
+                                 lambda conn, addr, c=channel: self._serve_local(c, conn)),
                     name=f"capsem-remote-front-{channel}"))
         except BaseException:
             await self._close_listeners()
@@ -434,6 +477,8 @@ class FrontTunnel:
         except _ERRORS as e:
             log.info("remote tunnel: %s stream to the node ended: %s: %s",
                      channel, type(e).__name__, e)
+        except Exception:
+            log.exception("remote tunnel: %s stream failed", channel)
         finally:
             for w in (remote_writer, writer):
                 if w is not None:
