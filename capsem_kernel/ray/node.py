@@ -45,7 +45,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from capsem_vm import paths
+from capsem_vm import paths, runtime
 from capsem_vm.config import DEFAULT_CPUS, DEFAULT_MEMORY_MB, EgressConfig, Share, VMConfig
 
 from .. import loop_thread
@@ -113,12 +113,12 @@ def parse_start(msg: dict, kernel_id: str) -> dict[str, Any]:
     folder = _text(msg, "folder", optional=True)
     if folder is not None and not os.path.isabs(folder):
         raise StartRefused("bad_start", "the folder must be an absolute path")
-    env = msg.get("env") or {}
+    env = msg.get("env", {})
     if (not isinstance(env, dict) or len(env) > MAX_ENV
             or not all(isinstance(k, str) and isinstance(v, str) and len(k) < 256 and len(v) < MAX_TEXT
                        for k, v in env.items())):
         raise StartRefused("bad_start", "the environment is not a small dict of strings")
-    extra = msg.get("extra") or {}
+    extra = msg.get("extra", {})
     if not isinstance(extra, dict):
         raise StartRefused("bad_start", "extra is not a dict")
 
@@ -183,19 +183,23 @@ class NodeKernel:
         self.kernel_vm = None
         self.control = None  # the one accepted TLS control connection
         self.private = Path(tempfile.mkdtemp(prefix="capsem-ray-", dir=_private_base()))
+        (self.private / "owner").write_text(f"{os.getpid()} {runtime._start_time(os.getpid())}\n")
         self.own_folder: Path | None = None
         self.last_row = 0
         self._send_lock = asyncio.Lock()
         self._push_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._closed = asyncio.Event()
-        self._torn_down = False
+        self._teardown: asyncio.Future | None = None
 
     # --- set-up (Ray: public material only) ---------------------------------------------------
 
     async def prepare(self, front_cert_pem: bytes, host: str) -> dict[str, Any]:
         from ..remote.identity import TlsIdentity
         from ..remote.tunnel import NodeTunnel
+        from capsem_vm import sweep
+        sweep.sweep_once()  # what a killed actor's VM left in this node's runtime dir
+        sweep_private()
         self.identity = TlsIdentity.generate(f"capsem-node-{self.kernel_id}")
         self.tunnel = await NodeTunnel.start(host, self.identity, front_cert_pem, on_control=self._serve)
         return {"cert_pem": self.identity.cert_pem, "host": host, "port": self.tunnel.port}
@@ -301,6 +305,7 @@ class NodeKernel:
                 f.write(start["policy"])
         if start["folder"] is None:  # a node-local folder (the Sandbox uses the files API)
             self.own_folder = Path(tempfile.mkdtemp(prefix="capsem-sandbox-"))
+            (self.private / "folder").write_text(str(self.own_folder))  # for sweep_private
             folder = str(self.own_folder)
         else:
             verdict = check_folder(start["folder"], None)
@@ -392,12 +397,15 @@ class NodeKernel:
         return {**info, "node": self.node}
 
     async def teardown(self) -> None:
-        if self._torn_down:
-            return
-        self._torn_down = True
+        """Idempotent; every caller returns once the one teardown has finished."""
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._teardown_once())
+        await asyncio.shield(self._teardown)
+
+    async def _teardown_once(self) -> None:
         self._closed.set()
         for task in list(self._tasks):
-            if task is not asyncio.current_task():
+            if task is not asyncio.current_task() and task is not self._teardown:
                 task.cancel()
         try:
             if self.kernel_vm is not None:
@@ -414,6 +422,28 @@ class NodeKernel:
 def _private_base() -> Path:
     """Where a kernel's policy file is kept on the node: the node's capsem runtime dir (private)."""
     return paths.ensure_private_dir(paths.runtime_dir() / "ray")
+
+
+def sweep_private() -> int:
+    """Remove the private dirs (policy file, node-local folder) of kernels whose actor process is
+    gone (killed: no teardown ran). The owner is believed as capsem_vm/runtime.py believes its own
+    (pid and start time). Returns how many were removed."""
+    removed = 0
+    for d in _private_base().glob("capsem-ray-*"):
+        try:
+            pid, start = (d / "owner").read_text().split()
+            alive = runtime._alive(int(pid), start)
+        except (OSError, ValueError):  # no owner yet: another actor may be creating it right now
+            alive = runtime._age(d) < 60
+        if alive:
+            continue
+        with contextlib.suppress(OSError):
+            folder = Path((d / "folder").read_text().strip())
+            if folder.name.startswith("capsem-sandbox-"):
+                shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 class CapsemNodeActor:

@@ -93,6 +93,28 @@ def check_folder(actor: Any, folder: str, node: str, timeout: float = 30.0) -> N
                              "(NFS, CephFS, a Kubernetes volume); a Sandbox without a folder gets a node-local one")
 
 
+def _sweep_here() -> dict:
+    from capsem_vm import sweep
+
+    from .node import sweep_private
+    return {**sweep.sweep(), "ray_private": sweep_private()}
+
+
+def sweep_node(node_id: str, timeout: float = 60.0) -> dict | None:
+    """Run capsem's sweep (capsem_vm/sweep.py) on node `node_id`: what a dead actor's VM left in the
+    node's runtime dir (its helpers died with it; its files stay until a sweep). None if it could
+    not run there (the node is gone too)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    task = ray.remote(num_cpus=0, max_retries=0)(_sweep_here).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    try:
+        return ray.get(task.remote(), timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - the node is gone: nothing of it to sweep from here
+        log.warning("capsem: could not sweep node %s after its kernel actor died: %s", node_id, exc)
+        return None
+
+
 def kill(actor: Any) -> None:
     import ray
     try:

@@ -29,6 +29,7 @@ from ..channels import PORT_KEYS
 from ..provisioner import CapsemProvisioner
 
 PROVISIONER_NAME = "capsem-ray-provisioner"
+STOP_TIMEOUT = 30.0  # the actor's own teardown after a clean stop
 MAX_POLICY = 60_000  # bytes of policy text sent to the node (one control message)
 
 
@@ -59,7 +60,7 @@ class RayCapsemProvisioner(CapsemProvisioner):
         km = self.parent
         cwd = str(Path(kwargs.get("cwd") or os.getcwd()).resolve())
         env = kwargs.get("env") or {}
-        policy = await asyncio.to_thread(read_policy, self.policy, cwd)  # a bad policy fails before placement
+        policy = await asyncio.to_thread(read_policy, self.policy, None if self.node_folder else cwd)  # a bad policy fails before placement
         actor, facts = await asyncio.to_thread(placement.place, self.ray_address, self.placement_timeout,
                                                dict(self.node_resources))
         node = facts.get("node")
@@ -71,7 +72,7 @@ class RayCapsemProvisioner(CapsemProvisioner):
         except BaseException:
             placement.kill(actor)
             raise
-        self.placed_node = {"node": node, "node_id": facts.get("node_id")}
+        self.placed_node = {"node": node, "node_id": facts.get("node_id"), "actor_pid": facts.get("pid")}
         self.log.info("capsem: kernel %s placed on Ray node %s", self.kernel_id, node)
         key = km.session.key
         start = {
@@ -86,9 +87,12 @@ class RayCapsemProvisioner(CapsemProvisioner):
                       "boot_timeout": int(self.boot_timeout)},
         }
         remote = RemoteKernel(self.kernel_id, self._vm_config(cwd), actor=actor,
-                              on_closed=lambda: placement.kill(actor))
+                              on_closed=lambda abnormal: _end_actor(actor, facts.get("node_id"), abnormal))
         self.kernel_vm = remote
-        ports = await loop_thread.run(remote.start(prepared, identity, start, timeout=self.boot_timeout + 120))
+        # a restart (same KernelManager, fresh provisioner) keeps the ports its clients know
+        known = {name: int(getattr(km, key) or 0) for name, key in PORT_KEYS.items()}
+        ports = await loop_thread.run(remote.start(prepared, identity, start, timeout=self.boot_timeout + 120,
+                                                   ports=known if all(known.values()) else None))
         km.cleanup_connection_file()  # a restart's file names the previous tunnel's ports
         for name, port in ports.items():
             setattr(km, PORT_KEYS[name], port)
@@ -114,12 +118,26 @@ def ensure_registered() -> None:
             PROVISIONER_NAME, f"{__name__}:RayCapsemProvisioner", KernelProvisionerFactory.GROUP_NAME)
 
 
+def _end_actor(actor, node_id: str | None, abnormal: bool) -> None:
+    """The kernel's tunnel is closed: end its actor; after an abnormal end (the actor's process
+    died, the node went silent) sweep the node, which removes the dead VM's runtime files."""
+    from . import placement
+    if not abnormal:  # let the actor finish its teardown (VM, private dir, node folder) before it ends
+        try:
+            _ray_get(actor.stop.remote(), STOP_TIMEOUT)
+        except Exception:  # noqa: BLE001 - dead or stuck: killed below, and the node swept
+            abnormal = True
+    placement.kill(actor)
+    if abnormal and node_id:
+        placement.sweep_node(node_id)
+
+
 def _ray_get(ref, timeout: float):
     import ray
     return ray.get(ref, timeout=timeout)
 
 
-def read_policy(policy: str, folder: str) -> str:
+def read_policy(policy: str, folder: str | None) -> str:
     """The policy text the node gets inside TLS: the `policy` trait's file, else the front end
     user's default policy file when there is one, else '' (deny-all on the node: the node user's own
     policy never applies to a front end's kernel). Checked here as
@@ -131,7 +149,7 @@ def read_policy(policy: str, folder: str) -> str:
     path = resolve_policy_path(policy or None)
     if path is None:
         return ""
-    check_policy_location(path, [folder])
+    check_policy_location(path, [folder] if folder else [])
     load_policy(path)
     text = path.read_text()
     if len(text.encode()) > MAX_POLICY:

@@ -65,12 +65,14 @@ class RemoteKernel:
     pooled = False
 
     def __init__(self, kernel_id: str, config: VMConfig, *, actor: Any = None,
-                 on_closed: Callable[[], Any] | None = None, db_path=None):
+                 on_closed: Callable[[bool], Any] | None = None, db_path=None):
         from capsem_vm.proxy.audit import default_db_path
         self.kernel_id = kernel_id
         self.config = config  # the front end's view (shares, sizes); the node builds its own
         self.actor = actor
-        self.on_closed = on_closed  # called once the tunnel is closed (the provisioner kills the actor)
+        # called once the tunnel is closed, with whether the node ended without a clean stop (the
+        # provisioner then ends the actor, and sweeps the node after an abnormal end)
+        self.on_closed = on_closed
         self.db_path = db_path or default_db_path()
         self.node: str | None = None
         self.node_id: str | None = None
@@ -94,9 +96,11 @@ class RemoteKernel:
 
     # --- start ---------------------------------------------------------------------------------
 
-    async def start(self, prepared: dict[str, Any], identity, start_msg: dict, timeout: float) -> dict[str, int]:
+    async def start(self, prepared: dict[str, Any], identity, start_msg: dict, timeout: float,
+                    ports: dict[str, int] | None = None) -> dict[str, int]:
         """Connect to the node (pinning its certificate), send start, wait for ready, and open the
-        local channel ports. Returns {channel: local port}. Raises RemoteKernelError."""
+        local channel ports (`ports`, when given: a restart keeps the client's). Returns
+        {channel: local port}. Raises RemoteKernelError."""
         from ..remote.tunnel import FrontTunnel
         self.started_at = time.time()
         self.node, self.node_id = prepared.get("node"), prepared.get("node_id")
@@ -119,7 +123,7 @@ class RemoteKernel:
                 raise RemoteKernelError("start_failed", self.death_reason or
                                         f"the kernel on node {self.node} was not ready within {timeout:.0f} s")
             self.vm.control = RemoteAgent(self)
-            return await self.tunnel.open_local_ports()
+            return await self.tunnel.open_local_ports(ports=ports)
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -138,6 +142,7 @@ class RemoteKernel:
             raise
         except Exception as exc:  # noqa: BLE001 - ConnectionClosed, a broken stream: the kernel is gone
             self._died(f"the control connection to node {self.node} closed ({type(exc).__name__})")
+            self._spawn_close()  # end the actor; sweep the node if it ended without a clean stop
 
     async def _handle(self, msg: dict) -> None:
         op = msg.get("op")
@@ -263,7 +268,7 @@ class RemoteKernel:
                 await self.tunnel.close()
         if self.on_closed is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.on_closed)
+                await asyncio.to_thread(self.on_closed, not self._stopped.is_set())
 
     def info(self) -> dict[str, Any]:
         info = dict(self.node_info)

@@ -444,13 +444,15 @@ class FrontTunnel:
             raise
         return reader, writer
 
-    async def open_local_ports(self, bind: str = "127.0.0.1") -> dict[str, int]:
-        """One listener per channel on `bind` (ports chosen by the OS); channel -> port."""
+    async def open_local_ports(self, bind: str = "127.0.0.1",
+                               ports: dict[str, int] | None = None) -> dict[str, int]:
+        """One listener per channel on `bind`; channel -> port. `ports`: the ports to bind (a
+        restarted kernel keeps its connection file's); a channel not in it gets one from the OS."""
         if self.local_ports:
             return dict(self.local_ports)
         try:
             for channel in wire.CHANNELS:
-                listener = _listen(bind, 0, self._streams.cap)
+                listener = _listen(bind, (ports or {}).get(channel, 0), self._streams.cap)
                 self._listeners.append(listener)
                 self.local_ports[channel] = listener.getsockname()[1]
                 self._accept_tasks.append(asyncio.create_task(
