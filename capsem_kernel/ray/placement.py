@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from typing import Any
 
 from .node import actor_class
@@ -20,6 +21,7 @@ from .node import actor_class
 log = logging.getLogger(__name__)
 
 RESOURCE = "capsem"
+PLACE_ATTEMPTS = 3  # an actor that dies while being placed (a node just lost) is placed again
 _connect_lock = threading.Lock()
 
 
@@ -52,18 +54,33 @@ def place(address: str | None, timeout: float, resources: dict[str, float] | Non
         raise PlacementError("no_capsem_nodes", f"no node of the Ray cluster at {address or 'auto'} advertises the "
                              f"'{RESOURCE}' resource: start capsem nodes with `ray start --resources "
                              f"'{{\"{RESOURCE}\": N}}'` on hosts where `capsem doctor` passes")
-    actor = actor_class().options(resources={RESOURCE: 1, **(resources or {})}).remote()
-    try:
-        facts = ray.get(actor.facts.remote(), timeout=timeout)
-    except GetTimeoutError:
-        ray.kill(actor, no_restart=True)
-        raise PlacementError("placement_timeout", f"no Ray node with a free '{RESOURCE}' resource"
-                             f"{' and ' + ', '.join(resources) if resources else ''} took the kernel within "
-                             f"{timeout:.0f} s (all busy, or none fits)") from None
-    except BaseException:
-        ray.kill(actor, no_restart=True)
-        raise
-    return actor, facts
+    from ray.exceptions import RayActorError
+    deadline = time.monotonic() + timeout
+    for attempt in range(1, PLACE_ATTEMPTS + 1):
+        actor = actor_class().options(resources={RESOURCE: 1, **(resources or {})}).remote()
+        try:
+            facts = ray.get(actor.facts.remote(), timeout=max(0.0, deadline - time.monotonic()))
+        except GetTimeoutError:
+            ray.kill(actor, no_restart=True)
+            raise PlacementError("placement_timeout", f"no Ray node with a free '{RESOURCE}' resource"
+                                 f"{' and ' + ', '.join(resources) if resources else ''} took the kernel within "
+                                 f"{timeout:.0f} s (all busy, or none fits)") from None
+        except RayActorError as exc:
+            # placed on a node that was dying: Ray lists a lost node as dead only after its health
+            # checks fail (~1.5 s), and may schedule there meanwhile. Place again, on another node
+            # once Ray knows; bounded by the attempts and the same deadline.
+            ray.kill(actor, no_restart=True)
+            if attempt == PLACE_ATTEMPTS or time.monotonic() >= deadline:
+                raise PlacementError("placement_timeout", f"the kernel's node actor died {attempt} times while "
+                                     f"being placed (nodes lost?): {exc}") from None
+            log.warning("capsem: the kernel's node actor died while being placed (%s): placing it again", exc)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            continue
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
+        return actor, facts
+    raise AssertionError("unreachable")
 
 
 def check_folder(actor: Any, folder: str, node: str, timeout: float = 30.0) -> None:
