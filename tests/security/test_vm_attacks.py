@@ -125,7 +125,11 @@ def test_qemu_is_seccomp_sandboxed_unprivileged_and_has_no_nic(env):
     assert argv[argv.index("-sandbox") + 1] == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert sorted(d.split(",")[0] for d in devices) == sorted(
-        ["virtio-blk-pci", "pcie-root-port", "vhost-user-vsock-pci"] + ["vhost-user-fs-pci"] * 3)
+        ["virtio-blk-pci", "pcie-root-port", "vhost-user-vsock-pci", "virtio-balloon-pci"] + ["vhost-user-fs-pci"] * 3)
+    # the balloon does free page reporting only (SECURITY.md): no stats polling, no deflate-on-OOM
+    balloon = next(d for d in devices if d.startswith("virtio-balloon-pci"))
+    assert "free-page-reporting=on" in balloon.split(",")
+    assert not {"deflate-on-oom=on", "free-page-hint=on"} & set(balloon.split(",")) and "guest-stats" not in balloon
     # the only host paths QEMU opens: the verified assets (fds), and its own 0700 VM dir
     assert Path(f"/proc/{vm.qemu.pid}/cwd").resolve() == vm.paths.root
     open_paths = {os.readlink(f"/proc/{vm.qemu.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{vm.qemu.pid}/fd")}
