@@ -10,7 +10,8 @@ Killing this process (SIGKILL, from outside) makes the kernel SIGKILL every othe
 node at once: that is the harness's node kill. SIGTERM is a clean stop: it is passed to
 `ray start --block`, which stops the node's Ray processes.
 
-argv[1]: JSON {"hostname", "hide": [paths], "argv": [ray start ...], "env": {...}}
+argv[1]: JSON {"hostname", "hide": [paths], "keep": [paths], "argv": [ray start ...], "env": {...}}
+("keep": dirs under /tmp, /dev/shm or /run the node must still see: the checkout and its venv)
 """
 
 from __future__ import annotations
@@ -31,8 +32,19 @@ def _mount_tmpfs(path: str, size: str = "2g") -> None:
 def main() -> int:
     spec = json.loads(sys.argv[1])
     socket.sethostname(spec["hostname"])
-    for path in ("/tmp", "/dev/shm", "/run"):
+    private = ("/tmp", "/dev/shm", "/run")
+    # what the node must still see although it lives under a dir made private here (a checkout and
+    # its venv cloned under /tmp, as a CI run may): held by fd across the tmpfs mount, bound back
+    keep = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in spec.get("keep", [])
+            if os.path.isdir(p) and any(p == d or p.startswith(d + "/") for d in private)}
+    for path in private:
         _mount_tmpfs(path)
+    for path, fd in keep.items():
+        os.makedirs(path, exist_ok=True)
+        # --no-canonicalize: mount(8) would resolve the fd link to its path, now the empty tmpfs dir
+        subprocess.run(["mount", "--no-canonicalize", "--bind", f"/proc/self/fd/{fd}", path], check=True,
+                       pass_fds=(fd,))
+        os.close(fd)
     for path in spec.get("hide", []):
         if os.path.isdir(path):
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", path], check=True)

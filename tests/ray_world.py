@@ -240,6 +240,7 @@ class RayCluster:
                 f"--node-name={node.name}", f"--num-cpus={self.num_cpus}", f"--resources={resources}",
                 "--disable-usage-stats", "--block"]
         spec = {"hostname": f"capsem-node-{node.name}", "hide": node.hide, "argv": argv, "cwd": str(REPO),
+                "keep": sorted({str(REPO), sys.prefix}),  # a checkout cloned under /tmp stays visible
                 "env": {"CAPSEM_RUNTIME_DIR": node.runtime_dir, "CAPSEM_DATA_DIR": node.data_dir}}
         node.proc = subprocess.Popen(
             ["ip", "netns", "exec", node.netns, "unshare", "--mount", "--propagation", "private", "--uts",
