@@ -132,6 +132,10 @@ class CapsemProvisioner(KernelProvisionerBase):
             self._held = port_hold.hold(str(self.connection_info["ip"]), ports)
         return self._held
 
+    def _release_ports(self) -> None:
+        port_hold.release(self._held)
+        self._held = None
+
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
         guest = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}
         guest.update({k: env[k] for k in GUEST_ENV_PASSTHROUGH if k in env})
@@ -141,9 +145,7 @@ class CapsemProvisioner(KernelProvisionerBase):
         try:
             return await self._launch(**kwargs)
         except BaseException as exc:
-            # nobody calls cleanup() after a failed launch (jupyter_client does not): free the ports
-            port_hold.release(self._held)
-            self._held = None
+            self._release_ports()  # nobody calls cleanup() after a failed launch (jupyter_client does not)
             if isinstance(exc, CapsemError):  # with its reason for Jupyter server clients, not "Unhandled error"
                 raise KernelStartError.from_capsem(exc) from exc
             raise
@@ -227,8 +229,7 @@ class CapsemProvisioner(KernelProvisionerBase):
             self.kernel_vm = None
             if restart:
                 self._restart_until = time.monotonic() + RESTART_GAP_S
-        port_hold.release(self._held)
-        self._held = None
+        self._release_ports()
         if self.ports_cached and not restart:
             lpc = LocalPortCache.instance()
             for key in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
